@@ -1,0 +1,93 @@
+"""The node controller loop: connect to br-int, resync, then follow changes.
+
+It owns one OpenFlow session at a time. When the session drops (ovs-vswitchd restarted, socket
+gone) it reconnects with a short backoff and replays the whole desired state; a change that could
+not be sent stays pending in the realizer and goes out with the next sync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from sanderling.compiler import pods as pod_compiler
+from sanderling.model.network import NodeNetwork, PodPort
+from sanderling.openflow.connection import Connection, ConnectionLost, OpenFlowError
+from sanderling.openflow.realizer import Realizer
+
+log = logging.getLogger(__name__)
+
+STATIC_KEY = "pipeline/static"
+
+
+class NodeController:
+    def __init__(self, node: NodeNetwork, target: str, realizer: Realizer,
+                 list_pods: Callable[[], list[PodPort]], poll_interval: float = 0.2) -> None:
+        self.node = node
+        self.target = target
+        self.realizer = realizer
+        self._list_pods = list_pods
+        self.poll_interval = poll_interval
+        self.conn: Connection | None = None
+        self.connected = asyncio.Event()
+        self.resyncs = 0
+        self._stop = asyncio.Event()
+        self._pod_keys: set[str] = set()
+
+    def refresh_desired(self, pods: list[PodPort]) -> None:
+        """Compile the node's state into the realizer (pure; the realizer drops no-op updates)."""
+        self.realizer.set_object(STATIC_KEY, pod_compiler.static_flows(self.node))
+        seen = set()
+        for pod in pods:
+            self.realizer.set_object(pod.key, pod_compiler.pod_flows(self.node, pod))
+            seen.add(pod.key)
+        for gone in self._pod_keys - seen:
+            self.realizer.remove_object(gone)
+        self._pod_keys = seen
+
+    async def _poll_pods(self) -> None:
+        pods = await asyncio.to_thread(self._list_pods)
+        self.refresh_desired(pods)
+
+    async def _connect(self) -> Connection:
+        delay = 0.05
+        while not self._stop.is_set():
+            try:
+                return await Connection.open(self.target, timeout=2.0)
+            except (OSError, ConnectionLost, asyncio.TimeoutError) as exc:
+                log.debug("connect %s failed: %s; retry in %.2fs", self.target, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+        raise asyncio.CancelledError
+
+    async def run(self) -> None:
+        while not self._stop.is_set():
+            conn = await self._connect()
+            self.conn = conn
+            stop_task = asyncio.ensure_future(self._stop.wait())
+            log.info("connected to %s (datapath %016x)", self.target, conn.datapath_id)
+            try:
+                await self._poll_pods()
+                await self.realizer.resync(conn)
+                self.resyncs += 1
+                self.connected.set()
+                while not self._stop.is_set() and not conn.closed.done():
+                    await self._poll_pods()
+                    if self.realizer.pending:
+                        await self.realizer.sync(conn)
+                    await asyncio.wait({conn.closed, stop_task},
+                                       timeout=self.poll_interval, return_when=asyncio.FIRST_COMPLETED)
+            except (ConnectionLost, OSError) as exc:
+                log.warning("lost %s: %s; reconnecting", self.target, exc)
+            except OpenFlowError as exc:
+                log.error("switch refused the resync: %s; retrying", exc)
+                await asyncio.sleep(0.5)
+            finally:
+                stop_task.cancel()
+                self.connected.clear()
+                conn.close()
+                self.conn = None
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,67 @@
+"""Local pod forwarding: classification, spoof guard, ARP responder and L3 delivery.
+
+Routed model: every ARP request a pod sends for the gateway or another local pod is answered
+with the gateway MAC, so every packet between pods is routed by L3Forwarding (MAC rewrite,
+TTL decrement), the same path it will take to pods on other nodes.
+"""
+
+from __future__ import annotations
+
+from sanderling.model.network import NodeNetwork, PodPort
+from sanderling.openflow import cookies, ir
+from sanderling.openflow.pipeline import PIPELINE, Pipeline
+from sanderling.openflow.registers import FROM_POD, TARGET_OFPORT
+
+ARP_REQUEST = 1
+ARP_REPLY = 2
+
+PRIO_HIGH = 200
+PRIO_ARP_DROP = 190
+
+
+def arp_reply_actions(gateway_mac: str, answer_ip: int) -> tuple[ir.Action, ...]:
+    """Turn an ARP request into the reply 'answer_ip is at gateway_mac' and send it back."""
+    return (
+        ir.Move(ir.FieldRef("dl_src"), ir.FieldRef("dl_dst")),
+        ir.set_field("dl_src", gateway_mac),
+        ir.set_field("arp_op", ARP_REPLY),
+        ir.Move(ir.FieldRef("arp_sha"), ir.FieldRef("arp_tha")),
+        ir.Move(ir.FieldRef("arp_spa"), ir.FieldRef("arp_tpa")),
+        ir.set_field("arp_sha", gateway_mac),
+        ir.SetField("arp_spa", answer_ip),
+        ir.Output(ir.IN_PORT),
+    )
+
+
+def static_flows(node: NodeNetwork, pipeline: Pipeline = PIPELINE) -> list[ir.Flow]:
+    """Flows that exist once per node: table misses, the gateway ARP answer, output by register."""
+    cookie = cookies.cookie(cookies.Category.PIPELINE, f"node/{node.name}")
+    flows = pipeline.miss_flows(cookie)
+    arp = pipeline["ARPResponder"]
+    gw = int(node.gateway_ip)
+    flows.append(ir.Flow(arp, PRIO_HIGH, ir.match(proto="arp", arp_op=ARP_REQUEST, arp_tpa=gw),
+                         arp_reply_actions(node.gateway_mac, gw), cookie))
+    flows.append(ir.Flow(arp, PRIO_ARP_DROP, ir.match(proto="arp"), (), cookie))
+    flows.append(ir.Flow(pipeline["Output"], PRIO_HIGH, ir.Match(), (ir.OutputReg(TARGET_OFPORT.ref),), cookie))
+    return flows
+
+
+def pod_flows(node: NodeNetwork, pod: PodPort, pipeline: Pipeline = PIPELINE) -> list[ir.Flow]:
+    """Every flow one local pod port needs."""
+    cookie = cookies.cookie(cookies.Category.POD, pod.key)
+    ip = int(pod.ip)
+    port = pod.ofport
+    return [
+        ir.Flow(pipeline["Classifier"], PRIO_HIGH, ir.match(in_port=port),
+                (FROM_POD.load(), ir.Goto(pipeline["SpoofGuard"])), cookie),
+        ir.Flow(pipeline["SpoofGuard"], PRIO_HIGH, ir.match(proto="ip", in_port=port, dl_src=pod.mac, nw_src=ip),
+                (ir.Goto(pipeline.next_of("SpoofGuard")),), cookie),
+        ir.Flow(pipeline["SpoofGuard"], PRIO_HIGH,
+                ir.match(proto="arp", in_port=port, dl_src=pod.mac, arp_spa=ip, arp_sha=pod.mac),
+                (ir.Goto(pipeline.next_of("SpoofGuard")),), cookie),
+        ir.Flow(pipeline["ARPResponder"], PRIO_HIGH, ir.match(proto="arp", arp_op=ARP_REQUEST, arp_tpa=ip),
+                arp_reply_actions(node.gateway_mac, ip), cookie),
+        ir.Flow(pipeline["L3Forwarding"], PRIO_HIGH, ir.match(proto="ip", dl_dst=node.gateway_mac, nw_dst=ip),
+                (ir.set_field("dl_src", node.gateway_mac), ir.set_field("dl_dst", pod.mac), ir.DecTTL(),
+                 TARGET_OFPORT.load(port), ir.Goto(pipeline["Output"])), cookie),
+    ]

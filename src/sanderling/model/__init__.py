@@ -1,0 +1,1 @@
+"""Frozen dataclasses for what the network needs from Kubernetes objects, with validation."""

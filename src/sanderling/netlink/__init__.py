@@ -1,0 +1,1 @@
+"""Kernel plumbing through pyroute2: network namespaces, veth pairs, addresses and routes."""

@@ -1,0 +1,179 @@
+"""Parsing of the OpenFlow 1.3 messages a switch sends to the controller.
+
+Only what the controller consumes: errors, packet-ins, features, bundle replies and the
+multipart replies for flow, port and group statistics.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from sanderling.openflow import encoder as E
+from sanderling.openflow import fields as F
+from sanderling.openflow import ir
+
+ERROR_TYPES = {
+    0: "HELLO_FAILED", 1: "BAD_REQUEST", 2: "BAD_ACTION", 3: "BAD_INSTRUCTION", 4: "BAD_MATCH",
+    5: "FLOW_MOD_FAILED", 6: "GROUP_MOD_FAILED", 7: "PORT_MOD_FAILED", 8: "TABLE_MOD_FAILED",
+    9: "QUEUE_OP_FAILED", 10: "SWITCH_CONFIG_FAILED", 11: "ROLE_REQUEST_FAILED",
+    12: "METER_MOD_FAILED", 13: "TABLE_FEATURES_FAILED", 0xFFFF: "EXPERIMENTER",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorMsg:
+    xid: int
+    type: int
+    code: int
+    data: bytes
+
+    def describe(self) -> str:
+        if self.type == 0xFFFF and len(self.data) >= 6:
+            exp_code = self.code
+            experimenter = struct.unpack_from("!I", self.data, 0)[0]
+            return f"EXPERIMENTER error 0x{experimenter:08x} code {exp_code}"
+        return f"{ERROR_TYPES.get(self.type, self.type)} code {self.code}"
+
+
+@dataclass(frozen=True, slots=True)
+class PacketIn:
+    buffer_id: int
+    total_len: int
+    reason: int
+    table_id: int
+    cookie: int
+    match: ir.Match
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class FlowStats:
+    table_id: int
+    priority: int
+    cookie: int
+    packet_count: int
+    byte_count: int
+    duration_sec: int
+    match: ir.Match
+
+
+@dataclass(frozen=True, slots=True)
+class PortStats:
+    port_no: int
+    rx_packets: int
+    tx_packets: int
+    rx_bytes: int
+    tx_bytes: int
+    rx_dropped: int
+    tx_dropped: int
+
+
+@dataclass(frozen=True, slots=True)
+class GroupStats:
+    group_id: int
+    packet_count: int
+    byte_count: int
+    bucket_packets: tuple[int, ...]
+
+
+def parse_header(data: bytes) -> tuple[int, int, int, int]:
+    """(version, type, length, xid)."""
+    return struct.unpack_from("!BBHI", data, 0)
+
+
+def parse_error(data: bytes) -> ErrorMsg:
+    _, _, length, xid = parse_header(data)
+    etype, code = struct.unpack_from("!HH", data, 8)
+    return ErrorMsg(xid, etype, code, data[12:length])
+
+
+def parse_oxm(data: bytes, offset: int) -> tuple[ir.Match, int]:
+    """Parse an ofp_match at offset; return the match and the offset after its padding."""
+    mtype, length = struct.unpack_from("!HH", data, offset)
+    end = offset + length
+    pos = offset + 4
+    items: list[ir.MatchItem] = []
+    while pos + 4 <= end:
+        hdr = struct.unpack_from("!I", data, pos)[0]
+        cls, fld, hasmask, ln = hdr >> 16, (hdr >> 9) & 0x7F, (hdr >> 8) & 1, hdr & 0xFF
+        pos += 4
+        spec = F.FIELDS_BY_HEADER.get((cls, fld))
+        if spec is None:
+            pos += ln
+            continue
+        if hasmask:
+            half = ln // 2
+            value = int.from_bytes(data[pos:pos + half], "big")
+            mask: int | None = int.from_bytes(data[pos + half:pos + ln], "big")
+        else:
+            value, mask = int.from_bytes(data[pos:pos + ln], "big"), None
+        items.append((spec.name, value, mask))
+        pos += ln
+    items.sort(key=lambda it: F.FIELDS[it[0]].sort_key)
+    return ir.Match(tuple(items)), offset + ((length + 7) // 8) * 8
+
+
+def parse_packet_in(data: bytes) -> PacketIn:
+    buffer_id, total_len, reason, table_id, cookie = struct.unpack_from("!IHBBQ", data, 8)
+    match, pos = parse_oxm(data, 24)
+    return PacketIn(buffer_id, total_len, reason, table_id, cookie, match, data[pos + 2:])
+
+
+def parse_features(data: bytes) -> int:
+    """datapath id."""
+    return struct.unpack_from("!Q", data, 8)[0]
+
+
+def parse_bundle_reply(data: bytes) -> tuple[int, int]:
+    """(bundle_id, ctrl_type) of an ONF bundle-control reply."""
+    experimenter, exp_type, bundle_id, ctrl_type = struct.unpack_from("!IIIH", data, 8)
+    if experimenter != E.ONF or exp_type != E.ONFT_BUNDLE_CONTROL:
+        raise ValueError("not a bundle control message")
+    return bundle_id, ctrl_type
+
+
+def multipart_header(data: bytes) -> tuple[int, bool]:
+    """(multipart type, more-follows flag)."""
+    mp_type, flags = struct.unpack_from("!HH", data, 8)
+    return mp_type, bool(flags & 1)
+
+
+def parse_flow_stats(data: bytes) -> list[FlowStats]:
+    _, _, length, _ = parse_header(data)
+    pos = 16
+    out = []
+    while pos < length:
+        (entry_len, table_id, dsec, _dnsec, priority, _idle, _hard, _flags, cookie, packets,
+         nbytes) = struct.unpack_from("!HBxIIHHHH4xQQQ", data, pos)
+        match, _ = parse_oxm(data, pos + 48)
+        out.append(FlowStats(table_id, priority, cookie, packets, nbytes, dsec, match))
+        pos += entry_len
+    return out
+
+
+def parse_port_stats(data: bytes) -> list[PortStats]:
+    _, _, length, _ = parse_header(data)
+    pos = 16
+    out = []
+    while pos + 112 <= length:
+        (port_no, rx_p, tx_p, rx_b, tx_b, rx_d, tx_d) = struct.unpack_from("!I4xQQQQQQ", data, pos)
+        out.append(PortStats(port_no, rx_p, tx_p, rx_b, tx_b, rx_d, tx_d))
+        pos += 112
+    return out
+
+
+def parse_group_stats(data: bytes) -> list[GroupStats]:
+    _, _, length, _ = parse_header(data)
+    pos = 16
+    out = []
+    while pos < length:
+        entry_len, group_id, _ref, packets, nbytes = struct.unpack_from("!H2xII4xQQ", data, pos)
+        buckets = []
+        bpos = pos + 40
+        while bpos + 16 <= pos + entry_len:
+            buckets.append(struct.unpack_from("!Q", data, bpos)[0])
+            bpos += 16
+        out.append(GroupStats(group_id, packets, nbytes, tuple(buckets)))
+        pos += entry_len
+    return out

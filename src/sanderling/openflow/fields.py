@@ -1,0 +1,226 @@
+"""Match fields the pipeline uses: their ovs-ofctl names, OXM/NXM headers and value formats.
+
+One table of facts, shared by the IR (parsing user values, canonical text) and the encoder
+(header bytes). Values are kept as plain ints everywhere, so encoding is int.to_bytes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from enum import Enum
+
+OXM_CLASS_BASIC = 0x8000
+NXM_CLASS_0 = 0x0000
+NXM_CLASS_1 = 0x0001
+
+
+class Kind(Enum):
+    """How a field's value is written in ovs-ofctl text."""
+
+    INT = "int"
+    HEX = "hex"
+    MAC = "mac"
+    IPV4 = "ipv4"
+    IPV6 = "ipv6"
+    CT_STATE = "ct_state"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    """One matchable/loadable field.
+
+    `name` is the ovs-ofctl name used in matches and `set_field`; `nxm_name` the name ovs-ofctl
+    uses inside `load:`/`move:` (e.g. NXM_NX_REG0); `order` is the canonical position in text and
+    on the wire (prerequisites first, as ovs-ofctl prints them).
+    """
+
+    name: str
+    nxm_name: str
+    oxm_class: int
+    field: int
+    nbytes: int
+    kind: Kind
+    maskable: bool = True
+
+    @property
+    def nbits(self) -> int:
+        return self.nbytes * 8
+
+    def header(self, masked: bool = False) -> int:
+        length = self.nbytes * 2 if masked else self.nbytes
+        return (self.oxm_class << 16) | (self.field << 9) | (int(masked) << 8) | length
+
+    @property
+    def sort_key(self) -> tuple[int, int]:
+        return (self.oxm_class, self.field)
+
+
+def _basic(name: str, nxm: str, field: int, nbytes: int, kind: Kind, maskable: bool = True) -> FieldSpec:
+    return FieldSpec(name, nxm, OXM_CLASS_BASIC, field, nbytes, kind, maskable)
+
+
+def _nx(name: str, nxm: str, field: int, nbytes: int, kind: Kind, maskable: bool = True) -> FieldSpec:
+    return FieldSpec(name, nxm, NXM_CLASS_1, field, nbytes, kind, maskable)
+
+
+_SPECS: list[FieldSpec] = [
+    _basic("in_port", "NXM_OF_IN_PORT", 0, 4, Kind.INT, maskable=False),
+    _basic("metadata", "OXM_OF_METADATA", 2, 8, Kind.HEX),
+    _basic("dl_dst", "NXM_OF_ETH_DST", 3, 6, Kind.MAC),
+    _basic("dl_src", "NXM_OF_ETH_SRC", 4, 6, Kind.MAC),
+    _basic("dl_type", "NXM_OF_ETH_TYPE", 5, 2, Kind.HEX, maskable=False),
+    _basic("vlan_vid", "OXM_OF_VLAN_VID", 6, 2, Kind.HEX),
+    _basic("ip_dscp", "OXM_OF_IP_DSCP", 8, 1, Kind.INT, maskable=False),
+    _basic("nw_proto", "NXM_OF_IP_PROTO", 10, 1, Kind.INT, maskable=False),
+    _basic("nw_src", "NXM_OF_IP_SRC", 11, 4, Kind.IPV4),
+    _basic("nw_dst", "NXM_OF_IP_DST", 12, 4, Kind.IPV4),
+    _basic("tcp_src", "NXM_OF_TCP_SRC", 13, 2, Kind.INT),
+    _basic("tcp_dst", "NXM_OF_TCP_DST", 14, 2, Kind.INT),
+    _basic("udp_src", "NXM_OF_UDP_SRC", 15, 2, Kind.INT),
+    _basic("udp_dst", "NXM_OF_UDP_DST", 16, 2, Kind.INT),
+    _basic("sctp_src", "OXM_OF_SCTP_SRC", 17, 2, Kind.INT),
+    _basic("sctp_dst", "OXM_OF_SCTP_DST", 18, 2, Kind.INT),
+    _basic("icmp_type", "NXM_OF_ICMP_TYPE", 19, 1, Kind.INT, maskable=False),
+    _basic("icmp_code", "NXM_OF_ICMP_CODE", 20, 1, Kind.INT, maskable=False),
+    _basic("arp_op", "NXM_OF_ARP_OP", 21, 2, Kind.INT, maskable=False),
+    _basic("arp_spa", "NXM_OF_ARP_SPA", 22, 4, Kind.IPV4),
+    _basic("arp_tpa", "NXM_OF_ARP_TPA", 23, 4, Kind.IPV4),
+    _basic("arp_sha", "NXM_NX_ARP_SHA", 24, 6, Kind.MAC),
+    _basic("arp_tha", "NXM_NX_ARP_THA", 25, 6, Kind.MAC),
+    _basic("ipv6_src", "NXM_NX_IPV6_SRC", 26, 16, Kind.IPV6),
+    _basic("ipv6_dst", "NXM_NX_IPV6_DST", 27, 16, Kind.IPV6),
+    _basic("tun_id", "NXM_NX_TUN_ID", 38, 8, Kind.HEX),
+    *[_nx(f"reg{i}", f"NXM_NX_REG{i}", i, 4, Kind.HEX) for i in range(16)],
+    _nx("tun_src", "NXM_NX_TUN_IPV4_SRC", 31, 4, Kind.IPV4),
+    _nx("tun_dst", "NXM_NX_TUN_IPV4_DST", 32, 4, Kind.IPV4),
+    _nx("conj_id", "NXM_NX_CONJ_ID", 37, 4, Kind.INT, maskable=False),
+    _nx("ct_state", "NXM_NX_CT_STATE", 105, 4, Kind.CT_STATE),
+    _nx("ct_zone", "NXM_NX_CT_ZONE", 106, 2, Kind.INT, maskable=False),
+    _nx("ct_mark", "NXM_NX_CT_MARK", 107, 4, Kind.HEX),
+    _nx("ct_label", "NXM_NX_CT_LABEL", 108, 16, Kind.HEX),
+]
+
+FIELDS: dict[str, FieldSpec] = {spec.name: spec for spec in _SPECS}
+FIELDS_BY_HEADER: dict[tuple[int, int], FieldSpec] = {(s.oxm_class, s.field): s for s in _SPECS}
+
+CT_STATE_BITS: dict[str, int] = {
+    "new": 0x01, "est": 0x02, "rel": 0x04, "rpl": 0x08,
+    "inv": 0x10, "trk": 0x20, "snat": 0x40, "dnat": 0x80,
+}
+
+ETH_TYPE_IP = 0x0800
+ETH_TYPE_ARP = 0x0806
+ETH_TYPE_IPV6 = 0x86DD
+IPPROTO_ICMP = 1
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+IPPROTO_SCTP = 132
+
+# Protocol shorthands as ovs-ofctl spells them: name -> (dl_type, nw_proto or None).
+PROTOCOLS: dict[str, tuple[int, int | None]] = {
+    "ip": (ETH_TYPE_IP, None),
+    "arp": (ETH_TYPE_ARP, None),
+    "ipv6": (ETH_TYPE_IPV6, None),
+    "icmp": (ETH_TYPE_IP, IPPROTO_ICMP),
+    "tcp": (ETH_TYPE_IP, IPPROTO_TCP),
+    "udp": (ETH_TYPE_IP, IPPROTO_UDP),
+    "sctp": (ETH_TYPE_IP, IPPROTO_SCTP),
+}
+PROTOCOL_NAMES: dict[tuple[int, int | None], str] = {v: k for k, v in PROTOCOLS.items()}
+
+# tp_src/tp_dst resolve to the protocol-specific OXM field.
+TRANSPORT_FIELDS: dict[int, tuple[str, str]] = {
+    IPPROTO_TCP: ("tcp_src", "tcp_dst"),
+    IPPROTO_UDP: ("udp_src", "udp_dst"),
+    IPPROTO_SCTP: ("sctp_src", "sctp_dst"),
+}
+
+
+class FieldError(ValueError):
+    """A field name or value that the pipeline cannot express."""
+
+
+def field(name: str) -> FieldSpec:
+    try:
+        return FIELDS[name]
+    except KeyError:
+        raise FieldError(f"unknown match field {name!r}") from None
+
+
+def parse_value(spec: FieldSpec, value: object) -> int:
+    """Turn a user value (int, dotted IP, colon MAC) into the field's int value."""
+    if isinstance(value, bool):
+        raise FieldError(f"{spec.name}: boolean is not a value")
+    if isinstance(value, int):
+        result = value
+    elif isinstance(value, str):
+        if spec.kind is Kind.MAC:
+            parts = value.split(":")
+            if len(parts) != 6:
+                raise FieldError(f"{spec.name}: {value!r} is not a MAC address")
+            result = int("".join(p.zfill(2) for p in parts), 16)
+        elif spec.kind is Kind.IPV4:
+            result = int(ipaddress.IPv4Address(value))
+        elif spec.kind is Kind.IPV6:
+            result = int(ipaddress.IPv6Address(value))
+        else:
+            result = int(value, 0)
+    else:
+        raise FieldError(f"{spec.name}: cannot use {value!r} as a value")
+    if result < 0 or result >= 1 << spec.nbits:
+        raise FieldError(f"{spec.name}: {value!r} does not fit in {spec.nbits} bits")
+    return result
+
+
+def parse_ct_state(text: str) -> tuple[int, int]:
+    """'+trk+new-est' -> (value, mask)."""
+    value = mask = 0
+    token = ""
+    sign = ""
+    for ch in text + "+":
+        if ch in "+-":
+            if token:
+                if token not in CT_STATE_BITS or not sign:
+                    raise FieldError(f"ct_state: bad flag {sign}{token!r} in {text!r}")
+                bit = CT_STATE_BITS[token]
+                mask |= bit
+                if sign == "+":
+                    value |= bit
+            sign, token = ch, ""
+        else:
+            token += ch
+    return value, mask
+
+
+def format_value(spec: FieldSpec, value: int) -> str:
+    if spec.kind is Kind.MAC:
+        raw = f"{value:012x}"
+        return ":".join(raw[i:i + 2] for i in range(0, 12, 2))
+    if spec.kind is Kind.IPV4:
+        return str(ipaddress.IPv4Address(value))
+    if spec.kind is Kind.IPV6:
+        return str(ipaddress.IPv6Address(value))
+    if spec.kind is Kind.INT:
+        return str(value)
+    return hex(value)
+
+
+def format_ct_state(value: int, mask: int) -> str:
+    out = []
+    for name, bit in CT_STATE_BITS.items():
+        if mask & bit:
+            out.append(("+" if value & bit else "-") + name)
+    return "".join(out)
+
+
+def format_match_value(spec: FieldSpec, value: int, mask: int | None) -> str:
+    if spec.kind is Kind.CT_STATE:
+        return format_ct_state(value, mask if mask is not None else 0xFFFFFFFF)
+    if mask is None:
+        return format_value(spec, value)
+    if spec.kind is Kind.IPV4:
+        net = ipaddress.IPv4Network((value, bin(mask).count("1")), strict=False)
+        if int(net.netmask) == mask:
+            return str(net) if net.prefixlen != 32 else str(net.network_address)
+    return f"{format_value(spec, value)}/{format_value(spec, mask) if spec.kind is not Kind.INT else hex(mask)}"

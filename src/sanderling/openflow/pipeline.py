@@ -1,0 +1,92 @@
+"""The OpenFlow pipeline declared once, as data: tables in order, numbered from that order.
+
+Code refers to tables by name (`PIPELINE["L3Forwarding"]`); inserting a table later renumbers
+the rest without touching any compiler. Gotos and resubmits may only go forward: `check_flow`
+enforces it on every compiled flow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from sanderling.openflow import ir
+
+
+class Miss(Enum):
+    """What happens to a packet no flow of the table matches."""
+
+    DROP = "drop"
+    NEXT = "continue to the next table"
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    name: str
+    stage: str
+    miss: Miss
+    doc: str
+
+
+TABLES: tuple[Table, ...] = (
+    Table("Classifier", "classification", Miss.DROP,
+          "Marks the packet with the class of its ingress port (FROM_POD, ...); unknown ports are dropped."),
+    Table("SpoofGuard", "validation", Miss.DROP,
+          "A pod may only send from its own MAC and IP (ARP: sender MAC and IP); anything else is dropped."),
+    Table("ARPResponder", "arp", Miss.NEXT,
+          "Answers ARP requests for the gateway and for local pods with the gateway MAC, so all pod "
+          "traffic is routed; other ARP is dropped, non-ARP continues."),
+    Table("L3Forwarding", "routing", Miss.DROP,
+          "Routes by destination IP: rewrites MACs, decrements TTL and sets TARGET_OFPORT."),
+    Table("Output", "output", Miss.DROP,
+          "Sends the packet out of the port in TARGET_OFPORT."),
+)
+
+
+class PipelineError(ValueError):
+    """A compiled flow breaks a pipeline rule (unknown table, backward goto)."""
+
+
+class Pipeline:
+    """Table numbers by name, plus the miss flows every table needs."""
+
+    def __init__(self, tables: tuple[Table, ...] = TABLES) -> None:
+        self.tables = tables
+        self._ids = {t.name: i for i, t in enumerate(tables)}
+        if len(self._ids) != len(tables):
+            raise PipelineError("duplicate table name in the pipeline declaration")
+
+    def __getitem__(self, name: str) -> int:
+        try:
+            return self._ids[name]
+        except KeyError:
+            raise PipelineError(f"no table named {name!r}") from None
+
+    def name_of(self, table_id: int) -> str:
+        return self.tables[table_id].name
+
+    def next_of(self, name: str) -> int:
+        table_id = self[name] + 1
+        if table_id >= len(self.tables):
+            raise PipelineError(f"{name} is the last table")
+        return table_id
+
+    def miss_flows(self, cookie: int) -> list[ir.Flow]:
+        flows = []
+        for i, table in enumerate(self.tables):
+            actions: tuple[ir.Action, ...] = ()
+            if table.miss is Miss.NEXT:
+                actions = (ir.Goto(i + 1),)
+            flows.append(ir.Flow(i, 0, ir.Match(), actions, cookie))
+        return flows
+
+    def check_flow(self, flow: ir.Flow) -> None:
+        if not 0 <= flow.table < len(self.tables):
+            raise PipelineError(f"flow in unknown table {flow.table}: {flow.text()}")
+        for action in flow.actions:
+            target = getattr(action, "table", None) if isinstance(action, (ir.Goto, ir.Resubmit)) else None
+            if target is not None and target <= flow.table:
+                raise PipelineError(f"backward jump from {self.name_of(flow.table)} to table {target}: {flow.text()}")
+
+
+PIPELINE = Pipeline()

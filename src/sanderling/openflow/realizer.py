@@ -1,0 +1,319 @@
+"""Keeps a bridge's flows and groups equal to the desired state, one atomic bundle at a time.
+
+Desired state is held per object key (a pod, a service, the static pipeline). `sync()` diffs the
+keys that changed against what is installed and sends the difference as one OpenFlow bundle;
+the installed cache moves only when the bundle committed. If a change set is refused, each
+object is retried on its own so one bad object is reported and everything else still lands.
+`resync()` replays everything after a (re)connect: the current generation is installed first
+and older generations are swept in the same atomic bundle, so an agent restart has no gap.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from sanderling.openflow import cookies
+from sanderling.openflow import decoder as D
+from sanderling.openflow import encoder as E
+from sanderling.openflow import ir
+from sanderling.openflow.connection import OpenFlowError
+
+log = logging.getLogger(__name__)
+
+FlowKey = tuple[int, int, ir.Match]
+
+
+class Switch(Protocol):
+    """What the realizer needs from an OpenFlow connection."""
+
+    def next_xid(self) -> int: ...
+
+    async def bundle(self, messages: list[tuple[int, bytes]], describe: object, timeout: float = ...) -> None: ...
+
+    async def flow_stats(self, table: int = ..., cookie: int = ..., cookie_mask: int = ...) -> list[D.FlowStats]: ...
+
+    async def group_stats(self) -> list[D.GroupStats]: ...
+
+
+@dataclass(frozen=True)
+class ObjectState:
+    flows: dict[FlowKey, ir.Flow]
+    groups: dict[int, ir.Group] = field(default_factory=dict)
+
+    @staticmethod
+    def of(flows: Iterable[ir.Flow], groups: Iterable[ir.Group] = ()) -> ObjectState:
+        return ObjectState({f.key: f for f in flows}, {g.group_id: g for g in groups})
+
+
+EMPTY = ObjectState({}, {})
+
+
+class ConflictError(ValueError):
+    """Two objects want the same flow (table, priority, match) or group id."""
+
+
+@dataclass
+class SyncResult:
+    applied: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    flow_mods: int = 0
+
+
+class Realizer:
+    def __init__(self, generation: int) -> None:
+        if not 1 <= generation <= 0xFFFF:
+            raise ValueError("generation must be 1..65535")
+        self.generation = generation
+        self._desired: dict[str, ObjectState] = {}
+        self._installed: dict[str, ObjectState] = {}
+        self._dirty: set[str] = set()
+        self._flow_owner: dict[FlowKey, str] = {}
+        self._group_owner: dict[int, str] = {}
+        self.errors: dict[str, str] = {}
+        self._cache = E.InstructionCache()
+        self._xid_owner: dict[int, str] = {}
+
+    # ---- desired state --------------------------------------------------------------------
+
+    def set_object(self, key: str, flows: Iterable[ir.Flow], groups: Iterable[ir.Group] = ()) -> None:
+        state = ObjectState.of(flows, groups)
+        if self._desired.get(key, EMPTY) == state:
+            return
+        if state.flows or state.groups:
+            self._desired[key] = state
+        else:
+            self._desired.pop(key, None)
+        self._dirty.add(key)
+
+    def remove_object(self, key: str) -> None:
+        self.set_object(key, ())
+
+    def keys(self) -> set[str]:
+        return set(self._desired)
+
+    @property
+    def pending(self) -> set[str]:
+        return set(self._dirty)
+
+    def installed_flows(self) -> list[ir.Flow]:
+        return [f for s in self._installed.values() for f in s.flows.values()]
+
+    def installed_state(self) -> dict[str, ObjectState]:
+        return dict(self._installed)
+
+    def cookie(self, flow: ir.Flow) -> int:
+        return cookies.with_generation(flow.cookie, self.generation)
+
+    # ---- incremental sync -----------------------------------------------------------------
+
+    async def sync(self, switch: Switch) -> SyncResult:
+        """Send the pending changes as one bundle; on refusal isolate the objects at fault."""
+        keys = sorted(self._dirty)
+        result = SyncResult()
+        if not keys:
+            return result
+        try:
+            result.flow_mods = await self._apply(switch, keys)
+            result.applied = len(keys)
+            return result
+        except OpenFlowError as exc:
+            if len(keys) == 1:
+                self._record_failure(keys[0], str(exc), result)
+                return result
+            log.warning("bundle of %d objects refused, retrying each on its own", len(keys))
+        except ConflictError:
+            if len(keys) == 1:
+                raise
+        for key in keys:
+            try:
+                result.flow_mods += await self._apply(switch, [key])
+                result.applied += 1
+            except (OpenFlowError, ConflictError) as exc:
+                self._record_failure(key, str(exc), result)
+        return result
+
+    def _record_failure(self, key: str, message: str, result: SyncResult) -> None:
+        log.error("object %s: flows refused by the switch, keeping its previous flows:\n%s", key, message)
+        self.errors[key] = message
+        result.failed[key] = message
+        self._dirty.discard(key)  # retried when the object changes again or on resync
+
+    def _claim(self, keys: list[str]) -> tuple[dict[FlowKey, str], dict[int, str]]:
+        """Ownership after this change set; raises ConflictError on a double claim."""
+        flow_claims: dict[FlowKey, str] = {}
+        group_claims: dict[int, str] = {}
+        changing = set(keys)
+        for key in keys:
+            state = self._desired.get(key, EMPTY)
+            for fk in state.flows:
+                owner = self._flow_owner.get(fk)
+                if (owner is not None and owner not in changing) or fk in flow_claims:
+                    other = owner if owner not in (None, key) else flow_claims.get(fk)
+                    raise ConflictError(f"object {key} and {other} both want flow {state.flows[fk].text()}")
+                flow_claims[fk] = key
+            for gid in state.groups:
+                owner = self._group_owner.get(gid)
+                if (owner is not None and owner not in changing) or gid in group_claims:
+                    raise ConflictError(f"object {key} and {owner or group_claims.get(gid)} both want group {gid}")
+                group_claims[gid] = key
+        return flow_claims, group_claims
+
+    async def _apply(self, switch: Switch, keys: list[str]) -> int:
+        flow_claims, group_claims = self._claim(keys)
+        messages: list[tuple[int, bytes]] = []
+        described: dict[int, str] = {}
+        adds: list[tuple[int, bytes]] = []
+        deletes: list[tuple[int, bytes]] = []
+        group_deletes: list[tuple[int, bytes]] = []
+        gen = self.generation
+        for key in keys:
+            old = self._installed.get(key, EMPTY)
+            new = self._desired.get(key, EMPTY)
+            for gid, group in new.groups.items():
+                if old.groups.get(gid) != group:
+                    xid = switch.next_xid()
+                    cmd = E.OFPGC_MODIFY if gid in old.groups or self._group_owner.get(gid) else E.OFPGC_ADD
+                    messages.append((xid, E.group_mod(group, xid, cmd)))
+                    described[xid] = f"group {group.text()} (object {key})"
+            for fk, flow in new.flows.items():
+                if old.flows.get(fk) != flow:
+                    xid = switch.next_xid()
+                    adds.append((xid, E.flow_mod(flow, xid, cookies.with_generation(flow.cookie, gen),
+                                                 E.OFPFC_ADD, self._cache)))
+                    described[xid] = f"{flow.text()} (object {key})"
+            for fk, flow in old.flows.items():
+                if fk not in new.flows and fk not in flow_claims:
+                    xid = switch.next_xid()
+                    deletes.append((xid, E.flow_mod(flow, xid, 0, E.OFPFC_DELETE_STRICT)))
+                    described[xid] = f"delete {flow.text()} (object {key})"
+            for gid, group in old.groups.items():
+                if gid not in new.groups and gid not in group_claims:
+                    xid = switch.next_xid()
+                    group_deletes.append((xid, E.group_mod(group, xid, E.OFPGC_DELETE)))
+                    described[xid] = f"delete group {gid} (object {key})"
+        messages.extend(adds)
+        messages.extend(deletes)
+        messages.extend(group_deletes)
+        if messages:
+            await switch.bundle(messages, lambda xid: described.get(xid, f"message xid {xid}"))
+        # committed: move the cache
+        for key in keys:
+            old = self._installed.get(key, EMPTY)
+            for fk in old.flows:
+                if self._flow_owner.get(fk) == key:
+                    del self._flow_owner[fk]
+            for gid in old.groups:
+                if self._group_owner.get(gid) == key:
+                    del self._group_owner[gid]
+            new = self._desired.get(key)
+            if new is None:
+                self._installed.pop(key, None)
+            else:
+                self._installed[key] = new
+            self._dirty.discard(key)
+            self.errors.pop(key, None)
+        self._flow_owner.update(flow_claims)
+        self._group_owner.update(group_claims)
+        return len(messages)
+
+    # ---- full resync ----------------------------------------------------------------------
+
+    async def resync(self, switch: Switch) -> int:
+        """Make the switch equal to the whole desired state, atomically, with no traffic gap.
+
+        Reads what the switch has, then in one bundle: (re)adds every group and flow of this
+        generation, deletes flows of older generations by cookie/mask, and strict-deletes any
+        flow of this generation that is not desired. Objects whose flows conflict or are
+        refused are left out and reported in `errors`; everything else is installed.
+        """
+        excluded: dict[str, str] = {}
+        for _attempt in range(3):
+            try:
+                return await self._resync_once(switch, excluded)
+            except OpenFlowError as exc:
+                at_fault = {self._xid_owner[e.xid] for e, _ in exc.errors if e.xid in self._xid_owner}
+                if not at_fault:
+                    raise
+                for key in at_fault:
+                    excluded[key] = str(exc)
+                    log.error("object %s: flows refused by the switch during resync:\n%s", key, exc)
+        return await self._resync_once(switch, excluded)
+
+    async def _resync_once(self, switch: Switch, excluded: dict[str, str]) -> int:
+        existing = await switch.flow_stats()
+        existing_groups = {g.group_id for g in await switch.group_stats()}
+        keys = [k for k in sorted(self._desired) if k not in excluded]
+        flow_claims, group_claims, conflicts = self._claim_all(keys)
+        keys = [k for k in keys if k not in conflicts]
+        messages: list[tuple[int, bytes]] = []
+        described: dict[int, str] = {}
+        self._xid_owner = {}
+        gen = self.generation
+        for key in keys:
+            state = self._desired[key]
+            for gid, group in state.groups.items():
+                xid = switch.next_xid()
+                cmd = E.OFPGC_MODIFY if gid in existing_groups else E.OFPGC_ADD
+                messages.append((xid, E.group_mod(group, xid, cmd)))
+                described[xid] = f"group {group.text()} (object {key})"
+                self._xid_owner[xid] = key
+        for key in keys:
+            for flow in self._desired[key].flows.values():
+                xid = switch.next_xid()
+                messages.append((xid, E.flow_mod(flow, xid, cookies.with_generation(flow.cookie, gen),
+                                                 E.OFPFC_ADD, self._cache)))
+                described[xid] = f"{flow.text()} (object {key})"
+                self._xid_owner[xid] = key
+        stale_generations = set()
+        for stat in existing:
+            stat_gen = cookies.generation_of(stat.cookie)
+            if stat_gen != gen:
+                stale_generations.add(stat_gen)
+            elif (stat.table_id, stat.priority, stat.match) not in flow_claims:
+                xid = switch.next_xid()
+                flow = ir.Flow(stat.table_id, stat.priority, stat.match)
+                messages.append((xid, E.flow_mod(flow, xid, 0, E.OFPFC_DELETE_STRICT)))
+                described[xid] = f"delete stray {flow.text()}"
+        for stale in sorted(stale_generations):
+            xid = switch.next_xid()
+            messages.append((xid, E.flow_delete(xid, cookie=stale << cookies.GENERATION_SHIFT,
+                                                cookie_mask=cookies.GENERATION_MASK)))
+            described[xid] = f"sweep generation {stale}"
+        for gid in sorted(existing_groups - set(group_claims)):
+            xid = switch.next_xid()
+            messages.append((xid, E.group_mod(ir.Group(gid), xid, E.OFPGC_DELETE)))
+            described[xid] = f"delete stray group {gid}"
+        if messages:
+            await switch.bundle(messages, lambda xid: described.get(xid, f"message xid {xid}"))
+        self._installed = {k: self._desired[k] for k in keys}
+        self._flow_owner = flow_claims
+        self._group_owner = group_claims
+        self._dirty.clear()
+        self.errors = {**excluded, **conflicts}
+        log.info("resync: %d flows and %d groups of generation %d installed, %d older generation(s) swept",
+                 len(flow_claims), len(group_claims), gen, len(stale_generations))
+        return len(messages)
+
+    def _claim_all(self, keys: list[str]) -> tuple[dict[FlowKey, str], dict[int, str], dict[str, str]]:
+        """Owners of every flow and group; an object that collides with an earlier one is left out."""
+        flow_claims: dict[FlowKey, str] = {}
+        group_claims: dict[int, str] = {}
+        conflicts: dict[str, str] = {}
+        for key in keys:
+            state = self._desired[key]
+            clash = next((fk for fk in state.flows if fk in flow_claims), None)
+            gclash = next((gid for gid in state.groups if gid in group_claims), None)
+            if clash is not None:
+                conflicts[key] = (f"object {key} and {flow_claims[clash]} both want flow "
+                                  f"{state.flows[clash].text()}")
+            elif gclash is not None:
+                conflicts[key] = f"object {key} and {group_claims[gclash]} both want group {gclash}"
+            else:
+                flow_claims.update(dict.fromkeys(state.flows, key))
+                group_claims.update(dict.fromkeys(state.groups, key))
+                continue
+            log.error("%s", conflicts[key])
+        return flow_claims, group_claims, conflicts

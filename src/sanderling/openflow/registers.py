@@ -1,0 +1,90 @@
+"""Named register fields and marks: the only place register bits are assigned.
+
+Code never writes `reg0[0..3]`; it uses `PORT_CLASS`, `FROM_POD.load()` or `FROM_POD` as a
+match contributor. `docs/pipeline.md` is generated from `REG_FIELDS` and `REG_MARKS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sanderling.openflow import ir
+
+
+@dataclass(frozen=True, slots=True)
+class RegField:
+    """Bits [start..end] of register `reg` with a name and a purpose."""
+
+    name: str
+    reg: int
+    start: int
+    end: int
+    doc: str
+
+    @property
+    def ref(self) -> ir.FieldRef:
+        return ir.FieldRef(f"reg{self.reg}", self.start, self.end)
+
+    @property
+    def mask(self) -> int:
+        return ((1 << (self.end - self.start + 1)) - 1) << self.start
+
+    def load(self, value: int) -> ir.Load:
+        return ir.Load(self.ref, value)
+
+    def equals(self, value: int) -> RegMatch:
+        return RegMatch(self, value)
+
+    def text(self) -> str:
+        return self.ref.text()
+
+
+@dataclass(frozen=True, slots=True)
+class RegMatch:
+    field: RegField
+    value: int
+
+    def match_items(self) -> tuple[ir.MatchItem, ...]:
+        f = self.field
+        mask = f.mask
+        return ((f"reg{f.reg}", (self.value << f.start) & mask, None if mask == 0xFFFFFFFF else mask),)
+
+
+@dataclass(frozen=True, slots=True)
+class RegMark:
+    """A named value of a register field, e.g. FROM_POD = PORT_CLASS is 1."""
+
+    name: str
+    field: RegField
+    value: int
+    doc: str
+
+    def load(self) -> ir.Load:
+        return self.field.load(self.value)
+
+    def match_items(self) -> tuple[ir.MatchItem, ...]:
+        return RegMatch(self.field, self.value).match_items()
+
+
+PORT_CLASS = RegField("PORT_CLASS", 0, 0, 3, "what kind of port the packet came in on")
+TARGET_OFPORT = RegField("TARGET_OFPORT", 1, 0, 31, "OpenFlow port the packet leaves through, set by forwarding")
+
+REG_FIELDS: tuple[RegField, ...] = (PORT_CLASS, TARGET_OFPORT)
+
+FROM_POD = RegMark("FROM_POD", PORT_CLASS, 1, "the packet came from a local pod's port")
+FROM_GATEWAY = RegMark("FROM_GATEWAY", PORT_CLASS, 2, "the packet came from the node's gateway (host) port")
+FROM_UPLINK = RegMark("FROM_UPLINK", PORT_CLASS, 3, "the packet came from the uplink or a tunnel")
+
+REG_MARKS: tuple[RegMark, ...] = (FROM_POD, FROM_GATEWAY, FROM_UPLINK)
+
+
+def check_no_overlap() -> None:
+    """Fields sharing a register must not share bits (checked by tests and at import)."""
+    taken: dict[int, int] = {}
+    for f in REG_FIELDS:
+        if taken.get(f.reg, 0) & f.mask:
+            raise ValueError(f"register field {f.name} overlaps another field of reg{f.reg}")
+        taken[f.reg] = taken.get(f.reg, 0) | f.mask
+
+
+check_no_overlap()
