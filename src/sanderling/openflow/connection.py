@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import logging
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from sanderling.openflow import decoder as D
@@ -184,34 +184,37 @@ class Connection:
             raise OpenFlowError(f"{self.name}: switch refused {len(watch.errors)} message(s)",
                                 [(e, describe(e.xid)) for e in watch.errors])
 
-    async def bundle(self, messages: Sequence[tuple[int, bytes]], describe: Callable[[int], str],
-                     timeout: float = 120.0) -> None:
+    async def bundle(self, messages: Iterable[tuple[int, bytes]], describe: Callable[[int], str],
+                     timeout: float = 120.0) -> int:
         """Apply messages (xid, encoded) atomically: all of them or, on any error, none.
 
-        Two phases so a refused message can never leave a partial commit: open + adds + barrier;
-        then commit only if no add was refused, otherwise discard.
+        `messages` may be a generator: they are streamed to the switch while the caller is
+        still encoding, so Python encoding and OVS processing overlap. Two phases, so a refused
+        message can never leave a partial commit: open + adds + barrier; then commit only if no
+        add was refused, otherwise discard. Returns the number of messages applied.
         """
-        if not messages:
-            return
         bundle_id = next(self._bundle_ids) & 0xFFFFFFFF
-        watch = _BundleWatch(messages[0][0], messages[-1][0])
+        watch = _BundleWatch(self._peek_xid(), 0xFFFFFFFF)
         self._bundles.append(watch)
+        count = 0
         try:
-            open_xid = self.next_xid()
-            self.send(E.bundle_control(open_xid, bundle_id, E.BUNDLE_OPEN_REQUEST))
-            chunk: list[bytes] = []
+            chunk: list[bytes] = [E.bundle_control(self.next_xid(), bundle_id, E.BUNDLE_OPEN_REQUEST)]
             size = 0
             for xid, data in messages:
-                wrapped = E.bundle_add(xid, bundle_id, data)
-                chunk.append(wrapped)
-                size += len(wrapped)
-                if size > 1 << 20:
+                chunk.append(E.bundle_add(xid, bundle_id, data))
+                size += len(data)
+                count += 1
+                if size > 256 * 1024:
                     self.send(b"".join(chunk))
                     chunk, size = [], 0
                     await self.drain()
+            if count == 0:
+                self.send(E.bundle_control(self.next_xid(), bundle_id, E.BUNDLE_DISCARD_REQUEST))
+                return 0
             if chunk:
                 self.send(b"".join(chunk))
             await self.drain()
+            watch.last_xid = self._peek_xid()
             await self.barrier(timeout)
             if watch.errors:
                 self.send(E.bundle_control(self.next_xid(), bundle_id, E.BUNDLE_DISCARD_REQUEST))
@@ -223,8 +226,15 @@ class Connection:
             except OpenFlowError as exc:
                 errors = [(e, describe(e.xid)) for e in watch.errors] + exc.errors
                 raise OpenFlowError(f"{self.name}: bundle commit failed, nothing applied", errors) from None
+            return count
         finally:
             self._bundles.remove(watch)
+
+    def _peek_xid(self) -> int:
+        """The next xid that will be handed out, without taking it."""
+        nxt = next(self._xids)
+        self._xids = itertools.count(nxt)
+        return nxt
 
     # ---- receiving ------------------------------------------------------------------------
 

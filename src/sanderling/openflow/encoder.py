@@ -254,29 +254,51 @@ class InstructionCache:
     def __init__(self, limit: int = 200_000) -> None:
         self._cache: dict[tuple[ir.Action, ...], bytes] = {}
         self._limit = limit
+        self._last_key: tuple[ir.Action, ...] | None = None
+        self._last_value = b""
 
     def get(self, actions: tuple[ir.Action, ...]) -> bytes:
+        if actions is self._last_key:  # compilers share one action tuple across many flows
+            return self._last_value
         cached = self._cache.get(actions)
         if cached is None:
             cached = encode_instructions(actions)
             if len(self._cache) >= self._limit:
                 self._cache.clear()
             self._cache[actions] = cached
+        self._last_key, self._last_value = actions, cached
         return cached
 
 
 _DEFAULT_CACHE = InstructionCache()
 
 
+_MATCH_HEAD = struct.Struct("!HH")
+
+
 def flow_mod(flow: ir.Flow, xid: int, cookie: int, command: int = OFPFC_ADD,
              cache: InstructionCache = _DEFAULT_CACHE, cookie_mask: int = 0) -> bytes:
-    """FLOW_MOD for one flow. Deletes carry no instructions and use strict matching."""
-    instructions = cache.get(flow.actions) if command in (OFPFC_ADD, OFPFC_MODIFY, OFPFC_MODIFY_STRICT) else b""
-    m = encode_match(flow.match)
-    length = 48 + len(m) + len(instructions)
-    return _FLOW_MOD.pack(OFP_VERSION, OFPT_FLOW_MOD, length, xid, cookie, cookie_mask, flow.table, command,
-                          flow.idle_timeout, flow.hard_timeout, flow.priority, OFP_NO_BUFFER, OFPP_ANY,
-                          OFPG_ANY, 0) + m + instructions
+    """FLOW_MOD for one flow. Deletes carry no instructions and use strict matching.
+
+    The hot path of every large change set: match encoding is inlined on purpose.
+    """
+    instructions = cache.get(flow.actions) if command <= OFPFC_MODIFY_STRICT else b""
+    headers = _FIELD_HEADERS
+    parts = []
+    for name, value, mask in flow.match.items:
+        plain, masked, nbytes = headers[name]
+        if mask is None:
+            parts.append(plain + value.to_bytes(nbytes, "big"))
+        else:
+            parts.append(masked + value.to_bytes(nbytes, "big") + mask.to_bytes(nbytes, "big"))
+    oxm = b"".join(parts)
+    mlen = 4 + len(oxm)
+    pad = _PAD[-mlen % 8]
+    length = 48 + mlen + len(pad) + len(instructions)
+    return b"".join((_FLOW_MOD.pack(OFP_VERSION, OFPT_FLOW_MOD, length, xid, cookie, cookie_mask, flow.table,
+                                    command, flow.idle_timeout, flow.hard_timeout, flow.priority, OFP_NO_BUFFER,
+                                    OFPP_ANY, OFPG_ANY, 0),
+                     _MATCH_HEAD.pack(1, mlen), oxm, pad, instructions))
 
 
 def flow_delete(xid: int, table: int = OFPTT_ALL, match: ir.Match | None = None, cookie: int = 0,

@@ -53,11 +53,38 @@ def _merge(items: dict[str, tuple[int, int | None]], name: str, value: int, mask
     items[name] = (old_value | value, None if merged_mask == full else merged_mask)
 
 
-@dataclass(frozen=True, slots=True)
 class Match:
-    """A canonical set of (field, value, mask) constraints, sorted in wire/text order."""
+    """A canonical set of (field, value, mask) constraints, sorted in wire/text order.
 
-    items: tuple[MatchItem, ...] = ()
+    Immutable; the hash is computed once, because the realizer keys every flow by its match.
+    """
+
+    __slots__ = ("items", "_hash")
+    items: tuple[MatchItem, ...]
+    _hash: int
+
+    def __init__(self, items: tuple[MatchItem, ...] = ()) -> None:
+        object.__setattr__(self, "items", items)
+        object.__setattr__(self, "_hash", hash(items))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("Match is immutable")
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if not isinstance(other, Match):
+            return NotImplemented
+        return self._hash == other._hash and self.items == other.items
+
+    def __repr__(self) -> str:
+        return f"Match({self.text()!r})"
+
+    def __reduce__(self) -> tuple[type[Match], tuple[tuple[MatchItem, ...]]]:
+        return (Match, (self.items,))
 
     @staticmethod
     def build(*contributors: MatchContributor, proto: str | None = None, **kw: object) -> Match:

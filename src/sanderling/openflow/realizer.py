@@ -11,8 +11,9 @@ and older generations are swept in the same atomic bundle, so an agent restart h
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Protocol
 
 from sanderling.openflow import cookies
@@ -31,7 +32,8 @@ class Switch(Protocol):
 
     def next_xid(self) -> int: ...
 
-    async def bundle(self, messages: list[tuple[int, bytes]], describe: object, timeout: float = ...) -> None: ...
+    async def bundle(self, messages: Iterable[tuple[int, bytes]], describe: Callable[[int], str],
+                     timeout: float = ...) -> int: ...
 
     async def flow_stats(self, table: int = ..., cookie: int = ..., cookie_mask: int = ...) -> list[D.FlowStats]: ...
 
@@ -146,10 +148,11 @@ class Realizer:
         flow_claims: dict[FlowKey, str] = {}
         group_claims: dict[int, str] = {}
         changing = set(keys)
+        owners = self._flow_owner
         for key in keys:
             state = self._desired.get(key, EMPTY)
             for fk in state.flows:
-                owner = self._flow_owner.get(fk)
+                owner = owners.get(fk)
                 if (owner is not None and owner not in changing) or fk in flow_claims:
                     other = owner if owner not in (None, key) else flow_claims.get(fk)
                     raise ConflictError(f"object {key} and {other} both want flow {state.flows[fk].text()}")
@@ -163,42 +166,9 @@ class Realizer:
 
     async def _apply(self, switch: Switch, keys: list[str]) -> int:
         flow_claims, group_claims = self._claim(keys)
-        messages: list[tuple[int, bytes]] = []
-        described: dict[int, str] = {}
-        adds: list[tuple[int, bytes]] = []
-        deletes: list[tuple[int, bytes]] = []
-        group_deletes: list[tuple[int, bytes]] = []
-        gen = self.generation
-        for key in keys:
-            old = self._installed.get(key, EMPTY)
-            new = self._desired.get(key, EMPTY)
-            for gid, group in new.groups.items():
-                if old.groups.get(gid) != group:
-                    xid = switch.next_xid()
-                    cmd = E.OFPGC_MODIFY if gid in old.groups or self._group_owner.get(gid) else E.OFPGC_ADD
-                    messages.append((xid, E.group_mod(group, xid, cmd)))
-                    described[xid] = f"group {group.text()} (object {key})"
-            for fk, flow in new.flows.items():
-                if old.flows.get(fk) != flow:
-                    xid = switch.next_xid()
-                    adds.append((xid, E.flow_mod(flow, xid, cookies.with_generation(flow.cookie, gen),
-                                                 E.OFPFC_ADD, self._cache)))
-                    described[xid] = f"{flow.text()} (object {key})"
-            for fk, flow in old.flows.items():
-                if fk not in new.flows and fk not in flow_claims:
-                    xid = switch.next_xid()
-                    deletes.append((xid, E.flow_mod(flow, xid, 0, E.OFPFC_DELETE_STRICT)))
-                    described[xid] = f"delete {flow.text()} (object {key})"
-            for gid, group in old.groups.items():
-                if gid not in new.groups and gid not in group_claims:
-                    xid = switch.next_xid()
-                    group_deletes.append((xid, E.group_mod(group, xid, E.OFPGC_DELETE)))
-                    described[xid] = f"delete group {gid} (object {key})"
-        messages.extend(adds)
-        messages.extend(deletes)
-        messages.extend(group_deletes)
-        if messages:
-            await switch.bundle(messages, lambda xid: described.get(xid, f"message xid {xid}"))
+        described: dict[int, tuple[str, ir.Flow | ir.Group | None, str]] = {}
+        count = await switch.bundle(self._diff_messages(switch, keys, flow_claims, group_claims, described),
+                                    lambda xid: _describe(described, xid))
         # committed: move the cache
         for key in keys:
             old = self._installed.get(key, EMPTY)
@@ -217,7 +187,46 @@ class Realizer:
             self.errors.pop(key, None)
         self._flow_owner.update(flow_claims)
         self._group_owner.update(group_claims)
-        return len(messages)
+        return count
+
+    def _diff_messages(self, switch: Switch, keys: list[str], flow_claims: dict[FlowKey, str],
+                       group_claims: dict[int, str],
+                       described: dict[int, tuple[str, ir.Flow | ir.Group | None, str]]
+                       ) -> Iterator[tuple[int, bytes]]:
+        """Messages turning installed into desired for `keys`, in a safe order: groups, flow
+        adds, flow deletes, group deletes. A generator, so sending overlaps encoding."""
+        gen = self.generation
+        next_xid = switch.next_xid
+        cache = self._cache
+        for key in keys:
+            old = self._installed.get(key, EMPTY)
+            for gid, group in self._desired.get(key, EMPTY).groups.items():
+                if old.groups.get(gid) != group:
+                    xid = next_xid()
+                    cmd = E.OFPGC_MODIFY if gid in old.groups or self._group_owner.get(gid) else E.OFPGC_ADD
+                    described[xid] = ("group", group, key)
+                    yield xid, E.group_mod(group, xid, cmd)
+        for key in keys:
+            old_flows = self._installed.get(key, EMPTY).flows
+            for fk, flow in self._desired.get(key, EMPTY).flows.items():
+                if old_flows.get(fk) != flow:
+                    xid = next_xid()
+                    described[xid] = ("", flow, key)
+                    yield xid, E.flow_mod(flow, xid, cookies.with_generation(flow.cookie, gen), E.OFPFC_ADD, cache)
+        for key in keys:
+            new_flows = self._desired.get(key, EMPTY).flows
+            for fk, flow in self._installed.get(key, EMPTY).flows.items():
+                if fk not in new_flows and fk not in flow_claims:
+                    xid = next_xid()
+                    described[xid] = ("delete", flow, key)
+                    yield xid, E.flow_mod(flow, xid, 0, E.OFPFC_DELETE_STRICT)
+        for key in keys:
+            new_groups = self._desired.get(key, EMPTY).groups
+            for gid, group in self._installed.get(key, EMPTY).groups.items():
+                if gid not in new_groups and gid not in group_claims:
+                    xid = next_xid()
+                    described[xid] = ("delete group", group, key)
+                    yield xid, E.group_mod(group, xid, E.OFPGC_DELETE)
 
     # ---- full resync ----------------------------------------------------------------------
 
@@ -249,7 +258,7 @@ class Realizer:
         flow_claims, group_claims, conflicts = self._claim_all(keys)
         keys = [k for k in keys if k not in conflicts]
         messages: list[tuple[int, bytes]] = []
-        described: dict[int, str] = {}
+        described: dict[int, tuple[str, ir.Flow | ir.Group | None, str]] = {}
         self._xid_owner = {}
         gen = self.generation
         for key in keys:
@@ -258,14 +267,14 @@ class Realizer:
                 xid = switch.next_xid()
                 cmd = E.OFPGC_MODIFY if gid in existing_groups else E.OFPGC_ADD
                 messages.append((xid, E.group_mod(group, xid, cmd)))
-                described[xid] = f"group {group.text()} (object {key})"
+                described[xid] = ("group", group, key)
                 self._xid_owner[xid] = key
         for key in keys:
             for flow in self._desired[key].flows.values():
                 xid = switch.next_xid()
                 messages.append((xid, E.flow_mod(flow, xid, cookies.with_generation(flow.cookie, gen),
                                                  E.OFPFC_ADD, self._cache)))
-                described[xid] = f"{flow.text()} (object {key})"
+                described[xid] = ("", flow, key)
                 self._xid_owner[xid] = key
         stale_generations = set()
         for stat in existing:
@@ -276,18 +285,17 @@ class Realizer:
                 xid = switch.next_xid()
                 flow = ir.Flow(stat.table_id, stat.priority, stat.match)
                 messages.append((xid, E.flow_mod(flow, xid, 0, E.OFPFC_DELETE_STRICT)))
-                described[xid] = f"delete stray {flow.text()}"
+                described[xid] = ("delete stray", flow, "")
         for stale in sorted(stale_generations):
             xid = switch.next_xid()
             messages.append((xid, E.flow_delete(xid, cookie=stale << cookies.GENERATION_SHIFT,
                                                 cookie_mask=cookies.GENERATION_MASK)))
-            described[xid] = f"sweep generation {stale}"
+            described[xid] = (f"sweep generation {stale}", None, "")
         for gid in sorted(existing_groups - set(group_claims)):
             xid = switch.next_xid()
             messages.append((xid, E.group_mod(ir.Group(gid), xid, E.OFPGC_DELETE)))
-            described[xid] = f"delete stray group {gid}"
-        if messages:
-            await switch.bundle(messages, lambda xid: described.get(xid, f"message xid {xid}"))
+            described[xid] = (f"delete stray group {gid}", None, "")
+        await switch.bundle(messages, lambda xid: _describe(described, xid))
         self._installed = {k: self._desired[k] for k in keys}
         self._flow_owner = flow_claims
         self._group_owner = group_claims
@@ -317,3 +325,14 @@ class Realizer:
                 continue
             log.error("%s", conflicts[key])
         return flow_claims, group_claims, conflicts
+
+
+def _describe(described: dict[int, tuple[str, ir.Flow | ir.Group | None, str]], xid: int) -> str:
+    """ovs-ofctl text of the message with this xid; formatted only when an error needs it."""
+    entry = described.get(xid)
+    if entry is None:
+        return f"message xid {xid}"
+    verb, obj, key = entry
+    text = obj.text() if obj is not None else ""
+    owner = f" (object {key})" if key else ""
+    return " ".join(p for p in (verb, text) if p) + owner

@@ -1,0 +1,1 @@
+"""Benchmarks run by `sanderling bench NAME`; each measures its reference in the same run."""
