@@ -120,5 +120,5 @@ def run(flows: int = 100_000, repeats: int = 3, changes: int = 200,
         "change_p50_ms": round(p50s[0], 3) if p50s else None,
         "change_p99_ms": round(p99s[0], 3) if p99s else None,
         "changes": changes,
-        "floors": {"ratio": 1.5, "change_p99_ms": 5.0},
+        "floors": {"ratio": ["<=", 1.5], "change_p99_ms": ["<=", 5.0]},
     }

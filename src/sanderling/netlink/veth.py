@@ -47,11 +47,12 @@ def _ethtool_tx_off(ifname: str, ns: str | None) -> None:
     subprocess.run(argv, check=False, capture_output=True)
 
 
-def plumb(pod: PodInterface, tx_checksum_off: bool = True) -> None:
+def plumb(pod: PodInterface, node_netns: str | None = None, tx_checksum_off: bool = True) -> None:
+    """Create (or converge) the pod's veth: host end in the node's namespace (None: this one)."""
     ensure_netns(pod.netns)
     peer_tmp = f"p{os.getpid() % 100000}{abs(hash(pod.host_ifname)) % 10000}"[:15]
     try:
-        with IPRoute() as host:
+        with (IPRoute(netns=node_netns) if node_netns else IPRoute()) as host:
             if not host.link_lookup(ifname=pod.host_ifname):
                 host.link("add", ifname=pod.host_ifname, kind="veth", peer={"ifname": peer_tmp, "net_ns_fd": pod.netns})
             idx = host.link_lookup(ifname=pod.host_ifname)[0]
@@ -77,12 +78,12 @@ def plumb(pod: PodInterface, tx_checksum_off: bool = True) -> None:
     except Exception as exc:
         raise PlumbingError(f"plumbing {pod.host_ifname} into netns {pod.netns} failed: {exc}") from exc
     if tx_checksum_off:
-        _ethtool_tx_off(pod.host_ifname, None)
+        _ethtool_tx_off(pod.host_ifname, node_netns)
         _ethtool_tx_off(pod.ifname, pod.netns)
 
 
-def unplumb(host_ifname: str) -> None:
-    with IPRoute() as host:
+def unplumb(host_ifname: str, node_netns: str | None = None) -> None:
+    with (IPRoute(netns=node_netns) if node_netns else IPRoute()) as host:
         found = host.link_lookup(ifname=host_ifname)
         if found:
             host.link("del", index=found[0])

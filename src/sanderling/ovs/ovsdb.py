@@ -51,6 +51,9 @@ class Ovsdb:
         except Exception as exc:
             raise OvsError(f"OVSDB transaction on {self.endpoint} failed: {exc}") from exc
 
+    def _one(self, command: Any) -> Any:
+        return self._run(command)[0]
+
     def ensure_bridge(self, name: str, datapath_type: str = "netdev", external_ids: dict[str, str] | None = None,
                       table_names: dict[int, str] | None = None) -> None:
         """Create the bridge if needed: fail_mode secure (no NORMAL fallback), OpenFlow 1.3."""
@@ -64,7 +67,7 @@ class Ovsdb:
         self._run(*cmds)
 
     def bridge_external_ids(self, name: str) -> dict[str, str]:
-        rows = self._run(self.api.db_get("Bridge", name, "external_ids"))
+        rows = self._one(self.api.db_get("Bridge", name, "external_ids"))
         return dict(rows or {})
 
     def set_bridge_external_id(self, name: str, key: str, value: str) -> None:
@@ -87,8 +90,8 @@ class Ovsdb:
 
     def ports(self, bridge: str) -> list[PortRecord]:
         """Interfaces of the bridge with their ofport (-1/None while OVS has not opened them yet)."""
-        names = set(self._run(self.api.list_ifaces(bridge)) or [])
-        rows = self._run(self.api.db_list("Interface", columns=["name", "ofport", "external_ids"]))
+        names = set(self._one(self.api.list_ifaces(bridge)) or [])
+        rows = self._one(self.api.db_list("Interface", columns=["name", "ofport", "external_ids"]))
         out = []
         for row in rows:
             if row["name"] not in names:

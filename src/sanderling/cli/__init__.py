@@ -1,0 +1,1 @@
+"""The `sanderling` command line."""

@@ -1,0 +1,186 @@
+"""One lab node: a network namespace with its own OVS (userspace datapath), br-int and agent.
+
+Pods are network namespaces plugged into br-int with a veth pair and the OVSDB external_ids the
+agent reads. Used by the demo, the network-namespace tests and (later) the multi-node lab.
+Everything it creates carries the node's prefix, so `teardown()` finds it even after a crash.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyroute2 import IPRoute, netns
+
+from sanderling.model.network import NodeNetwork
+from sanderling.netlink import veth
+from sanderling.ovs import ovsdb
+from sanderling.ovs.ovsdb import Ovsdb
+from sanderling.ovs.runtime import OvsRuntime
+
+
+def mac_for(ip: str) -> str:
+    """Kubernetes-style MAC from the IPv4 address: 0a:58 + the four address bytes."""
+    b = ipaddress.IPv4Address(ip).packed
+    return "0a:58:" + ":".join(f"{x:02x}" for x in b)
+
+
+@dataclass(frozen=True)
+class Pod:
+    namespace: str
+    name: str
+    ip: str
+    mac: str
+    netns: str
+    host_ifname: str
+
+
+class LocalNode:
+    def __init__(self, name: str, pod_cidr: str, base_dir: Path, prefix: str = "sl", bridge: str = "br-int") -> None:
+        self.name = name
+        self.prefix = prefix
+        self.network = NodeNetwork.build(name, pod_cidr)
+        self.netns = f"{prefix}-{name}"
+        self.dir = base_dir / name
+        self.bridge = bridge
+        self.ovs = OvsRuntime(self.dir / "ovs", netns=self.netns, datapath="netdev")
+        self.db: Ovsdb | None = None
+        self.agent: subprocess.Popen[bytes] | None = None
+        self.pods: dict[str, Pod] = {}
+        self._servers: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def agent_log(self) -> Path:
+        return self.dir / "agent.log"
+
+    def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        veth.ensure_netns(self.netns)
+        with IPRoute(netns=self.netns) as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        self.ovs.start()
+        self.db = Ovsdb(self.ovs.db_endpoint)
+        self.db.ensure_bridge(self.bridge, "netdev")
+        self.start_agent()
+
+    def start_agent(self) -> None:
+        log = open(self.agent_log, "ab")
+        self.agent = subprocess.Popen(
+            [sys.executable, "-m", "sanderling.agent.main", "--node", self.name,
+             "--pod-cidr", str(self.network.pod_cidr), "--gateway-mac", self.network.gateway_mac,
+             "--bridge", self.bridge, "--ovs-run-dir", str(self.ovs.run_dir)],
+            stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+
+    def kill_agent(self, sig: int = signal.SIGKILL) -> None:
+        if self.agent is not None and self.agent.poll() is None:
+            self.agent.send_signal(sig)
+            self.agent.wait(10)
+        self.agent = None
+
+    def add_pod(self, namespace: str, name: str, ip: str) -> Pod:
+        assert self.db is not None
+        index = len(self.pods) + 1
+        pod = Pod(namespace, name, ip, mac_for(ip), f"{self.netns}-{namespace}-{name}"[:40],
+                  f"{self.prefix}{self.name[-4:]}p{index}"[:15])
+        prefix = self.network.pod_cidr.prefixlen
+        veth.plumb(veth.PodInterface(pod.netns, pod.host_ifname, f"{ip}/{prefix}", pod.mac,
+                                     str(self.network.gateway_ip)), node_netns=self.netns)
+        self.db.add_port(self.bridge, pod.host_ifname, external_ids={
+            ovsdb.EXT_POD_NAMESPACE: namespace, ovsdb.EXT_POD_NAME: name, ovsdb.EXT_IP: ip,
+            ovsdb.EXT_MAC: pod.mac, ovsdb.EXT_INTERFACE: "eth0"})
+        self.pods[f"{namespace}/{name}"] = pod
+        return pod
+
+    def remove_pod(self, pod: Pod) -> None:
+        if self.db is not None:
+            self.db.delete_port(self.bridge, pod.host_ifname)
+        veth.unplumb(pod.host_ifname, self.netns)
+        veth.delete_netns(pod.netns)
+        self.pods.pop(f"{pod.namespace}/{pod.name}", None)
+
+    def ofport(self, pod: Pod) -> int:
+        assert self.db is not None
+        for rec in self.db.ports(self.bridge):
+            if rec.name == pod.host_ifname:
+                return rec.ofport
+        return -1
+
+    def wait_programmed(self, pod: Pod, timeout: float = 10.0) -> None:
+        """Until the agent has installed the pod's classifier flow."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            port = self.ofport(pod)
+            if port > 0:
+                try:
+                    out = self.ovs.ofctl(self.bridge, "dump-flows", f"table=0,in_port={port}")
+                    if "goto_table" in out:
+                        return
+                except Exception:  # vswitchd restarting
+                    pass
+            time.sleep(0.05)
+        raise TimeoutError(f"agent of {self.name} did not program pod {pod.namespace}/{pod.name} in {timeout}s;"
+                           f" see {self.agent_log}")
+
+    def pod_exec(self, pod: Pod, argv: list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["ip", "netns", "exec", pod.netns, *argv], capture_output=True, text=True,
+                              timeout=timeout)
+
+    def pod_popen(self, pod: Pod, argv: list[str]) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(["ip", "netns", "exec", pod.netns, *argv], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL)
+        self._servers.append(proc)
+        return proc
+
+    def serve(self, pod: Pod, tcp: tuple[int, ...] = (8080,), udp: tuple[int, ...] = (8081,)) -> None:
+        argv = [sys.executable, "-m", "sanderling.probe", "serve", "--name", pod.name]
+        argv += [a for p in tcp for a in ("--tcp", str(p))] + [a for p in udp for a in ("--udp", str(p))]
+        proc = self.pod_popen(pod, argv)
+        assert proc.stdout is not None
+        proc.stdout.readline()  # "ready"
+
+    def probe(self, src: Pod, proto: str, dst_ip: str, port: int = 0, timeout: float = 1.0) -> bool:
+        if proto == "icmp":
+            res = self.pod_exec(src, ["ping", "-c", "1", "-W", str(max(1, int(timeout))), dst_ip])
+        else:
+            res = self.pod_exec(src, [sys.executable, "-m", "sanderling.probe", "connect", proto, dst_ip, str(port),
+                                      "--timeout", str(timeout)])
+        return res.returncode == 0
+
+    def teardown(self) -> None:
+        for proc in self._servers:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        self._servers.clear()
+        self.kill_agent(signal.SIGTERM)
+        for pod in list(self.pods.values()):
+            veth.delete_netns(pod.netns)
+        self.pods.clear()
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+        self.ovs.stop()
+        teardown_prefix(f"{self.netns}")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def teardown_prefix(prefix: str) -> None:
+    """Remove every network namespace whose name starts with prefix (the node's and its pods')."""
+    for name in netns.listnetns():
+        if name == prefix or name.startswith(prefix + "-"):
+            # processes left inside (a crashed run) would keep it alive; end them first
+            pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+            netns.remove(name)

@@ -1,0 +1,87 @@
+"""A tiny TCP/UDP echo server and client, run inside pod namespaces by the demo, lab and tests.
+
+`python -m sanderling.probe serve --name a --tcp 8080 --udp 8081` answers every connection or
+datagram with the server's name; `python -m sanderling.probe connect tcp 10.244.1.11 8080`
+prints the answer and exits 0, or exits 1 after the timeout. Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+import threading
+
+
+def _serve_tcp(port: int, name: bytes) -> None:
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", port))
+    srv.listen(128)
+    while True:
+        conn, _ = srv.accept()
+        try:
+            conn.settimeout(2)
+            conn.sendall(name + b"\n")
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
+def _serve_udp(port: int, name: bytes) -> None:
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    srv.bind(("0.0.0.0", port))
+    while True:
+        _, peer = srv.recvfrom(2048)
+        srv.sendto(name + b"\n", peer)
+
+
+def serve(name: str, tcp: list[int], udp: list[int]) -> None:
+    threads = [threading.Thread(target=_serve_tcp, args=(p, name.encode()), daemon=True) for p in tcp]
+    threads += [threading.Thread(target=_serve_udp, args=(p, name.encode()), daemon=True) for p in udp]
+    for t in threads:
+        t.start()
+    print("ready", flush=True)
+    for t in threads:
+        t.join()
+
+
+def connect(proto: str, host: str, port: int, timeout: float) -> str:
+    if proto == "tcp":
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            return s.recv(256).decode().strip()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        s.sendto(b"probe\n", (host, port))
+        data, _ = s.recvfrom(256)
+        return data.decode().strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sanderling.probe")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve")
+    s.add_argument("--name", required=True)
+    s.add_argument("--tcp", type=int, action="append", default=[])
+    s.add_argument("--udp", type=int, action="append", default=[])
+    c = sub.add_parser("connect")
+    c.add_argument("proto", choices=["tcp", "udp"])
+    c.add_argument("host")
+    c.add_argument("port", type=int)
+    c.add_argument("--timeout", type=float, default=1.0)
+    args = p.parse_args(argv)
+    if args.cmd == "serve":
+        serve(args.name, args.tcp, args.udp)
+        return 0
+    try:
+        print(connect(args.proto, args.host, args.port, args.timeout))
+        return 0
+    except OSError as exc:
+        print(f"{args.proto} {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
