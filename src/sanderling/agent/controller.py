@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 
 from sanderling.compiler import pods as pod_compiler
+from sanderling.model.errors import ModelError
 from sanderling.model.network import NodeNetwork, PodPort
 from sanderling.openflow.connection import Connection, ConnectionLost, OpenFlowError
 from sanderling.openflow.realizer import Realizer
@@ -34,12 +35,21 @@ class NodeController:
         self.resyncs = 0
         self._stop = asyncio.Event()
         self._pod_keys: set[str] = set()
+        self.pod_errors: dict[str, str] = {}
 
     def refresh_desired(self, pods: list[PodPort]) -> None:
         """Compile the node's state into the realizer (pure; the realizer drops no-op updates)."""
         self.realizer.set_object(STATIC_KEY, pod_compiler.static_flows(self.node))
         seen = set()
         for pod in pods:
+            try:
+                self.node.check_pod(pod)
+            except ModelError as exc:
+                if self.pod_errors.get(pod.key) != str(exc):
+                    log.error("%s", exc)
+                self.pod_errors[pod.key] = str(exc)
+                continue
+            self.pod_errors.pop(pod.key, None)
             self.realizer.set_object(pod.key, pod_compiler.pod_flows(self.node, pod))
             seen.add(pod.key)
         for gone in self._pod_keys - seen:

@@ -44,6 +44,16 @@ class NodeNetwork:
             raise ModelError(obj, "gateway", f"{gw} is outside {cidr}")
         return NodeNetwork(name, cidr, gw, parse_mac(obj, "gatewayMAC", gateway_mac))
 
+    def check_pod(self, pod: PodPort) -> None:
+        """A pod may not take the gateway's, the subnet's or the broadcast address."""
+        obj = f"pod/{pod.namespace}/{pod.name}"
+        if pod.ip == self.gateway_ip:
+            raise ModelError(obj, "ip", f"{pod.ip} is the gateway address of node {self.name}")
+        if pod.ip in (self.pod_cidr.network_address, self.pod_cidr.broadcast_address):
+            raise ModelError(obj, "ip", f"{pod.ip} is the network or broadcast address of {self.pod_cidr}")
+        if pod.mac == self.gateway_mac:
+            raise ModelError(obj, "mac", f"{pod.mac} is the gateway MAC of node {self.name}")
+
 
 @dataclass(frozen=True, slots=True)
 class PodPort:

@@ -201,6 +201,8 @@ class Connection:
             chunk: list[bytes] = [E.bundle_control(self.next_xid(), bundle_id, E.BUNDLE_OPEN_REQUEST)]
             size = 0
             for xid, data in messages:
+                if xid < watch.first_xid:
+                    watch.first_xid = xid
                 chunk.append(E.bundle_add(xid, bundle_id, data))
                 size += len(data)
                 count += 1

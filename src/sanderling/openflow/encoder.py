@@ -336,7 +336,7 @@ OFPMC_DELETE = 2
 
 
 def meter_mod(meter: ir.Meter, xid: int, command: int = OFPMC_ADD) -> bytes:
-    flags = (0x8 if meter.pktps else 0x1) | (0x4 if meter.burst else 0)  # PKTPS|KBPS, BURST
+    flags = (0x2 if meter.pktps else 0x1) | (0x4 if meter.burst else 0)  # OFPMF_PKTPS or KBPS, BURST
     bands = b"" if command == OFPMC_DELETE else struct.pack("!HHII4x", 1, 16, meter.rate, meter.burst)
     return message(OFPT_METER_MOD, struct.pack("!HHI", command, flags, meter.meter_id) + bands, xid)
 

@@ -65,7 +65,7 @@ def _nx(name: str, nxm: str, field: int, nbytes: int, kind: Kind, maskable: bool
 
 
 _SPECS: list[FieldSpec] = [
-    _basic("in_port", "NXM_OF_IN_PORT", 0, 4, Kind.INT, maskable=False),
+    _basic("in_port", "OXM_OF_IN_PORT", 0, 4, Kind.INT, maskable=False),
     _basic("metadata", "OXM_OF_METADATA", 2, 8, Kind.HEX),
     _basic("dl_dst", "NXM_OF_ETH_DST", 3, 6, Kind.MAC),
     _basic("dl_src", "NXM_OF_ETH_SRC", 4, 6, Kind.MAC),

@@ -121,14 +121,11 @@ class Realizer:
             result.flow_mods = await self._apply(switch, keys)
             result.applied = len(keys)
             return result
-        except OpenFlowError as exc:
+        except (OpenFlowError, ConflictError) as exc:
             if len(keys) == 1:
                 self._record_failure(keys[0], str(exc), result)
                 return result
-            log.warning("bundle of %d objects refused, retrying each on its own", len(keys))
-        except ConflictError:
-            if len(keys) == 1:
-                raise
+            log.warning("change set of %d objects refused, retrying each on its own", len(keys))
         for key in keys:
             try:
                 result.flow_mods += await self._apply(switch, [key])

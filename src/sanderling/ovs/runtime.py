@@ -86,8 +86,10 @@ class OvsRuntime:
     def vsctl(self, *args: str) -> str:
         return self._run([_require("ovs-vsctl"), f"--db={self.db_endpoint}", "--timeout=10", *args])
 
-    def ofctl(self, bridge: str, *args: str) -> str:
-        return self._run([_require("ovs-ofctl"), "-O", "OpenFlow13", *args[:1], self.mgmt_target(bridge), *args[1:]])
+    def ofctl(self, bridge: str, command: str, *args: str, options: tuple[str, ...] = ()) -> str:
+        """ovs-ofctl [options] COMMAND <bridge's mgmt socket> ARGS (OpenFlow 1.3)."""
+        return self._run([_require("ovs-ofctl"), "-O", "OpenFlow13", *options, command, self.mgmt_target(bridge),
+                          *args])
 
     # ---- lifecycle ------------------------------------------------------------------------
 

@@ -1,0 +1,85 @@
+"""`sanderling`: the command line for operators and developers."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from sanderling.cli import bench
+from sanderling.cli.output import table
+from sanderling.ovs.runtime import SYSTEM_RUNDIR, OvsError, OvsRuntime
+
+
+def _ovs(args: argparse.Namespace) -> int:
+    runtime = OvsRuntime(args.run_dir, netns=args.netns, datapath=args.datapath,
+                         private=args.run_dir != SYSTEM_RUNDIR)
+    if args.action == "start":
+        runtime.start()
+        print(f"OVS running: database {runtime.db_sock}, vswitchd control {runtime.vswitchd_ctl}")
+    elif args.action == "stop":
+        runtime.stop()
+        print(f"OVS in {args.run_dir} stopped")
+    else:
+        runtime.check()
+        print(runtime.vsctl("show"))
+    return 0
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    from sanderling import pipeline_doc
+
+    if args.doc:
+        print(pipeline_doc.render(), end="")
+        return 0
+    from sanderling.openflow.pipeline import PIPELINE
+
+    print(table(["id", "table", "stage", "on miss", "what it does"],
+                [(i, t.name, t.stage, t.miss.value, t.doc) for i, t in enumerate(PIPELINE.tables)]))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from sanderling import demo
+
+    return demo.down() if args.down else demo.run(keep=args.keep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sanderling", description="SDN networking for Kubernetes on Open vSwitch")
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ovs", help="start, stop or show a node's private Open vSwitch")
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("--run-dir", type=Path, default=SYSTEM_RUNDIR)
+    p.add_argument("--netns", default=None, help="run the daemons inside this network namespace")
+    p.add_argument("--datapath", default="netdev", choices=["netdev", "dummy"])
+    p.set_defaults(func=_ovs)
+
+    p = sub.add_parser("pipeline", help="show the OpenFlow tables (or --doc: render docs/pipeline.md)")
+    p.add_argument("--doc", action="store_true")
+    p.set_defaults(func=_pipeline)
+
+    p = sub.add_parser("demo", help="one node, pods talking through the pipeline, a spoofing pod blocked")
+    p.add_argument("--keep", action="store_true", help="leave it running")
+    p.add_argument("--down", action="store_true", help="remove a kept demo")
+    p.set_defaults(func=_demo)
+
+    bench.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except OvsError as exc:
+        print(f"sanderling: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
