@@ -37,7 +37,10 @@ class Ovsdb:
         try:
             idl = connection.OvsdbIdl.from_server(endpoint, "Open_vSwitch")
             self._conn = connection.Connection(idl=idl, timeout=timeout)
-            self.api: Any = impl_idl.OvsdbIdl(self._conn)
+            # ovsdbapp keeps the connection in a class attribute (one per process); a subclass
+            # per instance lets one process talk to several ovsdb-servers (one per lab node).
+            api_class = type("OvsdbIdlFor" + str(id(self)), (impl_idl.OvsdbIdl,), {"_ovsdb_connection": None})
+            self.api: Any = api_class(self._conn)
         except Exception as exc:
             raise OvsError(f"cannot connect to OVSDB at {endpoint}: {exc}") from exc
         self.endpoint = endpoint
