@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from sanderling.compiler import pods as pod_compiler
 from sanderling.model.errors import ModelError
@@ -65,7 +66,7 @@ class NodeController:
         while not self._stop.is_set():
             try:
                 return await Connection.open(self.target, timeout=2.0)
-            except (OSError, ConnectionLost, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError, ConnectionLost) as exc:
                 log.debug("connect %s failed: %s; retry in %.2fs", self.target, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
@@ -86,7 +87,8 @@ class NodeController:
                     await self._poll_pods()
                     if self.realizer.pending:
                         await self.realizer.sync(conn)
-                    await asyncio.wait({conn.closed, stop_task},
+                    waiters: set[asyncio.Future[Any]] = {conn.closed, stop_task}
+                    await asyncio.wait(waiters,
                                        timeout=self.poll_interval, return_when=asyncio.FIRST_COMPLETED)
             except (ConnectionLost, OSError) as exc:
                 log.warning("lost %s: %s; reconnecting", self.target, exc)

@@ -13,6 +13,7 @@ import logging
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from sanderling.openflow import decoder as D
 from sanderling.openflow import encoder as E
@@ -78,6 +79,8 @@ class Connection:
         else:
             assert isinstance(address, tuple)
             reader, writer = await asyncio.wait_for(asyncio.open_connection(*address, limit=1 << 24), timeout)
+        # a deep write buffer lets encoding run ahead of the switch instead of in lockstep
+        writer.transport.set_write_buffer_limits(high=8 << 20, low=1 << 20)
         conn = cls(reader, writer, target)
         try:
             await asyncio.wait_for(conn._handshake(), timeout)
@@ -126,7 +129,8 @@ class Connection:
             raise ConnectionLost(f"{self.name}: {exc}") from exc
 
     async def _await(self, fut: asyncio.Future[bytes], what: str, timeout: float) -> bytes:
-        done, _ = await asyncio.wait({fut, self.closed}, timeout=timeout,
+        waiters: set[asyncio.Future[Any]] = {fut, self.closed}
+        done, _ = await asyncio.wait(waiters, timeout=timeout,
                                      return_when=asyncio.FIRST_COMPLETED)
         if fut in done:
             return fut.result()
@@ -159,8 +163,8 @@ class Connection:
         try:
             self.send(build(xid))
             await self.drain()
-            done, _ = await asyncio.wait({fut, self.closed}, timeout=timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            waiters: set[asyncio.Future[Any]] = {fut, self.closed}
+            done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             if fut in done:
                 return fut.result()
             raise ConnectionLost(f"{self.name}: no complete reply to {what}")
@@ -206,9 +210,12 @@ class Connection:
                 chunk.append(E.bundle_add(xid, bundle_id, data))
                 size += len(data)
                 count += 1
-                if size > 256 * 1024:
+                if size > 128 * 1024:
                     self.send(b"".join(chunk))
                     chunk, size = [], 0
+                    # Yield so the loop moves buffered bytes into the socket while we keep
+                    # encoding; drain() only blocks once far ahead of the switch.
+                    await asyncio.sleep(0)
                     await self.drain()
             if count == 0:
                 self.send(E.bundle_control(self.next_xid(), bundle_id, E.BUNDLE_DISCARD_REQUEST))

@@ -234,11 +234,14 @@ def encode_instructions(actions: tuple[ir.Action, ...]) -> bytes:
     """Split the flat action list into meter / apply_actions / goto_table instructions."""
     out = b""
     body = list(actions)
-    if body and isinstance(body[0], ir.MeterAction):
-        out += struct.pack("!HHI", 6, 8, body.pop(0).meter_id)
+    first, last = (body[0], body[-1]) if body else (None, None)
+    if isinstance(first, ir.MeterAction):
+        out += struct.pack("!HHI", 6, 8, first.meter_id)
+        body.pop(0)
     goto = None
-    if body and isinstance(body[-1], ir.Goto):
-        goto = body.pop()
+    if isinstance(last, ir.Goto) and body:
+        goto = last
+        body.pop()
     if body:
         encoded = b"".join(encode_action(a) for a in body)
         out += struct.pack("!HH4x", 4, 8 + len(encoded)) + encoded

@@ -8,7 +8,8 @@ against ovs-ofctl's own parser.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from typing import Protocol, Union
 
 from sanderling.openflow import fields as F
@@ -100,6 +101,7 @@ class Match:
                 _merge(items, "nw_proto", nw_proto, None)
         if "nw_proto" in kw and isinstance(kw["nw_proto"], int):
             nw_proto = kw["nw_proto"]
+        mask: int | None
         for contributor in contributors:
             for name, value, mask in contributor.match_items():
                 _merge(items, name, value, mask)
@@ -109,7 +111,7 @@ class Match:
                     raise F.FieldError(f"{name} needs proto tcp, udp or sctp")
                 name = F.TRANSPORT_FIELDS[nw_proto][0 if name == "tp_src" else 1]
             spec = F.field(name)
-            mask: int | None = None
+            mask = None
             if spec.kind is F.Kind.CT_STATE and isinstance(raw, str):
                 value, mask = F.parse_ct_state(raw)
             elif isinstance(raw, tuple):

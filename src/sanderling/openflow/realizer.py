@@ -11,15 +11,13 @@ and older generations are swept in the same atomic bundle, so an agent restart h
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from collections.abc import Callable
 from typing import Protocol
 
-from sanderling.openflow import cookies
+from sanderling.openflow import cookies, ir
 from sanderling.openflow import decoder as D
 from sanderling.openflow import encoder as E
-from sanderling.openflow import ir
 from sanderling.openflow.connection import OpenFlowError
 
 log = logging.getLogger(__name__)

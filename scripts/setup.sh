@@ -1,0 +1,32 @@
+#!/bin/bash
+# Installs what Sanderling needs on a fresh Debian 12 machine (run as root) and a virtualenv
+# with the project in .venv. Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEBS=(openvswitch-switch openvswitch-common iproute2 ethtool iperf3 iputils-ping tcpdump procps
+      python3 python3-venv python3-dev)
+missing=()
+for pkg in "${DEBS[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    echo "setup: installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# The system OVS service is not used: every node runs a private ovsdb-server/ovs-vswitchd.
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv with $($PY --version)"
+    "$PY" -m venv .venv
+fi
+stamp=.venv/.sanderling-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    echo "setup: installing sanderling and its test tools into .venv"
+    .venv/bin/pip install -q --upgrade pip >/dev/null
+    .venv/bin/pip install -q -e '.[test]'
+    touch "$stamp"
+fi

@@ -1,0 +1,58 @@
+"""The command lines as users run them: real processes, real exit codes, readable errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def run(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, timeout=timeout)
+
+
+def test_agent_without_ovs_prints_one_line_naming_the_socket(tmp_path):
+    proc = run("sanderling.agent.main", "--node", "n1", "--pod-cidr", "10.244.1.0/24",
+               "--ovs-run-dir", str(tmp_path / "nowhere"))
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert str(tmp_path / "nowhere" / "db.sock") in lines[0]
+    assert "start" in lines[0]
+
+
+def test_ovs_status_without_ovs_fails_cleanly(tmp_path):
+    proc = run("sanderling.cli.main", "ovs", "status", "--run-dir", str(tmp_path))
+    assert proc.returncode == 1
+    assert "db.sock" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_pipeline_table_lists_tables_in_order():
+    proc = run("sanderling.cli.main", "pipeline")
+    assert proc.returncode == 0
+    names = [line.split()[1] for line in proc.stdout.splitlines()[2:]]
+    assert names == ["Classifier", "SpoofGuard", "ARPResponder", "L3Forwarding", "Output"]
+
+
+def test_bench_flows_small_run_reports_its_reference():
+    proc = run("sanderling.cli.main", "bench", "flows", "--flows", "2000", "--repeats", "1", "--json")
+    result = json.loads(proc.stdout)
+    assert result["flows"] == 2000
+    for key in ("controller_s", "ovs_ofctl_s", "ratio", "change_p99_ms"):
+        assert result[key] > 0
+    assert abs(result["ratio"] - result["controller_s"] / result["ovs_ofctl_s"]) < 0.05 * result["ratio"] + 0.02
+    assert proc.returncode == (0 if result["floors_met"] else 1)
+
+
+def test_unknown_benchmark_names_the_known_ones():
+    proc = run("sanderling.cli.main", "bench", "nope")
+    assert proc.returncode != 0 and "flows" in proc.stderr
+
+
+def test_cni_shim_answers_version_and_refuses_the_rest_with_a_spec_error():
+    ok = subprocess.run([sys.executable, "-m", "sanderling.cni.shim"], env={"CNI_COMMAND": "VERSION"},
+                        capture_output=True, text=True)
+    assert json.loads(ok.stdout)["supportedVersions"] == ["0.4.0", "1.0.0", "1.1.0"]
+    bad = subprocess.run([sys.executable, "-m", "sanderling.cni.shim"], env={"CNI_COMMAND": "ADD"},
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and json.loads(bad.stdout)["code"] > 0

@@ -1,0 +1,90 @@
+"""Golden flows of the pod compiler (order-insensitive) and pipeline rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from sanderling.compiler import pods
+from sanderling.model.errors import ModelError
+from sanderling.model.network import NodeNetwork, PodPort
+from sanderling.openflow import cookies, ir
+from sanderling.openflow.pipeline import PIPELINE, Miss, Pipeline, PipelineError, Table
+
+NODE = NodeNetwork.build("node-1", "10.244.1.0/24")
+POD = PodPort.build("default", "web", 3, "0a:58:0a:f4:01:0a", "10.244.1.10")
+ARP_REPLY = ("move:NXM_OF_ETH_SRC[]->NXM_OF_ETH_DST[],set_field:0a:58:0a:f4:00:01->dl_src,set_field:2->arp_op,"
+             "move:NXM_NX_ARP_SHA[]->NXM_NX_ARP_THA[],move:NXM_OF_ARP_SPA[]->NXM_OF_ARP_TPA[],"
+             "set_field:0a:58:0a:f4:00:01->arp_sha,set_field:{ip}->arp_spa,IN_PORT")
+
+
+def texts(flows):
+    return sorted(f.text(cookie=0) for f in flows)
+
+
+def test_pod_flows_golden():
+    assert texts(pods.pod_flows(NODE, POD)) == sorted([
+        "table=0,priority=200,in_port=3 actions=load:0x1->NXM_NX_REG0[0..3],goto_table:1",
+        "table=1,priority=200,ip,in_port=3,dl_src=0a:58:0a:f4:01:0a,nw_src=10.244.1.10 actions=goto_table:2",
+        "table=1,priority=200,arp,in_port=3,dl_src=0a:58:0a:f4:01:0a,arp_spa=10.244.1.10,"
+        "arp_sha=0a:58:0a:f4:01:0a actions=goto_table:2",
+        "table=2,priority=200,arp,arp_op=1,arp_tpa=10.244.1.10 actions=" + ARP_REPLY.format(ip="10.244.1.10"),
+        "table=3,priority=200,ip,dl_dst=0a:58:0a:f4:00:01,nw_dst=10.244.1.10 actions=set_field:0a:58:0a:f4:00:01"
+        "->dl_src,set_field:0a:58:0a:f4:01:0a->dl_dst,dec_ttl,load:0x3->NXM_NX_REG1[],goto_table:4",
+    ])
+
+
+def test_static_flows_golden():
+    assert texts(pods.static_flows(NODE)) == sorted([
+        "table=0,priority=0 actions=drop",
+        "table=1,priority=0 actions=drop",
+        "table=2,priority=0 actions=goto_table:3",
+        "table=3,priority=0 actions=drop",
+        "table=4,priority=0 actions=drop",
+        "table=2,priority=200,arp,arp_op=1,arp_tpa=10.244.1.1 actions=" + ARP_REPLY.format(ip="10.244.1.1"),
+        "table=2,priority=190,arp actions=drop",
+        "table=4,priority=200 actions=output:NXM_NX_REG1[]",
+    ])
+
+
+def test_every_pod_flow_carries_the_pods_cookie_and_only_goes_forward():
+    expected = cookies.cookie(cookies.Category.POD, POD.key)
+    for flow in pods.pod_flows(NODE, POD) + pods.static_flows(NODE):
+        PIPELINE.check_flow(flow)
+    assert {f.cookie for f in pods.pod_flows(NODE, POD)} == {expected}
+    assert cookies.category_of(expected) == cookies.Category.POD
+
+
+def test_compiler_is_deterministic():
+    assert pods.pod_flows(NODE, POD) == pods.pod_flows(NODE, POD)
+
+
+def test_backward_goto_is_rejected():
+    with pytest.raises(PipelineError, match="backward"):
+        PIPELINE.check_flow(ir.Flow(3, 1, ir.Match(), (ir.Goto(1),)))
+    with pytest.raises(PipelineError, match="no table"):
+        PIPELINE["Nope"]
+    with pytest.raises(PipelineError, match="duplicate"):
+        Pipeline((Table("A", "s", Miss.DROP, ""), Table("A", "s", Miss.DROP, "")))
+
+
+def test_model_rejects_bad_pods_with_the_field_named():
+    with pytest.raises(ModelError, match="mac"):
+        PodPort.build("ns", "p", 3, "zz:00:00:00:00:00", "10.244.1.5")
+    with pytest.raises(ModelError, match="multicast"):
+        PodPort.build("ns", "p", 3, "01:00:00:00:00:01", "10.244.1.5")
+    with pytest.raises(ModelError, match="ip"):
+        PodPort.build("ns", "p", 3, "0a:00:00:00:00:01", "10.244.1.500")
+    with pytest.raises(ModelError, match="ofport"):
+        PodPort.build("ns", "p", 0, "0a:00:00:00:00:01", "10.244.1.5")
+    with pytest.raises(ModelError, match="gateway"):
+        NODE.check_pod(PodPort.build("ns", "p", 3, "0a:00:00:00:00:01", "10.244.1.1"))
+    with pytest.raises(ModelError, match="podCIDR"):
+        NodeNetwork.build("n", "10.244.1.5/24")
+
+
+def test_cookie_layout():
+    c = cookies.with_generation(cookies.cookie(cookies.Category.SERVICE, "svc/x"), 513)
+    assert cookies.generation_of(c) == 513
+    assert cookies.category_of(c) == cookies.Category.SERVICE
+    assert c & cookies.OBJECT_MASK == cookies.object_id("svc/x")
+    assert cookies.next_generation(0xFFFF) == 1 and cookies.next_generation(0) == 1
