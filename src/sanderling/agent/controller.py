@@ -37,6 +37,7 @@ class NodeController:
         self._stop = asyncio.Event()
         self._pod_keys: set[str] = set()
         self.pod_errors: dict[str, str] = {}
+        self._lock = asyncio.Lock()
 
     def refresh_desired(self, pods: list[PodPort]) -> None:
         """Compile the node's state into the realizer (pure; the realizer drops no-op updates)."""
@@ -61,6 +62,19 @@ class NodeController:
         pods = await asyncio.to_thread(self._list_pods)
         self.refresh_desired(pods)
 
+    async def refresh_now(self) -> None:
+        """Re-read the local pods and push any change to OVS now (the CNI server calls this).
+
+        Serialized with the periodic loop: the realizer is never synced twice at once.
+        """
+        async with self._lock:
+            await self._poll_pods()
+            conn = self.conn
+            if conn is None:
+                raise ConnectionLost(f"not connected to {self.target}")
+            if self.realizer.pending:
+                await self.realizer.sync(conn)
+
     async def _connect(self) -> Connection:
         delay = 0.05
         while not self._stop.is_set():
@@ -79,14 +93,13 @@ class NodeController:
             stop_task = asyncio.ensure_future(self._stop.wait())
             log.info("connected to %s (datapath %016x)", self.target, conn.datapath_id)
             try:
-                await self._poll_pods()
-                await self.realizer.resync(conn)
+                async with self._lock:
+                    await self._poll_pods()
+                    await self.realizer.resync(conn)
                 self.resyncs += 1
                 self.connected.set()
                 while not self._stop.is_set() and not conn.closed.done():
-                    await self._poll_pods()
-                    if self.realizer.pending:
-                        await self.realizer.sync(conn)
+                    await self.refresh_now()
                     waiters: set[asyncio.Future[Any]] = {conn.closed, stop_task}
                     await asyncio.wait(waiters,
                                        timeout=self.poll_interval, return_when=asyncio.FIRST_COMPLETED)

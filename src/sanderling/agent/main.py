@@ -11,6 +11,11 @@ from pathlib import Path
 
 from sanderling.agent.controller import NodeController
 from sanderling.agent.pods_source import pods_from_ports
+from sanderling.cni.handler import CniHandler
+from sanderling.cni.install import install_binary, write_conflist
+from sanderling.cni.server import CniServer
+from sanderling.ipam.allocator import Allocator, Pool
+from sanderling.ipam.store import AllocationStore
 from sanderling.model.errors import ModelError
 from sanderling.model.network import NodeNetwork
 from sanderling.openflow import cookies
@@ -33,6 +38,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ovs-run-dir", type=Path, default=SYSTEM_RUNDIR,
                    help="OVS run directory (a private instance from `sanderling ovs start`, or the system's)")
     p.add_argument("--datapath", default="netdev", choices=["netdev", "dummy"])
+    p.add_argument("--node-netns", default=None,
+                   help="network namespace holding br-int and the host ends of pod veths (lab nodes)")
+    p.add_argument("--state-dir", type=Path, default=Path("/var/lib/sanderling"),
+                   help="where the IPAM database lives")
+    p.add_argument("--cni-socket", type=Path, default=Path("/run/sanderling/cni.sock"))
+    p.add_argument("--cni-conf-dir", type=Path, default=Path("/etc/cni/net.d"))
+    p.add_argument("--cni-bin-dir", type=Path, default=Path("/opt/cni/bin"))
+    p.add_argument("--cni-network", default="sanderling", help="network name in the conflist")
+    p.add_argument("--no-cni", action="store_true", help="do not serve CNI (pods are plugged by other means)")
+    p.add_argument("--mtu", type=int, default=1500)
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -54,11 +69,27 @@ async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, controller.stop)
+    server = None
+    store = None
+    if not args.no_cni:
+        store = AllocationStore(args.state_dir / node.name / "ipam.db")
+        allocator = Allocator(store, [Pool("node", node.pod_cidr, frozenset({node.gateway_ip}))])
+        handler = CniHandler(node, db, args.bridge, allocator, controller, args.node_netns, args.mtu)
+        await handler.reconcile()
+        server = CniServer(handler, args.cni_socket)
+        await server.start()
+        install_binary(args.cni_bin_dir)
+        write_conflist(args.cni_conf_dir, args.cni_network, args.cni_socket, args.mtu)
+        log.info("CNI: plugin in %s, conflist %s in %s", args.cni_bin_dir, args.cni_network, args.cni_conf_dir)
     try:
         await controller.run()
     except asyncio.CancelledError:
         pass
     finally:
+        if server is not None:
+            await server.stop()
+        if store is not None:
+            store.close()
         db.close()
     return 0
 

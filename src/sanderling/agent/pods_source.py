@@ -23,11 +23,11 @@ def pods_from_ports(records: list[PortRecord], errors: dict[str, str]) -> list[P
         ext = rec.external_ids
         if ovsdb.EXT_POD_NAME not in ext:
             continue
-        if rec.ofport is None or rec.ofport <= 0:
+        if rec.effective_ofport <= 0:
             continue  # not opened by ovs-vswitchd yet
         try:
-            pods.append(PodPort.build(ext.get(ovsdb.EXT_POD_NAMESPACE, ""), ext[ovsdb.EXT_POD_NAME], rec.ofport,
-                                      ext.get(ovsdb.EXT_MAC, ""), ext.get(ovsdb.EXT_IP, ""),
+            pods.append(PodPort.build(ext.get(ovsdb.EXT_POD_NAMESPACE, ""), ext[ovsdb.EXT_POD_NAME],
+                                      rec.effective_ofport, ext.get(ovsdb.EXT_MAC, ""), ext.get(ovsdb.EXT_IP, ""),
                                       ext.get(ovsdb.EXT_INTERFACE, "eth0")))
             errors.pop(rec.name, None)
         except ModelError as exc:

@@ -46,6 +46,12 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.down() if args.down else demo.run(keep=args.keep)
 
 
+def _conformance(args: argparse.Namespace) -> int:
+    from sanderling.conformance import cni
+
+    return cni.run(args.files, args.only)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sanderling", description="SDN networking for Kubernetes on Open vSwitch")
     parser.add_argument("--log-level", default="WARNING")
@@ -66,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="leave it running")
     p.add_argument("--down", action="store_true", help="remove a kept demo")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("conformance", help="run a conformance suite from ../shared/conformance")
+    p.add_argument("suite", choices=["cni"])
+    p.add_argument("files", nargs="+", type=Path)
+    p.add_argument("--only", action="append", help="run only the case with this id (repeatable)")
+    p.set_defaults(func=_conformance)
 
     bench.add_parser(sub)
     return parser

@@ -8,6 +8,7 @@ Everything it creates carries the node's prefix, so `teardown()` finds it even a
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import shutil
 import signal
@@ -17,10 +18,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyroute2 import IPRoute, netns
+from pyroute2 import netns
 
+from sanderling.ipam.store import Allocation, AllocationStore
 from sanderling.model.network import NodeNetwork
 from sanderling.netlink import veth
+from sanderling.netlink.netns import ipr
 from sanderling.ovs import ovsdb
 from sanderling.ovs.ovsdb import Ovsdb
 from sanderling.ovs.runtime import OvsRuntime
@@ -57,14 +60,26 @@ class LocalNode:
         self._servers: list[subprocess.Popen[bytes]] = []
 
     @property
+    def cni_socket(self) -> Path:
+        return self.dir / "cni.sock"
+
+    @property
+    def cni_network(self) -> str:
+        return f"{self.prefix}-{self.name}"
+
+    @property
+    def cni_bin(self) -> Path:
+        return self.dir / "cni" / "bin" / "sanderling-cni"
+
+    @property
     def agent_log(self) -> Path:
         return self.dir / "agent.log"
 
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         veth.ensure_netns(self.netns)
-        with IPRoute(netns=self.netns) as ipr:
-            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        with ipr(self.netns) as h:
+            h.link("set", index=h.link_lookup(ifname="lo")[0], state="up")
         self.ovs.start()
         self.db = Ovsdb(self.ovs.db_endpoint)
         self.db.ensure_bridge(self.bridge, "netdev")
@@ -75,7 +90,10 @@ class LocalNode:
         self.agent = subprocess.Popen(
             [sys.executable, "-m", "sanderling.agent.main", "--node", self.name,
              "--pod-cidr", str(self.network.pod_cidr), "--gateway-mac", self.network.gateway_mac,
-             "--bridge", self.bridge, "--ovs-run-dir", str(self.ovs.run_dir)],
+             "--bridge", self.bridge, "--ovs-run-dir", str(self.ovs.run_dir), "--node-netns", self.netns,
+             "--state-dir", str(self.dir / "state"), "--cni-socket", str(self.cni_socket),
+             "--cni-conf-dir", str(self.dir / "cni" / "net.d"), "--cni-bin-dir", str(self.dir / "cni" / "bin"),
+             "--cni-network", self.cni_network],
             stdout=log, stderr=subprocess.STDOUT)
         log.close()
 
@@ -112,6 +130,37 @@ class LocalNode:
             if rec.name == pod.host_ifname:
                 return rec.ofport
         return -1
+
+    def ofport_of(self, port_name: str) -> int:
+        assert self.db is not None
+        for rec in self.db.ports(self.bridge):
+            if rec.name == port_name:
+                return rec.effective_ofport
+        return -1
+
+    def host_links(self) -> set[str]:
+        with ipr(self.netns) as h:
+            return {link.get_attr("IFLA_IFNAME") for link in h.get_links()}
+
+    def allocations(self) -> list[Allocation]:
+        path = self.dir / "state" / self.name / "ipam.db"
+        if not path.exists():
+            return []
+        store = AllocationStore(path)
+        try:
+            return store.all()
+        finally:
+            store.close()
+
+    def agent_status_code(self) -> int:
+        """Exit code of the CNI plugin's STATUS: 0 when the agent can serve ADDs."""
+        if not self.cni_bin.exists():
+            return -1
+        conf = json.dumps({"cniVersion": "1.1.0", "name": self.cni_network, "type": "sanderling-cni",
+                           "agentSocket": str(self.cni_socket)})
+        proc = subprocess.run([str(self.cni_bin)], input=conf, capture_output=True, text=True,
+                              env={"CNI_COMMAND": "STATUS", "CNI_PATH": str(self.cni_bin.parent)})
+        return proc.returncode
 
     def wait_programmed(self, pod: Pod, timeout: float = 10.0) -> None:
         """Until the agent has installed the pod's classifier flow."""

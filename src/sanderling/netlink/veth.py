@@ -6,12 +6,15 @@ Used by the CNI server and by the demo/tests that stand pods up without a runtim
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
-import os
+import re
 import subprocess
 from dataclasses import dataclass
 
-from pyroute2 import IPRoute, netns
+from pyroute2 import netns
+
+from sanderling.netlink.netns import ipr
 
 
 class PlumbingError(RuntimeError):
@@ -30,8 +33,43 @@ class PodInterface:
 
 
 def ensure_netns(name: str) -> None:
+    """Create a named namespace (demo and tests); CNI namespaces are given as paths and exist."""
+    if name.startswith("/"):
+        return
     if name not in netns.listnetns():
         netns.create(name)
+
+
+def host_veth_name(container_id: str, ifname: str) -> str:
+    """Deterministic host-side name (<= 15 chars), so DEL finds it without any state."""
+    digest = hashlib.blake2b(f"{container_id}/{ifname}".encode(), digest_size=6).hexdigest()
+    return f"sl{digest}"[:15]
+
+
+def interface_in_netns(ns: str, ifname: str) -> dict[str, object] | None:
+    """MAC, IPv4 addresses (CIDR) and default gateway of ifname inside ns, or None if absent."""
+    try:
+        with ipr(ns) as h:
+            found = h.link_lookup(ifname=ifname)
+            if not found:
+                return None
+            idx = found[0]
+            link = h.get_links(idx)[0]
+            addrs = [f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for a in h.get_addr(index=idx, family=2)]
+            gateway = None
+            for route in h.get_routes(family=2, oif=idx):
+                if route["dst_len"] == 0 and route.get_attr("RTA_GATEWAY"):
+                    gateway = route.get_attr("RTA_GATEWAY")
+            return {"mac": link.get_attr("IFLA_ADDRESS"), "addresses": addrs, "gateway": gateway,
+                    "state": link.get_attr("IFLA_OPERSTATE")}
+    except (OSError, FileNotFoundError):
+        return None
+
+
+def host_link_mac(ifname: str, node_netns: str | None = None) -> str | None:
+    with ipr(node_netns) as h:
+        found = h.link_lookup(ifname=ifname)
+        return h.get_links(found[0])[0].get_attr("IFLA_ADDRESS") if found else None
 
 
 def delete_netns(name: str) -> None:
@@ -47,17 +85,22 @@ def _ethtool_tx_off(ifname: str, ns: str | None) -> None:
     subprocess.run(argv, check=False, capture_output=True)
 
 
-def plumb(pod: PodInterface, node_netns: str | None = None, tx_checksum_off: bool = True) -> None:
-    """Create (or converge) the pod's veth: host end in the node's namespace (None: this one)."""
+def plumb(pod: PodInterface, node_netns: str | None = None, tx_checksum_off: bool = False) -> None:
+    """Create (or converge) the pod's veth: host end in the node's namespace (None: this one).
+
+    `tx_checksum_off` is for a userspace datapath *without* userspace TSO, which cannot finish
+    checksums a veth left to offload; with TSO on (our default) turning it off would also turn
+    off TSO and cost ~9x in TCP throughput (measured: 5.7 vs 0.65 Gbit/s).
+    """
     ensure_netns(pod.netns)
-    peer_tmp = f"p{os.getpid() % 100000}{abs(hash(pod.host_ifname)) % 10000}"[:15]
+    peer_tmp = ("t" + pod.host_ifname[1:])[:15]  # unique per pod: derived from the host name
     try:
-        with (IPRoute(netns=node_netns) if node_netns else IPRoute()) as host:
+        with ipr(node_netns) as host:
             if not host.link_lookup(ifname=pod.host_ifname):
                 host.link("add", ifname=pod.host_ifname, kind="veth", peer={"ifname": peer_tmp, "net_ns_fd": pod.netns})
             idx = host.link_lookup(ifname=pod.host_ifname)[0]
             host.link("set", index=idx, mtu=pod.mtu, state="up")
-        with IPRoute(netns=pod.netns) as inner:
+        with ipr(pod.netns) as inner:
             lo = inner.link_lookup(ifname="lo")
             if lo:
                 inner.link("set", index=lo[0], state="up")
@@ -83,7 +126,17 @@ def plumb(pod: PodInterface, node_netns: str | None = None, tx_checksum_off: boo
 
 
 def unplumb(host_ifname: str, node_netns: str | None = None) -> None:
-    with (IPRoute(netns=node_netns) if node_netns else IPRoute()) as host:
+    with ipr(node_netns) as host:
         found = host.link_lookup(ifname=host_ifname)
         if found:
             host.link("del", index=found[0])
+
+
+_HOST_NAME = re.compile(r"^sl[0-9a-f]{12}$")
+
+
+def sanderling_links(node_netns: str | None = None) -> list[str]:
+    """Host-side veths this plugin created (named by host_veth_name) in the node's namespace."""
+    with ipr(node_netns) as h:
+        names = [link.get_attr("IFLA_IFNAME") for link in h.get_links()]
+    return [n for n in names if n and _HOST_NAME.match(n)]

@@ -24,6 +24,12 @@ class PortRecord:
     name: str
     ofport: int
     external_ids: dict[str, str]
+    ofport_request: int = 0
+
+    @property
+    def effective_ofport(self) -> int:
+        """The port number flows should use: assigned, or the requested one until it is."""
+        return self.ofport if self.ofport > 0 else self.ofport_request
 
 
 class Ovsdb:
@@ -94,19 +100,34 @@ class Ovsdb:
     def ports(self, bridge: str) -> list[PortRecord]:
         """Interfaces of the bridge with their ofport (-1/None while OVS has not opened them yet)."""
         names = set(self._one(self.api.list_ifaces(bridge)) or [])
-        rows = self._one(self.api.db_list("Interface", columns=["name", "ofport", "external_ids"]))
+        rows = self._one(self.api.db_list("Interface", columns=["name", "ofport", "ofport_request", "external_ids"]))
         out = []
         for row in rows:
             if row["name"] not in names:
                 continue
-            ofport = row["ofport"]
-            if isinstance(ofport, list):
-                ofport = ofport[0] if ofport else -1
-            out.append(PortRecord(row["name"], int(ofport if ofport is not None else -1), dict(row["external_ids"])))
+            out.append(PortRecord(row["name"], _optional_int(row["ofport"], -1), dict(row["external_ids"]),
+                                  _optional_int(row["ofport_request"], 0)))
         return out
+
+    def find_ports(self, bridge: str, **external_ids: str) -> list[PortRecord]:
+        return [p for p in self.ports(bridge) if all(p.external_ids.get(k) == v for k, v in external_ids.items())]
+
+    def userspace_tso_enabled(self) -> bool:
+        rows = self._one(self.api.db_list("Open_vSwitch", columns=["other_config"]))
+        return bool(rows) and rows[0]["other_config"].get("userspace-tso-enable") == "true"
+
+    def port_names(self, bridge: str) -> set[str]:
+        return set(self._one(self.api.list_ifaces(bridge)) or [])
 
     def close(self) -> None:
         try:
             self._conn.stop(timeout=2)
         except Exception:  # already stopped
             pass
+
+
+def _optional_int(value: Any, default: int) -> int:
+    """OVSDB optional columns come back as [] (absent), [n] or n."""
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return int(value) if value is not None else default

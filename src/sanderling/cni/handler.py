@@ -1,0 +1,280 @@
+"""The agent's side of CNI: ADD, DEL, CHECK, GC and STATUS for pods of this node.
+
+ADD allocates an address (IPAM), creates the veth pair into the pod's namespace, adds the host
+end to br-int with the pod's external_ids and a chosen ofport, has the controller install the
+pod's flows, and only then answers. Any failure undoes every step already taken, so a failed ADD
+leaves nothing allocated or plumbed. DEL undoes all of it and is idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sanderling.agent.controller import NodeController
+from sanderling.cni import errors as E
+from sanderling.cni.errors import CniFailure
+from sanderling.cni.result import add_result
+from sanderling.ipam.allocator import Allocator, IpamError, Request
+from sanderling.ipam.store import Allocation
+from sanderling.model.errors import ModelError
+from sanderling.model.network import NodeNetwork, PodPort, parse_mac
+from sanderling.netlink import veth
+from sanderling.ovs import ovsdb
+from sanderling.ovs.ovsdb import Ovsdb
+from sanderling.ovs.runtime import OvsError
+
+log = logging.getLogger(__name__)
+
+
+def mac_from_ip(ip: str) -> str:
+    """0a:58 + the IPv4 bytes: stable across restarts of the same pod address."""
+    parts = [int(x) for x in ip.split(".")]
+    return "0a:58:" + ":".join(f"{b:02x}" for b in parts)
+
+
+@dataclass(frozen=True)
+class PodIdentity:
+    namespace: str
+    name: str
+
+    @staticmethod
+    def from_args(args: dict[str, str], container_id: str) -> PodIdentity:
+        return PodIdentity(args.get("K8S_POD_NAMESPACE") or "cni", args.get("K8S_POD_NAME") or container_id[:63])
+
+
+class CniHandler:
+    def __init__(self, node: NodeNetwork, db: Ovsdb, bridge: str, allocator: Allocator,
+                 controller: NodeController, node_netns: str | None = None, mtu: int = 1500) -> None:
+        self.node = node
+        self.db = db
+        self.bridge = bridge
+        self.allocator = allocator
+        self.controller = controller
+        self.node_netns = node_netns
+        self.mtu = mtu
+        self._ofport_lock = asyncio.Lock()
+        # without userspace TSO the userspace datapath needs tx checksum offload off on veths
+        self.tx_checksum_off = not db.userspace_tso_enabled()
+        self._reserved_ofports: set[int] = set()
+
+    async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        command = request.get("command")
+        started = time.perf_counter()
+        try:
+            if command == "ADD":
+                return {"result": await self.add(request)}
+            if command == "DEL":
+                await self.delete(request.get("containerID", ""), request.get("ifname", ""))
+                return {"result": None}
+            if command == "CHECK":
+                await self.check(request)
+                return {"result": None}
+            if command == "GC":
+                await self.gc(request.get("config", {}))
+                return {"result": None}
+            if command == "STATUS":
+                self.status()
+                return {"result": None}
+            raise CniFailure(E.E_BAD_ENV, f"unknown CNI_COMMAND: {command}")
+        except CniFailure as exc:
+            log.warning("CNI %s %s/%s failed: %s", command, request.get("containerID"), request.get("ifname"),
+                        exc.msg)
+            return {"error": exc.as_json()}
+        except Exception as exc:  # never let one request take the agent down
+            log.exception("CNI %s %s failed unexpectedly", command, request.get("containerID"))
+            return {"error": {"code": E.E_PLUMBING, "msg": f"internal error: {exc}"}}
+        finally:
+            log.debug("CNI %s %s took %.1f ms", command, request.get("containerID"),
+                      (time.perf_counter() - started) * 1000)
+
+    # ---- ADD -----------------------------------------------------------------------------
+
+    async def add(self, req: dict[str, Any]) -> dict[str, Any]:
+        conf = req.get("config") or {}
+        cid, ifname, netns = req["containerID"], req["ifname"], req["netns"]
+        who = PodIdentity.from_args(req.get("args") or {}, cid)
+        runtime = conf.get("runtimeConfig") or {}
+        requested_ips = runtime.get("ips") or []
+        if not isinstance(requested_ips, list) or len(requested_ips) > 1:
+            raise CniFailure(E.E_BAD_CONFIG, "runtimeConfig.ips must be a list with at most one IPv4 address")
+        if self.controller.conn is None:
+            raise CniFailure(E.E_TRY_LATER, f"agent of node {self.node.name} is not connected to OVS yet")
+        if await asyncio.to_thread(veth.interface_in_netns, netns, ifname) is not None:
+            raise CniFailure(E.E_INTERFACE_EXISTS, f"interface {ifname} already exists in {netns}")
+        try:
+            mac = parse_mac(f"pod/{who.namespace}/{who.name}", "runtimeConfig.mac", runtime["mac"]) \
+                if runtime.get("mac") else ""
+        except ModelError as exc:
+            raise CniFailure(E.E_BAD_CONFIG, str(exc)) from None
+        try:
+            alloc = await asyncio.to_thread(self.allocator.allocate, Request(
+                cid, ifname, who.namespace, who.name, requested_ips[0] if requested_ips else None, mac))
+        except IpamError as exc:
+            raise CniFailure(exc.code, f"pod {who.namespace}/{who.name}: {exc.msg}") from None
+        host_if = veth.host_veth_name(cid, ifname)
+        try:
+            return await self._plumb(req, who, alloc, mac or alloc.mac or mac_from_ip(alloc.ip), host_if)
+        except BaseException:
+            await self._undo(cid, ifname, host_if, release=True)
+            raise
+
+    async def _plumb(self, req: dict[str, Any], who: PodIdentity, alloc: Allocation, mac: str,
+                     host_if: str) -> dict[str, Any]:
+        conf = req.get("config") or {}
+        cid, ifname, netns = req["containerID"], req["ifname"], req["netns"]
+        prefix = self.node.pod_cidr.prefixlen if alloc.pool == "node" else 32
+        address = f"{alloc.ip}/{prefix}"
+        pod = PodPort.build(who.namespace, who.name, 1, mac, alloc.ip, ifname)
+        try:
+            self.node.check_pod(pod)
+        except ModelError as exc:
+            raise CniFailure(E.E_BAD_CONFIG, str(exc)) from None
+        mtu = int(conf.get("mtu") or self.mtu)
+        t0 = time.perf_counter()
+        try:
+            await asyncio.to_thread(veth.plumb, veth.PodInterface(netns, host_if, address, mac,
+                                                                  str(self.node.gateway_ip), ifname, mtu),
+                                    self.node_netns, self.tx_checksum_off)
+        except veth.PlumbingError as exc:
+            raise CniFailure(E.E_PLUMBING, str(exc)) from None
+        t1 = time.perf_counter()
+        ofport = await self._add_port(host_if, {
+            ovsdb.EXT_POD_NAMESPACE: who.namespace, ovsdb.EXT_POD_NAME: who.name, ovsdb.EXT_CONTAINER_ID: cid,
+            ovsdb.EXT_INTERFACE: ifname, ovsdb.EXT_IP: alloc.ip, ovsdb.EXT_MAC: mac})
+        key = PodPort.build(who.namespace, who.name, ofport, mac, alloc.ip, ifname).key
+        t2 = time.perf_counter()
+        await self.controller.refresh_now()
+        t3 = time.perf_counter()
+        if key in self.controller.realizer.errors or key in self.controller.pod_errors:
+            problem = self.controller.realizer.errors.get(key) or self.controller.pod_errors.get(key)
+            raise CniFailure(E.E_PLUMBING, f"flows for pod {who.namespace}/{who.name} refused: {problem}")
+        if key not in self.controller.realizer.installed_state():
+            raise CniFailure(E.E_TRY_LATER, f"flows for pod {who.namespace}/{who.name} not installed yet")
+        host_mac = await asyncio.to_thread(veth.host_link_mac, host_if, self.node_netns) or ""
+        log.info("pod %s/%s: %s %s on %s (ofport %d, container %s); veth %.1f ms, OVS port %.1f ms, "
+                 "flows %.1f ms", who.namespace, who.name, address, mac, host_if, ofport, cid[:12],
+                 (t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000)
+        return add_result(conf.get("cniVersion", "1.1.0"), host_if, host_mac, ifname, mac, netns, address,
+                          str(self.node.gateway_ip), conf.get("prevResult"))
+
+    async def _add_port(self, host_if: str, external_ids: dict[str, str]) -> int:
+        async with self._ofport_lock:
+            records = await asyncio.to_thread(self.db.ports, self.bridge)
+            taken = {r.ofport for r in records} | {r.ofport_request for r in records} | self._reserved_ofports
+            existing = next((r for r in records if r.name == host_if), None)
+            ofport = existing.effective_ofport if existing and existing.effective_ofport > 0 else \
+                next(n for n in range(1, 0xFF00) if n not in taken)
+            self._reserved_ofports.add(ofport)
+        try:
+            await asyncio.to_thread(self.db.add_port, self.bridge, host_if, external_ids, ofport)
+        except OvsError as exc:
+            raise CniFailure(E.E_PLUMBING, str(exc)) from None
+        finally:
+            self._reserved_ofports.discard(ofport)
+        return ofport
+
+    async def _undo(self, cid: str, ifname: str, host_if: str, release: bool) -> None:
+        for step, fn in (("OVS port", lambda: self.db.delete_port(self.bridge, host_if)),
+                         ("veth", lambda: veth.unplumb(host_if, self.node_netns))):
+            try:
+                await asyncio.to_thread(fn)
+            except Exception as exc:  # best effort: report, continue with the other steps
+                log.warning("cleanup of %s for %s/%s: %s", step, cid, ifname, exc)
+        if release:
+            await asyncio.to_thread(self.allocator.release, cid, ifname)
+        try:
+            await self.controller.refresh_now()
+        except Exception as exc:  # flows go when the controller next syncs
+            log.warning("flow cleanup for %s/%s deferred: %s", cid, ifname, exc)
+
+    # ---- DEL, CHECK, GC, STATUS -----------------------------------------------------------
+
+    async def delete(self, cid: str, ifname: str) -> None:
+        host_if = veth.host_veth_name(cid, ifname)
+        alloc = await asyncio.to_thread(self.allocator.store.find, cid, ifname)
+        await self._undo(cid, ifname, host_if, release=True)
+        if alloc:
+            log.info("pod %s: released %s (container %s/%s)", alloc.pod, alloc.ip, cid[:12], ifname)
+
+    async def check(self, req: dict[str, Any]) -> None:
+        cid, ifname, netns = req["containerID"], req["ifname"], req["netns"]
+        alloc = await asyncio.to_thread(self.allocator.store.find, cid, ifname)
+        if alloc is None:
+            raise CniFailure(E.E_CHECK_FAILED, f"no address is allocated to container {cid} interface {ifname}")
+        inside = await asyncio.to_thread(veth.interface_in_netns, netns, ifname)
+        if inside is None:
+            raise CniFailure(E.E_CHECK_FAILED, f"interface {ifname} is missing in {netns}")
+        if not any(a.split("/")[0] == alloc.ip for a in inside["addresses"]):  # type: ignore[attr-defined]
+            raise CniFailure(E.E_CHECK_FAILED, f"{ifname} in {netns} does not carry {alloc.ip}")
+        if inside["gateway"] != str(self.node.gateway_ip):
+            raise CniFailure(E.E_CHECK_FAILED, f"default route via {self.node.gateway_ip} missing in {netns}")
+        host_if = veth.host_veth_name(cid, ifname)
+        ports = {r.name: r for r in await asyncio.to_thread(self.db.ports, self.bridge)}
+        record = ports.get(host_if)
+        if record is None:
+            raise CniFailure(E.E_CHECK_FAILED, f"OVS port {host_if} for {cid}/{ifname} is missing from {self.bridge}")
+        ext = record.external_ids
+        key = PodPort.build(ext.get(ovsdb.EXT_POD_NAMESPACE, ""), ext.get(ovsdb.EXT_POD_NAME, ""),
+                            record.effective_ofport, ext.get(ovsdb.EXT_MAC, ""), alloc.ip, ifname).key
+        if key not in self.controller.realizer.installed_state():
+            raise CniFailure(E.E_CHECK_FAILED, f"flows for {key} are not installed")
+        if self.controller.conn is not None:
+            stats = await self.controller.conn.flow_stats(table=0)
+            if not any(s.match.get("in_port") == (record.effective_ofport, None) for s in stats):
+                raise CniFailure(E.E_CHECK_FAILED, f"classifier flow for ofport {record.effective_ofport} "
+                                                   f"is missing on {self.bridge}")
+
+    async def gc(self, conf: dict[str, Any]) -> None:
+        valid_list = conf.get("cni.dev/valid-attachments")
+        if valid_list is None:
+            return
+        valid = {(a.get("containerID"), a.get("ifname")) for a in valid_list if isinstance(a, dict)}
+        allocations = await asyncio.to_thread(self.allocator.store.all)
+        stale = [a for a in allocations if (a.container_id, a.ifname) not in valid]
+        for alloc in stale:
+            log.info("GC: pod %s container %s/%s is not a valid attachment; releasing %s", alloc.pod,
+                     alloc.container_id[:12], alloc.ifname, alloc.ip)
+            await self.delete(alloc.container_id, alloc.ifname)
+        for record in await asyncio.to_thread(self.db.ports, self.bridge):
+            cid = record.external_ids.get(ovsdb.EXT_CONTAINER_ID)
+            if cid and (cid, record.external_ids.get(ovsdb.EXT_INTERFACE, "eth0")) not in valid:
+                await self._undo(cid, record.external_ids.get(ovsdb.EXT_INTERFACE, "eth0"), record.name,
+                                 release=False)
+
+    def status(self) -> None:
+        if self.controller.conn is None:
+            raise CniFailure(E.E_NOT_AVAILABLE, f"agent of node {self.node.name} is not connected to OVS "
+                                                f"({self.controller.target})")
+        if all(self._free(p.name) == 0 for p in self.allocator.pools):
+            raise CniFailure(E.E_NOT_AVAILABLE, "every IP pool of this node is exhausted")
+
+    def _free(self, pool_name: str) -> int:
+        pool = next(p for p in self.allocator.pools if p.name == pool_name)
+        used = sum(1 for a in self.allocator.store.all() if a.pool == pool_name)
+        return pool.size - used
+
+    async def reconcile(self) -> None:
+        """At start-up, before serving: finish what an agent killed mid-ADD/DEL left behind.
+
+        An allocation with no OVS port never completed its ADD (the runtime saw it fail): its
+        address is released and its veth removed. A Sanderling veth with neither port nor
+        allocation is removed. A completed ADD always has both, so nothing live is touched.
+        """
+        names = await asyncio.to_thread(self.db.port_names, self.bridge)
+        allocated = set()
+        for alloc in await asyncio.to_thread(self.allocator.store.all):
+            host_if = veth.host_veth_name(alloc.container_id, alloc.ifname)
+            allocated.add(host_if)
+            if host_if not in names:
+                log.warning("reconcile: %s holds %s but has no port on %s; releasing", alloc.pod, alloc.ip,
+                            self.bridge)
+                await asyncio.to_thread(veth.unplumb, host_if, self.node_netns)
+                await asyncio.to_thread(self.allocator.release, alloc.container_id, alloc.ifname)
+        for link in await asyncio.to_thread(veth.sanderling_links, self.node_netns):
+            if link not in names and link not in allocated:
+                log.warning("reconcile: removing orphan veth %s", link)
+                await asyncio.to_thread(veth.unplumb, link, self.node_netns)

@@ -1,0 +1,1 @@
+"""IP address management: node pod subnets, requested addresses, crash-safe allocations."""

@@ -1,0 +1,125 @@
+"""Allocating pod addresses from the node's pod subnet (and requested fixed addresses).
+
+Round-robin from a persisted cursor, so a released address is not handed out again at once
+(a late packet for the old pod must not reach the new one). Errors name what the operator
+needs: the pod holding a requested address, the pools an address is outside of, the size of
+an exhausted pool.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from sanderling.ipam.store import Allocation, AllocationStore
+
+
+class IpamError(Exception):
+    """An allocation that cannot be made; `code` is the CNI error code to report."""
+
+    def __init__(self, code: int, msg: str) -> None:
+        super().__init__(msg)
+        self.code = code
+        self.msg = msg
+
+
+E_IP_IN_USE = 100
+E_OUTSIDE_POOLS = 101
+E_EXHAUSTED = 102
+
+
+@dataclass(frozen=True)
+class Pool:
+    """A range pods can get addresses from; the node subnet minus network, gateway, broadcast."""
+
+    name: str
+    cidr: ipaddress.IPv4Network
+    reserved: frozenset[ipaddress.IPv4Address] = frozenset()
+
+    @property
+    def size(self) -> int:
+        return self.cidr.num_addresses - 2 - len(self.reserved)
+
+    def usable(self, ip: ipaddress.IPv4Address) -> bool:
+        return (ip in self.cidr and ip not in self.reserved
+                and ip not in (self.cidr.network_address, self.cidr.broadcast_address))
+
+
+@dataclass(frozen=True)
+class Request:
+    container_id: str
+    ifname: str
+    pod_namespace: str = ""
+    pod_name: str = ""
+    ip: str | None = None  # a requested fixed address
+    mac: str = ""
+
+
+class Allocator:
+    def __init__(self, store: AllocationStore, pools: list[Pool]) -> None:
+        self.store = store
+        self.pools = pools
+
+    def _pool_for(self, ip: ipaddress.IPv4Address) -> Pool:
+        for pool in self.pools:
+            if pool.usable(ip):
+                return pool
+        names = ", ".join(f"{p.name} ({p.cidr})" for p in self.pools)
+        raise IpamError(E_OUTSIDE_POOLS, f"requested address {ip} is outside every pool of this node: {names}")
+
+    def allocate(self, req: Request) -> Allocation:
+        """Allocate (or return the existing allocation of the same container and interface)."""
+        with self.store.transaction() as txn:
+            existing = txn.find(req.container_id, req.ifname)
+            if existing is not None:
+                if req.ip and existing.ip != req.ip:
+                    raise IpamError(E_IP_IN_USE, f"{req.container_id}/{req.ifname} already holds {existing.ip}, "
+                                                 f"not the requested {req.ip}")
+                return existing
+            if req.ip:
+                try:
+                    ip = ipaddress.IPv4Address(req.ip.split("/")[0])
+                except ValueError:
+                    raise IpamError(E_OUTSIDE_POOLS, f"requested address {req.ip!r} is not an IPv4 address") from None
+                pool = self._pool_for(ip)
+                holder = txn.holder(str(ip))
+                if holder is not None:
+                    raise IpamError(E_IP_IN_USE, f"requested address {ip} is already in use by {holder.pod}")
+                alloc = Allocation(str(ip), pool.name, req.container_id, req.ifname, req.pod_namespace,
+                                   req.pod_name, req.mac)
+                txn.insert(alloc)
+                return alloc
+            for pool in self.pools:
+                found = self._next_free(txn, pool)
+                if found is not None:
+                    alloc = Allocation(str(found), pool.name, req.container_id, req.ifname, req.pod_namespace,
+                                       req.pod_name, req.mac)
+                    txn.insert(alloc)
+                    txn.set_cursor(pool.name, int(found))
+                    return alloc
+            summary = ", ".join(f"{p.name} ({p.cidr}, {p.size} addresses)" for p in self.pools)
+            raise IpamError(E_EXHAUSTED, f"no free address: pool(s) exhausted: {summary}")
+
+    def _next_free(self, txn: object, pool: Pool) -> ipaddress.IPv4Address | None:
+        from sanderling.ipam.store import _Txn
+
+        assert isinstance(txn, _Txn)
+        used = txn.used(pool.name)
+        first = int(pool.cidr.network_address) + 1
+        last = int(pool.cidr.broadcast_address) - 1
+        span = last - first + 1
+        cursor = txn.cursor(pool.name)
+        start = cursor + 1 if first <= cursor < last else first
+        for offset in range(span):
+            candidate = ipaddress.IPv4Address(first + (start - first + offset) % span)
+            if candidate in pool.reserved or str(candidate) in used:
+                continue
+            return candidate
+        return None
+
+    def release(self, container_id: str, ifname: str) -> Allocation | None:
+        return self.store.release(container_id, ifname)
+
+    def release_ip(self, ip: str) -> None:
+        with self.store.transaction() as txn:
+            txn.db.execute("DELETE FROM allocations WHERE ip=?", (ip,))

@@ -1,0 +1,55 @@
+"""Netlink sockets inside another network namespace, without forking.
+
+pyroute2's `IPRoute(netns=...)` forks a helper process; in the agent that child inherits the
+asyncio signal wake-up fd and its exit reads as SIGTERM to the parent. Instead the calling
+thread enters the namespace with setns(2), opens the netlink socket (a socket stays bound to the
+namespace it was created in) and returns to its own namespace before doing anything else.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from pyroute2 import IPRoute
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def netns_path(ns: str) -> str:
+    return ns if ns.startswith("/") else f"/var/run/netns/{ns}"
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+@contextmanager
+def ipr(ns: str | None = None) -> Iterator[IPRoute]:
+    """An IPRoute whose socket lives in namespace `ns` (a name or a path; None = this one)."""
+    if ns is None:
+        with IPRoute() as handle:
+            yield handle
+        return
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        target = os.open(netns_path(ns), os.O_RDONLY)
+        try:
+            _setns(target)
+            try:
+                handle = IPRoute()
+            finally:
+                _setns(own)
+        finally:
+            os.close(target)
+    finally:
+        os.close(own)
+    try:
+        yield handle
+    finally:
+        handle.close()
