@@ -7,6 +7,8 @@ import asyncio
 import logging
 import signal
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from sanderling.agent.controller import NodeController
@@ -46,6 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cni-conf-dir", type=Path, default=Path("/etc/cni/net.d"))
     p.add_argument("--cni-bin-dir", type=Path, default=Path("/opt/cni/bin"))
     p.add_argument("--cni-network", default="sanderling", help="network name in the conflist")
+    p.add_argument("--cni-conf-version", default="1.1.0", choices=["0.4.0", "1.0.0", "1.1.0"],
+                   help="cniVersion of the conflist (older runtimes, e.g. podman 4, need 1.0.0)")
     p.add_argument("--no-cni", action="store_true", help="do not serve CNI (pods are plugged by other means)")
     p.add_argument("--mtu", type=int, default=1500)
     p.add_argument("--log-level", default="INFO")
@@ -53,10 +57,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    # netlink and OVSDB calls block: give concurrent CNI requests enough threads to not queue
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=64,
+                                                                       thread_name_prefix="blocking"))
     runtime = OvsRuntime(args.ovs_run_dir, private=args.ovs_run_dir != SYSTEM_RUNDIR, datapath=args.datapath)
     runtime.check()
     node = NodeNetwork.build(args.node, args.pod_cidr, args.gateway_mac)
+    checked = time.monotonic()
     db = Ovsdb(runtime.db_endpoint)
+    log.info("OVSDB %s connected in %.2fs (OVS check %.2fs)", runtime.db_endpoint, time.monotonic() - checked,
+             checked - started)
     db.ensure_bridge(args.bridge, args.datapath)
     previous = int(db.bridge_external_ids(args.bridge).get(GENERATION_KEY, "0") or 0)
     generation = cookies.next_generation(previous)
@@ -79,7 +90,7 @@ async def serve(args: argparse.Namespace) -> int:
         server = CniServer(handler, args.cni_socket)
         await server.start()
         install_binary(args.cni_bin_dir)
-        write_conflist(args.cni_conf_dir, args.cni_network, args.cni_socket, args.mtu)
+        write_conflist(args.cni_conf_dir, args.cni_network, args.cni_socket, args.mtu, version=args.cni_conf_version)
         log.info("CNI: plugin in %s, conflist %s in %s", args.cni_bin_dir, args.cni_network, args.cni_conf_dir)
     try:
         await controller.run()

@@ -24,7 +24,8 @@ from sanderling.model.errors import ModelError
 from sanderling.model.network import NodeNetwork, PodPort, parse_mac
 from sanderling.netlink import veth
 from sanderling.ovs import ovsdb
-from sanderling.ovs.ovsdb import Ovsdb
+from sanderling.ovs.ovsdb import Ovsdb, PortChange
+from sanderling.ovs.port_batcher import PortBatcher
 from sanderling.ovs.runtime import OvsError
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class CniHandler:
         self.node_netns = node_netns
         self.mtu = mtu
         self._ofport_lock = asyncio.Lock()
+        self.ports = PortBatcher(db, bridge)
         # without userspace TSO the userspace datapath needs tx checksum offload off on veths
         self.tx_checksum_off = not db.userspace_tso_enabled()
         self._reserved_ofports: set[int] = set()
@@ -170,7 +172,8 @@ class CniHandler:
                 next(n for n in range(1, 0xFF00) if n not in taken)
             self._reserved_ofports.add(ofport)
         try:
-            await asyncio.to_thread(self.db.add_port, self.bridge, host_if, external_ids, ofport)
+            await self.ports.apply(PortChange(host_if, external_ids=tuple(sorted(external_ids.items())),
+                                              ofport_request=ofport))
         except OvsError as exc:
             raise CniFailure(E.E_PLUMBING, str(exc)) from None
         finally:
@@ -178,12 +181,14 @@ class CniHandler:
         return ofport
 
     async def _undo(self, cid: str, ifname: str, host_if: str, release: bool) -> None:
-        for step, fn in (("OVS port", lambda: self.db.delete_port(self.bridge, host_if)),
-                         ("veth", lambda: veth.unplumb(host_if, self.node_netns))):
-            try:
-                await asyncio.to_thread(fn)
-            except Exception as exc:  # best effort: report, continue with the other steps
-                log.warning("cleanup of %s for %s/%s: %s", step, cid, ifname, exc)
+        try:
+            await self.ports.apply(PortChange(host_if, delete=True))
+        except Exception as exc:  # best effort: report, continue with the other steps
+            log.warning("cleanup of OVS port %s for %s/%s: %s", host_if, cid, ifname, exc)
+        try:
+            await asyncio.to_thread(veth.unplumb, host_if, self.node_netns)
+        except Exception as exc:
+            log.warning("cleanup of veth %s for %s/%s: %s", host_if, cid, ifname, exc)
         if release:
             await asyncio.to_thread(self.allocator.release, cid, ifname)
         try:
@@ -208,9 +213,9 @@ class CniHandler:
         inside = await asyncio.to_thread(veth.interface_in_netns, netns, ifname)
         if inside is None:
             raise CniFailure(E.E_CHECK_FAILED, f"interface {ifname} is missing in {netns}")
-        if not any(a.split("/")[0] == alloc.ip for a in inside["addresses"]):  # type: ignore[attr-defined]
+        if not any(a.split("/")[0] == alloc.ip for a in inside.addresses):
             raise CniFailure(E.E_CHECK_FAILED, f"{ifname} in {netns} does not carry {alloc.ip}")
-        if inside["gateway"] != str(self.node.gateway_ip):
+        if inside.gateway != str(self.node.gateway_ip):
             raise CniFailure(E.E_CHECK_FAILED, f"default route via {self.node.gateway_ip} missing in {netns}")
         host_if = veth.host_veth_name(cid, ifname)
         ports = {r.name: r for r in await asyncio.to_thread(self.db.ports, self.bridge)}

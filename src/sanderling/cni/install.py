@@ -28,17 +28,17 @@ def install_binary(bin_dir: Path, name: str = "sanderling-cni") -> Path:
     return target
 
 
-def conflist(network: str, agent_socket: Path, mtu: int = 1500) -> dict[str, object]:
-    return {"cniVersion": "1.1.0", "name": network,
+def conflist(network: str, agent_socket: Path, mtu: int = 1500, version: str = "1.1.0") -> dict[str, object]:
+    return {"cniVersion": version, "name": network,
             "plugins": [{"type": "sanderling-cni", "agentSocket": str(agent_socket), "mtu": mtu,
                          "capabilities": {"ips": True, "mac": True}}]}
 
 
 def write_conflist(conf_dir: Path, network: str, agent_socket: Path, mtu: int = 1500,
-                   filename: str = CONFLIST_NAME) -> Path:
+                   filename: str = CONFLIST_NAME, version: str = "1.1.0") -> Path:
     conf_dir.mkdir(parents=True, exist_ok=True)
     target = conf_dir / filename
     tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps(conflist(network, agent_socket, mtu), indent=2) + "\n")
+    tmp.write_text(json.dumps(conflist(network, agent_socket, mtu, version), indent=2) + "\n")
     os.replace(tmp, target)
     return target

@@ -55,13 +55,13 @@ class _Ctx:
     object_pairs_hook = None
     parse_float = float
     parse_int = int
-    parse_constant = None
+    parse_constant: object = None
     memo = None
 
 
 _ctx = _Ctx()
 _ctx.parse_constant = lambda name: float(name.lower().replace("infinity", "inf"))
-_scan = _json.make_scanner(_ctx)
+_scan = _json.make_scanner(_ctx)  # type: ignore[arg-type]
 _WS = " \t\n\r"
 
 

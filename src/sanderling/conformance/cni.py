@@ -446,16 +446,16 @@ class CniRunner:
                 return f"{ex.env['CNI_IFNAME']} missing in {ex.env['CNI_NETNS']}"
             reported = [i for i in ex.json["interfaces"] if i.get("sandbox")]
             addrs = [ip["address"] for ip in ex.json["ips"]]
-            if reported and reported[-1].get("mac") != inside["mac"]:
-                return f"MAC {inside['mac']} differs from the reported {reported[-1].get('mac')}"
-            if not set(addrs) & set(inside["addresses"]):  # type: ignore[arg-type]
-                return f"addresses {inside['addresses']} lack the reported {addrs}"
+            if reported and reported[-1].get("mac") != inside.mac:
+                return f"MAC {inside.mac} differs from the reported {reported[-1].get('mac')}"
+            if not set(addrs) & set(inside.addresses):
+                return f"addresses {inside.addresses} lack the reported {addrs}"
             return None
         if "routes present" in text and adds:
             ex = adds[-1]
             inside = veth.interface_in_netns(ex.env["CNI_NETNS"], ex.env["CNI_IFNAME"])
             gws = [r.get("gw") for r in ex.json.get("routes", []) if r.get("gw")]
-            if not inside or (gws and inside["gateway"] not in gws):
+            if not inside or (gws and inside.gateway not in gws):
                 return f"default route via {gws} missing"
             return None
         released = re.match(r"(\w+)'s ip released", text)

@@ -46,7 +46,9 @@ class Pod:
 
 
 class LocalNode:
-    def __init__(self, name: str, pod_cidr: str, base_dir: Path, prefix: str = "sl", bridge: str = "br-int") -> None:
+    def __init__(self, name: str, pod_cidr: str, base_dir: Path, prefix: str = "sl", bridge: str = "br-int",
+                 cni_conf_version: str = "1.1.0") -> None:
+        self.cni_conf_version = cni_conf_version
         self.name = name
         self.prefix = prefix
         self.network = NodeNetwork.build(name, pod_cidr)
@@ -93,14 +95,18 @@ class LocalNode:
              "--bridge", self.bridge, "--ovs-run-dir", str(self.ovs.run_dir), "--node-netns", self.netns,
              "--state-dir", str(self.dir / "state"), "--cni-socket", str(self.cni_socket),
              "--cni-conf-dir", str(self.dir / "cni" / "net.d"), "--cni-bin-dir", str(self.dir / "cni" / "bin"),
-             "--cni-network", self.cni_network],
+             "--cni-network", self.cni_network, "--cni-conf-version", self.cni_conf_version],
             stdout=log, stderr=subprocess.STDOUT)
         log.close()
 
     def kill_agent(self, sig: int = signal.SIGKILL) -> None:
         if self.agent is not None and self.agent.poll() is None:
             self.agent.send_signal(sig)
-            self.agent.wait(10)
+            try:
+                self.agent.wait(10)
+            except subprocess.TimeoutExpired:
+                self.agent.kill()
+                self.agent.wait(10)
         self.agent = None
 
     def add_pod(self, namespace: str, name: str, ip: str) -> Pod:
@@ -151,6 +157,15 @@ class LocalNode:
             return store.all()
         finally:
             store.close()
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        """Until the agent answers CNI STATUS with success (connected to OVS, plugin installed)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.agent_status_code() == 0:
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"agent of {self.name} not ready after {timeout}s; see {self.agent_log}")
 
     def agent_status_code(self) -> int:
         """Exit code of the CNI plugin's STATUS: 0 when the agent can serve ADDs."""

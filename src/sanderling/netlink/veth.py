@@ -6,13 +6,15 @@ Used by the CNI server and by the demo/tests that stand pods up without a runtim
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import ipaddress
 import re
 import subprocess
 from dataclasses import dataclass
 
-from pyroute2 import netns
+from pyroute2 import IPRoute, netns
+from pyroute2.netlink.exceptions import NetlinkError
 
 from sanderling.netlink.netns import ipr
 
@@ -46,30 +48,45 @@ def host_veth_name(container_id: str, ifname: str) -> str:
     return f"sl{digest}"[:15]
 
 
-def interface_in_netns(ns: str, ifname: str) -> dict[str, object] | None:
-    """MAC, IPv4 addresses (CIDR) and default gateway of ifname inside ns, or None if absent."""
+@dataclass(frozen=True)
+class InterfaceState:
+    mac: str
+    addresses: list[str]  # CIDR
+    gateway: str | None
+    state: str
+
+
+def interface_in_netns(ns: str, ifname: str) -> InterfaceState | None:
+    """MAC, IPv4 addresses and default gateway of ifname inside ns, or None if absent."""
     try:
         with ipr(ns) as h:
-            found = h.link_lookup(ifname=ifname)
-            if not found:
-                return None
-            idx = found[0]
-            link = h.get_links(idx)[0]
+            try:
+                link = h.link("get", ifname=ifname)[0]
+            except NetlinkError as exc:
+                if exc.code == errno.ENODEV:
+                    return None
+                raise
+            idx = link["index"]
             addrs = [f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for a in h.get_addr(index=idx, family=2)]
             gateway = None
             for route in h.get_routes(family=2, oif=idx):
                 if route["dst_len"] == 0 and route.get_attr("RTA_GATEWAY"):
                     gateway = route.get_attr("RTA_GATEWAY")
-            return {"mac": link.get_attr("IFLA_ADDRESS"), "addresses": addrs, "gateway": gateway,
-                    "state": link.get_attr("IFLA_OPERSTATE")}
+            return InterfaceState(link.get_attr("IFLA_ADDRESS"), addrs, gateway, link.get_attr("IFLA_OPERSTATE"))
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:  # deleted while we looked
+            return None
+        raise
     except (OSError, FileNotFoundError):
         return None
 
 
 def host_link_mac(ifname: str, node_netns: str | None = None) -> str | None:
     with ipr(node_netns) as h:
-        found = h.link_lookup(ifname=ifname)
-        return h.get_links(found[0])[0].get_attr("IFLA_ADDRESS") if found else None
+        try:
+            return str(h.link("get", ifname=ifname)[0].get_attr("IFLA_ADDRESS"))
+        except NetlinkError:
+            return None
 
 
 def delete_netns(name: str) -> None:
@@ -96,25 +113,30 @@ def plumb(pod: PodInterface, node_netns: str | None = None, tx_checksum_off: boo
     peer_tmp = ("t" + pod.host_ifname[1:])[:15]  # unique per pod: derived from the host name
     try:
         with ipr(node_netns) as host:
-            if not host.link_lookup(ifname=pod.host_ifname):
+            idx = _index(host, pod.host_ifname)
+            if idx is None:
                 host.link("add", ifname=pod.host_ifname, kind="veth", peer={"ifname": peer_tmp, "net_ns_fd": pod.netns})
-            idx = host.link_lookup(ifname=pod.host_ifname)[0]
+                idx = _index(host, pod.host_ifname)
             host.link("set", index=idx, mtu=pod.mtu, state="up")
         with ipr(pod.netns) as inner:
-            lo = inner.link_lookup(ifname="lo")
-            if lo:
-                inner.link("set", index=lo[0], state="up")
-            found = inner.link_lookup(ifname=pod.ifname) or inner.link_lookup(ifname=peer_tmp)
-            if not found:
-                raise PlumbingError(f"veth peer of {pod.host_ifname} is missing in netns {pod.netns}")
-            idx = found[0]
-            inner.link("set", index=idx, state="down")
-            inner.link("set", index=idx, ifname=pod.ifname, address=pod.mac, mtu=pod.mtu)
+            lo = _index(inner, "lo")
+            if lo is not None:
+                inner.link("set", index=lo, state="up")
+            idx = _index(inner, peer_tmp)
+            if idx is not None:  # fresh peer: still down, so it can be renamed
+                inner.link("set", index=idx, ifname=pod.ifname, address=pod.mac, mtu=pod.mtu)
+            else:
+                idx = _index(inner, pod.ifname)
+                if idx is None:
+                    raise PlumbingError(f"veth peer of {pod.host_ifname} is missing in netns {pod.netns}")
+                inner.link("set", index=idx, address=pod.mac, mtu=pod.mtu)
             inner.link("set", index=idx, state="up")
             iface = ipaddress.IPv4Interface(pod.ip_cidr)
-            have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in inner.get_addr(index=idx)}
-            if (str(iface.ip), iface.network.prefixlen) not in have:
+            try:
                 inner.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise
             inner.route("replace", dst="0.0.0.0/0", gateway=pod.gateway, oif=idx)
     except PlumbingError:
         raise
@@ -127,9 +149,21 @@ def plumb(pod: PodInterface, node_netns: str | None = None, tx_checksum_off: boo
 
 def unplumb(host_ifname: str, node_netns: str | None = None) -> None:
     with ipr(node_netns) as host:
-        found = host.link_lookup(ifname=host_ifname)
-        if found:
-            host.link("del", index=found[0])
+        try:
+            host.link("del", ifname=host_ifname)
+        except NetlinkError as exc:
+            if exc.code != errno.ENODEV:
+                raise
+
+
+def _index(handle: IPRoute, ifname: str) -> int | None:
+    """Index of ifname by a direct kernel lookup (link_lookup dumps every link)."""
+    try:
+        return int(handle.link("get", ifname=ifname)[0]["index"])
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:
+            return None
+        raise
 
 
 _HOST_NAME = re.compile(r"^sl[0-9a-f]{12}$")

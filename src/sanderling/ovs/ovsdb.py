@@ -32,6 +32,17 @@ class PortRecord:
         return self.ofport if self.ofport > 0 else self.ofport_request
 
 
+@dataclass(frozen=True)
+class PortChange:
+    """Add (with external_ids and an ofport request) or delete one port of a bridge."""
+
+    name: str
+    delete: bool = False
+    external_ids: tuple[tuple[str, str], ...] = ()
+    ofport_request: int = 0
+    iface_type: str = ""
+
+
 class Ovsdb:
     """A connection to one ovsdb-server."""
 
@@ -94,19 +105,53 @@ class Ovsdb:
             cols.append(("ofport_request", ofport_request))
         self._run(self.api.add_port(bridge, port, may_exist=True), self.api.db_set("Interface", port, *cols))
 
+    def apply_port_changes(self, bridge: str, changes: list[PortChange]) -> None:
+        """Many port adds/deletes in one transaction (one ovs-vswitchd reconfiguration)."""
+        cmds: list[Any] = []
+        for ch in changes:
+            if ch.delete:
+                cmds.append(self.api.del_port(ch.name, bridge=bridge, if_exists=True))
+                continue
+            cols: list[tuple[str, Any]] = [("type", ch.iface_type)]
+            if ch.external_ids:
+                cols.append(("external_ids", dict(ch.external_ids)))
+            if ch.ofport_request:
+                cols.append(("ofport_request", ch.ofport_request))
+            cmds += [self.api.add_port(bridge, ch.name, may_exist=True), self.api.db_set("Interface", ch.name, *cols)]
+        if cmds:
+            self._run(*cmds)
+
     def delete_port(self, bridge: str, port: str) -> None:
         self._run(self.api.del_port(port, bridge=bridge, if_exists=True))
 
     def ports(self, bridge: str) -> list[PortRecord]:
-        """Interfaces of the bridge with their ofport (-1/None while OVS has not opened them yet)."""
-        names = set(self._one(self.api.list_ifaces(bridge)) or [])
-        rows = self._one(self.api.db_list("Interface", columns=["name", "ofport", "ofport_request", "external_ids"]))
-        out = []
-        for row in rows:
-            if row["name"] not in names:
+        """Interfaces of the bridge with their ofport (-1 while OVS has not opened them yet).
+
+        Read straight from the IDL's in-memory replica: the agent reads ports on every CNI
+        request, and a queued read transaction costs milliseconds each under load. The
+        replica is updated by ovsdbapp's thread, so a read that races an update is retried.
+        """
+        for _attempt in range(20):
+            try:
+                return self._ports_from_replica(bridge)
+            except RuntimeError:  # "changed size during iteration": an update landed meanwhile
                 continue
-            out.append(PortRecord(row["name"], _optional_int(row["ofport"], -1), dict(row["external_ids"]),
-                                  _optional_int(row["ofport_request"], 0)))
+        return self._ports_from_replica(bridge)
+
+    def _ports_from_replica(self, bridge: str) -> list[PortRecord]:
+        tables = self.api.tables
+        bridges = [b for b in list(tables["Bridge"].rows.values()) if b.name == bridge]
+        if not bridges:
+            return []
+        out = []
+        for port in list(getattr(bridges[0], "ports", [])):
+            for iface in list(getattr(port, "interfaces", [])):
+                name = getattr(iface, "name", None)
+                if not name:
+                    continue  # a row still being filled in by an update
+                out.append(PortRecord(name, _optional_int(getattr(iface, "ofport", []), -1),
+                                      dict(getattr(iface, "external_ids", {})),
+                                      _optional_int(getattr(iface, "ofport_request", []), 0)))
         return out
 
     def find_ports(self, bridge: str, **external_ids: str) -> list[PortRecord]:
@@ -117,7 +162,7 @@ class Ovsdb:
         return bool(rows) and rows[0]["other_config"].get("userspace-tso-enable") == "true"
 
     def port_names(self, bridge: str) -> set[str]:
-        return set(self._one(self.api.list_ifaces(bridge)) or [])
+        return {p.name for p in self.ports(bridge)}
 
     def close(self) -> None:
         try:

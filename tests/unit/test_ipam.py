@@ -1,0 +1,87 @@
+"""IPAM: node subnet allocation, requested addresses, errors that name what matters, persistence."""
+
+from __future__ import annotations
+
+import ipaddress
+import multiprocessing
+from pathlib import Path
+
+import pytest
+
+from sanderling.ipam.allocator import E_EXHAUSTED, E_IP_IN_USE, E_OUTSIDE_POOLS, Allocator, IpamError, Pool, Request
+from sanderling.ipam.store import AllocationStore
+
+NET = ipaddress.IPv4Network("10.244.1.0/29")  # 6 usable, .1 is the gateway
+
+
+def allocator(path: Path) -> Allocator:
+    return Allocator(AllocationStore(path / "ipam.db"),
+                     [Pool("node", NET, frozenset({ipaddress.IPv4Address("10.244.1.1")}))])
+
+
+def test_allocates_distinct_addresses_skipping_gateway_network_broadcast(tmp_path):
+    a = allocator(tmp_path)
+    ips = [a.allocate(Request(f"c{i}", "eth0")).ip for i in range(5)]
+    assert ips == ["10.244.1.2", "10.244.1.3", "10.244.1.4", "10.244.1.5", "10.244.1.6"]
+
+
+def test_exhausted_pool_error_names_pool_and_size(tmp_path):
+    a = allocator(tmp_path)
+    for i in range(5):
+        a.allocate(Request(f"c{i}", "eth0"))
+    with pytest.raises(IpamError) as info:
+        a.allocate(Request("c9", "eth0"))
+    assert info.value.code == E_EXHAUSTED
+    assert "node (10.244.1.0/29, 5 addresses)" in info.value.msg
+
+
+def test_same_container_and_interface_gets_the_same_address(tmp_path):
+    a = allocator(tmp_path)
+    assert a.allocate(Request("c1", "eth0")).ip == a.allocate(Request("c1", "eth0")).ip
+    assert a.allocate(Request("c1", "net1")).ip != a.allocate(Request("c1", "eth0")).ip
+
+
+def test_requested_address_in_use_names_the_holder(tmp_path):
+    a = allocator(tmp_path)
+    a.allocate(Request("c1", "eth0", "prod", "web-1", ip="10.244.1.4"))
+    with pytest.raises(IpamError) as info:
+        a.allocate(Request("c2", "eth0", "prod", "web-2", ip="10.244.1.4"))
+    assert info.value.code == E_IP_IN_USE and "prod/web-1" in info.value.msg
+
+
+def test_requested_address_outside_pools_names_the_pools(tmp_path):
+    with pytest.raises(IpamError) as info:
+        allocator(tmp_path).allocate(Request("c1", "eth0", ip="10.9.9.9"))
+    assert info.value.code == E_OUTSIDE_POOLS and "node (10.244.1.0/29)" in info.value.msg
+    with pytest.raises(IpamError):
+        allocator(tmp_path).allocate(Request("c1", "eth0", ip="10.244.1.1"))  # the gateway
+
+
+def test_released_address_is_not_reused_at_once(tmp_path):
+    a = allocator(tmp_path)
+    first = a.allocate(Request("c1", "eth0")).ip
+    a.release("c1", "eth0")
+    assert a.allocate(Request("c2", "eth0")).ip != first
+
+
+def test_allocations_survive_reopening(tmp_path):
+    a = allocator(tmp_path)
+    ip = a.allocate(Request("c1", "eth0", "ns", "p")).ip
+    a.store.close()
+    b = allocator(tmp_path)
+    assert b.store.find("c1", "eth0").ip == ip
+    assert b.allocate(Request("c2", "eth0")).ip != ip
+
+
+def _grab(args: tuple[str, int]) -> list[str]:
+    path, worker = args
+    a = Allocator(AllocationStore(Path(path) / "ipam.db"), [Pool("node", ipaddress.IPv4Network("10.250.0.0/24"))])
+    return [a.allocate(Request(f"w{worker}-{i}", "eth0")).ip for i in range(20)]
+
+
+def test_concurrent_processes_never_share_an_address(tmp_path):
+    allocator(tmp_path)  # create schema
+    with multiprocessing.get_context("fork").Pool(6) as pool:
+        results = pool.map(_grab, [(str(tmp_path), w) for w in range(6)])
+    ips = [ip for r in results for ip in r]
+    assert len(ips) == 120 and len(set(ips)) == 120
