@@ -31,6 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--flows", type=int, default=None, help="flows: number of flows (default 100000)")
     p.add_argument("--repeats", type=int, default=None, help="repetitions, median reported")
+    p.add_argument("--rounds", type=int, default=None, help="cni: rounds of concurrent ADDs")
+    p.add_argument("--concurrency", type=int, default=None, help="cni: ADDs at once (default 20)")
     p.set_defaults(func=run)
 
 
@@ -45,7 +47,9 @@ def check_floors(result: dict) -> dict[str, bool]:
 
 def run(args: argparse.Namespace) -> int:
     module = load(args.name)
-    kwargs = {k: v for k, v in (("flows", args.flows), ("repeats", args.repeats)) if v is not None}
+    options = (("flows", args.flows), ("repeats", args.repeats), ("rounds", args.rounds),
+               ("concurrency", args.concurrency))
+    kwargs = {k: v for k, v in options if v is not None}
     result = module.run(progress=progress, **kwargs)
     verdicts = check_floors(result)
     result["floors_met"] = all(verdicts.values())

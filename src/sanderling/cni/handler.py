@@ -138,7 +138,7 @@ class CniHandler:
         mtu = int(conf.get("mtu") or self.mtu)
         t0 = time.perf_counter()
         try:
-            await asyncio.to_thread(veth.plumb, veth.PodInterface(netns, host_if, address, mac,
+            host_mac = await asyncio.to_thread(veth.plumb, veth.PodInterface(netns, host_if, address, mac,
                                                                   str(self.node.gateway_ip), ifname, mtu),
                                     self.node_netns, self.tx_checksum_off)
         except veth.PlumbingError as exc:
@@ -156,7 +156,6 @@ class CniHandler:
             raise CniFailure(E.E_PLUMBING, f"flows for pod {who.namespace}/{who.name} refused: {problem}")
         if key not in self.controller.realizer.installed_state():
             raise CniFailure(E.E_TRY_LATER, f"flows for pod {who.namespace}/{who.name} not installed yet")
-        host_mac = await asyncio.to_thread(veth.host_link_mac, host_if, self.node_netns) or ""
         log.info("pod %s/%s: %s %s on %s (ofport %d, container %s); veth %.1f ms, OVS port %.1f ms, "
                  "flows %.1f ms", who.namespace, who.name, address, mac, host_if, ofport, cid[:12],
                  (t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000)

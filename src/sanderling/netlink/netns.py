@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -17,6 +18,7 @@ from pyroute2 import IPRoute
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
+_cache = threading.local()
 
 
 def netns_path(ns: str) -> str:
@@ -29,27 +31,46 @@ def _setns(fd: int) -> None:
         raise OSError(err, f"setns: {os.strerror(err)}")
 
 
-@contextmanager
-def ipr(ns: str | None = None) -> Iterator[IPRoute]:
-    """An IPRoute whose socket lives in namespace `ns` (a name or a path; None = this one)."""
+def open_ipr(ns: str | None) -> IPRoute:
+    """A new IPRoute whose socket lives in namespace `ns` (a name or a path; None = this one)."""
     if ns is None:
-        with IPRoute() as handle:
-            yield handle
-        return
+        return IPRoute()
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
         target = os.open(netns_path(ns), os.O_RDONLY)
         try:
             _setns(target)
             try:
-                handle = IPRoute()
+                return IPRoute()
             finally:
                 _setns(own)
         finally:
             os.close(target)
     finally:
         os.close(own)
+
+
+@contextmanager
+def ipr(ns: str | None = None, reuse: bool = False) -> Iterator[IPRoute]:
+    """An IPRoute in `ns`. With `reuse`, one handle per thread and namespace is kept (for the
+    node's own namespace, used on every request: creating an IPRoute costs more than most
+    calls); a handle that saw an error is dropped, not reused."""
+    if not reuse:
+        handle = open_ipr(ns)
+        try:
+            yield handle
+        finally:
+            handle.close()
+        return
+    handles = getattr(_cache, "handles", None)
+    if handles is None:
+        handles = _cache.handles = {}
+    handle = handles.get(ns)
+    if handle is None:
+        handle = handles[ns] = open_ipr(ns)
     try:
         yield handle
-    finally:
+    except BaseException:
+        handles.pop(ns, None)
         handle.close()
+        raise

@@ -102,7 +102,7 @@ def _ethtool_tx_off(ifname: str, ns: str | None) -> None:
     subprocess.run(argv, check=False, capture_output=True)
 
 
-def plumb(pod: PodInterface, node_netns: str | None = None, tx_checksum_off: bool = False) -> None:
+def plumb(pod: PodInterface, node_netns: str | None = None, tx_checksum_off: bool = False) -> str:
     """Create (or converge) the pod's veth: host end in the node's namespace (None: this one).
 
     `tx_checksum_off` is for a userspace datapath *without* userspace TSO, which cannot finish
@@ -112,12 +112,13 @@ def plumb(pod: PodInterface, node_netns: str | None = None, tx_checksum_off: boo
     ensure_netns(pod.netns)
     peer_tmp = ("t" + pod.host_ifname[1:])[:15]  # unique per pod: derived from the host name
     try:
-        with ipr(node_netns) as host:
+        with ipr(node_netns, reuse=True) as host:
             idx = _index(host, pod.host_ifname)
             if idx is None:
                 host.link("add", ifname=pod.host_ifname, kind="veth", peer={"ifname": peer_tmp, "net_ns_fd": pod.netns})
                 idx = _index(host, pod.host_ifname)
             host.link("set", index=idx, mtu=pod.mtu, state="up")
+            host_mac = str(host.link("get", index=idx)[0].get_attr("IFLA_ADDRESS"))
         with ipr(pod.netns) as inner:
             lo = _index(inner, "lo")
             if lo is not None:
@@ -145,10 +146,11 @@ def plumb(pod: PodInterface, node_netns: str | None = None, tx_checksum_off: boo
     if tx_checksum_off:
         _ethtool_tx_off(pod.host_ifname, node_netns)
         _ethtool_tx_off(pod.ifname, pod.netns)
+    return host_mac
 
 
 def unplumb(host_ifname: str, node_netns: str | None = None) -> None:
-    with ipr(node_netns) as host:
+    with ipr(node_netns, reuse=True) as host:
         try:
             host.link("del", ifname=host_ifname)
         except NetlinkError as exc:

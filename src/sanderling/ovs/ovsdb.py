@@ -43,6 +43,12 @@ class PortChange:
     iface_type: str = ""
 
 
+NOISY_INTERFACE_COLUMNS = frozenset({
+    "statistics", "status", "link_resets", "link_speed", "link_state", "duplex", "mtu", "admin_state",
+    "lacp_current", "bfd_status", "cfm_fault", "cfm_fault_status", "cfm_flap_count", "cfm_health",
+    "cfm_remote_mpids", "cfm_remote_opstate", "lldp"})
+
+
 class Ovsdb:
     """A connection to one ovsdb-server."""
 
@@ -52,7 +58,7 @@ class Ovsdb:
             from ovsdbapp.backend.ovs_idl import connection
             from ovsdbapp.schema.open_vswitch import impl_idl
         try:
-            idl = connection.OvsdbIdl.from_server(endpoint, "Open_vSwitch")
+            idl = connection.OvsdbIdl(endpoint, self._schema_helper(endpoint))
             self._conn = connection.Connection(idl=idl, timeout=timeout)
             # ovsdbapp keeps the connection in a class attribute (one per process); a subclass
             # per instance lets one process talk to several ovsdb-servers (one per lab node).
@@ -61,6 +67,24 @@ class Ovsdb:
         except Exception as exc:
             raise OvsError(f"cannot connect to OVSDB at {endpoint}: {exc}") from exc
         self.endpoint = endpoint
+        self._ports_cache: dict[str, tuple[int, list[PortRecord]]] = {}
+
+    @staticmethod
+    def _schema_helper(endpoint: str) -> Any:
+        """Replicate only the tables and columns the agent uses.
+
+        ovs-vswitchd rewrites every Interface's statistics and status every few seconds; with
+        those replicated, the IDL spent more CPU parsing them than the agent spent on pods.
+        """
+        from ovsdbapp.backend.ovs_idl import idlutils
+
+        helper = idlutils.get_schema_helper(endpoint, "Open_vSwitch")
+        for table in ("Open_vSwitch", "Bridge", "Port"):
+            helper.register_table(table)
+        iface_columns = [c for c in helper.schema_json["tables"]["Interface"]["columns"]
+                         if c not in NOISY_INTERFACE_COLUMNS]
+        helper.register_columns("Interface", iface_columns)
+        return helper
 
     def _run(self, *commands: Any) -> Any:
         try:
@@ -131,12 +155,20 @@ class Ovsdb:
         request, and a queued read transaction costs milliseconds each under load. The
         replica is updated by ovsdbapp's thread, so a read that races an update is retried.
         """
+        seqno = self.api.idl.change_seqno
+        cached = self._ports_cache.get(bridge)
+        if cached is not None and cached[0] == seqno:
+            return list(cached[1])
         for _attempt in range(20):
             try:
-                return self._ports_from_replica(bridge)
+                ports = self._ports_from_replica(bridge)
+                break
             except RuntimeError:  # "changed size during iteration": an update landed meanwhile
                 continue
-        return self._ports_from_replica(bridge)
+        else:
+            ports = self._ports_from_replica(bridge)
+        self._ports_cache[bridge] = (seqno, ports)
+        return list(ports)
 
     def _ports_from_replica(self, bridge: str) -> list[PortRecord]:
         tables = self.api.tables

@@ -1,0 +1,92 @@
+"""bench cni: CNI ADD latency through the shim, executed as a runtime executes it, 20 at once.
+
+Sanderling: the installed `sanderling-cni` binary talking to a lab node's agent (OVS userspace
+datapath, IPAM, flows). Reference, in the same run: Debian's containernetworking-plugins
+`bridge` + `host-local`, run with a network namespace of their own as "the host" (so the host
+is not touched). Both are driven by the same driver (benchmarks/_cni_driver.py): `rounds`
+rounds of `concurrency` simultaneous ADDs, each timed from exec to exit, DELs between rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sanderling.lab.node import LocalNode, teardown_prefix
+from sanderling.netlink import veth
+
+PREFIX = "slbench"
+REFERENCE_DIR = Path("/usr/lib/cni")
+DRIVER = Path(__file__).with_name("_cni_driver.py")
+
+
+def _drive(job: dict[str, Any], netns: str | None = None) -> dict[str, Any]:
+    argv = [sys.executable, str(DRIVER)]
+    if netns:
+        argv = ["ip", "netns", "exec", netns, *argv]
+    proc = subprocess.run(argv, input=json.dumps(job), capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"CNI driver failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout)
+
+
+def _percentile(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(pct / 100 * len(ordered) + 0.5)) - 1)]
+
+
+def run(concurrency: int = 20, rounds: int = 5, progress: Callable[[str], None] = lambda _m: None,
+        **_: Any) -> dict[str, Any]:
+    if not (REFERENCE_DIR / "bridge").exists():
+        raise SystemExit("bench cni needs Debian's containernetworking-plugins (run scripts/setup.sh)")
+    teardown_prefix(f"{PREFIX}-n1")
+    teardown_prefix(f"{PREFIX}-ref")
+    base = Path(tempfile.mkdtemp(prefix="sanderling-bench-cni-"))
+    node = LocalNode("n1", "10.244.200.0/24", base, prefix=PREFIX)
+    try:
+        progress("starting a lab node (OVS userspace datapath + agent)")
+        node.start()
+        node.wait_ready()
+        ours_ns = [f"/var/run/netns/{PREFIX}-n1-s{i}" for i in range(concurrency)]
+        ref_ns = [f"/var/run/netns/{PREFIX}-ref-s{i}" for i in range(concurrency)]
+        for path in ours_ns + ref_ns:
+            veth.ensure_netns(Path(path).name)
+        veth.ensure_netns(f"{PREFIX}-ref")
+        progress(f"sanderling: {rounds} rounds of {concurrency} concurrent ADDs")
+        ours = _drive({
+            "plugin": str(node.cni_bin), "rounds": rounds, "sandboxes": ours_ns,
+            "conf": {"cniVersion": "1.1.0", "name": node.cni_network, "type": "sanderling-cni",
+                     "agentSocket": str(node.cni_socket)},
+            "env": {"CNI_PATH": str(node.cni_bin.parent)}})
+        progress(f"reference bridge + host-local: {rounds} rounds of {concurrency} concurrent ADDs")
+        ref = _drive({
+            "plugin": str(REFERENCE_DIR / "bridge"), "rounds": rounds, "sandboxes": ref_ns,
+            "conf": {"cniVersion": "1.0.0", "name": "slbenchref", "type": "bridge", "bridge": "slref0",
+                     "isGateway": True, "ipMasq": False,
+                     "ipam": {"type": "host-local", "subnet": "10.99.0.0/16", "dataDir": str(base / "host-local")}},
+            "env": {"CNI_PATH": str(REFERENCE_DIR)}}, netns=f"{PREFIX}-ref")
+    finally:
+        node.teardown()
+        teardown_prefix(f"{PREFIX}-ref")
+        teardown_prefix(f"{PREFIX}-n1")
+    if ours["failures"] or ref["failures"]:
+        raise RuntimeError(f"ADDs failed: ours {ours['failures'][:2]} reference {ref['failures'][:2]}")
+    lat, rlat = ours["latencies_ms"], ref["latencies_ms"]
+    return {
+        "benchmark": "cni",
+        "concurrency": concurrency,
+        "rounds": rounds,
+        "adds": len(lat),
+        "p50_ms": round(statistics.median(lat), 1),
+        "p99_ms": round(_percentile(lat, 99), 1),
+        "reference_p50_ms": round(statistics.median(rlat), 1),
+        "reference_p99_ms": round(_percentile(rlat, 99), 1),
+        "ratio_p50": round(statistics.median(lat) / statistics.median(rlat), 2),
+        "floors": {"p50_ms": ["<=", 30.0], "p99_ms": ["<=", 100.0]},
+    }

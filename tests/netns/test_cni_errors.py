@@ -1,0 +1,77 @@
+"""Failed ADDs leave nothing behind, and their errors name what the operator needs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from sanderling.lab.node import LocalNode, teardown_prefix
+from sanderling.netlink import veth
+
+from ..conftest import require_ovs
+from .conftest import require_root
+
+
+@pytest.fixture
+def cni_node(tmp_path):
+    require_root()
+    require_ovs()
+    teardown_prefix("slerr-n1")
+    node = LocalNode("n1", "10.244.14.0/28", tmp_path, prefix="slerr")
+    node.start()
+    node.wait_ready()
+    yield node
+    node.teardown()
+
+
+def add(node: LocalNode, cid: str, pod: str, ips: list[str] | None = None) -> tuple[int, dict]:
+    veth.ensure_netns(f"slerr-n1-{cid}")
+    conf = {"cniVersion": "1.1.0", "name": node.cni_network, "type": "sanderling-cni",
+            "agentSocket": str(node.cni_socket)}
+    if ips:
+        conf["runtimeConfig"] = {"ips": ips}
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": cid, "CNI_NETNS": f"/var/run/netns/slerr-n1-{cid}",
+           "CNI_IFNAME": "eth0", "CNI_PATH": str(node.cni_bin.parent),
+           "CNI_ARGS": f"K8S_POD_NAMESPACE=prod;K8S_POD_NAME={pod}"}
+    proc = subprocess.run([str(node.cni_bin)], input=json.dumps(conf), env=env, capture_output=True, text=True)
+    return proc.returncode, json.loads(proc.stdout) if proc.stdout.strip() else {}
+
+
+def assert_nothing_left_for(node: LocalNode, cid: str) -> None:
+    assert cid not in {a.container_id for a in node.allocations()}
+    host_if = veth.host_veth_name(cid, "eth0")
+    assert host_if not in node.host_links()
+    assert host_if not in node.ovs.vsctl("list-ports", node.bridge).split()
+    assert veth.interface_in_netns(f"/var/run/netns/slerr-n1-{cid}", "eth0") is None
+
+
+def test_requested_ip_in_use_names_the_holder_and_leaves_nothing(cni_node):
+    code, out = add(cni_node, "c1", "web-1", ["10.244.14.5/28"])
+    assert code == 0, out
+    code, out = add(cni_node, "c2", "web-2", ["10.244.14.5/28"])
+    assert code == 1 and out["code"] == 100
+    assert "10.244.14.5" in out["msg"] and "prod/web-1" in out["msg"]
+    assert_nothing_left_for(cni_node, "c2")
+
+
+def test_requested_ip_outside_pools_names_the_pools(cni_node):
+    code, out = add(cni_node, "c3", "odd", ["192.168.77.7/24"])
+    assert code == 1 and out["code"] == 101 and "10.244.14.0/28" in out["msg"]
+    assert_nothing_left_for(cni_node, "c3")
+
+
+def test_exhausted_pool_names_pool_and_size_and_leaves_nothing(cni_node):
+    results = [add(cni_node, f"f{i}", f"fill-{i}") for i in range(13)]  # /28: 13 usable besides the gateway
+    assert all(code == 0 for code, _ in results), results
+    code, out = add(cni_node, "over", "one-too-many")
+    assert code == 1 and out["code"] == 102
+    assert "node (10.244.14.0/28, 13 addresses)" in out["msg"]
+    assert_nothing_left_for(cni_node, "over")
+    # and everything else still works: free one, the next ADD succeeds
+    env = {"CNI_COMMAND": "DEL", "CNI_CONTAINERID": "f0", "CNI_IFNAME": "eth0", "CNI_PATH": "/x"}
+    conf = json.dumps({"cniVersion": "1.1.0", "name": cni_node.cni_network, "type": "sanderling-cni",
+                       "agentSocket": str(cni_node.cni_socket)})
+    assert subprocess.run([str(cni_node.cni_bin)], input=conf, env=env, capture_output=True, text=True).returncode == 0
+    assert add(cni_node, "again", "retry")[0] == 0
