@@ -30,7 +30,7 @@ def main() -> int:
                 for i, ns in enumerate(job["sandboxes"])]
         results: list[tuple[float, int, str]] = [(0.0, 0, "")] * len(envs)
 
-        def add(i: int) -> None:
+        def add(i: int, envs: list[dict[str, str]] = envs, results: list[tuple[float, int, str]] = results) -> None:
             results[i] = call(job["plugin"], conf, {**envs[i], "CNI_COMMAND": "ADD"})
 
         threads = [threading.Thread(target=add, args=(i,)) for i in range(len(envs))]

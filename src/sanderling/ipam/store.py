@@ -1,12 +1,11 @@
 """Allocations persisted in SQLite on the node, crash-safe.
 
-WAL journal with synchronous=NORMAL: a committed allocation survives kill -9 of the agent (the
-WAL write has completed before COMMIT returns; only the fsync is deferred to checkpoints), an
+WAL journal with synchronous=NORMAL: a committed allocation survives kill -9 of the agent
+(the WAL write has completed before COMMIT returns; only the fsync is deferred), an
 uncommitted one never happened. A power loss may roll back the last few commits, but it also
-ends every pod of the node, so no live pod can lose its address that way; fsync on every
-commit (FULL) cost ~10 ms per allocation here and serialized concurrent ADDs behind it. Every change is one `BEGIN IMMEDIATE` transaction, so
-concurrent writers (threads or processes) serialize on the database, and the UNIQUE constraints
-make a double allocation impossible rather than unlikely.
+ends every pod of the node, so no live pod can lose its address that way. Every change is one
+`BEGIN IMMEDIATE` transaction, so concurrent writers (threads or processes) serialize on the
+database, and the UNIQUE constraints make a double allocation impossible rather than unlikely.
 """
 
 from __future__ import annotations

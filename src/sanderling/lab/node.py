@@ -23,7 +23,7 @@ from pyroute2 import netns
 from sanderling.ipam.store import Allocation, AllocationStore
 from sanderling.model.network import NodeNetwork
 from sanderling.netlink import veth
-from sanderling.netlink.netns import ipr
+from sanderling.netlink.netns import drop_cached, ipr
 from sanderling.ovs import ovsdb
 from sanderling.ovs.ovsdb import Ovsdb
 from sanderling.ovs.runtime import OvsRuntime
@@ -232,6 +232,7 @@ class LocalNode:
             self.db.close()
             self.db = None
         self.ovs.stop()
+        drop_cached()
         teardown_prefix(f"{self.netns}")
         shutil.rmtree(self.dir, ignore_errors=True)
 

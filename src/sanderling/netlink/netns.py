@@ -65,12 +65,24 @@ def ipr(ns: str | None = None, reuse: bool = False) -> Iterator[IPRoute]:
     handles = getattr(_cache, "handles", None)
     if handles is None:
         handles = _cache.handles = {}
-    handle = handles.get(ns)
+    # keyed by the namespace's identity, not its name: a namespace deleted and created again
+    # under the same name is another namespace, and a socket in the old one would be useless
+    st = os.stat(netns_path(ns)) if ns is not None else os.stat("/proc/thread-self/ns/net")
+    key = (st.st_dev, st.st_ino)
+    handle = handles.get(key)
     if handle is None:
-        handle = handles[ns] = open_ipr(ns)
+        handle = handles[key] = open_ipr(ns)
     try:
         yield handle
     except BaseException:
-        handles.pop(ns, None)
+        handles.pop(key, None)
         handle.close()
         raise
+
+
+def drop_cached() -> None:
+    """Close this thread's cached handles (they keep their namespaces alive after deletion)."""
+    handles = getattr(_cache, "handles", None) or {}
+    for handle in handles.values():
+        handle.close()
+    handles.clear()
