@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 import time
@@ -52,6 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="cniVersion of the conflist (older runtimes, e.g. podman 4, need 1.0.0)")
     p.add_argument("--no-cni", action="store_true", help="do not serve CNI (pods are plugged by other means)")
     p.add_argument("--mtu", type=int, default=1500)
+    p.add_argument("--kubeconfig", type=Path, default=None,
+                   help="Kubernetes API access (in-cluster config when run as a pod); enables pod annotations "
+                        "and IPPools")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -85,7 +89,13 @@ async def serve(args: argparse.Namespace) -> int:
     if not args.no_cni:
         store = AllocationStore(args.state_dir / node.name / "ipam.db")
         allocator = Allocator(store, [Pool("node", node.pod_cidr, frozenset({node.gateway_ip}))])
-        handler = CniHandler(node, db, args.bridge, allocator, controller, args.node_netns, args.mtu)
+        cluster = None
+        if args.kubeconfig is not None or os.environ.get("KUBERNETES_SERVICE_HOST"):
+            from sanderling.ipam.cluster import ClusterIpam
+            from sanderling.kube.client import KubeApi
+
+            cluster = ClusterIpam(KubeApi(args.kubeconfig), node.name, store)
+        handler = CniHandler(node, db, args.bridge, allocator, controller, args.node_netns, args.mtu, cluster)
         await handler.reconcile()
         server = CniServer(handler, args.cni_socket)
         await server.start()

@@ -9,6 +9,7 @@ leaves nothing allocated or plumbed. DEL undoes all of it and is idempotent.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from dataclasses import dataclass
@@ -18,9 +19,12 @@ from sanderling.agent.controller import NodeController
 from sanderling.cni import errors as E
 from sanderling.cni.errors import CniFailure
 from sanderling.cni.result import add_result
-from sanderling.ipam.allocator import Allocator, IpamError, Request
+from sanderling.ipam.allocator import E_OUTSIDE_POOLS, Allocator, IpamError, Request
+from sanderling.ipam.cluster import PREFIX as POOL_PREFIX
+from sanderling.ipam.cluster import ClusterIpam, outside_error
 from sanderling.ipam.store import Allocation
 from sanderling.model.errors import ModelError
+from sanderling.model.ippool import ANNOTATION_IPS, ANNOTATION_MAC, ANNOTATION_POOL, IPPool, parse_ips_annotation
 from sanderling.model.network import NodeNetwork, PodPort, parse_mac
 from sanderling.netlink import veth
 from sanderling.ovs import ovsdb
@@ -49,7 +53,9 @@ class PodIdentity:
 
 class CniHandler:
     def __init__(self, node: NodeNetwork, db: Ovsdb, bridge: str, allocator: Allocator,
-                 controller: NodeController, node_netns: str | None = None, mtu: int = 1500) -> None:
+                 controller: NodeController, node_netns: str | None = None, mtu: int = 1500,
+                 cluster: ClusterIpam | None = None) -> None:
+        self.cluster = cluster
         self.node = node
         self.db = db
         self.bridge = bridge
@@ -112,11 +118,27 @@ class CniHandler:
                 if runtime.get("mac") else ""
         except ModelError as exc:
             raise CniFailure(E.E_BAD_CONFIG, str(exc)) from None
+        requested = requested_ips[0] if requested_ips else None
+        pool = None
+        k8s_pod = "K8S_POD_NAME" in (req.get("args") or {})
         try:
-            alloc = await asyncio.to_thread(self.allocator.allocate, Request(
-                cid, ifname, who.namespace, who.name, requested_ips[0] if requested_ips else None, mac))
-        except IpamError as exc:
-            raise CniFailure(exc.code, f"pod {who.namespace}/{who.name}: {exc.msg}") from None
+            if self.cluster is not None and k8s_pod:
+                requested, mac, pool = await asyncio.to_thread(self._decide, who, requested, mac)
+            request = Request(cid, ifname, who.namespace, who.name, requested, mac)
+            if pool is None:
+                alloc = await asyncio.to_thread(self.allocator.allocate, request)
+            else:
+                assert self.cluster is not None
+                alloc = await asyncio.to_thread(self.cluster.allocate, pool, request)
+        except (IpamError, ModelError) as exc:
+            code = exc.code if isinstance(exc, IpamError) else E.E_BAD_CONFIG
+            message = exc.msg if isinstance(exc, IpamError) else str(exc)
+            if self.cluster is not None and k8s_pod:
+                await asyncio.to_thread(self.cluster.api.event, who.namespace, who.name, "AddressNotAssigned",
+                                        message, self.node.name)
+            raise CniFailure(code, f"pod {who.namespace}/{who.name}: {message}") from None
+        except (LookupError, OSError) as exc:
+            raise CniFailure(E.E_TRY_LATER, f"pod {who.namespace}/{who.name}: Kubernetes API: {exc}") from None
         host_if = veth.host_veth_name(cid, ifname)
         try:
             return await self._plumb(req, who, alloc, mac or alloc.mac or mac_from_ip(alloc.ip), host_if)
@@ -128,7 +150,7 @@ class CniHandler:
                      host_if: str) -> dict[str, Any]:
         conf = req.get("config") or {}
         cid, ifname, netns = req["containerID"], req["ifname"], req["netns"]
-        prefix = self.node.pod_cidr.prefixlen if alloc.pool == "node" else 32
+        prefix = self.node.pod_cidr.prefixlen if alloc.pool == "node" else 32  # pool addresses: /32, on-link gw
         address = f"{alloc.ip}/{prefix}"
         pod = PodPort.build(who.namespace, who.name, 1, mac, alloc.ip, ifname)
         try:
@@ -189,7 +211,12 @@ class CniHandler:
         except Exception as exc:
             log.warning("cleanup of veth %s for %s/%s: %s", host_if, cid, ifname, exc)
         if release:
-            await asyncio.to_thread(self.allocator.release, cid, ifname)
+            released = await asyncio.to_thread(self.allocator.release, cid, ifname)
+            if released is not None and released.pool.startswith(POOL_PREFIX) and self.cluster is not None:
+                try:
+                    await asyncio.to_thread(self.cluster.release, released)
+                except Exception as exc:  # the start-up reconcile releases it later
+                    log.warning("IPPool release of %s for %s deferred: %s", released.ip, released.pod, exc)
         try:
             await self.controller.refresh_now()
         except Exception as exc:  # flows go when the controller next syncs
@@ -249,6 +276,37 @@ class CniHandler:
                 await self._undo(cid, record.external_ids.get(ovsdb.EXT_INTERFACE, "eth0"), record.name,
                                  release=False)
 
+    def _decide(self, who: PodIdentity, requested: str | None, mac: str) -> tuple[str | None, str, IPPool | None]:
+        """Address, MAC and pool for a Kubernetes pod, from its annotations and the IPPools."""
+        assert self.cluster is not None
+        where = f"pod/{who.namespace}/{who.name}"
+        pod = self.cluster.api.pod(who.namespace, who.name) or {}
+        meta = pod.get("metadata") or {}
+        annotations, labels = meta.get("annotations") or {}, meta.get("labels") or {}
+        if not requested and ANNOTATION_IPS in annotations:
+            requested = parse_ips_annotation(annotations[ANNOTATION_IPS], where)[0]
+        if not mac and ANNOTATION_MAC in annotations:
+            mac = parse_mac(where, f"annotation {ANNOTATION_MAC}", annotations[ANNOTATION_MAC])
+        pools = self.cluster.pools()
+        if requested:
+            ip = ipaddress.IPv4Address(requested.split("/")[0])
+            if ip in self.node.pod_cidr:
+                return requested, mac, None
+            pool = self.cluster.pool_containing(ip, pools)
+            if pool is None:
+                raise outside_error(str(ip), str(self.node.pod_cidr), pools)
+            return str(ip), mac, pool
+        ns_labels, ns_annotations = self.cluster.api.namespace_labels(who.namespace)
+        named = annotations.get(ANNOTATION_POOL) or ns_annotations.get(ANNOTATION_POOL)
+        if named:
+            found = next((p for p in pools if p.name == named), None)
+            if found is None:
+                known = ", ".join(p.name for p in pools) or "none"
+                raise IpamError(E_OUTSIDE_POOLS, f"IPPool {named} (annotation {ANNOTATION_POOL}) does not exist; "
+                                                 f"IPPools: {known}")
+            return None, mac, found
+        return None, mac, next((p for p in pools if p.selects(ns_labels, labels)), None)
+
     def status(self) -> None:
         if self.controller.conn is None:
             raise CniFailure(E.E_NOT_AVAILABLE, f"agent of node {self.node.name} is not connected to OVS "
@@ -261,6 +319,27 @@ class CniHandler:
         used = sum(1 for a in self.allocator.store.all() if a.pool == pool_name)
         return pool.size - used
 
+    async def _reconcile_with_api(self) -> None:
+        """Pods the API no longer places on this node lose their addresses; pool allocations of
+        this node that nothing local backs are returned to their pool."""
+        assert self.cluster is not None
+        try:
+            live = await asyncio.to_thread(self.cluster.api.node_pods, self.node.name)
+        except Exception as exc:  # API down: reconcile with it next start
+            log.warning("reconcile against the Kubernetes API skipped: %s", exc)
+            return
+        for alloc in await asyncio.to_thread(self.allocator.store.all):
+            if alloc.pod_namespace in ("", "cni") or (alloc.pod_namespace, alloc.pod_name) in live:
+                continue
+            log.warning("reconcile: pod %s is not on node %s any more; releasing %s", alloc.pod, self.node.name,
+                        alloc.ip)
+            await self._undo(alloc.container_id, alloc.ifname, veth.host_veth_name(alloc.container_id, alloc.ifname),
+                             release=True)
+        try:
+            await asyncio.to_thread(self.cluster.reconcile, live)
+        except Exception as exc:
+            log.warning("IPPool reconcile skipped: %s", exc)
+
     async def reconcile(self) -> None:
         """At start-up, before serving: finish what an agent killed mid-ADD/DEL left behind.
 
@@ -268,6 +347,8 @@ class CniHandler:
         address is released and its veth removed. A Sanderling veth with neither port nor
         allocation is removed. A completed ADD always has both, so nothing live is touched.
         """
+        if self.cluster is not None:
+            await self._reconcile_with_api()
         names = await asyncio.to_thread(self.db.port_names, self.bridge)
         allocated = set()
         for alloc in await asyncio.to_thread(self.allocator.store.all):

@@ -47,8 +47,9 @@ class Pod:
 
 class LocalNode:
     def __init__(self, name: str, pod_cidr: str, base_dir: Path, prefix: str = "sl", bridge: str = "br-int",
-                 cni_conf_version: str = "1.1.0") -> None:
+                 cni_conf_version: str = "1.1.0", kubeconfig: Path | None = None) -> None:
         self.cni_conf_version = cni_conf_version
+        self.kubeconfig = kubeconfig
         self.name = name
         self.prefix = prefix
         self.network = NodeNetwork.build(name, pod_cidr)
@@ -95,7 +96,8 @@ class LocalNode:
              "--bridge", self.bridge, "--ovs-run-dir", str(self.ovs.run_dir), "--node-netns", self.netns,
              "--state-dir", str(self.dir / "state"), "--cni-socket", str(self.cni_socket),
              "--cni-conf-dir", str(self.dir / "cni" / "net.d"), "--cni-bin-dir", str(self.dir / "cni" / "bin"),
-             "--cni-network", self.cni_network, "--cni-conf-version", self.cni_conf_version],
+             "--cni-network", self.cni_network, "--cni-conf-version", self.cni_conf_version,
+             *(["--kubeconfig", str(self.kubeconfig)] if self.kubeconfig else [])],
             stdout=log, stderr=subprocess.STDOUT)
         log.close()
 

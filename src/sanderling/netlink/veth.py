@@ -138,6 +138,8 @@ def plumb(pod: PodInterface, node_netns: str | None = None, tx_checksum_off: boo
             except NetlinkError as exc:
                 if exc.code != errno.EEXIST:
                     raise
+            if iface.network.prefixlen == 32:  # a pool address: the gateway is on-link, not in a subnet
+                inner.route("replace", dst=f"{pod.gateway}/32", oif=idx, scope=253)
             inner.route("replace", dst="0.0.0.0/0", gateway=pod.gateway, oif=idx)
     except PlumbingError:
         raise

@@ -1,0 +1,112 @@
+"""Addresses from cluster-wide IPPools, allocated through the Kubernetes API.
+
+The pool object's status holds the allocations; every change is a read-modify-write with the
+resourceVersion read (optimistic concurrency), so two nodes can never take the same address.
+The node also records each pool allocation in its local store (pool "ippool/NAME"), which is
+what DEL releases and what the start-up reconcile compares against.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from typing import Any
+
+from sanderling.ipam.allocator import E_EXHAUSTED, E_IP_IN_USE, E_OUTSIDE_POOLS, IpamError, Request
+from sanderling.ipam.store import Allocation, AllocationStore
+from sanderling.kube.client import KubeApi
+from sanderling.model.errors import ModelError
+from sanderling.model.ippool import IPPool
+
+log = logging.getLogger(__name__)
+PREFIX = "ippool/"
+
+
+class ClusterIpam:
+    def __init__(self, api: KubeApi, node: str, store: AllocationStore) -> None:
+        self.api = api
+        self.node = node
+        self.store = store
+
+    def pools(self) -> list[IPPool]:
+        out = []
+        for obj in self.api.pools():
+            try:
+                out.append(IPPool.from_object(obj))
+            except ModelError as exc:
+                log.error("%s", exc)  # one bad pool does not hide the others
+        return sorted(out, key=lambda p: p.name)
+
+    def pool_containing(self, ip: ipaddress.IPv4Address, pools: list[IPPool]) -> IPPool | None:
+        return next((p for p in pools if p.contains(ip)), None)
+
+    def allocate(self, pool: IPPool, req: Request) -> Allocation:
+        owner = {"pod": f"{req.pod_namespace}/{req.pod_name}", "node": self.node, "containerID": req.container_id,
+                 "ifname": req.ifname}
+
+        def change(_obj: Any, allocations: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+            mine = [ip for ip, o in allocations.items()
+                    if o.get("containerID") == req.container_id and o.get("ifname") == req.ifname]
+            if mine:
+                return None, mine[0]
+            if req.ip:
+                holder = allocations.get(req.ip)
+                if holder is not None:
+                    raise IpamError(E_IP_IN_USE, f"requested address {req.ip} of pool {pool.name} is already in use "
+                                                 f"by {holder.get('pod')} on node {holder.get('node')}")
+                allocations[req.ip] = owner
+                return allocations, req.ip
+            for ip in pool.usable():
+                if str(ip) not in allocations:
+                    allocations[str(ip)] = owner
+                    return allocations, str(ip)
+            raise IpamError(E_EXHAUSTED, f"IPPool {pool.name} ({', '.join(map(str, pool.cidrs))}, "
+                                         f"{len(pool.usable())} addresses) is exhausted")
+
+        ip = self.api.update_pool_allocations(pool.name, change)
+        alloc = Allocation(ip, PREFIX + pool.name, req.container_id, req.ifname, req.pod_namespace, req.pod_name,
+                           req.mac)
+        try:
+            with self.store.transaction() as txn:
+                if txn.find(req.container_id, req.ifname) is None:
+                    txn.insert(alloc)
+        except Exception:
+            self.release(alloc)
+            raise
+        return alloc
+
+    def release(self, alloc: Allocation) -> None:
+        pool = alloc.pool[len(PREFIX):]
+
+        def change(_obj: Any, allocations: dict[str, Any]) -> tuple[dict[str, Any] | None, None]:
+            owner = allocations.get(alloc.ip)
+            if owner is None or owner.get("containerID") != alloc.container_id:
+                return None, None
+            del allocations[alloc.ip]
+            return allocations, None
+
+        try:
+            self.api.update_pool_allocations(pool, change)
+        except LookupError:
+            pass  # the pool is gone, and its allocations with it
+
+    def reconcile(self, live: set[tuple[str, str]]) -> int:
+        """Release this node's pool allocations that no local record or live container backs."""
+        local = {(a.container_id, a.ifname) for a in self.store.all()}
+        released = 0
+        for obj in self.api.pools():
+            name = (obj.get("metadata") or {}).get("name", "")
+            for ip, owner in ((obj.get("status") or {}).get("allocations") or {}).items():
+                if owner.get("node") != self.node or (owner.get("containerID"), owner.get("ifname")) in local:
+                    continue
+                log.warning("reconcile: IPPool %s address %s of %s has no local record on %s; releasing", name, ip,
+                            owner.get("pod"), self.node)
+                self.release(Allocation(ip, PREFIX + name, owner.get("containerID", ""), owner.get("ifname", ""),
+                                        "", "", ""))
+                released += 1
+        return released
+
+
+def outside_error(ip: str, node_cidr: str, pools: list[IPPool]) -> IpamError:
+    names = [f"node ({node_cidr})"] + [f"{p.name} ({', '.join(map(str, p.cidrs))})" for p in pools]
+    return IpamError(E_OUTSIDE_POOLS, f"requested address {ip} is outside every pool: {', '.join(names)}")

@@ -1,0 +1,1 @@
+"""The lab's Kubernetes API server: the resources Sanderling consumes, stored in SQLite."""

@@ -1,0 +1,66 @@
+"""`python -m sanderling.lab.apiserver --db PATH --port N [--kubeconfig OUT]`: run the lab API."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from sanderling.lab.apiserver.server import serve
+from sanderling.lab.apiserver.store import Store
+
+
+def write_kubeconfig(path: Path, server: str, name: str = "sanderling-lab") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"""apiVersion: v1
+kind: Config
+clusters:
+- name: {name}
+  cluster:
+    server: {server}
+users:
+- name: {name}
+  user: {{}}
+contexts:
+- name: {name}
+  context:
+    cluster: {name}
+    user: {name}
+    namespace: default
+current-context: {name}
+""")
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    store = Store(args.db)
+    runner = await serve(store, args.host, args.port)
+    if args.kubeconfig:
+        write_kubeconfig(args.kubeconfig, f"http://{args.host}:{args.port}")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print("ready", flush=True)
+    await stop.wait()
+    await runner.cleanup()
+    store.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sanderling.lab.apiserver")
+    p.add_argument("--db", type=Path, required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=6443)
+    p.add_argument("--kubeconfig", type=Path)
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""IPPool (ipam.sanderling.io/v1alpha1): cluster-wide address pools and who may use them.
+
+spec:
+  cidrs: ["10.50.0.0/24"]              # where addresses come from
+  excludes: ["10.50.0.1", "10.50.0.8/29"]
+  namespaceSelector: {matchLabels: {tier: telco}}   # optional: which pods get it by default
+  podSelector: {matchLabels: {app: upf}}
+status:
+  allocations: {"10.50.0.7": {pod: ns/name, node: n1, containerID: ..., ifname: eth0}}
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+from sanderling.model.errors import ModelError
+
+ANNOTATION_IPS = "ipam.sanderling.io/ips"
+ANNOTATION_MAC = "ipam.sanderling.io/mac"
+ANNOTATION_POOL = "ipam.sanderling.io/pool"
+
+
+@dataclass(frozen=True)
+class IPPool:
+    name: str
+    cidrs: tuple[ipaddress.IPv4Network, ...]
+    excludes: tuple[ipaddress.IPv4Network, ...]
+    namespace_labels: tuple[tuple[str, str], ...] | None
+    pod_labels: tuple[tuple[str, str], ...] | None
+
+    @property
+    def size(self) -> int:
+        return sum(n.num_addresses for n in self.cidrs)
+
+    def contains(self, ip: ipaddress.IPv4Address) -> bool:
+        return any(ip in n for n in self.cidrs) and not any(ip in e for e in self.excludes)
+
+    def usable(self) -> list[ipaddress.IPv4Address]:
+        out: list[ipaddress.IPv4Address] = []
+        for net in self.cidrs:
+            hosts = list(net.hosts()) if net.prefixlen < 31 else list(net)
+            out.extend(h for h in hosts if not any(h in e for e in self.excludes))
+        return out
+
+    def selects(self, namespace_labels: dict[str, str], pod_labels: dict[str, str]) -> bool:
+        """A pool with no selector selects nobody by default (it is used by name only)."""
+        if self.namespace_labels is None and self.pod_labels is None:
+            return False
+        ns_ok = self.namespace_labels is None or all(namespace_labels.get(k) == v for k, v in self.namespace_labels)
+        pod_ok = self.pod_labels is None or all(pod_labels.get(k) == v for k, v in self.pod_labels)
+        return ns_ok and pod_ok
+
+    @staticmethod
+    def from_object(obj: dict[str, Any]) -> IPPool:
+        name = (obj.get("metadata") or {}).get("name", "")
+        where = f"ippool/{name}"
+        spec = obj.get("spec") or {}
+        try:
+            cidrs = tuple(ipaddress.IPv4Network(c, strict=False) for c in spec.get("cidrs") or [])
+        except (ValueError, TypeError) as exc:
+            raise ModelError(where, "spec.cidrs", str(exc)) from None
+        if not cidrs:
+            raise ModelError(where, "spec.cidrs", "at least one IPv4 CIDR is required")
+        try:
+            excludes = tuple(ipaddress.IPv4Network(e, strict=False) for e in spec.get("excludes") or [])
+        except (ValueError, TypeError) as exc:
+            raise ModelError(where, "spec.excludes", str(exc)) from None
+        return IPPool(name, cidrs, excludes, _labels(spec.get("namespaceSelector"), where, "spec.namespaceSelector"),
+                      _labels(spec.get("podSelector"), where, "spec.podSelector"))
+
+
+def _labels(selector: Any, where: str, field: str) -> tuple[tuple[str, str], ...] | None:
+    if selector is None:
+        return None
+    if not isinstance(selector, dict) or not isinstance(selector.get("matchLabels", {}), dict):
+        raise ModelError(where, field, "must be {matchLabels: {key: value}}")
+    return tuple(sorted((str(k), str(v)) for k, v in (selector.get("matchLabels") or {}).items()))
+
+
+def parse_ips_annotation(value: str, where: str) -> list[str]:
+    """'10.1.2.3', '10.1.2.3/24' or a JSON list of those."""
+    text = value.strip()
+    items: list[Any]
+    if text.startswith("["):
+        import json
+
+        try:
+            items = json.loads(text)
+        except ValueError:
+            raise ModelError(where, f"annotation {ANNOTATION_IPS}", f"{value!r} is not a JSON list") from None
+    else:
+        items = [p for p in text.replace(" ", "").split(",") if p]
+    out = []
+    for item in items:
+        try:
+            out.append(str(ipaddress.IPv4Interface(str(item)).ip))
+        except ValueError:
+            raise ModelError(where, f"annotation {ANNOTATION_IPS}", f"{item!r} is not an IPv4 address") from None
+    if len(out) > 1:
+        raise ModelError(where, f"annotation {ANNOTATION_IPS}", "one IPv4 address per pod interface (dual-stack later)")
+    return out

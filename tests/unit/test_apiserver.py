@@ -1,0 +1,97 @@
+"""The lab API server speaks enough Kubernetes for lightkube: CRUD, conflicts, selectors, watch."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+from lightkube import ApiError
+from lightkube.resources.core_v1 import Namespace, Pod
+from lightkube.types import PatchType
+
+from sanderling.kube.client import KubeApi
+from sanderling.lab.apiserver.resources import matches_fields, matches_labels
+from sanderling.lab.apiserver.store import merge_patch
+
+
+@pytest.fixture
+def api(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "sanderling.lab.apiserver", "--db", str(tmp_path / "db"),
+                             "--port", str(port), "--kubeconfig", str(tmp_path / "kc"), "--log-level", "WARNING"],
+                            stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+    client = KubeApi(tmp_path / "kc").client
+    client.lab_url = f"http://127.0.0.1:{port}"
+    yield client
+    proc.terminate()
+    proc.wait(10)
+
+
+def mkpod(name, node="n1", labels=None):
+    return Pod.from_dict({"metadata": {"name": name, "namespace": "default", "labels": labels or {}},
+                          "spec": {"nodeName": node, "containers": [{"name": "c", "image": "x"}]}})
+
+
+def test_crud_and_optimistic_concurrency(api):
+    created = api.create(mkpod("a"))
+    assert created.metadata.uid and created.metadata.resourceVersion
+    with pytest.raises(ApiError) as dup:
+        api.create(mkpod("a"))
+    assert dup.value.status.code == 409 and dup.value.status.reason == "AlreadyExists"
+    api.patch(Pod, "a", {"metadata": {"labels": {"x": "1"}}}, namespace="default", patch_type=PatchType.MERGE)
+    with pytest.raises(ApiError) as stale:
+        api.replace(created)  # carries the old resourceVersion
+    assert stale.value.status.code == 409
+    api.delete(Pod, "a", namespace="default")
+    with pytest.raises(ApiError) as gone:
+        api.get(Pod, "a", namespace="default")
+    assert gone.value.status.code == 404
+
+
+def test_label_and_field_selectors(api):
+    api.create(mkpod("a", "n1", {"app": "web"}))
+    api.create(mkpod("b", "n2", {"app": "web"}))
+    api.create(mkpod("c", "n1", {"app": "db"}))
+    assert {p.metadata.name for p in api.list(Pod, namespace="*", labels={"app": "web"})} == {"a", "b"}
+    assert {p.metadata.name for p in api.list(Pod, namespace="*", fields={"spec.nodeName": "n1"})} == {"a", "c"}
+    assert matches_labels({"a": "1", "b": "2"}, "a in (1,3),b!=3,!c")
+    assert not matches_labels({"a": "1"}, "a notin (1)")
+    assert matches_fields({"spec": {"nodeName": "n1"}}, "spec.nodeName=n1")
+
+
+def test_watch_from_resource_version_and_after_compaction(api):
+    first = api.create(mkpod("a"))
+    api.create(mkpod("b"))
+    seen = []
+
+    def watch():
+        for kind, obj in api.watch(Pod, namespace="default", resource_version=first.metadata.resourceVersion):
+            seen.append((kind, obj.metadata.name))
+            if len(seen) == 2:
+                return
+
+    t = threading.Thread(target=watch)
+    t.start()
+    api.delete(Pod, "a", namespace="default")
+    t.join(10)
+    assert seen == [("ADDED", "b"), ("DELETED", "a")]
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(api.lab_url + "/lab/compact", method="POST"), timeout=5).read()
+    with pytest.raises(ApiError) as expired:
+        for _ in api.watch(Pod, namespace="default", resource_version=first.metadata.resourceVersion):
+            break
+    assert expired.value.status.code == 410
+
+
+def test_cluster_scoped_and_merge_patch(api):
+    api.create(Namespace.from_dict({"metadata": {"name": "prod", "labels": {"tier": "a"}}}))
+    api.patch(Namespace, "prod", {"metadata": {"labels": {"tier": None, "zone": "x"}}}, patch_type=PatchType.MERGE)
+    assert api.get(Namespace, "prod").metadata.labels == {"zone": "x"}
+    assert merge_patch({"a": {"b": 1, "c": 2}}, {"a": {"b": None}, "d": 3}) == {"a": {"c": 2}, "d": 3}
