@@ -7,7 +7,7 @@ so the document cannot drift from the code.
 
 from __future__ import annotations
 
-from sanderling.compiler import pods
+from sanderling.compiler import gateway, pods
 from sanderling.model.network import NodeNetwork, PodPort
 from sanderling.openflow import cookies
 from sanderling.openflow.pipeline import PIPELINE
@@ -52,13 +52,16 @@ def render() -> str:
     ]
     for cat in cookies.Category:
         out.append(f"| {cat.name} | {int(cat)} |")
-    flows = pods.static_flows(EXAMPLE_NODE) + [f for p in EXAMPLE_PODS for f in pods.pod_flows(EXAMPLE_NODE, p)]
+    flows = (pods.static_flows(EXAMPLE_NODE) + gateway.gateway_flows(EXAMPLE_NODE)
+             + [f for p in EXAMPLE_PODS for f in pods.pod_flows(EXAMPLE_NODE, p)])
     out += [
         "", "## Example flows", "",
         f"Node `{EXAMPLE_NODE.name}`, pod CIDR {EXAMPLE_NODE.pod_cidr}, gateway {EXAMPLE_NODE.gateway_ip} "
         f"({EXAMPLE_NODE.gateway_mac}); pods "
         + ", ".join(f"`{p.namespace}/{p.name}` {p.ip} {p.mac} on ofport {p.ofport}" for p in EXAMPLE_PODS) + ".",
-        "Shown in `ovs-ofctl add-flow` syntax, generation 1.",
+        "Shown in `ovs-ofctl add-flow` syntax, generation 1. The NODE-category flows exist in routed mode",
+        "(`sanderling-agent --gateway`): the bridge's LOCAL port (4294967294) is the node side of the pod",
+        "gateway, and whatever is not a local pod is routed through the node's kernel.",
     ]
     for i, t in enumerate(PIPELINE.tables):
         table_flows = sorted((f for f in flows if f.table == i), key=lambda f: (-f.priority, f.text()))

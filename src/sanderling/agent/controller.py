@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from sanderling.compiler import gateway as gateway_compiler
 from sanderling.compiler import pods as pod_compiler
 from sanderling.model.errors import ModelError
 from sanderling.model.network import NodeNetwork, PodPort
@@ -21,11 +22,13 @@ from sanderling.openflow.realizer import Realizer
 log = logging.getLogger(__name__)
 
 STATIC_KEY = "pipeline/static"
+GATEWAY_KEY = "node/gateway"
 
 
 class NodeController:
     def __init__(self, node: NodeNetwork, target: str, realizer: Realizer,
-                 list_pods: Callable[[], list[PodPort]], poll_interval: float = 0.2) -> None:
+                 list_pods: Callable[[], list[PodPort]], poll_interval: float = 0.2, gateway: bool = False) -> None:
+        self.gateway = gateway
         self.node = node
         self.target = target
         self.realizer = realizer
@@ -44,6 +47,8 @@ class NodeController:
     def refresh_desired(self, pods: list[PodPort]) -> None:
         """Compile the node's state into the realizer (pure; the realizer drops no-op updates)."""
         self.realizer.set_object(STATIC_KEY, pod_compiler.static_flows(self.node))
+        if self.gateway:
+            self.realizer.set_object(GATEWAY_KEY, gateway_compiler.gateway_flows(self.node))
         seen = set()
         for pod in pods:
             try:

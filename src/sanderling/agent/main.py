@@ -21,6 +21,7 @@ from sanderling.ipam.allocator import Allocator, Pool
 from sanderling.ipam.store import AllocationStore
 from sanderling.model.errors import ModelError
 from sanderling.model.network import NodeNetwork
+from sanderling.netlink.gateway import ensure_gateway
 from sanderling.openflow import cookies
 from sanderling.openflow.pipeline import PIPELINE
 from sanderling.openflow.realizer import Realizer
@@ -56,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kubeconfig", type=Path, default=None,
                    help="Kubernetes API access (in-cluster config when run as a pod); enables pod annotations "
                         "and IPPools")
+    p.add_argument("--gateway", action="store_true",
+                   help="route through the node: the bridge's LOCAL port gets the gateway address (routed mode)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -73,6 +76,11 @@ async def serve(args: argparse.Namespace) -> int:
     log.info("OVSDB %s connected in %.2fs (OVS check %.2fs)", runtime.db_endpoint, time.monotonic() - checked,
              checked - started)
     db.ensure_bridge(args.bridge, args.datapath)
+    if args.gateway:
+        db.set_bridge_hwaddr(args.bridge, node.gateway_mac)
+        # pyroute2's sync API runs its own event loop: keep it off this one
+        await asyncio.to_thread(ensure_gateway, args.bridge, f"{node.gateway_ip}/{node.pod_cidr.prefixlen}",
+                                node.gateway_mac, args.node_netns)
     previous = int(db.bridge_external_ids(args.bridge).get(GENERATION_KEY, "0") or 0)
     generation = cookies.next_generation(previous)
     db.set_bridge_external_id(args.bridge, GENERATION_KEY, str(generation))
@@ -80,7 +88,7 @@ async def serve(args: argparse.Namespace) -> int:
              node.name, args.bridge, node.pod_cidr, generation, previous, len(PIPELINE.tables))
     port_errors: dict[str, str] = {}
     controller = NodeController(node, runtime.mgmt_target(args.bridge), Realizer(generation),
-                                lambda: pods_from_ports(db.ports(args.bridge), port_errors))
+                                lambda: pods_from_ports(db.ports(args.bridge), port_errors), gateway=args.gateway)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, controller.stop)

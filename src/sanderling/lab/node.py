@@ -47,7 +47,8 @@ class Pod:
 
 class LocalNode:
     def __init__(self, name: str, pod_cidr: str, base_dir: Path, prefix: str = "sl", bridge: str = "br-int",
-                 cni_conf_version: str = "1.1.0", kubeconfig: Path | None = None) -> None:
+                 cni_conf_version: str = "1.1.0", kubeconfig: Path | None = None, gateway: bool = False) -> None:
+        self.gateway = gateway
         self.cni_conf_version = cni_conf_version
         self.kubeconfig = kubeconfig
         self.name = name
@@ -97,7 +98,8 @@ class LocalNode:
              "--state-dir", str(self.dir / "state"), "--cni-socket", str(self.cni_socket),
              "--cni-conf-dir", str(self.dir / "cni" / "net.d"), "--cni-bin-dir", str(self.dir / "cni" / "bin"),
              "--cni-network", self.cni_network, "--cni-conf-version", self.cni_conf_version,
-             *(["--kubeconfig", str(self.kubeconfig)] if self.kubeconfig else [])],
+             *(["--kubeconfig", str(self.kubeconfig)] if self.kubeconfig else []),
+             *(["--gateway"] if self.gateway else [])],
             stdout=log, stderr=subprocess.STDOUT)
         log.close()
 
@@ -110,6 +112,28 @@ class LocalNode:
                 self.agent.kill()
                 self.agent.wait(10)
         self.agent = None
+
+    def attach_underlay(self, fabric_netns: str, fabric_bridge: str, ip_cidr: str) -> None:
+        """A veth from this node to the underlay bridge in the fabric namespace."""
+        host_end = f"{self.prefix}{self.name}u"[:15]
+        with ipr(fabric_netns) as fab:
+            if not fab.link_lookup(ifname=host_end):
+                fab.link("add", ifname=host_end, kind="veth", peer={"ifname": "uplinktmp", "net_ns_fd": self.netns})
+            idx = fab.link_lookup(ifname=host_end)[0]
+            fab.link("set", index=idx, master=fab.link_lookup(ifname=fabric_bridge)[0], state="up")
+        with ipr(self.netns) as h:
+            tmp = h.link_lookup(ifname="uplinktmp")
+            if tmp:
+                h.link("set", index=tmp[0], ifname="uplink")
+            idx = h.link_lookup(ifname="uplink")[0]
+            h.link("set", index=idx, state="up")
+            iface = ipaddress.IPv4Interface(ip_cidr)
+            h.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+        self.underlay_ip = str(ipaddress.IPv4Interface(ip_cidr).ip)
+
+    def route(self, cidr: str, via: str) -> None:
+        with ipr(self.netns) as h:
+            h.route("replace", dst=cidr, gateway=via)
 
     def add_pod(self, namespace: str, name: str, ip: str) -> Pod:
         assert self.db is not None

@@ -11,12 +11,14 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 from pyroute2 import IPRoute
 
 CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
 _libc = ctypes.CDLL(None, use_errno=True)
 _cache = threading.local()
 
@@ -86,3 +88,20 @@ def drop_cached() -> None:
     for handle in handles.values():
         handle.close()
     handles.clear()
+
+
+def run_in_netns(ns: str, fn: Callable[[], T]) -> T:
+    """Call fn with this thread inside namespace ns (e.g. to write its /proc/sys/net files)."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        target = os.open(netns_path(ns), os.O_RDONLY)
+        try:
+            _setns(target)
+            try:
+                return fn()
+            finally:
+                _setns(own)
+        finally:
+            os.close(target)
+    finally:
+        os.close(own)

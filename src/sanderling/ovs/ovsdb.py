@@ -117,6 +117,10 @@ class Ovsdb:
     def set_bridge_external_id(self, name: str, key: str, value: str) -> None:
         self._run(self.api.db_set("Bridge", name, ("external_ids", {key: value})))
 
+    def set_bridge_hwaddr(self, name: str, mac: str) -> None:
+        """Pin the MAC of the bridge's LOCAL port (OVS would otherwise pick one of its ports')."""
+        self._run(self.api.db_set("Bridge", name, ("other_config", {"hwaddr": mac})))
+
     def delete_bridge(self, name: str) -> None:
         self._run(self.api.del_br(name, if_exists=True))
 

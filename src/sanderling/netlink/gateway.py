@@ -1,0 +1,35 @@
+"""The node side of the pod gateway: address the bridge's LOCAL interface, turn on forwarding."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from sanderling.netlink.netns import ipr, run_in_netns
+
+
+def _forwarding_on() -> None:
+    with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
+        f.write("1")
+
+
+def ensure_gateway(ifname: str, ip_cidr: str, mac: str, node_netns: str | None = None) -> None:
+    """ifname (the bridge's LOCAL port) gets the gateway MAC and address, comes up, and the
+    node forwards IPv4 (it routes between pods and the underlay)."""
+    iface = ipaddress.IPv4Interface(ip_cidr)
+    with ipr(node_netns) as h:
+        idx = h.link_lookup(ifname=ifname)
+        if not idx:
+            raise RuntimeError(f"gateway interface {ifname} does not exist in {node_netns or 'this namespace'}")
+        h.link("set", index=idx[0], address=mac, state="up")
+        try:
+            h.addr("add", index=idx[0], address=str(iface.ip), prefixlen=iface.network.prefixlen)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise
+    if node_netns:
+        run_in_netns(node_netns, _forwarding_on)
+    else:
+        _forwarding_on()
