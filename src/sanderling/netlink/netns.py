@@ -33,23 +33,30 @@ def _setns(fd: int) -> None:
         raise OSError(err, f"setns: {os.strerror(err)}")
 
 
-def open_ipr(ns: str | None) -> IPRoute:
-    """A new IPRoute whose socket lives in namespace `ns` (a name or a path; None = this one)."""
-    if ns is None:
-        return IPRoute()
+@contextmanager
+def _inside(ns: str) -> Iterator[None]:
+    """This thread inside namespace ns for the duration of the block, then back in its own."""
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
         target = os.open(netns_path(ns), os.O_RDONLY)
         try:
             _setns(target)
             try:
-                return IPRoute()
+                yield
             finally:
                 _setns(own)
         finally:
             os.close(target)
     finally:
         os.close(own)
+
+
+def open_ipr(ns: str | None) -> IPRoute:
+    """A new IPRoute whose socket lives in namespace `ns` (a name or a path; None = this one)."""
+    if ns is None:
+        return IPRoute()
+    with _inside(ns):
+        return IPRoute()
 
 
 @contextmanager
@@ -92,16 +99,5 @@ def drop_cached() -> None:
 
 def run_in_netns(ns: str, fn: Callable[[], T]) -> T:
     """Call fn with this thread inside namespace ns (e.g. to write its /proc/sys/net files)."""
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        target = os.open(netns_path(ns), os.O_RDONLY)
-        try:
-            _setns(target)
-            try:
-                return fn()
-            finally:
-                _setns(own)
-        finally:
-            os.close(target)
-    finally:
-        os.close(own)
+    with _inside(ns):
+        return fn()
