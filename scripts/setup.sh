@@ -18,6 +18,11 @@ if ((${#missing[@]})); then
     apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# kubectl for talking to the lab (Debian ships it as kubernetes-client)
+if ! command -v kubectl >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null
+fi
+
 # The system OVS service is not used: every node runs a private ovsdb-server/ovs-vswitchd.
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from sanderling.cli import bench
+from sanderling.cli import bench, lab
 from sanderling.cli.output import table
 from sanderling.ovs.runtime import SYSTEM_RUNDIR, OvsError, OvsRuntime
 
@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_conformance)
 
     bench.add_parser(sub)
+    lab.add_parser(sub)
     return parser
 
 

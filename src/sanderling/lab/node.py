@@ -47,8 +47,10 @@ class Pod:
 
 class LocalNode:
     def __init__(self, name: str, pod_cidr: str, base_dir: Path, prefix: str = "sl", bridge: str = "br-int",
-                 cni_conf_version: str = "1.1.0", kubeconfig: Path | None = None, gateway: bool = False) -> None:
+                 cni_conf_version: str = "1.1.0", kubeconfig: Path | None = None, gateway: bool = False,
+                 agent_session: bool = False) -> None:
         self.gateway = gateway
+        self.agent_session = agent_session  # the agent outlives this process (`lab up`)
         self.cni_conf_version = cni_conf_version
         self.kubeconfig = kubeconfig
         self.name = name
@@ -100,7 +102,7 @@ class LocalNode:
              "--cni-network", self.cni_network, "--cni-conf-version", self.cni_conf_version,
              *(["--kubeconfig", str(self.kubeconfig)] if self.kubeconfig else []),
              *(["--gateway"] if self.gateway else [])],
-            stdout=log, stderr=subprocess.STDOUT)
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=self.agent_session)
         log.close()
 
     def kill_agent(self, sig: int = signal.SIGKILL) -> None:

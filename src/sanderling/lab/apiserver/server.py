@@ -20,6 +20,11 @@ from sanderling.lab.apiserver.store import ApiError, Store, WatchEvent
 log = logging.getLogger(__name__)
 
 
+def _pb_string(field: int, text: str) -> bytes:
+    data = text.encode()
+    return bytes([(field << 3) | 2, len(data)]) + data
+
+
 def jsonr(body: Any, status: int = 200) -> web.Response:
     """JSON with exactly `application/json`, as kube-apiserver sends it (clients compare it)."""
     return web.Response(body=json.dumps(body).encode(), status=status, headers={"Content-Type": "application/json"})
@@ -40,6 +45,7 @@ class ApiServer:
         self.app.on_shutdown.append(self._end_watches)
         self.app.router.add_get("/version", self.version)
         self.app.router.add_post("/lab/compact", self.compact)
+        self.app.router.add_get("/openapi/v2", self.openapi)
         self.app.router.add_get("/api", self.api_versions)
         self.app.router.add_get("/apis", self.api_groups)
         self.app.router.add_get("/api/{version}", self.resource_list)
@@ -68,6 +74,17 @@ class ApiServer:
         resuming from an old resourceVersion get 410 Gone and must relist."""
         self.store.compact()
         return jsonr({"compactedThrough": self.store.rv})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """An empty schema: kubectl validates against it and finds nothing to object to.
+        kubectl asks for the gnostic protobuf form: swagger="2.0", info{title, version}."""
+        if "protobuf" in request.headers.get("Accept", ""):
+            info = _pb_string(1, "sanderling-lab") + _pb_string(2, "v1")
+            body = _pb_string(1, "2.0") + bytes([0x12, len(info)]) + info
+            return web.Response(body=body, headers={"Content-Type":
+                                                    "application/com.github.proto-openapi.spec.v2.v1.0+protobuf"})
+        return jsonr({"swagger": "2.0", "info": {"title": "sanderling-lab", "version": "v1"}, "paths": {},
+                      "definitions": {}})
 
     async def api_versions(self, request: web.Request) -> web.Response:
         return jsonr({"kind": "APIVersions", "versions": ["v1"],

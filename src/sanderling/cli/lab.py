@@ -1,0 +1,261 @@
+"""`sanderling lab up|down|status|apply|delete|get|exec|check|kubeconfig` (see lab/cluster.py)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sanderling.cli.output import progress, table
+from sanderling.lab.cluster import Lab
+
+KINDS = {  # kubectl-style names -> (lightkube resource path)
+    "pods": ("lightkube.resources.core_v1", "Pod"), "pod": ("lightkube.resources.core_v1", "Pod"),
+    "nodes": ("lightkube.resources.core_v1", "Node"), "node": ("lightkube.resources.core_v1", "Node"),
+    "namespaces": ("lightkube.resources.core_v1", "Namespace"), "ns": ("lightkube.resources.core_v1", "Namespace"),
+    "services": ("lightkube.resources.core_v1", "Service"), "svc": ("lightkube.resources.core_v1", "Service"),
+    "networkpolicies": ("lightkube.resources.networking_v1", "NetworkPolicy"),
+    "ippools": ("sanderling.kube.client", "IPPoolResource"),
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    lab = sub.add_parser("lab", help="a multi-node cluster on this machine, in network namespaces")
+    lab.add_argument("--name", default="sanderling", help="lab name (several labs can coexist)")
+    cmds = lab.add_subparsers(dest="lab_command", required=True)
+    up = cmds.add_parser("up", help="build the lab and start everything")
+    up.add_argument("--nodes", type=int, default=3)
+    up.add_argument("--mode", choices=["routed", "overlay"], default="routed")
+    up.add_argument("--demo", action="store_true", help="also deploy the demo workload and run lab check")
+    cmds.add_parser("down", help="remove every namespace, process, bridge and file of the lab")
+    cmds.add_parser("status", help="nodes, their agents and pods")
+    for verb in ("apply", "delete"):
+        p = cmds.add_parser(verb, help=f"{verb} objects from YAML (multi-document; a file or a directory)")
+        p.add_argument("-f", "--filename", type=Path, required=True)
+    get = cmds.add_parser("get", help="list objects of a kind")
+    get.add_argument("kind")
+    get.add_argument("-n", "--namespace", default=None)
+    ex = cmds.add_parser("exec", help="run a command in a pod's network namespace")
+    ex.add_argument("pod", help="NAMESPACE/POD")
+    ex.add_argument("argv", nargs=argparse.REMAINDER)
+    cmds.add_parser("check", help="probe ICMP and every containerPort between all pods; print the matrix")
+    cmds.add_parser("kubeconfig", help="print the path of the lab's kubeconfig")
+    lab.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    lab = Lab(args.name, progress)
+    cmd = args.lab_command
+    if os.geteuid() != 0 and cmd not in ("kubeconfig",):
+        print("sanderling lab: needs root (it creates network namespaces and OVS instances)", file=sys.stderr)
+        return 1
+    if cmd == "up":
+        lab.up(args.nodes, args.mode)
+        if args.demo:
+            apply(lab, Path(__file__).resolve().parents[1] / "lab" / "demo.yaml")
+            wait_running(lab, 60)
+            return check(lab)
+        return 0
+    if cmd == "down":
+        lab.down()
+        return 0
+    if not lab.state():
+        print(f"sanderling lab: lab {args.name} is not up (`sanderling lab up --name {args.name}`)", file=sys.stderr)
+        return 1
+    if cmd == "kubeconfig":
+        print(lab.kubeconfig)
+        return 0
+    if cmd == "status":
+        return status(lab)
+    if cmd == "apply":
+        return apply(lab, args.filename)
+    if cmd == "delete":
+        return delete(lab, args.filename)
+    if cmd == "get":
+        return get(lab, args.kind, args.namespace)
+    if cmd == "exec":
+        return exec_in_pod(lab, args.pod, [a for a in args.argv if a != "--"])
+    if cmd == "check":
+        return check(lab)
+    return 2
+
+
+def _api(lab: Lab) -> Any:
+    from sanderling.kube.client import KubeApi
+
+    return KubeApi(lab.kubeconfig).client
+
+
+def _resource(kind: str) -> Any:
+    import importlib
+
+    if kind.lower() not in KINDS:
+        raise SystemExit(f"sanderling lab: unknown kind {kind!r}; known: {', '.join(sorted(KINDS))}")
+    module, attr = KINDS[kind.lower()]
+    return getattr(importlib.import_module(module), attr)
+
+
+def _documents(path: Path) -> list[dict[str, Any]]:
+    files = sorted(path.glob("*.yaml")) + sorted(path.glob("*.yml")) if path.is_dir() else [path]
+    docs = []
+    for f in files:
+        try:
+            docs += [d for d in yaml.safe_load_all(f.read_text()) if d]
+        except yaml.YAMLError as exc:
+            raise SystemExit(f"sanderling lab: {f}: not valid YAML: {exc}") from None
+    for d in docs:
+        if not isinstance(d, dict) or "kind" not in d or "apiVersion" not in d:
+            raise SystemExit(f"sanderling lab: {path}: every document needs apiVersion and kind")
+    return docs
+
+
+def apply(lab: Lab, path: Path) -> int:
+    from lightkube import ApiError, codecs
+
+    client = _api(lab)
+    for doc in _documents(path):
+        try:
+            obj = codecs.from_dict(doc)
+        except Exception as exc:
+            print(f"sanderling lab: {doc.get('kind')} {doc.get('metadata', {}).get('name')}: {exc}", file=sys.stderr)
+            return 1
+        name = f"{doc['kind'].lower()}/{doc.get('metadata', {}).get('name')}"
+        try:
+            client.create(obj)
+            print(f"{name} created")
+        except ApiError as exc:
+            if exc.status.code != 409:
+                print(f"sanderling lab: {name}: {exc.status.message}", file=sys.stderr)
+                return 1
+            client.replace(_with_rv(client, obj))
+            print(f"{name} configured")
+    return 0
+
+
+def _with_rv(client: Any, obj: Any) -> Any:
+    current = client.get(type(obj), obj.metadata.name, namespace=obj.metadata.namespace)
+    obj.metadata.resourceVersion = current.metadata.resourceVersion
+    return obj
+
+
+def delete(lab: Lab, path: Path) -> int:
+    from lightkube import ApiError, codecs
+
+    client = _api(lab)
+    for doc in _documents(path):
+        obj = codecs.from_dict(doc)
+        meta = doc.get("metadata") or {}
+        name = f"{doc['kind'].lower()}/{meta.get('name')}"
+        try:
+            client.delete(type(obj), meta.get("name"), namespace=meta.get("namespace"))
+            print(f"{name} deleted")
+        except ApiError as exc:
+            print(f"{name}: {exc.status.message}")
+    return 0
+
+
+def get(lab: Lab, kind: str, namespace: str | None) -> int:
+    res = _resource(kind)
+    client = _api(lab)
+    from lightkube.core.resource import NamespacedResource
+
+    namespaced = isinstance(res, type) and issubclass(res, NamespacedResource)
+    objs = list(client.list(res, namespace=namespace or "*")) if namespaced else list(client.list(res))
+    rows = []
+    for o in objs:
+        d = o.to_dict() if hasattr(o, "to_dict") else dict(o)
+        meta, spec, st = d.get("metadata", {}), d.get("spec") or {}, d.get("status") or {}
+        rows.append((meta.get("namespace", ""), meta.get("name"), st.get("phase", ""), st.get("podIP", ""),
+                     spec.get("nodeName", spec.get("podCIDR", ""))))
+    print(table(["namespace", "name", "phase", "ip", "node/podCIDR"], rows))
+    return 0
+
+
+def _sandbox(lab: Lab, ns: str, pod: str) -> str:
+    from lightkube.resources.core_v1 import Pod
+
+    node = _api(lab).get(Pod, pod, namespace=ns).spec.nodeName
+    netns = {n["name"]: n["netns"] for n in lab.state()["nodes"]}[node]
+    return f"{netns}-{ns}-{pod}"[:60]
+
+
+def exec_in_pod(lab: Lab, pod: str, argv: list[str]) -> int:
+    if "/" not in pod or not argv:
+        print("usage: sanderling lab exec NAMESPACE/POD -- COMMAND...", file=sys.stderr)
+        return 2
+    ns, name = pod.split("/", 1)
+    return subprocess.run(["ip", "netns", "exec", _sandbox(lab, ns, name), *argv]).returncode
+
+
+def status(lab: Lab) -> int:
+    from lightkube.resources.core_v1 import Pod
+
+    state = lab.state()
+    pods = list(_api(lab).list(Pod, namespace="*"))
+    rows = []
+    for n in state["nodes"]:
+        alive = _alive(n["agent_pid"])
+        count = sum(1 for p in pods if p.spec and p.spec.nodeName == n["name"])
+        rows.append((n["name"], n["pod_cidr"], n["underlay_ip"], "running" if alive else "DOWN", count))
+    print(f"lab {lab.name}: mode {state['mode']}, API http://127.0.0.1:{state['api_port']} "
+          f"(control plane {'running' if _alive(state['controlplane_pid']) else 'DOWN'})")
+    print(table(["node", "pod CIDR", "underlay", "agent", "pods"], rows))
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except (ProcessLookupError, TypeError):
+        return False
+
+
+def wait_running(lab: Lab, timeout: float) -> None:
+    import time
+
+    from lightkube.resources.core_v1 import Pod
+
+    deadline = time.monotonic() + timeout
+    client = _api(lab)
+    while time.monotonic() < deadline:
+        pods = list(client.list(Pod, namespace="*"))
+        if pods and all(p.status and p.status.phase == "Running" for p in pods):
+            return
+        time.sleep(0.3)
+    progress("some pods are not Running yet")
+
+
+def check(lab: Lab) -> int:
+    from lightkube.resources.core_v1 import Pod
+
+    from sanderling.lab import check as probe
+
+    pods = [p.to_dict() for p in _api(lab).list(Pod, namespace="*")]
+    node_netns = {n["name"]: n["netns"] for n in lab.state()["nodes"]}
+    targets = probe.targets(pods, node_netns)
+    progress(f"probing {len(targets)} pods ({sum(len(t.probes) for t in targets) * (len(targets) - 1)} probes)")
+    results = probe.matrix(targets)
+    names = [t.key for t in targets]
+    rows = []
+    failed = 0
+    for src in names:
+        row = [src]
+        for dst in names:
+            if src == dst:
+                row.append("-")
+                continue
+            outcome = results[(src, dst)]
+            bad = [what for what, ok in outcome if not ok]
+            failed += len(bad)
+            row.append("ok" if not bad else "FAIL " + ",".join(bad))
+        rows.append(row)
+    print(table(["from \\ to", *names], rows))
+    total = sum(len(v) for v in results.values())
+    print(f"{total - failed} of {total} probes succeeded")
+    return 0 if failed == 0 and total > 0 else 1

@@ -1,0 +1,49 @@
+"""`sanderling lab check`: every pod probes every other pod (ICMP and each containerPort)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Target:
+    key: str
+    ip: str
+    sandbox: str
+    probes: tuple[tuple[str, int], ...]  # ("icmp", 0), ("tcp", 8080), ...
+
+
+def targets(pods: list[dict[str, Any]], node_netns: dict[str, str]) -> list[Target]:
+    out = []
+    for pod in pods:
+        meta, spec, status = pod["metadata"], pod.get("spec") or {}, pod.get("status") or {}
+        if status.get("phase") != "Running" or not status.get("podIP"):
+            continue
+        ports = [("tcp" if p.get("protocol", "TCP") == "TCP" else p["protocol"].lower(), int(p["containerPort"]))
+                 for c in spec.get("containers") or [] for p in c.get("ports") or []]
+        prefix = node_netns.get(spec.get("nodeName", ""), "")
+        out.append(Target(f"{meta['namespace']}/{meta['name']}", status["podIP"],
+                          f"{prefix}-{meta['namespace']}-{meta['name']}"[:60], (("icmp", 0), *ports)))
+    return out
+
+
+def probe(src: Target, dst: Target, proto: str, port: int) -> bool:
+    if proto == "icmp":
+        argv = ["ping", "-c", "1", "-W", "1", dst.ip]
+    else:
+        argv = [sys.executable, "-m", "sanderling.probe", "connect", proto, dst.ip, str(port), "--timeout", "1"]
+    return subprocess.run(["ip", "netns", "exec", src.sandbox, *argv], capture_output=True).returncode == 0
+
+
+def matrix(pods: list[Target]) -> dict[tuple[str, str], list[tuple[str, bool]]]:
+    jobs = [(s, d, proto, port) for s in pods for d in pods if s is not d for proto, port in d.probes]
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda j: probe(*j), jobs))
+    out: dict[tuple[str, str], list[tuple[str, bool]]] = {}
+    for (s, d, proto, port), ok in zip(jobs, results, strict=True):
+        out.setdefault((s.key, d.key), []).append((proto if proto == "icmp" else f"{proto}/{port}", ok))
+    return out

@@ -1,0 +1,123 @@
+"""A lab kubelet: runs the pods the scheduler placed on one node.
+
+For each pod: a network namespace as its sandbox, CNI ADD exactly as a container runtime calls
+it (the node's installed plugin binary, conflist config, CNI_* environment with the K8S_*
+arguments), the pod's IP written to its status, and its workload started inside the sandbox:
+the built-in probe server on every containerPort (TCP and UDP) answering with the pod's name,
+or the pod's own command. Deleting the pod stops the workload, calls CNI DEL and removes the
+sandbox. Container images are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sanderling.netlink import veth
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NodeRuntime:
+    """Where one lab node's CNI plugin and agent live."""
+
+    name: str
+    cni_bin: Path
+    cni_conf: Path
+    netns_prefix: str
+
+
+@dataclass
+class RunningPod:
+    netns: str
+    container_id: str
+    workload: subprocess.Popen[bytes] | None = None
+
+
+@dataclass
+class Kubelet:
+    node: NodeRuntime
+    pods: dict[str, RunningPod] = field(default_factory=dict)
+
+    def sandbox_name(self, namespace: str, name: str) -> str:
+        return f"{self.node.netns_prefix}-{namespace}-{name}"[:60]
+
+    def _cni(self, command: str, namespace: str, name: str, cid: str, netns: str) -> tuple[int, dict[str, Any]]:
+        conflist = json.loads(self.node.cni_conf.read_text())
+        plugin = conflist["plugins"][0]
+        conf = {"cniVersion": conflist["cniVersion"], "name": conflist["name"], **plugin}
+        env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": netns, "CNI_IFNAME": "eth0",
+               "CNI_PATH": str(self.node.cni_bin.parent),
+               "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};"
+                           f"K8S_POD_INFRA_CONTAINER_ID={cid}"}
+        proc = subprocess.run([str(self.node.cni_bin)], input=json.dumps(conf), env=env, capture_output=True,
+                              text=True, timeout=120)
+        try:
+            out = json.loads(proc.stdout) if proc.stdout.strip() else {}
+        except ValueError:
+            out = {"msg": proc.stdout[:300]}
+        return proc.returncode, out
+
+    def start(self, pod: dict[str, Any]) -> dict[str, Any]:
+        """Run the pod; return the status to record (Running with its IP, or Pending with why)."""
+        meta = pod["metadata"]
+        key = f"{meta['namespace']}/{meta['name']}"
+        netns_name = self.sandbox_name(meta["namespace"], meta["name"])
+        cid = meta.get("uid", key).replace("-", "")[:32]
+        veth.ensure_netns(netns_name)
+        code, out = self._cni("ADD", meta["namespace"], meta["name"], cid, f"/var/run/netns/{netns_name}")
+        if code != 0:
+            self._cni("DEL", meta["namespace"], meta["name"], cid, f"/var/run/netns/{netns_name}")
+            veth.delete_netns(netns_name)
+            log.warning("pod %s: CNI ADD failed: %s", key, out.get("msg"))
+            return {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"},
+                                                       {"type": "Ready", "status": "False",
+                                                        "reason": "NetworkSetupFailed",
+                                                        "message": str(out.get("msg", out))}]}
+        ip = out["ips"][0]["address"].split("/")[0]
+        running = RunningPod(netns_name, cid)
+        running.workload = self._workload(pod, netns_name)
+        self.pods[key] = running
+        log.info("pod %s running on %s with %s", key, self.node.name, ip)
+        return {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+                "conditions": [{"type": "Ready", "status": "True"}]}
+
+    def _workload(self, pod: dict[str, Any], netns_name: str) -> subprocess.Popen[bytes] | None:
+        containers = (pod.get("spec") or {}).get("containers") or []
+        command = next((c.get("command", []) + c.get("args", []) for c in containers if c.get("command")), None)
+        if command:
+            argv = command
+        else:
+            tcp = [str(p["containerPort"]) for c in containers for p in c.get("ports") or []
+                   if p.get("protocol", "TCP") == "TCP"]
+            udp = [str(p["containerPort"]) for c in containers for p in c.get("ports") or []
+                   if p.get("protocol") == "UDP"]
+            if not tcp and not udp:
+                return None
+            argv = [sys.executable, "-m", "sanderling.probe", "serve", "--name", pod["metadata"]["name"]]
+            argv += [a for p in tcp for a in ("--tcp", p)] + [a for p in udp for a in ("--udp", p)]
+        return subprocess.Popen(["ip", "netns", "exec", netns_name, *argv], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+
+    def stop(self, namespace: str, name: str, uid: str = "") -> None:
+        key = f"{namespace}/{name}"
+        running = self.pods.pop(key, None)
+        netns_name = self.sandbox_name(namespace, name)
+        cid = running.container_id if running else (uid or key).replace("-", "")[:32]
+        if running and running.workload and running.workload.poll() is None:
+            running.workload.kill()
+            running.workload.wait(10)
+        self._cni("DEL", namespace, name, cid, f"/var/run/netns/{netns_name}")
+        veth.delete_netns(netns_name)
+        log.info("pod %s stopped on %s", key, self.node.name)
+
+    def stop_all(self) -> None:
+        for key in list(self.pods):
+            namespace, name = key.split("/", 1)
+            self.stop(namespace, name)
