@@ -53,7 +53,8 @@ def _ping_stats(output: str) -> tuple[int, int]:
 
 def test_agent_kill_9_under_traffic_loses_nothing(node):
     a, b = _pods(node)
-    ping = subprocess.Popen(["ip", "netns", "exec", a.netns, "ping", "-i", "0.01", "-w", "4", "-W", "1", b.ip],
+    # -c, not -w: a deadline can end ping with its last request still in flight
+    ping = subprocess.Popen(["ip", "netns", "exec", a.netns, "ping", "-i", "0.01", "-c", "300", "-W", "1", b.ip],
                             stdout=subprocess.PIPE, text=True)
     time.sleep(0.8)
     node.kill_agent()  # SIGKILL

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +26,7 @@ from sanderling.lab.node import LocalNode, teardown_prefix
 from sanderling.netlink import veth
 from sanderling.netlink.netns import ipr
 from sanderling.ovs.runtime import OvsRuntime
+from sanderling.process import terminate
 
 STATE_ROOT = Path("/run/sanderling-lab")
 CLUSTER_CIDR = ipaddress.IPv4Network("10.244.0.0/16")
@@ -139,22 +138,7 @@ class Lab:
 
 
 def _kill(pid: int) -> None:
-    if not pid:
-        return
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    for _ in range(50):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    terminate(pid, timeout=5.0)
 
 
 def _netns_with_prefix(prefix: str) -> list[str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 from sanderling.lab.apiserver.server import serve
 from sanderling.lab.apiserver.store import ApiError, Store, WatchEvent
 from sanderling.lab.kubelet import Kubelet, NodeRuntime
+from sanderling.process import until_signalled
 
 log = logging.getLogger("sanderling.lab.controlplane")
 PODS, NODES = "/pods", "/nodes"
@@ -122,12 +122,7 @@ async def main_async(args: argparse.Namespace) -> int:
     plane = ControlPlane(store)
     plane.start()
     task = asyncio.create_task(plane.run())
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print("ready", flush=True)
-    await stop.wait()
+    await until_signalled()
     task.cancel()
     await runner.cleanup()
     store.close()

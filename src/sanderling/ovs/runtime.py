@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from sanderling.process import terminate
 
 SYSTEM_RUNDIR = Path("/var/run/openvswitch")
 SCHEMA = Path("/usr/share/openvswitch/vswitch.ovsschema")
@@ -171,19 +172,7 @@ class OvsRuntime:
         pid = self._pid(daemon)
         if pid is None:
             return
-        try:
-            os.kill(pid, signal.SIGKILL if hard else signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.02)
-        else:
-            os.kill(pid, signal.SIGKILL)
+        terminate(pid, hard=hard)
         for leftover in (self.run_dir / f"{daemon}.pid",):
             leftover.unlink(missing_ok=True)
         if daemon == "ovs-vswitchd":

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 from pathlib import Path
 
 from sanderling.lab.apiserver.server import serve
 from sanderling.lab.apiserver.store import Store
+from sanderling.process import until_signalled
 
 
 def write_kubeconfig(path: Path, server: str, name: str = "sanderling-lab") -> None:
@@ -39,12 +39,7 @@ async def main_async(args: argparse.Namespace) -> int:
     runner = await serve(store, args.host, args.port)
     if args.kubeconfig:
         write_kubeconfig(args.kubeconfig, f"http://{args.host}:{args.port}")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print("ready", flush=True)
-    await stop.wait()
+    await until_signalled()
     await runner.cleanup()
     store.close()
     return 0

@@ -1,0 +1,39 @@
+"""Small process helpers shared by every layer: stop a pid, wait for a shutdown signal."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+
+def terminate(pid: int, timeout: float = 10.0, hard: bool = False) -> None:
+    """SIGTERM (or SIGKILL when hard) and wait; SIGKILL if it is still there after timeout."""
+    if pid <= 0:
+        return
+    try:
+        os.kill(pid, signal.SIGKILL if hard else signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.02)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+async def until_signalled() -> None:
+    """Print `ready` (parents wait for that line) and return on SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print("ready", flush=True)
+    await stop.wait()
