@@ -1,0 +1,95 @@
+"""bench throughput: iperf3 TCP between pods through the full pipeline vs a kernel Linux bridge.
+
+Two lab nodes (routed mode, userspace datapath with userspace TSO): pod to pod on one node, and
+pod to pod across the underlay. Reference in the same run: two namespaces on a kernel Linux
+bridge with default offloads, as a user would have it. One iperf3 stream each, `seconds` long.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sanderling.lab.node import LocalNode, teardown_prefix
+from sanderling.netlink import veth
+from sanderling.netlink.netns import ipr
+
+PREFIX = "slthr"
+FABRIC = f"{PREFIX}-fabric"
+BRIDGE_NS = f"{PREFIX}-br"
+
+
+def _iperf(client_ns: str, server_ns: str, server_ip: str, seconds: int) -> float:
+    server = subprocess.Popen(["ip", "netns", "exec", server_ns, "iperf3", "-s", "-1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        out = subprocess.run(["ip", "netns", "exec", client_ns, "iperf3", "-c", server_ip, "-t", str(seconds), "-J"],
+                             capture_output=True, text=True, timeout=seconds + 30)
+        result = json.loads(out.stdout)
+        if "error" in result:
+            raise RuntimeError(f"iperf3 {client_ns} -> {server_ip}: {result['error']}")
+        return float(result["end"]["sum_received"]["bits_per_second"]) / 1e9
+    finally:
+        server.kill()
+        server.wait()
+
+
+def _bridge_reference(seconds: int) -> float:
+    teardown_prefix(BRIDGE_NS)
+    veth.ensure_netns(BRIDGE_NS)
+    with ipr(BRIDGE_NS) as h:
+        h.link("add", ifname="br0", kind="bridge")
+        h.link("set", index=h.link_lookup(ifname="br0")[0], state="up")
+    for i, ip in ((1, "10.199.0.1/24"), (2, "10.199.0.2/24")):
+        veth.plumb(veth.PodInterface(f"{BRIDGE_NS}-p{i}", f"brv{i}", ip, f"0a:00:00:00:99:0{i}", "10.199.0.254"),
+                   node_netns=BRIDGE_NS)
+        with ipr(BRIDGE_NS) as h:
+            h.link("set", index=h.link_lookup(ifname=f"brv{i}")[0], master=h.link_lookup(ifname="br0")[0])
+    try:
+        return _iperf(f"{BRIDGE_NS}-p1", f"{BRIDGE_NS}-p2", "10.199.0.2", seconds)
+    finally:
+        teardown_prefix(BRIDGE_NS)
+
+
+def run(seconds: int = 5, progress: Callable[[str], None] = lambda _m: None, **_: Any) -> dict[str, Any]:
+    for prefix in (f"{PREFIX}-n1", f"{PREFIX}-n2", FABRIC, BRIDGE_NS):
+        teardown_prefix(prefix)
+    base = Path(tempfile.mkdtemp(prefix="sanderling-bench-thr-"))
+    nodes: list[LocalNode] = []
+    try:
+        progress("two lab nodes (routed, userspace datapath with userspace TSO)")
+        veth.ensure_netns(FABRIC)
+        with ipr(FABRIC) as fab:
+            fab.link("add", ifname="fabric0", kind="bridge")
+            fab.link("set", index=fab.link_lookup(ifname="fabric0")[0], state="up")
+        for i in (1, 2):
+            node = LocalNode(f"n{i}", f"10.244.{40 + i}.0/24", base, prefix=PREFIX, gateway=True)
+            node.start()
+            node.attach_underlay(FABRIC, "fabric0", f"172.31.251.{10 + i}/24")
+            nodes.append(node)
+        n1, n2 = nodes
+        n1.route("10.244.42.0/24", n2.underlay_ip)
+        n2.route("10.244.41.0/24", n1.underlay_ip)
+        a, b = n1.add_pod("bench", "a", "10.244.41.10"), n1.add_pod("bench", "b", "10.244.41.11")
+        c = n2.add_pod("bench", "c", "10.244.42.10")
+        for node, pod in ((n1, a), (n1, b), (n2, c)):
+            node.wait_programmed(pod)
+        progress(f"iperf3 {seconds}s: same node")
+        same = _iperf(a.netns, b.netns, b.ip, seconds)
+        progress(f"iperf3 {seconds}s: across nodes")
+        cross = _iperf(a.netns, c.netns, c.ip, seconds)
+    finally:
+        for node in nodes:
+            node.teardown()
+        teardown_prefix(FABRIC)
+    progress(f"iperf3 {seconds}s: kernel Linux bridge reference")
+    bridge = _bridge_reference(seconds)
+    return {"benchmark": "throughput", "seconds": seconds, "same_node_gbps": round(same, 2),
+            "cross_node_gbps": round(cross, 2), "bridge_gbps": round(bridge, 2),
+            "ratio_same_node": round(same / bridge, 3), "floors": {"ratio_same_node": [">=", 0.6]}}
