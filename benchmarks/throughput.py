@@ -15,12 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sanderling.lab import fabric
 from sanderling.lab.node import LocalNode, teardown_prefix
 from sanderling.netlink import veth
 from sanderling.netlink.netns import ipr
 
 PREFIX = "slthr"
-FABRIC = f"{PREFIX}-fabric"
 BRIDGE_NS = f"{PREFIX}-br"
 
 
@@ -58,24 +58,13 @@ def _bridge_reference(seconds: int) -> float:
 
 
 def run(seconds: int = 5, progress: Callable[[str], None] = lambda _m: None, **_: Any) -> dict[str, Any]:
-    for prefix in (f"{PREFIX}-n1", f"{PREFIX}-n2", FABRIC, BRIDGE_NS):
-        teardown_prefix(prefix)
+    teardown_prefix(BRIDGE_NS)
     base = Path(tempfile.mkdtemp(prefix="sanderling-bench-thr-"))
     nodes: list[LocalNode] = []
     try:
         progress("two lab nodes (routed, userspace datapath with userspace TSO)")
-        veth.ensure_netns(FABRIC)
-        with ipr(FABRIC) as fab:
-            fab.link("add", ifname="fabric0", kind="bridge")
-            fab.link("set", index=fab.link_lookup(ifname="fabric0")[0], state="up")
-        for i in (1, 2):
-            node = LocalNode(f"n{i}", f"10.244.{40 + i}.0/24", base, prefix=PREFIX, gateway=True)
-            node.start()
-            node.attach_underlay(FABRIC, "fabric0", f"172.31.251.{10 + i}/24")
-            nodes.append(node)
+        nodes = fabric.routed_nodes(PREFIX, base, ["10.244.41.0/24", "10.244.42.0/24"], "172.31.251.0/24")
         n1, n2 = nodes
-        n1.route("10.244.42.0/24", n2.underlay_ip)
-        n2.route("10.244.41.0/24", n1.underlay_ip)
         a, b = n1.add_pod("bench", "a", "10.244.41.10"), n1.add_pod("bench", "b", "10.244.41.11")
         c = n2.add_pod("bench", "c", "10.244.42.10")
         for node, pod in ((n1, a), (n1, b), (n2, c)):
@@ -85,9 +74,7 @@ def run(seconds: int = 5, progress: Callable[[str], None] = lambda _m: None, **_
         progress(f"iperf3 {seconds}s: across nodes")
         cross = _iperf(a.netns, c.netns, c.ip, seconds)
     finally:
-        for node in nodes:
-            node.teardown()
-        teardown_prefix(FABRIC)
+        fabric.teardown(PREFIX, nodes)
     progress(f"iperf3 {seconds}s: kernel Linux bridge reference")
     bridge = _bridge_reference(seconds)
     return {"benchmark": "throughput", "seconds": seconds, "same_node_gbps": round(same, 2),

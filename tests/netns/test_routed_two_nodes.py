@@ -8,9 +8,7 @@ import time
 
 import pytest
 
-from sanderling.lab.node import LocalNode, teardown_prefix
-from sanderling.netlink import veth
-from sanderling.netlink.netns import ipr
+from sanderling.lab import fabric
 
 from ..conftest import require_ovs
 from .conftest import require_root
@@ -22,28 +20,11 @@ FABRIC = "slrt-fabric"
 def routed(tmp_path):
     require_root()
     require_ovs()
-    for prefix in ("slrt-n1", "slrt-n2", FABRIC):
-        teardown_prefix(prefix)
-    veth.ensure_netns(FABRIC)
-    with ipr(FABRIC) as fab:
-        fab.link("add", ifname="fabric0", kind="bridge")
-        fab.link("set", index=fab.link_lookup(ifname="fabric0")[0], state="up")
-    nodes = []
-    for i in (1, 2):
-        node = LocalNode(f"n{i}", f"10.244.{30 + i}.0/24", tmp_path, prefix="slrt", gateway=True)
-        node.start()
-        node.attach_underlay(FABRIC, "fabric0", f"172.31.250.{10 + i}/24")
-        nodes.append(node)
-    n1, n2 = nodes
-    n1.route("10.244.32.0/24", n2.underlay_ip)
-    n2.route("10.244.31.0/24", n1.underlay_ip)
+    nodes = fabric.routed_nodes("slrt", tmp_path, ["10.244.31.0/24", "10.244.32.0/24"], "172.31.250.0/24")
     for node in nodes:
         node.wait_ready()
-    yield n1, n2
-    for node in nodes:
-        node.teardown()
-    teardown_prefix(FABRIC)
-
+    yield nodes[0], nodes[1]
+    fabric.teardown("slrt", nodes)
 
 def test_pods_on_two_nodes_talk_routed_without_encapsulation_or_nat(routed):
     n1, n2 = routed
@@ -65,6 +46,10 @@ def test_pods_on_two_nodes_talk_routed_without_encapsulation_or_nat(routed):
     assert any(f"{b.ip}.8080 > {a.ip}" in line or f"{b.ip} > {a.ip}" in line for line in lines), lines
     assert not any("VXLAN" in line or ".4789" in line or "GENEVE" in line for line in lines), lines
     assert not any("172.31.250." in line.split(">")[0] for line in lines if " IP " in line), lines  # no SNAT
+    # and the traffic went through br-int's pipeline to the gateway, not around it via the node kernel
+    routed = n1.ovs.ofctl(n1.bridge, "dump-flows", "table=3,ip")
+    default_route = [line for line in routed.splitlines() if "priority=10," in line]
+    assert default_route and "n_packets=0," not in default_route[0], routed
 
 
 def test_pod_to_other_node_and_node_to_pod(routed):

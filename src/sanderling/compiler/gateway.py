@@ -14,6 +14,9 @@ from sanderling.openflow.pipeline import PIPELINE, Pipeline
 from sanderling.openflow.registers import FROM_GATEWAY, TARGET_OFPORT
 
 PRIO_DEFAULT_ROUTE = 10
+# output:reg takes the register as OVS's internal 16-bit port number, where LOCAL is 0xfffe
+# (the 32-bit OpenFlow 1.3 OFPP_LOCAL, 0xfffffffe, would name no port and silently drop).
+LOCAL_PORT_16 = 0xFFFE
 
 
 def gateway_flows(node: NodeNetwork, pipeline: Pipeline = PIPELINE) -> list[ir.Flow]:
@@ -24,5 +27,5 @@ def gateway_flows(node: NodeNetwork, pipeline: Pipeline = PIPELINE) -> list[ir.F
                 (FROM_GATEWAY.load(), ir.Goto(pipeline.next_of("SpoofGuard"))), cookie),
         # everything routed that is not a local pod goes to the node
         ir.Flow(pipeline["L3Forwarding"], PRIO_DEFAULT_ROUTE, ir.match(proto="ip", dl_dst=node.gateway_mac),
-                (TARGET_OFPORT.load(ir.LOCAL), ir.Goto(pipeline["Output"])), cookie),
+                (TARGET_OFPORT.load(LOCAL_PORT_16), ir.Goto(pipeline["Output"])), cookie),
     ]

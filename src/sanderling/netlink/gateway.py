@@ -13,6 +13,12 @@ from sanderling.netlink.netns import ipr, run_in_netns
 def _forwarding_on() -> None:
     with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
         f.write("1")
+    # The node owns the gateway address; with the default arp_ignore=0 its kernel would also answer
+    # a pod's ARP for it on the pod's veth, racing the OVS ARP responder with the veth's MAC (and
+    # winning: frames to that MAC are then not routed). Answer only on the interface owning the IP.
+    for scope in ("all", "default"):
+        with open(f"/proc/sys/net/ipv4/conf/{scope}/arp_ignore", "w") as f:
+            f.write("1")
 
 
 def ensure_gateway(ifname: str, ip_cidr: str, mac: str, node_netns: str | None = None) -> None:

@@ -1,0 +1,44 @@
+"""An underlay bridge in its own namespace, and routed nodes attached to it (tests, benches, lab)."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from sanderling.lab.node import LocalNode, teardown_prefix
+from sanderling.netlink import veth
+from sanderling.netlink.netns import ipr
+
+BRIDGE = "fabric0"
+
+
+def make_fabric(netns: str) -> None:
+    teardown_prefix(netns)
+    veth.ensure_netns(netns)
+    with ipr(netns) as fab:
+        fab.link("add", ifname=BRIDGE, kind="bridge")
+        fab.link("set", index=fab.link_lookup(ifname=BRIDGE)[0], state="up")
+
+
+def routed_nodes(prefix: str, base: Path, pod_cidrs: list[str], underlay: str) -> list[LocalNode]:
+    """Nodes in routed mode on a fresh fabric `<prefix>-fabric`, each routing to the others' pod subnets."""
+    net = ipaddress.IPv4Network(underlay)
+    make_fabric(f"{prefix}-fabric")
+    nodes = []
+    for i, cidr in enumerate(pod_cidrs, start=1):
+        teardown_prefix(f"{prefix}-n{i}")
+        node = LocalNode(f"n{i}", cidr, base, prefix=prefix, gateway=True)
+        node.start()
+        node.attach_underlay(f"{prefix}-fabric", BRIDGE, f"{net.network_address + 10 + i}/{net.prefixlen}")
+        nodes.append(node)
+    for node in nodes:
+        for other in nodes:
+            if other is not node:
+                node.route(str(other.network.pod_cidr), other.underlay_ip)
+    return nodes
+
+
+def teardown(prefix: str, nodes: list[LocalNode]) -> None:
+    for node in nodes:
+        node.teardown()
+    teardown_prefix(f"{prefix}-fabric")
