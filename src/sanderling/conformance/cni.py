@@ -34,6 +34,7 @@ from sanderling.lab.node import LocalNode, teardown_prefix
 from sanderling.netlink import veth
 
 PREFIX = "slconf"
+SANDBOX_PREFIX = "slconfc-"  # the checks' sandboxes; distinct from the node's "slconf-n1..."
 STEP_KEYS = {"env", "env_only", "env_unset", "stdin", "stdin_patch", "stdin_raw"}
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS")
 FAKE_PREV = {"cniVersion": "1.1.0", "interfaces": [{"name": "prev0", "mac": "0a:00:00:00:00:99"}],
@@ -83,7 +84,7 @@ class CniRunner:
         return conf
 
     def netns_for(self, container_id: str) -> str:
-        name = f"{PREFIX}-{re.sub(r'[^A-Za-z0-9_.-]', '_', container_id)[:30]}"
+        name = f"{SANDBOX_PREFIX}{re.sub(r'[^A-Za-z0-9_.-]', '_', container_id)[:30]}"
         veth.ensure_netns(name)
         return f"/var/run/netns/{name}"
 
@@ -497,7 +498,7 @@ def wait_until(predicate: Any, timeout: float) -> bool:
 
 def teardown_prefix_pods() -> None:
     for name in os.listdir("/var/run/netns") if os.path.isdir("/var/run/netns") else []:
-        if name.startswith(PREFIX + "-") and not name.startswith(PREFIX + "-n"):
+        if name.startswith(SANDBOX_PREFIX):
             veth.delete_netns(name)
 
 
