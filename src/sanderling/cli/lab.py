@@ -27,28 +27,33 @@ KINDS = {  # kubectl-style names -> (lightkube resource path)
 def add_parser(sub: argparse._SubParsersAction) -> None:
     lab = sub.add_parser("lab", help="a multi-node cluster on this machine, in network namespaces")
     lab.add_argument("--name", default="sanderling", help="lab name (several labs can coexist)")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--name", dest="sub_name", default=None, help="lab name (default sanderling)")
     cmds = lab.add_subparsers(dest="lab_command", required=True)
-    up = cmds.add_parser("up", help="build the lab and start everything")
+    up = cmds.add_parser("up", parents=[common], help="build the lab and start everything")
     up.add_argument("--nodes", type=int, default=3)
     up.add_argument("--mode", choices=["routed", "overlay"], default="routed")
     up.add_argument("--demo", action="store_true", help="also deploy the demo workload and run lab check")
-    cmds.add_parser("down", help="remove every namespace, process, bridge and file of the lab")
-    cmds.add_parser("status", help="nodes, their agents and pods")
+    cmds.add_parser("down", parents=[common], help="remove every namespace, process, bridge and file of the lab")
+    cmds.add_parser("status", parents=[common], help="nodes, their agents and pods")
     for verb in ("apply", "delete"):
-        p = cmds.add_parser(verb, help=f"{verb} objects from YAML (multi-document; a file or a directory)")
+        p = cmds.add_parser(verb, parents=[common],
+                            help=f"{verb} objects from YAML (multi-document; a file or a directory)")
         p.add_argument("-f", "--filename", type=Path, required=True)
-    get = cmds.add_parser("get", help="list objects of a kind")
+    get = cmds.add_parser("get", parents=[common], help="list objects of a kind")
     get.add_argument("kind")
     get.add_argument("-n", "--namespace", default=None)
-    ex = cmds.add_parser("exec", help="run a command in a pod's network namespace")
+    ex = cmds.add_parser("exec", parents=[common], help="run a command in a pod's network namespace")
     ex.add_argument("pod", help="NAMESPACE/POD")
     ex.add_argument("argv", nargs=argparse.REMAINDER)
-    cmds.add_parser("check", help="probe ICMP and every containerPort between all pods; print the matrix")
-    cmds.add_parser("kubeconfig", help="print the path of the lab's kubeconfig")
+    cmds.add_parser("check", parents=[common],
+                    help="probe ICMP and every containerPort between all pods; print the matrix")
+    cmds.add_parser("kubeconfig", parents=[common], help="print the path of the lab's kubeconfig")
     lab.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    args.name = args.sub_name or args.name  # `lab --name X up` and `lab up --name X` both work
     lab = Lab(args.name, progress)
     cmd = args.lab_command
     if os.geteuid() != 0 and cmd not in ("kubeconfig",):

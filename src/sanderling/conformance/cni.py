@@ -179,7 +179,11 @@ class CniRunner:
         elif "ovs port" in text or text.strip() == "port":
             self.node.ovs.vsctl("--if-exists", "del-port", self.node.bridge, veth.host_veth_name(cid, ifname))
         elif "flow" in text:
-            port = self.node.ofport_of(veth.host_veth_name(cid, ifname))
+            name = veth.host_veth_name(cid, ifname)
+            wait_until(lambda: self.node.ofport_of(name) > 0, 5)  # our OVSDB replica may lag the agent's
+            port = self.node.ofport_of(name)
+            if port <= 0:
+                raise RuntimeError(f"port {name} of {cid} not found on {self.node.bridge}")
             self.node.ovs.ofctl(self.node.bridge, "del-flows", f"table=0,in_port={port}")
         elif "ovs-vswitchd" in text or "vswitchd" in text:
             self.node.ovs.stop_vswitchd()
