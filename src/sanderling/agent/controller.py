@@ -17,6 +17,7 @@ from sanderling.compiler import pods as pod_compiler
 from sanderling.model.errors import ModelError
 from sanderling.model.network import NodeNetwork, PodPort
 from sanderling.openflow.connection import Connection, ConnectionLost, OpenFlowError
+from sanderling.openflow.ir import Flow
 from sanderling.openflow.realizer import Realizer
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class NodeController:
         self._stop = asyncio.Event()
         self._pod_keys: set[str] = set()
         self.pod_errors: dict[str, str] = {}
+        self._compiled: dict[PodPort, list[Flow]] = {}
         self._lock = asyncio.Lock()
         self._requested = 0
         self._completed = 0
@@ -59,10 +61,15 @@ class NodeController:
                 self.pod_errors[pod.key] = str(exc)
                 continue
             self.pod_errors.pop(pod.key, None)
-            self.realizer.set_object(pod.key, pod_compiler.pod_flows(self.node, pod))
+            flows = self._compiled.get(pod)
+            if flows is None:  # compile once per pod state: refreshes run on every poll and CNI call
+                flows = self._compiled[pod] = pod_compiler.pod_flows(self.node, pod)
+            self.realizer.set_object(pod.key, flows)
             seen.add(pod.key)
         for gone in self._pod_keys - seen:
             self.realizer.remove_object(gone)
+        if len(self._compiled) > 2 * len(pods) + 64:
+            self._compiled = {p: f for p, f in self._compiled.items() if p.key in seen}
         self._pod_keys = seen
 
     async def _poll_pods(self) -> None:

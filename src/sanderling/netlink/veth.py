@@ -81,14 +81,6 @@ def interface_in_netns(ns: str, ifname: str) -> InterfaceState | None:
         return None
 
 
-def host_link_mac(ifname: str, node_netns: str | None = None) -> str | None:
-    with ipr(node_netns) as h:
-        try:
-            return str(h.link("get", ifname=ifname)[0].get_attr("IFLA_ADDRESS"))
-        except NetlinkError:
-            return None
-
-
 def delete_netns(name: str) -> None:
     if name in netns.listnetns():
         netns.remove(name)

@@ -329,10 +329,6 @@ def group_mod(group: ir.Group, xid: int, command: int = OFPGC_ADD) -> bytes:
     return message(OFPT_GROUP_MOD, body, xid)
 
 
-def group_delete_all(xid: int) -> bytes:
-    return message(OFPT_GROUP_MOD, struct.pack("!HBxI", OFPGC_DELETE, 0, OFPG_ALL), xid)
-
-
 OFPMC_ADD = 0
 OFPMC_MODIFY = 1
 OFPMC_DELETE = 2
@@ -342,10 +338,6 @@ def meter_mod(meter: ir.Meter, xid: int, command: int = OFPMC_ADD) -> bytes:
     flags = (0x2 if meter.pktps else 0x1) | (0x4 if meter.burst else 0)  # OFPMF_PKTPS or KBPS, BURST
     bands = b"" if command == OFPMC_DELETE else struct.pack("!HHII4x", 1, 16, meter.rate, meter.burst)
     return message(OFPT_METER_MOD, struct.pack("!HHI", command, flags, meter.meter_id) + bands, xid)
-
-
-def meter_delete_all(xid: int) -> bytes:
-    return message(OFPT_METER_MOD, struct.pack("!HHI", OFPMC_DELETE, 0, OFPM_ALL), xid)
 
 
 def packet_out(data: bytes, actions: tuple[ir.Action, ...], xid: int, in_port: int = 0xFFFFFFFD) -> bytes:

@@ -190,9 +190,6 @@ class Ovsdb:
                                       _optional_int(getattr(iface, "ofport_request", []), 0)))
         return out
 
-    def find_ports(self, bridge: str, **external_ids: str) -> list[PortRecord]:
-        return [p for p in self.ports(bridge) if all(p.external_ids.get(k) == v for k, v in external_ids.items())]
-
     def userspace_tso_enabled(self) -> bool:
         rows = self._one(self.api.db_list("Open_vSwitch", columns=["other_config"]))
         return bool(rows) and rows[0]["other_config"].get("userspace-tso-enable") == "true"
