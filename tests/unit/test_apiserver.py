@@ -95,3 +95,51 @@ def test_cluster_scoped_and_merge_patch(api):
     api.patch(Namespace, "prod", {"metadata": {"labels": {"tier": None, "zone": "x"}}}, patch_type=PatchType.MERGE)
     assert api.get(Namespace, "prod").metadata.labels == {"zone": "x"}
     assert merge_patch({"a": {"b": 1, "c": 2}}, {"a": {"b": None}, "d": 3}) == {"a": {"c": 2}, "d": 3}
+
+
+def test_malformed_objects_are_refused_naming_the_field(api):
+    from lightkube.resources.core_v1 import Service
+
+    bad_port = Pod.from_dict({"metadata": {"name": "p", "namespace": "default"},
+                              "spec": {"containers": [{"name": "c", "ports": [{"containerPort": 70000}]}]}})
+    with pytest.raises(ApiError) as exc:
+        api.create(bad_port)
+    assert exc.value.status.code == 422
+    assert "spec.containers[0].ports[0].containerPort" in exc.value.status.message
+    bad_svc = Service.from_dict({"metadata": {"name": "s", "namespace": "default"},
+                                 "spec": {"ports": [{"port": 80, "protocol": "ICMP"}]}})
+    with pytest.raises(ApiError) as exc:
+        api.create(bad_svc)
+    assert "spec.ports[0].protocol" in exc.value.status.message and "ICMP" in exc.value.status.message
+    with pytest.raises(ApiError) as exc:
+        api.create(Pod.from_dict({"metadata": {"name": "Bad_Name", "namespace": "default"},
+                                  "spec": {"containers": [{"name": "c"}]}}))
+    assert "metadata.name" in exc.value.status.message
+    # nothing else is affected: a good object still goes in
+    assert api.create(mkpod("fine")).metadata.name == "fine"
+
+
+def test_service_cluster_ip_and_node_port_allocation(api):
+    from lightkube.resources.core_v1 import Service
+
+    def svc(name, **spec):
+        return Service.from_dict({"metadata": {"name": name, "namespace": "default"},
+                                  "spec": {"ports": [{"port": 80}], **spec}})
+
+    a = api.create(svc("a"))
+    b = api.create(svc("b", type="NodePort"))
+    assert a.spec.clusterIP != b.spec.clusterIP and a.spec.clusterIP.startswith("10.96.")
+    assert 30000 <= b.spec.ports[0].nodePort <= 32767
+    with pytest.raises(ApiError) as taken:
+        api.create(svc("c", clusterIP=a.spec.clusterIP))
+    assert "already allocated" in taken.value.status.message
+    with pytest.raises(ApiError) as outside:
+        api.create(svc("d", clusterIP="192.168.1.1"))
+    assert "not in the valid range" in outside.value.status.message
+    # re-applied without the allocated fields: they are kept
+    again = svc("b", type="NodePort")
+    again.metadata.resourceVersion = b.metadata.resourceVersion
+    kept = api.replace(again)
+    assert kept.spec.clusterIP == b.spec.clusterIP and kept.spec.ports[0].nodePort == b.spec.ports[0].nodePort
+    lb = api.create(svc("lb", type="LoadBalancer", externalTrafficPolicy="Local"))
+    assert lb.spec.healthCheckNodePort and lb.spec.healthCheckNodePort != b.spec.ports[0].nodePort

@@ -120,26 +120,32 @@ def _documents(path: Path) -> list[dict[str, Any]]:
 
 
 def apply(lab: Lab, path: Path) -> int:
+    """Create or update every document; a refused one is reported and the others still go in."""
     from lightkube import ApiError, codecs
 
     client = _api(lab)
+    failed = 0
     for doc in _documents(path):
+        name = f"{doc['kind'].lower()}/{(doc.get('metadata') or {}).get('name')}"
         try:
             obj = codecs.from_dict(doc)
         except Exception as exc:
-            print(f"sanderling lab: {doc.get('kind')} {doc.get('metadata', {}).get('name')}: {exc}", file=sys.stderr)
-            return 1
-        name = f"{doc['kind'].lower()}/{doc.get('metadata', {}).get('name')}"
+            print(f"sanderling lab: {name}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
         try:
-            client.create(obj)
-            print(f"{name} created")
+            try:
+                client.create(obj)
+                print(f"{name} created")
+            except ApiError as exc:
+                if exc.status.code != 409:
+                    raise
+                client.replace(_with_rv(client, obj))
+                print(f"{name} configured")
         except ApiError as exc:
-            if exc.status.code != 409:
-                print(f"sanderling lab: {name}: {exc.status.message}", file=sys.stderr)
-                return 1
-            client.replace(_with_rv(client, obj))
-            print(f"{name} configured")
-    return 0
+            print(f"sanderling lab: {name}: {exc.status.message}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
 
 
 def _with_rv(client: Any, obj: Any) -> Any:

@@ -1,34 +1,49 @@
-"""The lab control plane process: API server, scheduler and one kubelet per node.
+"""The lab control plane process: API server, controllers, scheduler and one kubelet per node.
 
-`python -m sanderling.lab.controlplane --state DIR --port N` serves the Kubernetes API from
-DIR/api.db and runs, against the same store: a scheduler (pods without spec.nodeName go to the
+`python -m sanderling.lab.controlplane --state DIR --listen 127.0.0.1:PORT [--netns NS --netns-listen
+IP:PORT]` serves the Kubernetes API from DIR/api.db: on the host's loopback (for the CLI and
+kubectl) and, when a namespace is given, on the lab underlay inside that namespace (for the
+agents). The socket in the host namespace is bound first, then the process enters the
+control-plane namespace, so it serves both without touching the host's network configuration.
+
+Against the same store it runs what a control plane runs: node podCIDR allocation from the
+cluster CIDR, the EndpointSlice controller, a scheduler (pods without spec.nodeName go to the
 node with the fewest pods) and the kubelets of the nodes registered with the
-`lab.sanderling.io/cni-bin` and `lab.sanderling.io/cni-conf` annotations. Restarting it loses
-nothing: objects are in SQLite and running pods are adopted from their status.
+`lab.sanderling.io/cni-bin` and `lab.sanderling.io/cni-conf` annotations (ClusterIPs and NodePorts
+are allocated by the API server's admission). Restarting it loses nothing: objects are in SQLite
+and running pods are adopted from their status.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
+import socket
 import sys
 from pathlib import Path
 from typing import Any
 
+from sanderling.lab import endpointslices
 from sanderling.lab.apiserver.server import serve
 from sanderling.lab.apiserver.store import ApiError, Store, WatchEvent
 from sanderling.lab.kubelet import Kubelet, NodeRuntime
+from sanderling.netlink import netns
 from sanderling.process import until_signalled
 
 log = logging.getLogger("sanderling.lab.controlplane")
-PODS, NODES = "/pods", "/nodes"
+PODS, NODES, SERVICES = "/pods", "/nodes", "/services"
+SLICES = "discovery.k8s.io/endpointslices"
 ANN_BIN, ANN_CONF, ANN_NETNS = "lab.sanderling.io/cni-bin", "lab.sanderling.io/cni-conf", "lab.sanderling.io/netns"
+CLUSTER_CIDR = ipaddress.IPv4Network("10.244.0.0/16")
+NODE_PREFIX = 24
 
 
 class ControlPlane:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, cluster_cidr: ipaddress.IPv4Network = CLUSTER_CIDR) -> None:
         self.store = store
+        self.cluster_cidr = cluster_cidr
         self.kubelets: dict[str, Kubelet] = {}
         self.queue: asyncio.Queue[WatchEvent] = asyncio.Queue()
         self._busy: set[str] = set()
@@ -38,17 +53,68 @@ class ControlPlane:
         self.store.listeners.append(lambda ev: loop.call_soon_threadsafe(self.queue.put_nowait, ev))
         for node in self.store.list(NODES, None)[0]:
             self._register(node)
+            self._allocate_pod_cidr(node)
         for pod in self.store.list(PODS, None)[0]:
             self._adopt(pod)
             self.queue.put_nowait(WatchEvent(0, PODS, pod["metadata"]["namespace"], "MODIFIED", pod))
+        for svc in self.store.list(SERVICES, None)[0]:
+            self.queue.put_nowait(WatchEvent(0, SERVICES, svc["metadata"]["namespace"], "MODIFIED", svc))
 
     def _register(self, node: dict[str, Any]) -> None:
         ann = node["metadata"].get("annotations") or {}
         name = node["metadata"]["name"]
         if ANN_BIN in ann and name not in self.kubelets:
+            host_ip = next((a["address"] for a in (node.get("status") or {}).get("addresses") or []
+                            if a.get("type") == "InternalIP"), "")
             self.kubelets[name] = Kubelet(NodeRuntime(name, Path(ann[ANN_BIN]), Path(ann[ANN_CONF]),
-                                                      ann.get(ANN_NETNS, name)))
+                                                      ann.get(ANN_NETNS, name), host_ip))
             log.info("kubelet for node %s", name)
+
+    def _allocate_pod_cidr(self, node: dict[str, Any]) -> None:
+        """Node IPAM: a node without spec.podCIDR gets the first free /24 of the cluster CIDR."""
+        if (node.get("spec") or {}).get("podCIDR"):
+            return
+        taken = {(n.get("spec") or {}).get("podCIDR") for n in self.store.list(NODES, None)[0]}
+        for subnet in self.cluster_cidr.subnets(new_prefix=NODE_PREFIX):
+            if str(subnet) not in taken:
+                name = node["metadata"]["name"]
+                self.store.patch(NODES, "", name, {"spec": {"podCIDR": str(subnet), "podCIDRs": [str(subnet)]}})
+                log.info("node %s: podCIDR %s", name, subnet)
+                return
+        log.error("node %s: no free /%d left in the cluster CIDR %s", node["metadata"]["name"], NODE_PREFIX,
+                  self.cluster_cidr)
+
+    def _sync_slices(self, namespace: str, only: str | None = None) -> None:
+        """EndpointSlices of the namespace's Services (or of one Service) equal to what its pods say."""
+        services = self.store.list(SERVICES, namespace)[0]
+        if only is not None:
+            services = [s for s in services if s["metadata"]["name"] == only]
+        pods = self.store.list(PODS, namespace)[0]
+        existing: dict[str, dict[str, Any]] = {}
+        for sl in self.store.list(SLICES, namespace)[0]:
+            labels = sl["metadata"].get("labels") or {}
+            if labels.get(endpointslices.MANAGED_BY) == endpointslices.CONTROLLER:
+                existing[sl["metadata"]["name"]] = sl
+        owned_by = {name: (sl["metadata"].get("labels") or {}).get(endpointslices.SERVICE_NAME)
+                    for name, sl in existing.items()}
+        wanted_names: set[str] = set()
+        for svc in services:
+            desired = endpointslices.desired_slices(svc, pods)
+            for sl in desired or []:
+                name = sl["metadata"]["name"]
+                wanted_names.add(name)
+                current = existing.get(name)
+                if current is None:
+                    self.store.create(SLICES, namespace, sl)
+                elif not endpointslices.same_content(current, sl):
+                    sl["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+                    self.store.update(SLICES, namespace, name, sl)
+        live = {s["metadata"]["name"] for s in self.store.list(SERVICES, namespace)[0]}
+        for name, svc_name in owned_by.items():
+            if name in wanted_names:
+                continue
+            if only is None or svc_name == only or svc_name not in live:
+                self.store.delete(SLICES, namespace, name)
 
     def _adopt(self, pod: dict[str, Any]) -> None:
         """After a restart: pods already running keep running; remember them."""
@@ -67,8 +133,12 @@ class ControlPlane:
             try:
                 if event.resource == NODES and event.type != "DELETED":
                     self._register(event.body)
+                    self._allocate_pod_cidr(event.body)
                 elif event.resource == PODS:
                     await self._pod(event)
+                    self._sync_slices(event.namespace)
+                elif event.resource == SERVICES:
+                    self._sync_slices(event.namespace, event.body["metadata"]["name"])
             except Exception:  # one bad object must not stop the control plane
                 log.exception("handling %s %s", event.type, event.body.get("metadata", {}).get("name"))
 
@@ -94,7 +164,8 @@ class ControlPlane:
         try:
             status = await asyncio.to_thread(kubelet.start, pod)
             meta = pod["metadata"]
-            status["hostIP"] = ""
+            status["hostIP"] = kubelet.node.host_ip
+            status["hostIPs"] = [{"ip": kubelet.node.host_ip}] if kubelet.node.host_ip else []
             try:
                 self.store.patch(PODS, meta["namespace"], meta["name"], {"status": status}, "status")
             except ApiError as exc:  # deleted meanwhile
@@ -116,10 +187,23 @@ class ControlPlane:
         log.info("scheduled %s/%s to %s", meta["namespace"], meta["name"], target)
 
 
+def _listen(spec: str) -> socket.socket:
+    host, _, port = spec.rpartition(":")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, int(port)))
+    sock.listen(256)
+    return sock
+
+
 async def main_async(args: argparse.Namespace) -> int:
+    sockets = [_listen(spec) for spec in args.listen]
+    if args.netns:
+        netns.enter(args.netns)  # before any thread exists: every later thread inherits it
+        sockets += [_listen(spec) for spec in args.netns_listen]
     store = Store(args.state / "api.db")
-    runner = await serve(store, "127.0.0.1", args.port)
-    plane = ControlPlane(store)
+    runner = await serve(store, sockets)
+    plane = ControlPlane(store, ipaddress.IPv4Network(args.cluster_cidr))
     plane.start()
     task = asyncio.create_task(plane.run())
     await until_signalled()
@@ -132,7 +216,10 @@ async def main_async(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sanderling.lab.controlplane")
     p.add_argument("--state", type=Path, required=True)
-    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--listen", action="append", required=True, help="HOST:PORT in the starting namespace")
+    p.add_argument("--netns", help="control-plane network namespace to run in")
+    p.add_argument("--netns-listen", action="append", default=[], help="HOST:PORT inside --netns")
+    p.add_argument("--cluster-cidr", default=str(CLUSTER_CIDR))
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

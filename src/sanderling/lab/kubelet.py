@@ -31,6 +31,7 @@ class NodeRuntime:
     cni_bin: Path
     cni_conf: Path
     netns_prefix: str
+    host_ip: str = ""
 
 
 @dataclass

@@ -27,6 +27,15 @@ def netns_path(ns: str) -> str:
     return ns if ns.startswith("/") else f"/var/run/netns/{ns}"
 
 
+def enter(ns: str) -> None:
+    """Move the calling thread into `ns` for good (a process does this before it starts threads)."""
+    fd = os.open(netns_path(ns), os.O_RDONLY)
+    try:
+        _setns(fd)
+    finally:
+        os.close(fd)
+
+
 def _setns(fd: int) -> None:
     if _libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()

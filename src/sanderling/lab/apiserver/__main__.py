@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import socket
 import sys
 from pathlib import Path
 
@@ -36,7 +37,11 @@ current-context: {name}
 
 async def main_async(args: argparse.Namespace) -> int:
     store = Store(args.db)
-    runner = await serve(store, args.host, args.port)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    sock.listen(256)
+    runner = await serve(store, [sock])
     if args.kubeconfig:
         write_kubeconfig(args.kubeconfig, f"http://{args.host}:{args.port}")
     await until_signalled()

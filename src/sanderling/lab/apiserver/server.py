@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 from typing import Any
 
 from aiohttp import web
 
+from sanderling.lab.apiserver.admission import ServiceAllocator
 from sanderling.lab.apiserver.resources import BY_PATH, RESOURCES, Resource, matches_fields, matches_labels
 from sanderling.lab.apiserver.store import ApiError, Store, WatchEvent
+from sanderling.lab.apiserver.validation import validate
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +39,30 @@ def status(code: int, reason: str, message: str) -> web.Response:
     return jsonr(body, status=code)
 
 
+BY_KEY: dict[str, Resource] = {r.key: r for r in RESOURCES}
+
+
+def admission(allocator: ServiceAllocator) -> Any:
+    """The store's admission hook: validate every written object, allocate Service addresses and ports."""
+    def admit(resource: str, namespace: str, new: dict[str, Any], current: dict[str, Any] | None,
+              store: Store) -> None:
+        res = BY_KEY.get(resource)
+        if res is None:
+            return
+        validate(res.kind, res.namespaced, new)
+        if res.kind == "Service":
+            name = new["metadata"]["name"]
+            others = [s for s in store.list_unlocked(resource, None)
+                      if (s["metadata"].get("namespace"), s["metadata"]["name"]) != (namespace, name)]
+            allocator.admit(name, new, current, others)
+    return admit
+
+
 class ApiServer:
-    def __init__(self, store: Store, bookmark_interval: float = 5.0) -> None:
+    def __init__(self, store: Store, bookmark_interval: float = 5.0,
+                 allocator: ServiceAllocator | None = None) -> None:
         self.store = store
+        store.admission = admission(allocator or ServiceAllocator())
         self.bookmark_interval = bookmark_interval
         self.app = web.Application(client_max_size=16 << 20)
         self._watches: set[asyncio.Task[Any]] = set()
@@ -282,11 +306,12 @@ class ApiServer:
         return response
 
 
-async def serve(store: Store, host: str, port: int) -> web.AppRunner:
+async def serve(store: Store, sockets: list[socket.socket]) -> web.AppRunner:
+    """Serve on already bound sockets (they may belong to different network namespaces)."""
     server = ApiServer(store)
     runner = web.AppRunner(server.app, access_log=None, shutdown_timeout=2.0)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    log.info("lab API server on http://%s:%d", host, port)
+    for sock in sockets:
+        await web.SockSite(runner, sock).start()
+        log.info("lab API server on http://%s:%d", *sock.getsockname()[:2])
     return runner

@@ -60,6 +60,9 @@ class Store:
         row = self._db.execute("SELECT value FROM meta WHERE key='rv'").fetchone()
         self.rv = int(row[0]) if row else 1
         self.listeners: list[Any] = []
+        # admission(resource, namespace, new body, current body or None, store) runs under the write lock
+        # before every create and non-status update; it may fill fields in or raise ApiError
+        self.admission: Any = None
 
     # ---- reads ---------------------------------------------------------------------------
 
@@ -72,13 +75,17 @@ class Store:
 
     def list(self, resource: str, namespace: str | None) -> tuple[builtins.list[dict[str, Any]], int]:
         with self._lock:
-            if namespace is None:
-                rows = self._db.execute("SELECT body FROM objects WHERE resource=? ORDER BY namespace, name",
-                                        (resource,)).fetchall()
-            else:
-                rows = self._db.execute("SELECT body FROM objects WHERE resource=? AND namespace=? ORDER BY name",
-                                        (resource, namespace)).fetchall()
-            return [json.loads(r[0]) for r in rows], self.rv
+            return self.list_unlocked(resource, namespace), self.rv
+
+    def list_unlocked(self, resource: str, namespace: str | None) -> builtins.list[dict[str, Any]]:
+        """For admission hooks, which already hold the write lock."""
+        if namespace is None:
+            rows = self._db.execute("SELECT body FROM objects WHERE resource=? ORDER BY namespace, name",
+                                    (resource,)).fetchall()
+        else:
+            rows = self._db.execute("SELECT body FROM objects WHERE resource=? AND namespace=? ORDER BY name",
+                                    (resource, namespace)).fetchall()
+        return [json.loads(r[0]) for r in rows]
 
     def oldest_event_rv(self) -> int:
         row = self._db.execute("SELECT MIN(rv) FROM events").fetchone()
@@ -141,6 +148,8 @@ class Store:
             meta["creationTimestamp"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             if namespace:
                 meta["namespace"] = namespace
+            if self.admission is not None:
+                self.admission(resource, namespace, body, None, self)
             return self._write(resource, namespace, "ADDED", body)
 
     def update(self, resource: str, namespace: str, name: str, body: dict[str, Any],
@@ -161,6 +170,8 @@ class Store:
             for keep in ("uid", "creationTimestamp", "namespace", "name"):
                 if keep in current["metadata"]:
                     meta[keep] = current["metadata"][keep]
+            if subresource != "status" and self.admission is not None:
+                self.admission(resource, namespace, new, current, self)
             return self._write(resource, namespace, "MODIFIED", new)
 
     def patch(self, resource: str, namespace: str, name: str, patch: dict[str, Any],

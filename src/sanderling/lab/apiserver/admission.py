@@ -1,0 +1,90 @@
+"""Service admission: ClusterIP, NodePort and healthCheckNodePort allocation, as the API server does.
+
+Allocation happens when a Service is created (or gains a type that needs it) and is kept on
+update: a manifest re-applied without `clusterIP` keeps the address it was given; changing an
+allocated ClusterIP is refused (the field is immutable). Runs on the event loop between the
+read of the existing Services and the write, so two creates cannot pick the same address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from sanderling.lab.apiserver.store import ApiError
+
+SERVICE_CIDR = ipaddress.IPv4Network("10.96.0.0/16")
+NODE_PORTS = range(30000, 32768)
+NEEDS_CLUSTER_IP = ("ClusterIP", "NodePort", "LoadBalancer")
+
+
+class ServiceAllocator:
+    def __init__(self, cidr: ipaddress.IPv4Network = SERVICE_CIDR) -> None:
+        self.cidr = cidr
+
+    def admit(self, name: str, new: dict[str, Any], current: dict[str, Any] | None,
+              others: list[dict[str, Any]]) -> None:
+        """Fill in and check allocations of `new` in place; `others` are every other Service."""
+        spec = new.setdefault("spec", {})
+        old_spec = (current or {}).get("spec") or {}
+        kind = spec.get("type") or "ClusterIP"
+        spec["type"] = kind
+        if kind not in NEEDS_CLUSTER_IP:
+            return
+        taken_ips = {(s.get("spec") or {}).get("clusterIP") for s in others}
+        taken_ports = {p.get("nodePort") for s in others for p in (s.get("spec") or {}).get("ports") or []}
+        taken_ports |= {(s.get("spec") or {}).get("healthCheckNodePort") for s in others}
+        self._cluster_ip(name, spec, old_spec, taken_ips)
+        if kind in ("NodePort", "LoadBalancer"):
+            self._node_ports(name, spec, old_spec, taken_ports)
+        if kind == "LoadBalancer" and spec.get("externalTrafficPolicy") == "Local":
+            if not spec.get("healthCheckNodePort"):
+                spec["healthCheckNodePort"] = old_spec.get("healthCheckNodePort") or self._free_port(name, taken_ports)
+            taken_ports.add(spec["healthCheckNodePort"])
+
+    def _cluster_ip(self, name: str, spec: dict[str, Any], old: dict[str, Any], taken: set[Any]) -> None:
+        wanted = spec.get("clusterIP") or old.get("clusterIP") or ""
+        if old.get("clusterIP") and wanted != old["clusterIP"]:
+            raise ApiError(422, "Invalid", f'Service "{name}" is invalid: spec.clusterIP: Invalid value: '
+                                           f'"{wanted}": field is immutable')
+        if wanted == "None":
+            spec["clusterIP"], spec["clusterIPs"] = "None", ["None"]
+            return
+        if wanted:
+            if wanted != old.get("clusterIP"):
+                addr = ipaddress.ip_address(wanted)
+                if addr not in self.cidr:
+                    raise ApiError(422, "Invalid", f'Service "{name}" is invalid: spec.clusterIP: Invalid value: '
+                                                   f'"{wanted}": provided IP is not in the valid range. The range of '
+                                                   f"valid IPs is {self.cidr}")
+                if wanted in taken:
+                    raise ApiError(422, "Invalid", f'Service "{name}" is invalid: spec.clusterIP: Invalid value: '
+                                                   f'"{wanted}": provided IP is already allocated')
+        else:
+            wanted = self._free_ip(name, taken)
+        spec["clusterIP"], spec["clusterIPs"] = wanted, [wanted]
+
+    def _free_ip(self, name: str, taken: set[Any]) -> str:
+        for addr in self.cidr.hosts():
+            if addr == self.cidr.network_address + 1:
+                continue  # the first address is kept for the `kubernetes` Service
+            if str(addr) not in taken:
+                return str(addr)
+        raise ApiError(500, "InternalError", f'Service "{name}": no free ClusterIP in {self.cidr}')
+
+    def _node_ports(self, name: str, spec: dict[str, Any], old: dict[str, Any], taken: set[Any]) -> None:
+        previous = {(p.get("port"), p.get("protocol", "TCP")): p.get("nodePort") for p in old.get("ports") or []}
+        for i, port in enumerate(spec.get("ports") or []):
+            wanted = port.get("nodePort") or previous.get((port.get("port"), port.get("protocol", "TCP")))
+            if wanted and wanted in taken and wanted not in previous.values():
+                raise ApiError(422, "Invalid", f'Service "{name}" is invalid: spec.ports[{i}].nodePort: Invalid '
+                                               f"value: {wanted}: provided port is already allocated")
+            port["nodePort"] = wanted or self._free_port(name, taken)
+            taken.add(port["nodePort"])
+
+    @staticmethod
+    def _free_port(name: str, taken: set[Any]) -> int:
+        for port in NODE_PORTS:
+            if port not in taken:
+                return port
+        raise ApiError(500, "InternalError", f'Service "{name}": no free NodePort')
