@@ -13,9 +13,11 @@ from collections.abc import Callable
 from typing import Any
 
 from sanderling.compiler import gateway as gateway_compiler
+from sanderling.compiler import nodes as node_compiler
 from sanderling.compiler import pods as pod_compiler
 from sanderling.model.errors import ModelError
 from sanderling.model.network import NodeNetwork, PodPort
+from sanderling.model.nodes import Remote
 from sanderling.openflow.connection import Connection, ConnectionLost, OpenFlowError
 from sanderling.openflow.ir import Flow
 from sanderling.openflow.realizer import Realizer
@@ -24,12 +26,18 @@ log = logging.getLogger(__name__)
 
 STATIC_KEY = "pipeline/static"
 GATEWAY_KEY = "node/gateway"
+TUNNEL_KEY = "node/tunnel"
 
 
 class NodeController:
     def __init__(self, node: NodeNetwork, target: str, realizer: Realizer,
-                 list_pods: Callable[[], list[PodPort]], poll_interval: float = 0.2, gateway: bool = False) -> None:
+                 list_pods: Callable[[], list[PodPort]], poll_interval: float = 0.2, gateway: bool = False,
+                 mode: str = "routed") -> None:
         self.gateway = gateway
+        self.mode = mode
+        self.remotes: list[Remote] = []
+        self._remote_flows: dict[Remote, list[Flow]] = {}
+        self._wake = asyncio.Event()
         self.node = node
         self.target = target
         self.realizer = realizer
@@ -46,11 +54,30 @@ class NodeController:
         self._requested = 0
         self._completed = 0
 
+    def set_remotes(self, remotes: list[Remote]) -> None:
+        """Other nodes' destinations changed (from the API): recompile them at the next refresh, now."""
+        self.remotes = remotes
+        self._wake.set()
+
+    def _refresh_remotes(self) -> None:
+        flows = {r: self._remote_flows.get(r) or node_compiler.remote_flows(self.node, r, self.mode)
+                 for r in self.remotes}
+        for gone in self._remote_flows.keys() - flows.keys():
+            if gone.key not in {r.key for r in flows}:
+                self.realizer.remove_object(gone.key)
+        for remote, remote_flows in flows.items():
+            if self._remote_flows.get(remote) is not remote_flows:
+                self.realizer.set_object(remote.key, remote_flows)
+        self._remote_flows = flows
+
     def refresh_desired(self, pods: list[PodPort]) -> None:
         """Compile the node's state into the realizer (pure; the realizer drops no-op updates)."""
         self.realizer.set_object(STATIC_KEY, pod_compiler.static_flows(self.node))
         if self.gateway:
             self.realizer.set_object(GATEWAY_KEY, gateway_compiler.gateway_flows(self.node))
+        if self.mode == "overlay":
+            self.realizer.set_object(TUNNEL_KEY, node_compiler.tunnel_flows(self.node))
+        self._refresh_remotes()
         seen = set()
         for pod in pods:
             try:
@@ -122,9 +149,12 @@ class NodeController:
                 self.connected.set()
                 while not self._stop.is_set() and not conn.closed.done():
                     await self.refresh_now()
-                    waiters: set[asyncio.Future[Any]] = {conn.closed, stop_task}
+                    wake = asyncio.ensure_future(self._wake.wait())
+                    waiters: set[asyncio.Future[Any]] = {conn.closed, stop_task, wake}
                     await asyncio.wait(waiters,
                                        timeout=self.poll_interval, return_when=asyncio.FIRST_COMPLETED)
+                    wake.cancel()
+                    self._wake.clear()
             except (ConnectionLost, OSError) as exc:
                 log.warning("lost %s: %s; reconnecting", self.target, exc)
             except OpenFlowError as exc:

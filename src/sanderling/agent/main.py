@@ -11,17 +11,21 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from sanderling.agent.controller import NodeController
 from sanderling.agent.pods_source import pods_from_ports
 from sanderling.cni.handler import CniHandler
 from sanderling.cni.install import install_binary, write_conflist
 from sanderling.cni.server import CniServer
+from sanderling.compiler.nodes import TUNNEL_OFPORT, TUNNEL_PORT_NAME
 from sanderling.ipam.allocator import Allocator, Pool
 from sanderling.ipam.store import AllocationStore
 from sanderling.model.errors import ModelError
 from sanderling.model.network import NodeNetwork
+from sanderling.model.nodes import Remote
 from sanderling.netlink.gateway import ensure_gateway
+from sanderling.netlink.routes import sync_routes
 from sanderling.openflow import cookies
 from sanderling.openflow.pipeline import PIPELINE
 from sanderling.openflow.realizer import Realizer
@@ -36,7 +40,10 @@ GENERATION_KEY = "sanderling.io/generation"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="sanderling-agent", description="Sanderling node agent")
     p.add_argument("--node", required=True, help="this node's name")
-    p.add_argument("--pod-cidr", required=True, help="this node's pod subnet, e.g. 10.244.1.0/24")
+    p.add_argument("--pod-cidr", default=None,
+                   help="this node's pod subnet, e.g. 10.244.1.0/24 (default: spec.podCIDR of this node's Node object)")
+    p.add_argument("--mode", default="routed", choices=["routed", "overlay"],
+                   help="across nodes: routed (pod addresses on the underlay, no NAT) or overlay (VXLAN)")
     p.add_argument("--gateway-mac", default="0a:58:0a:f4:00:01", help="MAC pods see for their gateway")
     p.add_argument("--bridge", default="br-int")
     p.add_argument("--ovs-run-dir", type=Path, default=SYSTEM_RUNDIR,
@@ -63,6 +70,66 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _kube_enabled(args: argparse.Namespace) -> bool:
+    return args.kubeconfig is not None or bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+
+
+def _async_client(args: argparse.Namespace) -> Any:
+    from lightkube import AsyncClient, KubeConfig
+
+    config = (KubeConfig.from_file(str(args.kubeconfig)) if args.kubeconfig is not None
+              else KubeConfig.from_service_account())
+    return AsyncClient(config=config, field_manager="sanderling-agent")
+
+
+async def _own_pod_cidr(args: argparse.Namespace) -> str:
+    """spec.podCIDR of this node's Node object; wait (logging why) until it exists and has one."""
+    from sanderling.kube.client import KubeApi
+
+    api = await asyncio.to_thread(KubeApi, args.kubeconfig)
+    said = ""
+    while True:
+        try:
+            node = await asyncio.to_thread(api.node, args.node)
+            why = "no Node object yet" if node is None else "its Node has no spec.podCIDR yet"
+            if node is not None and (node.get("spec") or {}).get("podCIDR"):
+                return str(node["spec"]["podCIDR"])
+        except Exception as exc:  # API not reachable yet: keep trying
+            why = f"API not reachable ({exc})"
+        if why != said:
+            log.info("node %s: waiting for its pod CIDR: %s", args.node, why)
+            said = why
+        await asyncio.sleep(0.5)
+
+
+class RouteKeeper:
+    """Kernel routes to other nodes' destinations (routed mode), synced off the event loop, latest wins."""
+
+    def __init__(self, netns: str | None) -> None:
+        self.netns = netns
+        self._wanted: dict[str, str] | None = None
+        self._running = False
+
+    def update(self, remotes: list[Remote]) -> None:
+        self._wanted = {str(r.dst): str(r.via) for r in remotes}
+        if not self._running:
+            self._running = True
+            asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            while self._wanted is not None:
+                wanted, self._wanted = self._wanted, None
+                try:
+                    await asyncio.to_thread(sync_routes, self.netns, wanted)
+                except Exception as exc:
+                    log.error("routes to other nodes not set: %s; retrying", exc)
+                    self._wanted = self._wanted or wanted
+                    await asyncio.sleep(1.0)
+        finally:
+            self._running = False
+
+
 async def serve(args: argparse.Namespace) -> int:
     started = time.monotonic()
     # netlink and OVSDB calls block: give concurrent CNI requests enough threads to not queue
@@ -70,6 +137,11 @@ async def serve(args: argparse.Namespace) -> int:
                                                                        thread_name_prefix="blocking"))
     runtime = OvsRuntime(args.ovs_run_dir, private=args.ovs_run_dir != SYSTEM_RUNDIR, datapath=args.datapath)
     runtime.check()
+    if args.pod_cidr is None:
+        if not _kube_enabled(args):
+            raise ModelError(f"node/{args.node}", "podCIDR", "give --pod-cidr, or --kubeconfig to read it from the "
+                                                              "node's Node object")
+        args.pod_cidr = await _own_pod_cidr(args)
     node = NodeNetwork.build(args.node, args.pod_cidr, args.gateway_mac)
     checked = time.monotonic()
     db = Ovsdb(runtime.db_endpoint)
@@ -84,11 +156,30 @@ async def serve(args: argparse.Namespace) -> int:
     previous = int(db.bridge_external_ids(args.bridge).get(GENERATION_KEY, "0") or 0)
     generation = cookies.next_generation(previous)
     db.set_bridge_external_id(args.bridge, GENERATION_KEY, str(generation))
-    log.info("node %s: bridge %s, pod CIDR %s, generation %d (previous %d), %d tables",
-             node.name, args.bridge, node.pod_cidr, generation, previous, len(PIPELINE.tables))
+    if args.mode == "overlay":
+        db.add_port(args.bridge, TUNNEL_PORT_NAME, ofport_request=TUNNEL_OFPORT, iface_type="vxlan",
+                    options={"remote_ip": "flow"})
+    log.info("node %s: bridge %s, pod CIDR %s, %s mode, generation %d (previous %d), %d tables",
+             node.name, args.bridge, node.pod_cidr, args.mode, generation, previous, len(PIPELINE.tables))
     port_errors: dict[str, str] = {}
     controller = NodeController(node, runtime.mgmt_target(args.bridge), Realizer(generation),
-                                lambda: pods_from_ports(db.ports(args.bridge), port_errors), gateway=args.gateway)
+                                lambda: pods_from_ports(db.ports(args.bridge), port_errors), gateway=args.gateway,
+                                mode=args.mode)
+    view = None
+    if _kube_enabled(args):
+        from sanderling.agent.cluster_view import ClusterView
+
+        routes = RouteKeeper(args.node_netns) if args.gateway and args.mode == "routed" else None
+
+        def remotes_changed(remotes: list[Remote]) -> None:
+            controller.set_remotes(remotes)
+            if routes is not None:
+                routes.update(remotes)
+            log.info("node %s: %d remote destinations (%s)", node.name, len(remotes),
+                     ", ".join(f"{r.dst} via {r.via}" for r in remotes[:8]) + (" ..." if len(remotes) > 8 else ""))
+
+        view = ClusterView(_async_client(args), node.name, remotes_changed)
+        view.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, controller.stop)
@@ -98,12 +189,13 @@ async def serve(args: argparse.Namespace) -> int:
         store = AllocationStore(args.state_dir / node.name / "ipam.db")
         allocator = Allocator(store, [Pool("node", node.pod_cidr, frozenset({node.gateway_ip}))])
         cluster = None
-        if args.kubeconfig is not None or os.environ.get("KUBERNETES_SERVICE_HOST"):
+        if _kube_enabled(args):
             from sanderling.ipam.cluster import ClusterIpam
             from sanderling.kube.client import KubeApi
 
             cluster = ClusterIpam(KubeApi(args.kubeconfig), node.name, store)
-        handler = CniHandler(node, db, args.bridge, allocator, controller, args.node_netns, args.mtu, cluster)
+        handler = CniHandler(node, db, args.bridge, allocator, controller, args.node_netns, args.mtu, cluster,
+                             tunnel=args.mode == "overlay")
         await handler.reconcile()
         server = CniServer(handler, args.cni_socket)
         await server.start()
@@ -115,6 +207,8 @@ async def serve(args: argparse.Namespace) -> int:
     except asyncio.CancelledError:
         pass
     finally:
+        if view is not None:
+            view.stop()
         if server is not None:
             await server.stop()
         if store is not None:

@@ -20,6 +20,7 @@ KINDS = {  # kubectl-style names -> (lightkube resource path)
     "namespaces": ("lightkube.resources.core_v1", "Namespace"), "ns": ("lightkube.resources.core_v1", "Namespace"),
     "services": ("lightkube.resources.core_v1", "Service"), "svc": ("lightkube.resources.core_v1", "Service"),
     "networkpolicies": ("lightkube.resources.networking_v1", "NetworkPolicy"),
+    "endpointslices": ("lightkube.resources.discovery_v1", "EndpointSlice"),
     "ippools": ("sanderling.kube.client", "IPPoolResource"),
 }
 
@@ -177,14 +178,39 @@ def get(lab: Lab, kind: str, namespace: str | None) -> int:
 
     namespaced = isinstance(res, type) and issubclass(res, NamespacedResource)
     objs = list(client.list(res, namespace=namespace or "*")) if namespaced else list(client.list(res))
+    kind_name = getattr(res, "__name__", "")
+    headers, view = VIEWS.get(kind_name, (["namespace", "name"], lambda d: []))
     rows = []
     for o in objs:
         d = o.to_dict() if hasattr(o, "to_dict") else dict(o)
-        meta, spec, st = d.get("metadata", {}), d.get("spec") or {}, d.get("status") or {}
-        rows.append((meta.get("namespace", ""), meta.get("name"), st.get("phase", ""), st.get("podIP", ""),
-                     spec.get("nodeName", spec.get("podCIDR", ""))))
-    print(table(["namespace", "name", "phase", "ip", "node/podCIDR"], rows))
+        meta = d.get("metadata", {})
+        rows.append((meta.get("namespace", ""), meta.get("name"), *view(d)))
+    print(table(headers, rows))
     return 0
+
+
+def _ports(ports: list[dict[str, Any]] | None) -> str:
+    return ",".join(f"{p.get('port')}{'/' + str(p['nodePort']) if p.get('nodePort') else ''}/"
+                    f"{p.get('protocol', 'TCP')}" for p in ports or [])
+
+
+VIEWS: dict[str, tuple[list[str], Any]] = {  # kind -> (extra columns, object -> their values)
+    "Pod": (["namespace", "name", "phase", "ip", "node"],
+            lambda d: [(d.get("status") or {}).get("phase", ""), (d.get("status") or {}).get("podIP", ""),
+                       (d.get("spec") or {}).get("nodeName", "")]),
+    "Node": (["namespace", "name", "podCIDR", "internalIP"],
+             lambda d: [(d.get("spec") or {}).get("podCIDR", ""),
+                        ",".join(a["address"] for a in (d.get("status") or {}).get("addresses") or []
+                                 if a.get("type") == "InternalIP")]),
+    "Service": (["namespace", "name", "type", "clusterIP", "ports"],
+                lambda d: [(d.get("spec") or {}).get("type", ""), (d.get("spec") or {}).get("clusterIP", ""),
+                           _ports((d.get("spec") or {}).get("ports"))]),
+    "EndpointSlice": (["namespace", "name", "service", "endpoints", "ports"],
+                      lambda d: [((d.get("metadata") or {}).get("labels") or {}).get("kubernetes.io/service-name", ""),
+                                 ",".join(e["addresses"][0] + ("" if (e.get("conditions") or {}).get("ready")
+                                                              else "(not ready)") for e in d.get("endpoints") or []),
+                                 _ports(d.get("ports"))]),
+}
 
 
 def _sandbox(lab: Lab, ns: str, pod: str) -> str:

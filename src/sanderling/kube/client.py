@@ -17,7 +17,7 @@ from lightkube import ApiError, Client, KubeConfig
 from lightkube.generic_resource import create_global_resource
 from lightkube.models.core_v1 import EventSource, ObjectReference
 from lightkube.models.meta_v1 import ObjectMeta
-from lightkube.resources.core_v1 import Event, Namespace, Pod
+from lightkube.resources.core_v1 import Event, Namespace, Node, Pod
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,14 @@ class KubeApi:
     def pod(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             return self.client.get(Pod, name, namespace=namespace).to_dict()
+        except ApiError as exc:
+            if exc.status.code == 404:
+                return None
+            raise
+
+    def node(self, name: str) -> dict[str, Any] | None:
+        try:
+            return self.client.get(Node, name).to_dict()
         except ApiError as exc:
             if exc.status.code == 404:
                 return None

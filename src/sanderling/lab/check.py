@@ -33,7 +33,10 @@ def targets(pods: list[dict[str, Any]], node_netns: dict[str, str]) -> list[Targ
 
 def probe(src: Target, dst: Target, proto: str, port: int) -> bool:
     if proto == "icmp":
-        argv = ["ping", "-c", "1", "-W", "1", dst.ip]
+        # a second echo request if the first got no answer: in overlay mode OVS's userspace tunnel
+        # drops the very first packet to a node whose underlay MAC it has not resolved yet (it sends
+        # the ARP itself); ICMP goes first, so the port probes after it find the path resolved
+        argv = ["sh", "-c", f"ping -c 1 -W 1 {dst.ip} || ping -c 1 -W 1 {dst.ip}"]
     else:
         argv = [sys.executable, "-m", "sanderling.probe", "connect", proto, dst.ip, str(port), "--timeout", "1"]
     return subprocess.run(["ip", "netns", "exec", src.sandbox, *argv], capture_output=True).returncode == 0
@@ -41,8 +44,11 @@ def probe(src: Target, dst: Target, proto: str, port: int) -> bool:
 
 def matrix(pods: list[Target]) -> dict[tuple[str, str], list[tuple[str, bool]]]:
     jobs = [(s, d, proto, port) for s in pods for d in pods if s is not d for proto, port in d.probes]
+    icmp = [j for j in jobs if j[2] == "icmp"]
+    ports = [j for j in jobs if j[2] != "icmp"]
+    jobs = icmp + ports
     with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(lambda j: probe(*j), jobs))
+        results = list(pool.map(lambda j: probe(*j), icmp)) + list(pool.map(lambda j: probe(*j), ports))
     out: dict[tuple[str, str], list[tuple[str, bool]]] = {}
     for (s, d, proto, port), ok in zip(jobs, results, strict=True):
         out.setdefault((s.key, d.key), []).append((proto if proto == "icmp" else f"{proto}/{port}", ok))

@@ -1,11 +1,15 @@
 """`sanderling lab ...`: a whole cluster on one machine, in network namespaces.
 
-Topology (routed mode): an underlay bridge in the `<name>-fabric` namespace; every node a
-namespace `<name>-nodeN` with its own ovsdb-server/ovs-vswitchd (userspace datapath), br-int,
-agent (routed mode: the bridge's LOCAL port is the pod gateway), an `uplink` on the underlay and
-a route to every other node's pod subnet; the control plane (API server on 127.0.0.1, scheduler,
-kubelets) as one process. Everything carries the lab's name, so `lab down` finds it all, also
-after a crash, and removes it; the host's own network configuration is never touched.
+Topology: an underlay bridge in the `<name>-fabric` namespace; the control plane (API server,
+controllers, scheduler, kubelets; one process) in `<name>-cp` on the underlay, also answering on
+the host's loopback for the CLI and kubectl; every node a namespace `<name>-nodeN` with its own
+ovsdb-server/ovs-vswitchd (userspace datapath), br-int and agent, an `uplink` on the underlay.
+Node objects are registered first; the control plane gives each a podCIDR and the agents read it
+(and every other node's) from the API. Routed mode: the bridge's LOCAL port is the pod gateway
+and the agents keep kernel routes to the other nodes' subnets. Overlay mode: the uplink is a port
+of an OVS bridge `br-ex` holding the underlay address, and pods reach other nodes through VXLAN.
+Everything carries the lab's name, so `lab down` finds it all, also after a crash, and removes
+it; the host's own network configuration is never touched.
 """
 
 from __future__ import annotations
@@ -22,15 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sanderling.lab.fabric import BRIDGE, attach_host, make_fabric
 from sanderling.lab.node import LocalNode, teardown_prefix
-from sanderling.netlink import veth
-from sanderling.netlink.netns import ipr
 from sanderling.ovs.runtime import OvsRuntime
 from sanderling.process import terminate
 
 STATE_ROOT = Path("/run/sanderling-lab")
-CLUSTER_CIDR = ipaddress.IPv4Network("10.244.0.0/16")
 UNDERLAY = ipaddress.IPv4Network("172.30.0.0/24")
+API_UNDERLAY_IP = UNDERLAY.network_address + 2
+API_PORT = 6443
 
 
 @dataclass
@@ -56,69 +60,106 @@ class Lab:
 
     # ---- up ------------------------------------------------------------------------------
 
+    @property
+    def controlplane_netns(self) -> str:
+        return f"{self.name}-cp"
+
     def up(self, nodes: int = 3, mode: str = "routed") -> None:
-        if mode != "routed":
-            raise SystemExit("sanderling lab: only --mode routed is available so far (overlay comes next)")
+        if mode not in ("routed", "overlay"):
+            raise SystemExit(f"sanderling lab: --mode {mode}: choose routed or overlay")
         if self.state():
             raise SystemExit(f"lab {self.name} is already up; `sanderling lab down --name {self.name}` first")
         self.down(quiet=True)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         port = _free_port()
-        self.progress("underlay: bridge in namespace " + self.fabric)
-        veth.ensure_netns(self.fabric)
-        with ipr(self.fabric) as fab:
-            fab.link("add", ifname="fabric0", kind="bridge")
-            fab.link("set", index=fab.link_lookup(ifname="fabric0")[0], state="up")
-        self.progress(f"control plane: API server on 127.0.0.1:{port}, scheduler, kubelets")
-        cp_log = open(self.state_dir / "controlplane.log", "ab")
-        cp = subprocess.Popen([sys.executable, "-m", "sanderling.lab.controlplane", "--state", str(self.state_dir),
-                               "--port", str(port)], stdout=subprocess.PIPE, stderr=cp_log, start_new_session=True)
-        assert cp.stdout is not None
-        if cp.stdout.readline().strip() != b"ready":
-            raise SystemExit(f"control plane did not start; see {self.state_dir / 'controlplane.log'}")
+        self.progress(f"underlay: bridge {UNDERLAY} in namespace {self.fabric}")
+        make_fabric(self.fabric)
+        attach_host(self.fabric, self.controlplane_netns, f"{self.name}cp"[:15],
+                    f"{API_UNDERLAY_IP}/{UNDERLAY.prefixlen}")
+        self.progress(f"control plane in namespace {self.controlplane_netns}: API server on "
+                      f"{API_UNDERLAY_IP}:{API_PORT} (and 127.0.0.1:{port} for this host), controllers, scheduler, "
+                      "kubelets")
+        cp_pid = self._start_controlplane(port)
         from sanderling.lab.apiserver.__main__ import write_kubeconfig
 
         write_kubeconfig(self.kubeconfig, f"http://127.0.0.1:{port}")
-        records: list[dict[str, Any]] = []
+        write_kubeconfig(self.node_kubeconfig, f"http://{API_UNDERLAY_IP}:{API_PORT}")
+        records = self._register_nodes(nodes)
         lab_nodes: list[LocalNode] = []
-        subnets = list(CLUSTER_CIDR.subnets(new_prefix=24))
-        for i in range(1, nodes + 1):
-            name = f"node{i}"
-            pod_cidr = str(subnets[i])
-            underlay_ip = str(UNDERLAY.network_address + 10 + i)
-            self.progress(f"node {name}: OVS (userspace datapath), agent, pod CIDR {pod_cidr}, underlay {underlay_ip}")
-            node = LocalNode(name, pod_cidr, self.state_dir, prefix=self.name, kubeconfig=self.kubeconfig,
-                             gateway=True, agent_session=True)
-            node.start()
-            node.attach_underlay(self.fabric, "fabric0", f"{underlay_ip}/{UNDERLAY.prefixlen}")
-            records.append({"name": name, "pod_cidr": pod_cidr, "underlay_ip": underlay_ip, "netns": node.netns,
-                            "dir": str(node.dir), "cni_bin": str(node.cni_bin),
-                            "cni_conf": str(node.dir / "cni" / "net.d" / "10-sanderling.conflist"),
-                            "agent_pid": node.agent.pid if node.agent else 0})
+        for rec in records:
+            self.progress(f"node {rec['name']}: OVS (userspace datapath), agent ({mode}), pod CIDR {rec['pod_cidr']} "
+                          f"(allocated), underlay {rec['underlay_ip']}")
+            node = LocalNode(rec["name"], rec["pod_cidr"], self.state_dir, prefix=self.name,
+                             kubeconfig=self.node_kubeconfig, gateway=True, agent_session=True, mode=mode,
+                             pod_cidr_from_api=True)
+            node.start(agent=False)  # the underlay first: the agents talk to the API and each other over it
+            node.attach_underlay(self.fabric, BRIDGE, f"{rec['underlay_ip']}/{UNDERLAY.prefixlen}")
             lab_nodes.append(node)
         for node, rec in zip(lab_nodes, records, strict=True):
-            for other in records:
-                if other is not rec:
-                    node.route(other["pod_cidr"], other["underlay_ip"])
+            node.start_agent()
+            rec["agent_pid"] = node.agent.pid if node.agent else 0
+        state = {"name": self.name, "mode": mode, "api_port": port, "controlplane_pid": cp_pid, "nodes": records}
+        (self.state_dir / "state.json").write_text(json.dumps(state, indent=2))
         for node in lab_nodes:
             node.wait_ready(60)
+        self.progress(f"lab {self.name} up in {time.monotonic() - started:.1f}s")
+
+    @property
+    def node_kubeconfig(self) -> Path:
+        """What the agents use: the API on the underlay."""
+        return self.state_dir / "kubeconfig-nodes"
+
+    def _start_controlplane(self, port: int) -> int:
+        cp_log = open(self.state_dir / "controlplane.log", "ab")
+        cp = subprocess.Popen([sys.executable, "-m", "sanderling.lab.controlplane", "--state", str(self.state_dir),
+                               "--listen", f"127.0.0.1:{port}", "--netns", self.controlplane_netns,
+                               "--netns-listen", f"{API_UNDERLAY_IP}:{API_PORT}"],
+                              stdout=subprocess.PIPE, stderr=cp_log, start_new_session=True)
+        assert cp.stdout is not None
+        if cp.stdout.readline().strip() != b"ready":
+            raise SystemExit(f"control plane did not start; see {self.state_dir / 'controlplane.log'}")
+        return cp.pid
+
+    def restart_controlplane(self) -> None:
+        """Stop and start the control plane (state is in SQLite; agents relist and carry on)."""
+        state = self.state()
+        _kill(state.get("controlplane_pid", 0))
+        state["controlplane_pid"] = self._start_controlplane(state["api_port"])
+        (self.state_dir / "state.json").write_text(json.dumps(state, indent=2))
+
+    def _register_nodes(self, count: int) -> list[dict[str, Any]]:
+        """Node objects first: the control plane allocates each a podCIDR, the agents read it from there."""
+        from lightkube.resources.core_v1 import Node
+
         from sanderling.kube.client import KubeApi
 
         api = KubeApi(self.kubeconfig)
-        from lightkube.resources.core_v1 import Node
-
-        for rec in records:
+        records = []
+        for i in range(1, count + 1):
+            name = f"node{i}"
+            node_dir = self.state_dir / name
+            rec = {"name": name, "underlay_ip": str(UNDERLAY.network_address + 10 + i), "netns": f"{self.name}-{name}",
+                   "dir": str(node_dir), "cni_bin": str(node_dir / "cni" / "bin" / "sanderling-cni"),
+                   "cni_conf": str(node_dir / "cni" / "net.d" / "10-sanderling.conflist")}
             api.client.create(Node.from_dict({  # type: ignore[call-overload]
-                "metadata": {"name": rec["name"], "annotations": {
+                "metadata": {"name": name, "annotations": {
                     "lab.sanderling.io/cni-bin": rec["cni_bin"], "lab.sanderling.io/cni-conf": rec["cni_conf"],
                     "lab.sanderling.io/netns": rec["netns"]}},
-                "spec": {"podCIDR": rec["pod_cidr"], "podCIDRs": [rec["pod_cidr"]]},
                 "status": {"addresses": [{"type": "InternalIP", "address": rec["underlay_ip"]}]}}))
-        state = {"name": self.name, "mode": mode, "api_port": port, "controlplane_pid": cp.pid,
-                 "nodes": records}
-        (self.state_dir / "state.json").write_text(json.dumps(state, indent=2))
-        self.progress(f"lab {self.name} up in {time.monotonic() - started:.1f}s")
+            records.append(rec)
+        deadline = time.monotonic() + 30
+        for rec in records:
+            while True:
+                node = api.node(rec["name"]) or {}
+                cidr = (node.get("spec") or {}).get("podCIDR")
+                if cidr:
+                    rec["pod_cidr"] = cidr
+                    break
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"node {rec['name']} got no podCIDR; see {self.state_dir / 'controlplane.log'}")
+                time.sleep(0.05)
+        return records
 
     # ---- down ----------------------------------------------------------------------------
 

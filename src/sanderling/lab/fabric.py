@@ -20,6 +20,21 @@ def make_fabric(netns: str) -> None:
         fab.link("set", index=fab.link_lookup(ifname=BRIDGE)[0], state="up")
 
 
+def attach_host(fabric_netns: str, netns: str, host_end: str, ip_cidr: str) -> None:
+    """A namespace of its own on the underlay (the control plane): veth `eth0` with ip_cidr."""
+    veth.ensure_netns(netns)
+    with ipr(fabric_netns) as fab:
+        fab.link("add", ifname=host_end, kind="veth", peer={"ifname": "eth0", "net_ns_fd": netns})
+        idx = fab.link_lookup(ifname=host_end)[0]
+        fab.link("set", index=idx, master=fab.link_lookup(ifname=BRIDGE)[0], state="up")
+    iface = ipaddress.IPv4Interface(ip_cidr)
+    with ipr(netns) as h:
+        h.link("set", index=h.link_lookup(ifname="lo")[0], state="up")
+        idx = h.link_lookup(ifname="eth0")[0]
+        h.link("set", index=idx, state="up")
+        h.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+
+
 def routed_nodes(prefix: str, base: Path, pod_cidrs: list[str], underlay: str) -> list[LocalNode]:
     """Nodes in routed mode on a fresh fabric `<prefix>-fabric`, each routing to the others' pod subnets."""
     net = ipaddress.IPv4Network(underlay)

@@ -28,6 +28,8 @@ from sanderling.ovs import ovsdb
 from sanderling.ovs.ovsdb import Ovsdb
 from sanderling.ovs.runtime import OvsRuntime
 
+UNDERLAY_BRIDGE = "br-ex"
+
 
 def mac_for(ip: str) -> str:
     """Kubernetes-style MAC from the IPv4 address: 0a:58 + the four address bytes."""
@@ -48,8 +50,11 @@ class Pod:
 class LocalNode:
     def __init__(self, name: str, pod_cidr: str, base_dir: Path, prefix: str = "sl", bridge: str = "br-int",
                  cni_conf_version: str = "1.1.0", kubeconfig: Path | None = None, gateway: bool = False,
-                 agent_session: bool = False) -> None:
+                 agent_session: bool = False, mode: str = "routed", pod_cidr_from_api: bool = False) -> None:
         self.gateway = gateway
+        self.mode = mode
+        self.mtu = 1450 if mode == "overlay" else 1500  # VXLAN adds 50 bytes on a 1500-byte underlay
+        self.pod_cidr_from_api = pod_cidr_from_api  # the agent reads it from its Node object
         self.agent_session = agent_session  # the agent outlives this process (`lab up`)
         self.cni_conf_version = cni_conf_version
         self.kubeconfig = kubeconfig
@@ -81,7 +86,8 @@ class LocalNode:
     def agent_log(self) -> Path:
         return self.dir / "agent.log"
 
-    def start(self) -> None:
+    def start(self, agent: bool = True) -> None:
+        """The node's namespace, OVS and br-int; then its agent unless the caller starts it later."""
         self.dir.mkdir(parents=True, exist_ok=True)
         veth.ensure_netns(self.netns)
         with ipr(self.netns) as h:
@@ -89,13 +95,17 @@ class LocalNode:
         self.ovs.start()
         self.db = Ovsdb(self.ovs.db_endpoint)
         self.db.ensure_bridge(self.bridge, "netdev")
-        self.start_agent()
+        if agent:
+            self.start_agent()
 
     def start_agent(self) -> None:
         log = open(self.agent_log, "ab")
         self.agent = subprocess.Popen(
-            [sys.executable, "-m", "sanderling.agent.main", "--node", self.name,
-             "--pod-cidr", str(self.network.pod_cidr), "--gateway-mac", self.network.gateway_mac,
+            # the agent lives in the node's namespace, as a real one lives on its host: its API
+            # connections leave through the node's own interfaces
+            ["ip", "netns", "exec", self.netns, sys.executable, "-m", "sanderling.agent.main", "--node", self.name,
+             *([] if self.pod_cidr_from_api else ["--pod-cidr", str(self.network.pod_cidr)]),
+             "--gateway-mac", self.network.gateway_mac, "--mode", self.mode, "--mtu", str(self.mtu),
              "--bridge", self.bridge, "--ovs-run-dir", str(self.ovs.run_dir), "--node-netns", self.netns,
              "--state-dir", str(self.dir / "state"), "--cni-socket", str(self.cni_socket),
              "--cni-conf-dir", str(self.dir / "cni" / "net.d"), "--cni-bin-dir", str(self.dir / "cni" / "bin"),
@@ -129,9 +139,23 @@ class LocalNode:
                 h.link("set", index=tmp[0], ifname="uplink")
             idx = h.link_lookup(ifname="uplink")[0]
             h.link("set", index=idx, state="up")
-            iface = ipaddress.IPv4Interface(ip_cidr)
+        iface = ipaddress.IPv4Interface(ip_cidr)
+        address_on = "uplink"
+        if self.mode == "overlay":
+            # OVS's userspace tunnels route and ARP through an OVS bridge that owns the underlay
+            # address: the uplink becomes a port of br-ex, the address moves to br-ex's LOCAL port
+            assert self.db is not None
+            self.db.ensure_bridge(UNDERLAY_BRIDGE, "netdev", fail_mode="standalone")
+            self.db.add_port(UNDERLAY_BRIDGE, "uplink")
+            address_on = UNDERLAY_BRIDGE
+        with ipr(self.netns) as h:
+            deadline = time.monotonic() + 10
+            while not h.link_lookup(ifname=address_on) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            idx = h.link_lookup(ifname=address_on)[0]
+            h.link("set", index=idx, state="up")
             h.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
-        self.underlay_ip = str(ipaddress.IPv4Interface(ip_cidr).ip)
+        self.underlay_ip = str(iface.ip)
 
     def route(self, cidr: str, via: str) -> None:
         with ipr(self.netns) as h:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
-from sanderling.netlink.netns import ipr
+from sanderling.netlink.netns import ipr, netns_path
 
 
 class PlumbingError(RuntimeError):
@@ -90,8 +90,11 @@ def _ethtool_tx_off(ifname: str, ns: str | None) -> None:
     """The userspace datapath does not fill in checksums a veth left to offload."""
     argv = ["ethtool", "-K", ifname, "tx", "off"]
     if ns:
-        argv = ["ip", "netns", "exec", ns, *argv]
-    subprocess.run(argv, check=False, capture_output=True)
+        # nsenter takes the path CNI hands us (`ip netns exec` only takes names)
+        argv = ["nsenter", f"--net={ns if '/' in ns else netns_path(ns)}", *argv]
+    proc = subprocess.run(argv, check=False, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise OSError(f"ethtool -K {ifname} tx off in {ns or 'this namespace'} failed: {proc.stderr.strip()}")
 
 
 def plumb(pod: PodInterface, node_netns: str | None = None, tx_checksum_off: bool = False) -> str:

@@ -99,11 +99,13 @@ class Ovsdb:
         return self._run(command)[0]
 
     def ensure_bridge(self, name: str, datapath_type: str = "netdev", external_ids: dict[str, str] | None = None,
-                      table_names: dict[int, str] | None = None) -> None:
-        """Create the bridge if needed: fail_mode secure (no NORMAL fallback), OpenFlow 1.3."""
+                      table_names: dict[int, str] | None = None, fail_mode: str = "secure") -> None:
+        """Create the bridge if needed: fail_mode secure (no NORMAL fallback), OpenFlow 1.3.
+
+        `standalone` is for a plain L2 bridge nobody programs (the lab's underlay bridge)."""
         cmds = [
             self.api.add_br(name, may_exist=True, datapath_type=datapath_type),
-            self.api.db_set("Bridge", name, ("fail_mode", "secure"), ("protocols", ["OpenFlow13"]),
+            self.api.db_set("Bridge", name, ("fail_mode", fail_mode), ("protocols", ["OpenFlow13"]),
                             ("datapath_type", datapath_type)),
         ]
         if external_ids:
@@ -125,8 +127,11 @@ class Ovsdb:
         self._run(self.api.del_br(name, if_exists=True))
 
     def add_port(self, bridge: str, port: str, external_ids: dict[str, str] | None = None,
-                 ofport_request: int | None = None, iface_type: str = "") -> None:
+                 ofport_request: int | None = None, iface_type: str = "",
+                 options: dict[str, str] | None = None) -> None:
         cols: list[tuple[str, Any]] = [("type", iface_type)]
+        if options:
+            cols.append(("options", options))
         if external_ids:
             cols.append(("external_ids", external_ids))
         if ofport_request:

@@ -41,7 +41,7 @@ async def main_async(args: argparse.Namespace) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
     sock.listen(256)
-    runner = await serve(store, [sock])
+    runner = await serve(store, [sock], args.bookmark_interval)
     if args.kubeconfig:
         write_kubeconfig(args.kubeconfig, f"http://{args.host}:{args.port}")
     await until_signalled()
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=6443)
     p.add_argument("--kubeconfig", type=Path)
+    p.add_argument("--bookmark-interval", type=float, default=5.0, help="seconds between watch bookmarks")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -306,9 +306,9 @@ class ApiServer:
         return response
 
 
-async def serve(store: Store, sockets: list[socket.socket]) -> web.AppRunner:
+async def serve(store: Store, sockets: list[socket.socket], bookmark_interval: float = 5.0) -> web.AppRunner:
     """Serve on already bound sockets (they may belong to different network namespaces)."""
-    server = ApiServer(store)
+    server = ApiServer(store, bookmark_interval)
     runner = web.AppRunner(server.app, access_log=None, shutdown_timeout=2.0)
     await runner.setup()
     for sock in sockets:
