@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -44,12 +45,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     get = cmds.add_parser("get", parents=[common], help="list objects of a kind")
     get.add_argument("kind")
     get.add_argument("-n", "--namespace", default=None)
+    get.add_argument("-o", "--output", choices=["table", "json"], default="table")
     ex = cmds.add_parser("exec", parents=[common], help="run a command in a pod's network namespace")
     ex.add_argument("pod", help="NAMESPACE/POD")
     ex.add_argument("argv", nargs=argparse.REMAINDER)
     cmds.add_parser("check", parents=[common],
                     help="probe ICMP and every containerPort between all pods; print the matrix")
     cmds.add_parser("kubeconfig", parents=[common], help="print the path of the lab's kubeconfig")
+    cmds.add_parser("restart-controlplane", parents=[common],
+                    help="stop and start the control plane (objects persist; agents relist, traffic keeps flowing)")
     lab.set_defaults(func=run)
 
 
@@ -83,11 +87,15 @@ def run(args: argparse.Namespace) -> int:
     if cmd == "delete":
         return delete(lab, args.filename)
     if cmd == "get":
-        return get(lab, args.kind, args.namespace)
+        return get(lab, args.kind, args.namespace, args.output)
     if cmd == "exec":
         return exec_in_pod(lab, args.pod, [a for a in args.argv if a != "--"])
     if cmd == "check":
         return check(lab)
+    if cmd == "restart-controlplane":
+        lab.restart_controlplane()
+        progress(f"control plane of lab {lab.name} restarted")
+        return 0
     return 2
 
 
@@ -171,13 +179,16 @@ def delete(lab: Lab, path: Path) -> int:
     return 0
 
 
-def get(lab: Lab, kind: str, namespace: str | None) -> int:
+def get(lab: Lab, kind: str, namespace: str | None, output: str = "table") -> int:
     res = _resource(kind)
     client = _api(lab)
     from lightkube.core.resource import NamespacedResource
 
     namespaced = isinstance(res, type) and issubclass(res, NamespacedResource)
     objs = list(client.list(res, namespace=namespace or "*")) if namespaced else list(client.list(res))
+    if output == "json":
+        print(json.dumps([o.to_dict() if hasattr(o, "to_dict") else dict(o) for o in objs], indent=1))
+        return 0
     kind_name = getattr(res, "__name__", "")
     headers, view = VIEWS.get(kind_name, (["namespace", "name"], lambda d: []))
     rows = []

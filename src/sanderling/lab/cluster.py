@@ -121,10 +121,12 @@ class Lab:
             raise SystemExit(f"control plane did not start; see {self.state_dir / 'controlplane.log'}")
         return cp.pid
 
-    def restart_controlplane(self) -> None:
+    def restart_controlplane(self, while_down: Callable[[], None] | None = None) -> None:
         """Stop and start the control plane (state is in SQLite; agents relist and carry on)."""
         state = self.state()
         _kill(state.get("controlplane_pid", 0))
+        if while_down is not None:
+            while_down()
         state["controlplane_pid"] = self._start_controlplane(state["api_port"])
         (self.state_dir / "state.json").write_text(json.dumps(state, indent=2))
 
