@@ -68,7 +68,8 @@ def test_lab_both_modes_matrix_capture_kubectl_and_down(running_lab):
     src, dst = pods["web-0"], pods["web-1"]
     assert src["spec"]["nodeName"] != dst["spec"]["nodeName"]
     a, b = src["status"]["podIP"], dst["status"]["podIP"]
-    lines = capture(["not", "arp", "and", "not", "tcp", "port", "6443"], 0.5, ["demo/web-0", "--", "ping", "-c", "2", "-i", "0.2", b],
+    lines = capture(["not", "arp", "and", "not", "tcp", "port", "6443"], 0.5,
+                    ["demo/web-0", "--", "ping", "-c", "2", "-i", "0.2", b],
                     ["demo/web-0", "--", sys.executable, "-m", "sanderling.probe", "connect", "tcp", b, "8080"])
     if mode == "routed":
         # the pods' own addresses on the wire: no encapsulation, no address translation
@@ -119,8 +120,9 @@ def test_controlplane_restart_and_malformed_manifest(tmp_path):
         assert up.returncode == 0, up.stdout + up.stderr
         pods = pods_by_name()
         target = pods["web-1"]["status"]["podIP"]
-        pinger = subprocess.Popen([sys.executable, "-m", "sanderling.cli.main", "lab", "--name", NAME, "exec",
-                                   "demo/web-0", "--", "ping", "-i", "0.05", "-w", "6", target],
+        # straight into the sandbox: `lab exec` itself asks the API where the pod runs
+        sandbox = f"{NAME}-{pods['web-0']['spec']['nodeName']}-demo-web-0"
+        pinger = subprocess.Popen(["ip", "netns", "exec", sandbox, "ping", "-i", "0.05", "-w", "6", target],
                                   stdout=subprocess.PIPE, text=True)
         time.sleep(0.5)
         the_lab = Lab(NAME)

@@ -217,7 +217,11 @@ class LocalNode:
             if self.agent_status_code() == 0:
                 return
             time.sleep(0.05)
-        raise TimeoutError(f"agent of {self.name} not ready after {timeout}s; see {self.agent_log}")
+        tail = ""
+        if self.agent_log.exists():
+            lines = [ln for ln in self.agent_log.read_text(errors="replace").splitlines() if "httpx" not in ln]
+            tail = "\n".join(lines[-15:])
+        raise TimeoutError(f"agent of {self.name} not ready after {timeout}s; see {self.agent_log}; it said:\n{tail}")
 
     def agent_status_code(self) -> int:
         """Exit code of the CNI plugin's STATUS: 0 when the agent can serve ADDs."""
