@@ -7,8 +7,12 @@ so the document cannot drift from the code.
 
 from __future__ import annotations
 
-from sanderling.compiler import gateway, pods
+import ipaddress
+
+from sanderling.compiler import gateway, nodes, pods, services
 from sanderling.model.network import NodeNetwork, PodPort
+from sanderling.model.nodes import Remote
+from sanderling.model.services import Endpoint, Service, ServicePort
 from sanderling.openflow import cookies
 from sanderling.openflow.pipeline import PIPELINE
 from sanderling.openflow.registers import REG_FIELDS, REG_MARKS
@@ -18,6 +22,17 @@ EXAMPLE_PODS = (
     PodPort.build("default", "web-1", 3, "0a:58:0a:f4:01:0a", "10.244.1.10"),
     PodPort.build("default", "db-1", 4, "0a:58:0a:f4:01:0b", "10.244.1.11"),
 )
+
+EXAMPLE_REMOTE = Remote(ipaddress.IPv4Network("10.244.2.0/24"), ipaddress.IPv4Address("172.30.0.12"), "node-2")
+EXAMPLE_PROXY = services.ProxyConfig(
+    node_name="node-1", node_ips=(ipaddress.IPv4Address("172.30.0.11"),),
+    node_port_ips=(ipaddress.IPv4Address("172.30.0.11"),), local_cidr=ipaddress.IPv4Network("10.244.0.0/16"),
+    masq_ip=ipaddress.IPv4Address("10.244.1.254"), service_cidr=ipaddress.IPv4Network("10.96.0.0/16"),
+    answer_masq_arp=True)
+EXAMPLE_SERVICE = Service("default", "web", "NodePort", (ipaddress.IPv4Address("10.96.0.10"),),
+                          (ServicePort("http", "TCP", 80, 30080),))
+EXAMPLE_ENDPOINTS = {EXAMPLE_SERVICE.ports[0]: (Endpoint(ipaddress.IPv4Address("10.244.1.10"), 8080, "node-1"),
+                                                Endpoint(ipaddress.IPv4Address("10.244.2.7"), 8080, "node-2"))}
 
 
 def render() -> str:
@@ -52,8 +67,13 @@ def render() -> str:
     ]
     for cat in cookies.Category:
         out.append(f"| {cat.name} | {int(cat)} |")
+    group_ids: dict[str, int] = {}
+    svc_flows, svc_groups = services.service_flows(EXAMPLE_PROXY, EXAMPLE_SERVICE, EXAMPLE_ENDPOINTS,
+                                                   lambda key: group_ids.setdefault(key, len(group_ids) + 1))
     flows = (pods.static_flows(EXAMPLE_NODE) + gateway.gateway_flows(EXAMPLE_NODE)
-             + [f for p in EXAMPLE_PODS for f in pods.pod_flows(EXAMPLE_NODE, p)])
+             + [f for p in EXAMPLE_PODS for f in pods.pod_flows(EXAMPLE_NODE, p)]
+             + nodes.remote_flows(EXAMPLE_NODE, EXAMPLE_REMOTE, "routed")
+             + services.static_flows(EXAMPLE_PROXY) + svc_flows)
     out += [
         "", "## Example flows", "",
         f"Node `{EXAMPLE_NODE.name}`, pod CIDR {EXAMPLE_NODE.pod_cidr}, gateway {EXAMPLE_NODE.gateway_ip} "
@@ -62,6 +82,12 @@ def render() -> str:
         "Shown in `ovs-ofctl add-flow` syntax, generation 1. The NODE-category flows exist in routed mode",
         "(`sanderling-agent --gateway`): the bridge's LOCAL port (4294967294) is the node side of the pod",
         "gateway, and whatever is not a local pod is routed through the node's kernel.",
+        f"Node `{EXAMPLE_REMOTE.node}` holds {EXAMPLE_REMOTE.dst} behind underlay address {EXAMPLE_REMOTE.via}.",
+        f"Service `{EXAMPLE_SERVICE.key}` ({EXAMPLE_SERVICE.type}): ClusterIP "
+        f"{EXAMPLE_SERVICE.cluster_ips[0]} port 80,",
+        f"NodePort 30080 on {EXAMPLE_PROXY.node_ips[0]}, endpoints 10.244.1.10:8080 (this node) and",
+        f"10.244.2.7:8080 (node-2); masquerade address {EXAMPLE_PROXY.masq_ip}. Its group:",
+        "", "```", *(g.text() for g in svc_groups), "```",
     ]
     for i, t in enumerate(PIPELINE.tables):
         table_flows = sorted((f for f in flows if f.table == i), key=lambda f: (-f.priority, f.text()))

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from sanderling.lab import fabric
+from sanderling.openflow.pipeline import PIPELINE
 
 from ..conftest import require_ovs
 from .conftest import require_root
@@ -47,7 +48,7 @@ def test_pods_on_two_nodes_talk_routed_without_encapsulation_or_nat(routed):
     assert not any("VXLAN" in line or ".4789" in line or "GENEVE" in line for line in lines), lines
     assert not any("172.31.250." in line.split(">")[0] for line in lines if " IP " in line), lines  # no SNAT
     # and the traffic went through br-int's pipeline to the gateway, not around it via the node kernel
-    routed = n1.ovs.ofctl(n1.bridge, "dump-flows", "table=3,ip")
+    routed = n1.ovs.ofctl(n1.bridge, "dump-flows", f"table={PIPELINE['L3Forwarding']},ip")
     default_route = [line for line in routed.splitlines() if "priority=10," in line]
     assert default_route and "n_packets=0," not in default_route[0], routed
 

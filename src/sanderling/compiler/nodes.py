@@ -39,7 +39,15 @@ def remote_flows(node: NodeNetwork, remote: Remote, mode: str, pipeline: Pipelin
 
 
 def tunnel_flows(node: NodeNetwork, pipeline: Pipeline = PIPELINE) -> list[ir.Flow]:
-    """Traffic arriving over VXLAN was validated by the sending node: straight to routing."""
+    """Traffic arriving over VXLAN was validated by the sending node: on to conntrack (replies of
+    connections this node translated come back this way) and routing."""
     cookie = cookies.cookie(cookies.Category.NODE, f"tunnel/{node.name}")
     return [ir.Flow(pipeline["Classifier"], 200, ir.match(in_port=TUNNEL_OFPORT),
-                    (FROM_UPLINK.load(), ir.Goto(pipeline["L3Forwarding"])), cookie)]
+                    (FROM_UPLINK.load(), ir.Goto(pipeline["UnSNAT"])), cookie)]
+
+
+def uplink_flows(node: NodeNetwork, ofport: int, pipeline: Pipeline = PIPELINE) -> list[ir.Flow]:
+    """An uplink on br-int (traffic from outside the cluster): conntrack, services, then routing."""
+    cookie = cookies.cookie(cookies.Category.NODE, f"uplink/{node.name}")
+    return [ir.Flow(pipeline["Classifier"], 200, ir.match(in_port=ofport),
+                    (FROM_UPLINK.load(), ir.Goto(pipeline["UnSNAT"])), cookie)]

@@ -92,7 +92,7 @@ class Lab:
                           f"(allocated), underlay {rec['underlay_ip']}")
             node = LocalNode(rec["name"], rec["pod_cidr"], self.state_dir, prefix=self.name,
                              kubeconfig=self.node_kubeconfig, gateway=True, agent_session=True, mode=mode,
-                             pod_cidr_from_api=True)
+                             pod_cidr_from_api=True, agent_in_netns=True)
             node.start(agent=False)  # the underlay first: the agents talk to the API and each other over it
             node.attach_underlay(self.fabric, BRIDGE, f"{rec['underlay_ip']}/{UNDERLAY.prefixlen}")
             lab_nodes.append(node)

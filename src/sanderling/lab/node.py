@@ -50,7 +50,12 @@ class Pod:
 class LocalNode:
     def __init__(self, name: str, pod_cidr: str, base_dir: Path, prefix: str = "sl", bridge: str = "br-int",
                  cni_conf_version: str = "1.1.0", kubeconfig: Path | None = None, gateway: bool = False,
-                 agent_session: bool = False, mode: str = "routed", pod_cidr_from_api: bool = False) -> None:
+                 agent_session: bool = False, mode: str = "routed", pod_cidr_from_api: bool = False,
+                 agent_in_netns: bool = False) -> None:
+        # the lab's agents live in their node's namespace, as a real one lives on its host: their
+        # API connections leave through the node's own interfaces (tests with an API on the
+        # host's loopback keep the agent outside)
+        self.agent_in_netns = agent_in_netns
         self.gateway = gateway
         self.mode = mode
         self.mtu = 1450 if mode == "overlay" else 1500  # VXLAN adds 50 bytes on a 1500-byte underlay
@@ -101,9 +106,8 @@ class LocalNode:
     def start_agent(self) -> None:
         log = open(self.agent_log, "ab")
         self.agent = subprocess.Popen(
-            # the agent lives in the node's namespace, as a real one lives on its host: its API
-            # connections leave through the node's own interfaces
-            ["ip", "netns", "exec", self.netns, sys.executable, "-m", "sanderling.agent.main", "--node", self.name,
+            [*(["ip", "netns", "exec", self.netns] if self.agent_in_netns else []),
+             sys.executable, "-m", "sanderling.agent.main", "--node", self.name,
              *([] if self.pod_cidr_from_api else ["--pod-cidr", str(self.network.pod_cidr)]),
              "--gateway-mac", self.network.gateway_mac, "--mode", self.mode, "--mtu", str(self.mtu),
              "--bridge", self.bridge, "--ovs-run-dir", str(self.ovs.run_dir), "--node-netns", self.netns,

@@ -36,10 +36,29 @@ TABLES: tuple[Table, ...] = (
     Table("ARPResponder", "arp", Miss.NEXT,
           "Answers ARP requests for the gateway and for local pods with the gateway MAC, so all pod "
           "traffic is routed; other ARP is dropped, non-ARP continues."),
+    Table("UnSNAT", "conntrack", Miss.NEXT,
+          "Packets to the node's masquerade address go through the SNAT zone first, so replies of "
+          "masqueraded service connections get their client address back."),
+    Table("Conntrack", "conntrack", Miss.NEXT,
+          "IP goes through the DNAT zone with nat: packets of existing service connections are "
+          "translated (requests to the endpoint, replies back to the service address)."),
+    Table("ServiceLB", "services", Miss.NEXT,
+          "New connections to a service address and port go to the service's select group (one "
+          "bucket per endpoint); a service with no usable endpoint is rejected, an unused address "
+          "of the service CIDR dropped."),
+    Table("EndpointDNAT", "services", Miss.NEXT,
+          "Commits the connection with DNAT to the endpoint the bucket chose; hairpin and "
+          "masqueraded connections are marked in ct_mark."),
+    Table("ServiceMasq", "services", Miss.NEXT,
+          "Masqueraded connections (new, or later request packets) are SNATed to the node's "
+          "masquerade address in the SNAT zone."),
     Table("L3Forwarding", "routing", Miss.DROP,
           "Routes by destination IP: rewrites MACs, decrements TTL and sets TARGET_OFPORT."),
     Table("Output", "output", Miss.DROP,
           "Sends the packet out of the port in TARGET_OFPORT."),
+    Table("Reject", "services", Miss.DROP,
+          "Connections to a service with no usable endpoint go to the agent, which answers at once "
+          "with a TCP RST or an ICMP port unreachable."),
 )
 
 

@@ -69,13 +69,26 @@ class RegMark:
 PORT_CLASS = RegField("PORT_CLASS", 0, 0, 3, "what kind of port the packet came in on")
 TARGET_OFPORT = RegField("TARGET_OFPORT", 1, 0, 31, "OpenFlow port the packet leaves through, set by forwarding")
 
-REG_FIELDS: tuple[RegField, ...] = (PORT_CLASS, TARGET_OFPORT)
+SERVICE_MASQ = RegField("SERVICE_MASQ", 0, 4, 4, "1: this new service connection must be masqueraded (SNAT)")
+ENDPOINT_IP = RegField("ENDPOINT_IP", 2, 0, 31, "the endpoint a service's group bucket chose")
+ENDPOINT_PORT = RegField("ENDPOINT_PORT", 3, 0, 15, "the chosen endpoint's port")
+SERVICE_GROUP = RegField("SERVICE_GROUP", 4, 0, 31, "the service port (its group id) the endpoint was chosen for")
+
+REG_FIELDS: tuple[RegField, ...] = (PORT_CLASS, TARGET_OFPORT, SERVICE_MASQ, ENDPOINT_IP, ENDPOINT_PORT,
+                                    SERVICE_GROUP)
 
 FROM_POD = RegMark("FROM_POD", PORT_CLASS, 1, "the packet came from a local pod's port")
 FROM_GATEWAY = RegMark("FROM_GATEWAY", PORT_CLASS, 2, "the packet came from the node's gateway (host) port")
 FROM_UPLINK = RegMark("FROM_UPLINK", PORT_CLASS, 3, "the packet came from the uplink or a tunnel")
 
-REG_MARKS: tuple[RegMark, ...] = (FROM_POD, FROM_GATEWAY, FROM_UPLINK)
+MASQUERADE = RegMark("MASQUERADE", SERVICE_MASQ, 1, "rewrite the source to the node's masquerade address")
+
+REG_MARKS: tuple[RegMark, ...] = (FROM_POD, FROM_GATEWAY, FROM_UPLINK, MASQUERADE)
+
+# conntrack: zones and ct_mark bits, named once
+DNAT_ZONE = 0xFFF0  # service DNAT (and, later, policy) connections
+SNAT_ZONE = 0xFFF1  # masqueraded service connections
+CT_MARK_MASQ = 0x1  # ct_mark bit: the connection was masqueraded, re-SNAT its later packets
 
 
 def check_no_overlap() -> None:

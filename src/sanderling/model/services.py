@@ -1,0 +1,146 @@
+"""Services and their endpoints as the proxy needs them, from Service and EndpointSlice objects.
+
+Conversion validates: a Service whose fields make no sense for the proxy raises ModelError for
+that Service only. Endpoint choice follows kube-proxy: ready endpoints; when none is ready, the
+serving-and-terminating ones (so connections drain instead of failing); named target ports
+are resolved by the EndpointSlice controller, so slices carry numbers per port name.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from sanderling.model.errors import ModelError
+
+PROTOCOLS = ("TCP", "UDP", "SCTP")
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ServicePort:
+    name: str
+    protocol: str
+    port: int
+    node_port: int = 0
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Endpoint:
+    ip: ipaddress.IPv4Address
+    port: int
+    node: str = ""
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    namespace: str
+    name: str
+    type: str
+    cluster_ips: tuple[ipaddress.IPv4Address, ...]
+    ports: tuple[ServicePort, ...]
+    external_ips: tuple[ipaddress.IPv4Address, ...] = ()
+    lb_ips: tuple[ipaddress.IPv4Address, ...] = ()
+    lb_source_ranges: tuple[ipaddress.IPv4Network, ...] = ()
+    external_local: bool = False
+    internal_local: bool = False
+    affinity_timeout: int = 0  # seconds; 0 = no session affinity
+    health_check_node_port: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def headless(self) -> bool:
+        return not self.cluster_ips
+
+
+def _ip(obj: str, field: str, value: Any) -> ipaddress.IPv4Address:
+    try:
+        return ipaddress.IPv4Address(value)
+    except (ValueError, TypeError):
+        raise ModelError(obj, field, f"{value!r} is not an IPv4 address") from None
+
+
+def service_from(raw: dict[str, Any]) -> Service | None:
+    """The proxy's view of a Service; None for what the proxy ignores (ExternalName)."""
+    meta = raw.get("metadata") or {}
+    obj = f"service/{meta.get('namespace', '')}/{meta.get('name', '')}"
+    spec = raw.get("spec") or {}
+    kind = spec.get("type") or "ClusterIP"
+    if kind == "ExternalName":
+        return None
+    cluster_ips: list[ipaddress.IPv4Address] = []
+    for ip in spec.get("clusterIPs") or ([spec["clusterIP"]] if spec.get("clusterIP") else []):
+        if ip and ip != "None" and ":" not in ip:
+            cluster_ips.append(_ip(obj, "spec.clusterIPs", ip))
+    ports = []
+    for i, p in enumerate(spec.get("ports") or []):
+        proto = p.get("protocol") or "TCP"
+        if proto not in PROTOCOLS:
+            raise ModelError(obj, f"spec.ports[{i}].protocol", f"{proto!r} is not TCP, UDP or SCTP")
+        port = p.get("port")
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise ModelError(obj, f"spec.ports[{i}].port", f"{port!r} is not a port number")
+        ports.append(ServicePort(p.get("name") or "", proto, port, int(p.get("nodePort") or 0)
+                                 if kind in ("NodePort", "LoadBalancer") else 0))
+    lb_ips = []
+    for ing in ((raw.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []:
+        if ing.get("ip") and ing.get("ipMode", "VIP") == "VIP" and ":" not in ing["ip"]:
+            lb_ips.append(_ip(obj, "status.loadBalancer.ingress", ing["ip"]))
+    ranges = []
+    for r in spec.get("loadBalancerSourceRanges") or []:
+        try:
+            ranges.append(ipaddress.IPv4Network(r.strip(), strict=False))
+        except ValueError:
+            raise ModelError(obj, "spec.loadBalancerSourceRanges", f"{r!r} is not an IPv4 CIDR") from None
+    timeout = 0
+    if spec.get("sessionAffinity") == "ClientIP":
+        timeout = int(((spec.get("sessionAffinityConfig") or {}).get("clientIP") or {}).get("timeoutSeconds")
+                      or 10800)
+    return Service(
+        meta.get("namespace", ""), meta.get("name", ""), kind, tuple(cluster_ips), tuple(ports),
+        tuple(_ip(obj, "spec.externalIPs", ip) for ip in spec.get("externalIPs") or [] if ":" not in ip),
+        tuple(lb_ips) if kind == "LoadBalancer" else (), tuple(ranges) if kind == "LoadBalancer" else (),
+        spec.get("externalTrafficPolicy") == "Local" and kind in ("NodePort", "LoadBalancer")
+        or (spec.get("externalTrafficPolicy") == "Local" and bool(spec.get("externalIPs"))),
+        spec.get("internalTrafficPolicy") == "Local", timeout, int(spec.get("healthCheckNodePort") or 0))
+
+
+def endpoints_from(slices: Iterable[dict[str, Any]], port: ServicePort) -> tuple[Endpoint, ...]:
+    """Every IPv4 endpoint of the slices for one service port (matched by name and protocol)."""
+    out: set[Endpoint] = set()
+    for sl in slices:
+        if sl.get("addressType", "IPv4") != "IPv4":
+            continue
+        number = None
+        for sp in sl.get("ports") or []:
+            if (sp.get("name") or "") == port.name and (sp.get("protocol") or "TCP") == port.protocol:
+                number = sp.get("port")
+        if not isinstance(number, int):
+            continue
+        for ep in sl.get("endpoints") or []:
+            cond = ep.get("conditions") or {}
+            ready = cond.get("ready") is not False  # unset means ready
+            serving = cond.get("serving") if cond.get("serving") is not None else ready
+            for addr in (ep.get("addresses") or [])[:1]:
+                try:
+                    ip = ipaddress.IPv4Address(addr)
+                except ValueError:
+                    continue
+                out.add(Endpoint(ip, number, ep.get("nodeName") or "", ready, bool(serving),
+                                 bool(cond.get("terminating"))))
+    return tuple(sorted(out))
+
+
+def usable(endpoints: Iterable[Endpoint]) -> tuple[Endpoint, ...]:
+    """Ready endpoints; if none, serving and terminating ones (kube-proxy's fallback)."""
+    eps = tuple(endpoints)
+    ready = tuple(e for e in eps if e.ready)
+    return ready or tuple(e for e in eps if e.serving and e.terminating)

@@ -1,0 +1,56 @@
+"""Services and endpoints as the proxy sees them, and the compiler's choices on top."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from sanderling.compiler import services as compiler
+from sanderling.model.errors import ModelError
+from sanderling.model.services import ServicePort, endpoints_from, service_from, usable
+
+SLICE = {"addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+         "endpoints": [
+             {"addresses": ["10.0.0.1"], "conditions": {"ready": True}, "nodeName": "n1"},
+             {"addresses": ["10.0.0.2"], "conditions": {"ready": False, "serving": True, "terminating": True},
+              "nodeName": "n2"},
+             {"addresses": ["10.0.0.3"], "conditions": {"ready": False, "serving": False}, "nodeName": "n1"}]}
+HTTP = ServicePort("http", "TCP", 80)
+CFG = compiler.ProxyConfig("n1", (ipaddress.IPv4Address("192.168.0.2"),), (ipaddress.IPv4Address("192.168.0.2"),),
+                           ipaddress.IPv4Network("10.0.0.0/8"), ipaddress.IPv4Address("192.168.0.2"))
+
+
+def test_ready_first_then_serving_terminating_fallback():
+    eps = endpoints_from([SLICE], HTTP)
+    assert [str(e.ip) for e in usable(eps)] == ["10.0.0.1"]
+    draining = [e for e in eps if str(e.ip) != "10.0.0.1"]
+    assert [str(e.ip) for e in usable(draining)] == ["10.0.0.2"]
+    assert endpoints_from([SLICE], ServicePort("http", "UDP", 80)) == ()  # ports match name and protocol
+
+
+def test_service_conversion_and_errors():
+    svc = service_from({"metadata": {"namespace": "a", "name": "s"},
+                        "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.5", "externalTrafficPolicy": "Local",
+                                 "ports": [{"port": 80, "nodePort": 30001}]},
+                        "status": {"loadBalancer": {"ingress": [{"ip": "1.2.3.4"},
+                                                                {"ip": "5.6.7.8", "ipMode": "Proxy"}]}}})
+    assert svc is not None and svc.external_local and [str(i) for i in svc.lb_ips] == ["1.2.3.4"]
+    assert service_from({"metadata": {}, "spec": {"type": "ExternalName"}}) is None
+    with pytest.raises(ModelError, match="spec.ports\\[0\\].protocol"):
+        service_from({"metadata": {"namespace": "a", "name": "s"}, "spec": {"ports": [{"port": 1, "protocol": "X"}]}})
+
+
+def test_flows_are_deterministic_and_only_go_forward():
+    svc = service_from({"metadata": {"namespace": "a", "name": "s"},
+                        "spec": {"clusterIP": "10.96.0.5", "ports": [{"name": "http", "port": 80}]}})
+    assert svc is not None
+    ids: dict[str, int] = {}
+    eps = {HTTP: endpoints_from([SLICE], HTTP)}
+    first = compiler.service_flows(CFG, svc, eps, lambda k: ids.setdefault(k, len(ids) + 1))
+    second = compiler.service_flows(CFG, svc, eps, lambda k: ids.setdefault(k, len(ids) + 1))
+    assert first == second
+    from sanderling.openflow.pipeline import PIPELINE
+
+    for flow in first[0] + compiler.static_flows(CFG):
+        PIPELINE.check_flow(flow)
