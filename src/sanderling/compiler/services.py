@@ -22,7 +22,7 @@ Which endpoints and whether to masquerade, as kube-proxy decides:
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -128,7 +128,7 @@ def _target(ids: dict[str, int], any_endpoint: bool, reject: tuple[ir.Action, ..
     return (*((MASQUERADE.load(),) if masq else ()), ir.GroupAction(ids[name]))
 
 
-def service_flows(cfg: ProxyConfig, svc: Service, endpoints: dict[ServicePort, tuple[Endpoint, ...]],
+def service_flows(cfg: ProxyConfig, svc: Service, endpoints: Mapping[ServicePort, tuple[Endpoint, ...]],
                   group_ids: GroupIds, pipeline: Pipeline = PIPELINE) -> tuple[list[ir.Flow], list[ir.Group]]:
     """Every flow and group one Service needs on this node."""
     if svc.headless:
