@@ -74,15 +74,17 @@ def static_flows(cfg: ProxyConfig, pipeline: Pipeline = PIPELINE) -> list[ir.Flo
     flows = [
         ir.Flow(pipeline["UnSNAT"], 200, ir.match(proto="ip", nw_dst=masq),
                 (ir.CT(zone=SNAT_ZONE, table=pipeline["Conntrack"], nat=ir.Nat()),), cookie),
-        ir.Flow(pipeline["Conntrack"], 200, ir.match(proto="ip"),
-                (ir.CT(zone=DNAT_ZONE, table=pipeline["ServiceLB"], nat=ir.Nat()),), cookie),
         ir.Flow(pipeline["ServiceMasq"], 200, ir.match(MASQUERADE, proto="ip", ct_state="+trk"), (to_snat,), cookie),
         ir.Flow(pipeline["ServiceMasq"], 190,
                 ir.match(proto="ip", ct_state="+trk-rpl", ct_mark=(CT_MARK_MASQ, CT_MARK_MASQ)), (to_snat,), cookie),
         ir.Flow(pipeline["Reject"], 10, ir.Match(), (ir.Controller(max_len=256, reason=REJECT_REASON_ACTION),),
                 cookie),
     ]
+    flows += [ir.Flow(pipeline["Conntrack"], PRIO_ANY, ir.match(proto="ip", nw_dst=int(ip)), _TRACK(pipeline), cookie)
+              for ip in cfg.node_port_ips]
     if cfg.service_cidr is not None:
+        flows.append(ir.Flow(pipeline["Conntrack"], PRIO_ANY, ir.match(proto="ip", nw_dst=str(cfg.service_cidr)),
+                             _TRACK(pipeline), cookie))
         flows.append(ir.Flow(pipeline["ServiceLB"], PRIO_SERVICE_CIDR,
                              ir.match(proto="ip", ct_state="+new+trk", nw_dst=str(cfg.service_cidr)), (), cookie))
     if cfg.answer_masq_arp:
@@ -92,6 +94,42 @@ def static_flows(cfg: ProxyConfig, pipeline: Pipeline = PIPELINE) -> list[ir.Flo
                              ir.match(proto="arp", arp_op=ARP_REQUEST, arp_tpa=masq),
                              arp_reply_actions(cfg.gateway_mac, masq), cookie))
     return flows
+
+
+def _TRACK(pipeline: Pipeline) -> tuple[ir.Action, ...]:  # noqa: N802 - reads as a constant
+    """Through the DNAT zone with nat, then on to ServiceLB."""
+    return (ir.CT(zone=DNAT_ZONE, table=pipeline["ServiceLB"], nat=ir.Nat()),)
+
+
+def endpoint_reply_flows(proto: str, ip: ipaddress.IPv4Address, port: int,
+                         pipeline: Pipeline = PIPELINE) -> list[ir.Flow]:
+    """Traffic from an endpoint's address and port may be a reply to a translated connection.
+
+    Only service traffic pays for conntrack: requests are recognized by their destination
+    (service CIDR, node ports, external and LoadBalancer IPs), replies by their source being
+    an endpoint; pod-to-pod traffic outside services never leaves the fast path. Shared by every
+    service with this endpoint, so it is its own object (see `endpoint_key`).
+    """
+    cookie = cookies.cookie(cookies.Category.SERVICE, endpoint_key(proto, ip, port))
+    return [ir.Flow(pipeline["Conntrack"], PRIO_POD, ir.match(proto=proto.lower(), nw_src=int(ip), tp_src=port),
+                    _TRACK(pipeline), cookie)]
+
+
+def endpoint_key(proto: str, ip: ipaddress.IPv4Address, port: int) -> str:
+    return f"service-endpoint/{proto.lower()}/{ip}/{port}"
+
+
+EndpointTuple = tuple[str, ipaddress.IPv4Address, int]  # (protocol, address, port)
+
+
+def service_endpoints(cfg: ProxyConfig, svc: Service,
+                      endpoints: Mapping[ServicePort, tuple[Endpoint, ...]]) -> set[EndpointTuple]:
+    """(protocol, ip, port) of every endpoint the service's groups may choose on this node."""
+    out: set[EndpointTuple] = set()
+    for port in svc.ports:
+        for e in usable(endpoints.get(port, ())):
+            out.add((port.protocol.lower(), e.ip, e.port))
+    return out
 
 
 def _group(gid: int, endpoints: tuple[Endpoint, ...], pipeline: Pipeline) -> ir.Group:
@@ -173,6 +211,9 @@ def service_flows(cfg: ProxyConfig, svc: Service, endpoints: Mapping[ServicePort
         externals += [(ip, port.port, False) for ip in svc.external_ips]
         externals += [(ip, port.port, True) for ip in svc.lb_ips]
         for ip, number, is_lb in externals:
+            if ip not in cfg.node_port_ips:  # node addresses are tracked by a static flow
+                flows.append(ir.Flow(pipeline["Conntrack"], PRIO_ANY,
+                                     ir.match(proto=proto, nw_dst=int(ip), tp_dst=number), _TRACK(pipeline), cookie))
             m = dict(proto=proto, ct_state="+new+trk", nw_dst=int(ip), tp_dst=number)
             if svc.external_local:
                 outside = to("local", False)
@@ -188,6 +229,10 @@ def service_flows(cfg: ProxyConfig, svc: Service, endpoints: Mapping[ServicePort
                 flows.append(ir.Flow(lb, PRIO_RANGE_DROP, ir.match(**m), (), cookie))
             else:
                 flows.append(ir.Flow(lb, PRIO_ANY, ir.match(**m), outside, cookie))
+    for vip in svc.cluster_ips:
+        if cfg.service_cidr is None or vip not in cfg.service_cidr:
+            flows.append(ir.Flow(pipeline["Conntrack"], PRIO_ANY, ir.match(proto="ip", nw_dst=int(vip)),
+                                 _TRACK(pipeline), cookie))
     for vip in svc.cluster_ips:  # a port the service does not serve
         flows.append(ir.Flow(lb, PRIO_UNKNOWN_PORT, ir.match(proto="ip", ct_state="+new+trk", nw_dst=int(vip)),
                              reject, cookie))

@@ -120,6 +120,9 @@ def compile_case(case: Case, nut: NodeUnderTest) -> tuple[dict[str, tuple[list[A
         endpoints = {port: endpoints_from(mine, port) for port in svc.ports}
         flows, groups = svc_compiler.service_flows(nut.cfg, svc, endpoints, nut.group_id)
         objects[f"service/{svc.key}"] = (flows, groups)
+        for proto, ip, port in svc_compiler.service_endpoints(nut.cfg, svc, endpoints):
+            objects[svc_compiler.endpoint_key(proto, ip, port)] = (
+                svc_compiler.endpoint_reply_flows(proto, ip, port), [])
     return objects, errors
 
 

@@ -14,6 +14,7 @@ it; the host's own network configuration is never touched.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import shutil
@@ -75,7 +76,7 @@ class Lab:
         port = _free_port()
         self.progress(f"underlay: bridge {UNDERLAY} in namespace {self.fabric}")
         make_fabric(self.fabric)
-        attach_host(self.fabric, self.controlplane_netns, f"{self.name}cp"[:15],
+        attach_host(self.fabric, self.controlplane_netns, "cp" + hashlib.sha1(self.name.encode()).hexdigest()[:12],
                     f"{API_UNDERLAY_IP}/{UNDERLAY.prefixlen}")
         self.progress(f"control plane in namespace {self.controlplane_netns}: API server on "
                       f"{API_UNDERLAY_IP}:{API_PORT} (and 127.0.0.1:{port} for this host), controllers, scheduler, "

@@ -7,6 +7,7 @@ Everything it creates carries the node's prefix, so `teardown()` finds it even a
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import os
@@ -131,7 +132,8 @@ class LocalNode:
 
     def attach_underlay(self, fabric_netns: str, fabric_bridge: str, ip_cidr: str) -> None:
         """A veth from this node to the underlay bridge in the fabric namespace."""
-        host_end = f"{self.prefix}{self.name}u"[:15]
+        # unique per lab and node within 15 characters, whatever the lengths of the names
+        host_end = "ul" + hashlib.sha1(f"{self.prefix}/{self.name}".encode()).hexdigest()[:12]
         with ipr(fabric_netns) as fab:
             if not fab.link_lookup(ifname=host_end):
                 fab.link("add", ifname=host_end, kind="veth", peer={"ifname": "uplinktmp", "net_ns_fd": self.netns})

@@ -40,8 +40,9 @@ TABLES: tuple[Table, ...] = (
           "Packets to the node's masquerade address go through the SNAT zone first, so replies of "
           "masqueraded service connections get their client address back."),
     Table("Conntrack", "conntrack", Miss.NEXT,
-          "IP goes through the DNAT zone with nat: packets of existing service connections are "
-          "translated (requests to the endpoint, replies back to the service address)."),
+          "Service traffic goes through the DNAT zone with nat: requests by their destination (service "
+          "CIDR, node ports, external and LoadBalancer IPs), replies by their source (an endpoint's "
+          "address and port); existing connections are translated there. Other traffic skips conntrack."),
     Table("ServiceLB", "services", Miss.NEXT,
           "New connections to a service address and port go to the service's select group (one "
           "bucket per endpoint); a service with no usable endpoint is rejected, an unused address "
