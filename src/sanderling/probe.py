@@ -59,6 +59,24 @@ def connect(proto: str, host: str, port: int, timeout: float) -> str:
         return data.decode().strip()
 
 
+def spread(proto: str, host: str, port: int, count: int, timeout: float) -> dict[str, int]:
+    """`count` new connections one after another: how many each server answered (and failures)."""
+    import time
+
+    counts: dict[str, int] = {}
+    slowest = 0.0
+    for _ in range(count):
+        started = time.monotonic()
+        try:
+            name = connect(proto, host, port, timeout)
+        except OSError as exc:
+            name = f"error: {exc.__class__.__name__}"
+        slowest = max(slowest, time.monotonic() - started)
+        counts[name] = counts.get(name, 0) + 1
+    counts["_slowest_ms"] = int(slowest * 1000)
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sanderling.probe")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -71,7 +89,18 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("host")
     c.add_argument("port", type=int)
     c.add_argument("--timeout", type=float, default=1.0)
+    sp = sub.add_parser("spread", help="N connections; print JSON {server name: count}")
+    sp.add_argument("proto", choices=["tcp", "udp"])
+    sp.add_argument("host")
+    sp.add_argument("port", type=int)
+    sp.add_argument("--count", type=int, default=100)
+    sp.add_argument("--timeout", type=float, default=1.0)
     args = p.parse_args(argv)
+    if args.cmd == "spread":
+        import json
+
+        print(json.dumps(spread(args.proto, args.host, args.port, args.count, args.timeout)))
+        return 0
     if args.cmd == "serve":
         serve(args.name, args.tcp, args.udp)
         return 0

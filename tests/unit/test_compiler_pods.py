@@ -30,6 +30,7 @@ def test_pod_flows_golden():
         "table=2,priority=200,arp,arp_op=1,arp_tpa=10.244.1.10 actions=" + ARP_REPLY.format(ip="10.244.1.10"),
         "table=8,priority=200,ip,dl_dst=0a:58:0a:f4:00:01,nw_dst=10.244.1.10 actions=set_field:0a:58:0a:f4:00:01"
         "->dl_src,set_field:0a:58:0a:f4:01:0a->dl_dst,dec_ttl,load:0x3->NXM_NX_REG1[],goto_table:9",
+        "table=9,priority=210,reg1=0x3,in_port=3 actions=IN_PORT",
     ])
 
 

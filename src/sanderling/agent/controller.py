@@ -12,14 +12,17 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from sanderling.agent.reject import reject_reply
 from sanderling.compiler import gateway as gateway_compiler
 from sanderling.compiler import nodes as node_compiler
 from sanderling.compiler import pods as pod_compiler
 from sanderling.model.errors import ModelError
 from sanderling.model.network import NodeNetwork, PodPort
 from sanderling.model.nodes import Remote
+from sanderling.openflow import ir
 from sanderling.openflow.connection import Connection, ConnectionLost, OpenFlowError
 from sanderling.openflow.ir import Flow
+from sanderling.openflow.pipeline import PIPELINE
 from sanderling.openflow.realizer import Realizer
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,19 @@ class NodeController:
         self._lock = asyncio.Lock()
         self._requested = 0
         self._completed = 0
+
+    def kick(self) -> None:
+        """Objects were changed in the realizer from outside (services): sync them now."""
+        self._wake.set()
+
+    def _packet_in(self, pin: Any) -> None:
+        if pin.table_id != PIPELINE["Reject"] or self.conn is None:
+            return
+        reply = reject_reply(pin.data)
+        in_port = next((value for name, value, _mask in pin.match.items if name == "in_port"), None)
+        if reply is None or in_port is None:
+            return
+        asyncio.ensure_future(self.conn.packet_out(reply, (ir.Output(ir.IN_PORT),), in_port))
 
     def set_remotes(self, remotes: list[Remote]) -> None:
         """Other nodes' destinations changed (from the API): recompile them at the next refresh, now."""
@@ -140,6 +156,7 @@ class NodeController:
             conn = await self._connect()
             self.conn = conn
             stop_task = asyncio.ensure_future(self._stop.wait())
+            conn.packet_in_handlers.append(self._packet_in)
             log.info("connected to %s (datapath %016x)", self.target, conn.datapath_id)
             try:
                 async with self._lock:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -66,6 +67,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "and IPPools")
     p.add_argument("--gateway", action="store_true",
                    help="route through the node: the bridge's LOCAL port gets the gateway address (routed mode)")
+    p.add_argument("--node-ip", action="append", help="this node's address (default: the Node's InternalIP)")
+    p.add_argument("--service-cidr", default="10.96.0.0/16")
+    p.add_argument("--cluster-cidr", default="10.244.0.0/16",
+                   help="pod addresses of the whole cluster: sources outside it are masqueraded to ClusterIPs")
+    p.add_argument("--node-port-addresses", default="",
+                   help="comma-separated CIDRs: NodePorts answer on the node addresses inside them (default: all)")
+    p.add_argument("--masquerade-all", action="store_true", help="SNAT every service connection")
+    p.add_argument("--no-proxy", action="store_true", help="do not replace kube-proxy (no Service flows)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -82,8 +91,8 @@ def _async_client(args: argparse.Namespace) -> Any:
     return AsyncClient(config=config, field_manager="sanderling-agent")
 
 
-async def _own_pod_cidr(args: argparse.Namespace) -> str:
-    """spec.podCIDR of this node's Node object; wait (logging why) until it exists and has one."""
+async def _own_node(args: argparse.Namespace) -> dict[str, Any]:
+    """This node's Node object once it has a spec.podCIDR; wait (logging why) until then."""
     from sanderling.kube.client import KubeApi
 
     api = await asyncio.to_thread(KubeApi, args.kubeconfig)
@@ -93,7 +102,7 @@ async def _own_pod_cidr(args: argparse.Namespace) -> str:
             node = await asyncio.to_thread(api.node, args.node)
             why = "no Node object yet" if node is None else "its Node has no spec.podCIDR yet"
             if node is not None and (node.get("spec") or {}).get("podCIDR"):
-                return str(node["spec"]["podCIDR"])
+                return node
         except Exception as exc:  # API not reachable yet: keep trying
             why = f"API not reachable ({exc})"
         if why != said:
@@ -102,16 +111,61 @@ async def _own_pod_cidr(args: argparse.Namespace) -> str:
         await asyncio.sleep(0.5)
 
 
-class RouteKeeper:
-    """Kernel routes to other nodes' destinations (routed mode), synced off the event loop, latest wins."""
+def masquerade_ip(node: NodeNetwork) -> ipaddress.IPv4Address:
+    """The node's masquerade address for services: the last usable one of its pod subnet (kept out
+    of IPAM), so replies to it route into br-int on every node like any pod address."""
+    return node.pod_cidr.broadcast_address - 1
 
-    def __init__(self, netns: str | None) -> None:
+
+def proxy_config(args: argparse.Namespace, node: NodeNetwork, node_ips: list[str]) -> Any:
+    from sanderling.compiler.services import ProxyConfig
+
+    ips = tuple(ipaddress.IPv4Address(ip) for ip in node_ips if ":" not in ip)
+    ranges = [ipaddress.IPv4Network(c, strict=False) for c in args.node_port_addresses.split(",") if c.strip()]
+    return ProxyConfig(
+        node_name=node.name, node_ips=ips, node_port_ips=tuple(ip for ip in ips if not ranges
+                                                               or any(ip in r for r in ranges)),
+        local_cidr=ipaddress.IPv4Network(args.cluster_cidr), masq_ip=masquerade_ip(node),
+        service_cidr=ipaddress.IPv4Network(args.service_cidr), masquerade_all=args.masquerade_all,
+        answer_masq_arp=True, gateway_mac=node.gateway_mac)
+
+
+def start_proxy(client: Any, cfg: Any, controller: NodeController, args: argparse.Namespace) -> list[Any]:
+    """Service and EndpointSlice informers feeding the kube-proxy replacement."""
+    from lightkube.resources.core_v1 import Service
+    from lightkube.resources.discovery_v1 import EndpointSlice
+
+    from sanderling.agent.service_proxy import ServiceProxy
+    from sanderling.kube.client import KubeApi
+    from sanderling.kube.informer import Informer
+
+    api = KubeApi(args.kubeconfig)
+
+    def report(namespace: str, name: str, message: str) -> None:
+        asyncio.get_running_loop().run_in_executor(
+            None, lambda: api.event(namespace, name, "InvalidService", message, args.node, kind="Warning",
+                                    involved_kind="Service"))
+
+    proxy = ServiceProxy(cfg, controller.realizer, controller.kick, report)
+    proxy.start()
+    informers = [Informer(client, Service, proxy.service_changed), Informer(client, EndpointSlice, proxy.slice_changed)]
+    log.info("node %s: kube-proxy replacement on (service CIDR %s, masquerade address %s, node ports on %s)",
+             cfg.node_name, cfg.service_cidr, cfg.masq_ip, ", ".join(map(str, cfg.node_port_ips)) or "nothing")
+    return [asyncio.create_task(i.run()) for i in informers]
+
+
+class RouteKeeper:
+    """Kernel routes the agent owns (other nodes' destinations in routed mode, the service CIDR),
+    synced off the event loop, latest wins."""
+
+    def __init__(self, netns: str | None, extra: dict[str, str] | None = None) -> None:
         self.netns = netns
+        self.extra = extra or {}
         self._wanted: dict[str, str] | None = None
         self._running = False
 
     def update(self, remotes: list[Remote]) -> None:
-        self._wanted = {str(r.dst): str(r.via) for r in remotes}
+        self._wanted = {**self.extra, **{str(r.dst): str(r.via) for r in remotes}}
         if not self._running:
             self._running = True
             asyncio.ensure_future(self._drain())
@@ -137,11 +191,15 @@ async def serve(args: argparse.Namespace) -> int:
                                                                        thread_name_prefix="blocking"))
     runtime = OvsRuntime(args.ovs_run_dir, private=args.ovs_run_dir != SYSTEM_RUNDIR, datapath=args.datapath)
     runtime.check()
+    node_ips: list[str] = list(args.node_ip or [])
+    if _kube_enabled(args) and (args.pod_cidr is None or not node_ips):
+        own = await _own_node(args)
+        args.pod_cidr = args.pod_cidr or own["spec"]["podCIDR"]
+        node_ips = node_ips or [a["address"] for a in (own.get("status") or {}).get("addresses") or []
+                                if a.get("type") == "InternalIP"]
     if args.pod_cidr is None:
-        if not _kube_enabled(args):
-            raise ModelError(f"node/{args.node}", "podCIDR", "give --pod-cidr, or --kubeconfig to read it from the "
-                                                              "node's Node object")
-        args.pod_cidr = await _own_pod_cidr(args)
+        raise ModelError(f"node/{args.node}", "podCIDR", "give --pod-cidr, or --kubeconfig to read it from the "
+                                                          "node's Node object")
     node = NodeNetwork.build(args.node, args.pod_cidr, args.gateway_mac)
     checked = time.monotonic()
     db = Ovsdb(runtime.db_endpoint)
@@ -166,20 +224,30 @@ async def serve(args: argparse.Namespace) -> int:
                                 lambda: pods_from_ports(db.ports(args.bridge), port_errors), gateway=args.gateway,
                                 mode=args.mode)
     view = None
+    proxy_tasks: list[asyncio.Task[None]] = []
     if _kube_enabled(args):
         from sanderling.agent.cluster_view import ClusterView
 
-        routes = RouteKeeper(args.node_netns) if args.gateway and args.mode == "routed" else None
+        proxy_cfg = None if args.no_proxy else proxy_config(args, node, node_ips)
+        # host -> ClusterIP: the service CIDR is routed into br-int via the masquerade address
+        extra_routes = ({args.service_cidr: str(proxy_cfg.masq_ip)} if proxy_cfg is not None and args.gateway
+                        else {})
+        routes = RouteKeeper(args.node_netns, extra_routes) if args.gateway else None
+        if routes is not None:
+            routes.update([])
 
         def remotes_changed(remotes: list[Remote]) -> None:
             controller.set_remotes(remotes)
             if routes is not None:
-                routes.update(remotes)
+                routes.update(remotes if args.mode == "routed" else [])
             log.info("node %s: %d remote destinations (%s)", node.name, len(remotes),
                      ", ".join(f"{r.dst} via {r.via}" for r in remotes[:8]) + (" ..." if len(remotes) > 8 else ""))
 
-        view = ClusterView(_async_client(args), node.name, remotes_changed)
+        client = _async_client(args)
+        view = ClusterView(client, node.name, remotes_changed)
         view.start()
+        if proxy_cfg is not None:
+            proxy_tasks = start_proxy(client, proxy_cfg, controller, args)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, controller.stop)
@@ -187,7 +255,7 @@ async def serve(args: argparse.Namespace) -> int:
     store = None
     if not args.no_cni:
         store = AllocationStore(args.state_dir / node.name / "ipam.db")
-        allocator = Allocator(store, [Pool("node", node.pod_cidr, frozenset({node.gateway_ip}))])
+        allocator = Allocator(store, [Pool("node", node.pod_cidr, frozenset({node.gateway_ip, masquerade_ip(node)}))])
         cluster = None
         if _kube_enabled(args):
             from sanderling.ipam.cluster import ClusterIpam
@@ -207,6 +275,8 @@ async def serve(args: argparse.Namespace) -> int:
     except asyncio.CancelledError:
         pass
     finally:
+        for task in proxy_tasks:
+            task.cancel()
         if view is not None:
             view.stop()
         if server is not None:

@@ -64,4 +64,8 @@ def pod_flows(node: NodeNetwork, pod: PodPort, pipeline: Pipeline = PIPELINE) ->
         ir.Flow(pipeline["L3Forwarding"], PRIO_HIGH, ir.match(proto="ip", dl_dst=node.gateway_mac, nw_dst=ip),
                 (ir.set_field("dl_src", node.gateway_mac), ir.set_field("dl_dst", pod.mac), ir.DecTTL(),
                  TARGET_OFPORT.load(port), ir.Goto(pipeline["Output"])), cookie),
+        # hairpin (a pod reaching itself through a service): OpenFlow never outputs to the ingress
+        # port unless told to with IN_PORT
+        ir.Flow(pipeline["Output"], PRIO_HIGH + 10, ir.match(TARGET_OFPORT.equals(port), in_port=port),
+                (ir.Output(ir.IN_PORT),), cookie),
     ]

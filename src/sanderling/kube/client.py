@@ -114,11 +114,12 @@ class KubeApi:
                 time.sleep(min(0.002 * (attempt + 1), 0.05))
         raise Conflict(f"IPPool {name}: {attempts} conflicting updates in a row")
 
-    def event(self, namespace: str, pod: str, reason: str, message: str, node: str, kind: str = "Warning") -> None:
+    def event(self, namespace: str, pod: str, reason: str, message: str, node: str, kind: str = "Warning",
+              involved_kind: str = "Pod") -> None:
         try:
             self.client.create(Event(
                 metadata=ObjectMeta(generateName=f"{pod}.", namespace=namespace),
-                involvedObject=ObjectReference(kind="Pod", namespace=namespace, name=pod, apiVersion="v1"),
+                involvedObject=ObjectReference(kind=involved_kind, namespace=namespace, name=pod, apiVersion="v1"),
                 reason=reason, message=message, type=kind, source=EventSource(component="sanderling-agent",
                                                                               host=node)))
         except Exception as exc:  # an event is best effort; the log line stays

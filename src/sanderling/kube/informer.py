@@ -43,12 +43,30 @@ def _status_code(exc: BaseException) -> int:
     return int(getattr(response, "status_code", 0) or 0)
 
 
+def _untyped(resource: Any, namespaced: bool) -> Any:
+    """The same API resource decoded as plain dicts.
+
+    Typed models insist on required fields, but a watch BOOKMARK carries only kind, apiVersion
+    and metadata.resourceVersion (an EndpointSlice bookmark has no addressType); the informer
+    converts to dicts anyway, so it decodes generically and never trips on one.
+    """
+    from lightkube.generic_resource import create_global_resource, create_namespaced_resource
+
+    info = resource._api_info
+    make = create_namespaced_resource if namespaced else create_global_resource
+    return make(info.resource.group, info.resource.version, info.resource.kind, info.plural)
+
+
+def _as_dict(item: Any) -> dict[str, Any]:
+    return item.to_dict() if hasattr(item, "to_dict") else dict(item)
+
+
 class Informer:
     def __init__(self, client: AsyncClient, resource: Any, on_change: OnChange, *, namespaced: bool = True,
                  fields: dict[str, Any] | None = None, labels: dict[str, Any] | None = None,
                  server_timeout: int = 300, max_backoff: float = 5.0) -> None:
         self.client = client
-        self.resource = resource
+        self.resource = _untyped(resource, namespaced)
         self.on_change = on_change
         self.namespaced = namespaced
         self.fields = fields
@@ -60,7 +78,7 @@ class Informer:
         self.resource_version = ""
         self.lists = 0
         self.bookmarks = 0
-        self.name = getattr(resource, "__name__", str(resource))
+        self.name = getattr(resource, "__name__", str(resource))  # the typed name, for log lines
 
     def _scope(self) -> dict[str, Any]:
         scope: dict[str, Any] = {"namespace": "*"} if self.namespaced else {}
@@ -102,7 +120,7 @@ class Informer:
         listing = self.client.list(self.resource, **self._scope())
         fresh: dict[str, dict[str, Any]] = {}
         async for item in listing:
-            obj = item.to_dict()
+            obj = _as_dict(item)
             fresh[object_key(obj)] = obj
         self.lists += 1
         for key in [k for k in self.objects if k not in fresh]:
@@ -137,7 +155,7 @@ class Informer:
         stream = self.client._client.watch(request, on_error=on_error_raise)
         try:
             async for kind, item in stream:
-                obj = item.to_dict()
+                obj = _as_dict(item)
                 new_rv = (obj.get("metadata") or {}).get("resourceVersion") or rv
                 if kind == "BOOKMARK":
                     self.bookmarks += 1
