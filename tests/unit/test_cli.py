@@ -31,8 +31,9 @@ def test_pipeline_table_lists_tables_in_order():
     proc = run("sanderling.cli.main", "pipeline")
     assert proc.returncode == 0
     names = [line.split()[1] for line in proc.stdout.splitlines()[2:]]
-    assert names == ["Classifier", "SpoofGuard", "ARPResponder", "UnSNAT", "Conntrack", "ServiceLB", "EndpointDNAT",
-                     "ServiceMasq", "L3Forwarding", "Output", "Reject"]
+    assert names == ["Classifier", "SpoofGuard", "ARPResponder", "UnSNAT", "Conntrack", "ServiceLB",
+                     "SessionAffinity", "AffinitySelect", "EndpointDNAT", "ServiceMasq", "L3Forwarding", "Output",
+                     "Reject"]
 
 
 def test_bench_flows_small_run_reports_its_reference():

@@ -29,14 +29,17 @@ from typing import Any
 
 from sanderling.model.services import Endpoint, Service, ServicePort, usable
 from sanderling.openflow import cookies, ir
+from sanderling.openflow import fields as F
 from sanderling.openflow.pipeline import PIPELINE, Pipeline
 from sanderling.openflow.registers import (
+    AFFINITY_HIT,
     CT_MARK_MASQ,
     DNAT_ZONE,
     ENDPOINT_IP,
     ENDPOINT_PORT,
     FROM_GATEWAY,
     MASQUERADE,
+    REMEMBERED,
     SERVICE_GROUP,
     SNAT_ZONE,
 )
@@ -78,6 +81,8 @@ def static_flows(cfg: ProxyConfig, pipeline: Pipeline = PIPELINE) -> list[ir.Flo
         ir.Flow(pipeline["ServiceMasq"], 190,
                 ir.match(proto="ip", ct_state="+trk-rpl", ct_mark=(CT_MARK_MASQ, CT_MARK_MASQ)), (to_snat,), cookie),
         ir.Flow(pipeline["Reject"], 10, ir.Match(), (ir.Controller(max_len=256, reason=REJECT_REASON_ACTION),),
+                cookie),
+        ir.Flow(pipeline["AffinitySelect"], PRIO_ANY, ir.match(REMEMBERED), (ir.Goto(pipeline["EndpointDNAT"]),),
                 cookie),
     ]
     flows += [ir.Flow(pipeline["Conntrack"], PRIO_ANY, ir.match(proto="ip", nw_dst=int(ip)), _TRACK(pipeline), cookie)
@@ -138,10 +143,32 @@ def _group(gid: int, endpoints: tuple[Endpoint, ...], pipeline: Pipeline) -> ir.
     return ir.Group(gid, "select", buckets)
 
 
-def _dnat_flows(gid: int, proto: str, endpoints: tuple[Endpoint, ...], cookie: int,
-                pipeline: Pipeline) -> list[ir.Flow]:
+def _learn_affinity(proto: str, timeout: int, cookie: int, pipeline: Pipeline) -> ir.Learn:
+    """Remember (client, service address, port, endpoint set) -> endpoint for `timeout` idle seconds."""
+    nw_proto = F.PROTOCOLS[proto][1]
+    assert nw_proto is not None
+    tp_dst = F.TRANSPORT_FIELDS[nw_proto][1]
+    return ir.Learn(pipeline["SessionAffinity"], (
+        ir.LearnMatch(ir.FieldRef("dl_type"), value=0x0800),
+        ir.LearnMatch(ir.FieldRef("nw_proto"), value=nw_proto),
+        ir.LearnMatch(ir.FieldRef("nw_src")),
+        ir.LearnMatch(ir.FieldRef("nw_dst")),
+        ir.LearnMatch(ir.FieldRef(tp_dst)),
+        ir.LearnMatch(SERVICE_GROUP.ref),
+        ir.LearnLoad(ENDPOINT_IP.ref, src=ENDPOINT_IP.ref),
+        ir.LearnLoad(ENDPOINT_PORT.ref, src=ENDPOINT_PORT.ref),
+        ir.LearnLoad(AFFINITY_HIT.ref, value=1),
+    ), priority=PRIO_ANY, idle_timeout=timeout, cookie=cookie, delete_learned=True)
+
+
+def _dnat_flows(gid: int, proto: str, endpoints: tuple[Endpoint, ...], cookie: int, pipeline: Pipeline,
+                affinity: int = 0) -> list[ir.Flow]:
     flows = []
     table = pipeline["EndpointDNAT"]
+    # with affinity the flows learn the choice first (while nw_dst is still the service address); their
+    # priorities differ, so switching affinity replaces them and delete_learned forgets what they taught
+    learn: tuple[ir.Action, ...] = (_learn_affinity(proto, affinity, cookie, pipeline),) if affinity else ()
+    bump = 1 if affinity else 0
     for e in endpoints:
         ip = int(e.ip)
         nat = ir.Nat("dst", ip, ip, e.port, e.port)
@@ -151,19 +178,24 @@ def _dnat_flows(gid: int, proto: str, endpoints: tuple[Endpoint, ...], cookie: i
         base = (SERVICE_GROUP.equals(gid), ENDPOINT_IP.equals(ip), ENDPOINT_PORT.equals(e.port))
         flows += [
             # hairpin: the endpoint is the client; without SNAT its reply would skip the translation
-            ir.Flow(table, PRIO_HOST, ir.match(*base, proto=proto, nw_src=ip), (MASQUERADE.load(), marked), cookie),
-            ir.Flow(table, PRIO_POD, ir.match(*base, MASQUERADE, proto=proto), (marked,), cookie),
-            ir.Flow(table, PRIO_ANY, ir.match(*base, proto=proto), (plain,), cookie),
+            ir.Flow(table, PRIO_HOST + bump, ir.match(*base, proto=proto, nw_src=ip),
+                    (*learn, MASQUERADE.load(), marked), cookie),
+            ir.Flow(table, PRIO_POD + bump, ir.match(*base, MASQUERADE, proto=proto), (*learn, marked), cookie),
+            ir.Flow(table, PRIO_ANY + bump, ir.match(*base, proto=proto), (*learn, plain), cookie),
         ]
     return flows
 
 
-def _target(ids: dict[str, int], any_endpoint: bool, reject: tuple[ir.Action, ...], name: str,
-            masq: bool) -> tuple[ir.Action, ...]:
+def _target(ids: dict[str, int], any_endpoint: bool, reject: tuple[ir.Action, ...], affinity: bool,
+            pipeline: Pipeline, name: str, masq: bool) -> tuple[ir.Action, ...]:
     """Actions sending a new connection to endpoint set `name` (cluster or local)."""
     if name not in ids:
         return reject if not any_endpoint else ()  # nothing at all: refuse; none where needed: drop
-    return (*((MASQUERADE.load(),) if masq else ()), ir.GroupAction(ids[name]))
+    pick: tuple[ir.Action, ...] = (ir.GroupAction(ids[name]),)
+    if affinity:  # the remembered endpoint if there is one, else the group
+        pick = (SERVICE_GROUP.load(ids[name]), ir.Resubmit(pipeline["SessionAffinity"]),
+                ir.Resubmit(pipeline["AffinitySelect"]))
+    return (*((MASQUERADE.load(),) if masq else ()), *pick)
 
 
 def service_flows(cfg: ProxyConfig, svc: Service, endpoints: Mapping[ServicePort, tuple[Endpoint, ...]],
@@ -190,9 +222,12 @@ def service_flows(cfg: ProxyConfig, svc: Service, endpoints: Mapping[ServicePort
             gid = group_ids(f"{svc.key}/{port.protocol}/{port.port}/{name}")
             ids[name] = gid
             groups.append(_group(gid, eps, pipeline))
-            flows += _dnat_flows(gid, proto, eps, cookie, pipeline)
+            flows += _dnat_flows(gid, proto, eps, cookie, pipeline, svc.affinity_timeout)
+            if svc.affinity_timeout:
+                flows.append(ir.Flow(pipeline["AffinitySelect"], PRIO_UNKNOWN_PORT, ir.match(SERVICE_GROUP.equals(gid)),
+                                     (ir.GroupAction(gid),), cookie))
 
-        to = partial(_target, ids, bool(everyone), reject)
+        to = partial(_target, ids, bool(everyone), reject, bool(svc.affinity_timeout), pipeline)
 
         internal = "local" if svc.internal_local else "cluster"
         for vip in svc.cluster_ips:

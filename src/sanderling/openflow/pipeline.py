@@ -26,6 +26,7 @@ class Table:
     stage: str
     miss: Miss
     doc: str
+    miss_to: str = ""  # with Miss.NEXT: continue at this table instead of the next one
 
 
 TABLES: tuple[Table, ...] = (
@@ -45,11 +46,19 @@ TABLES: tuple[Table, ...] = (
           "address and port); existing connections are translated there. Other traffic skips conntrack."),
     Table("ServiceLB", "services", Miss.NEXT,
           "New connections to a service address and port go to the service's select group (one "
-          "bucket per endpoint); a service with no usable endpoint is rejected, an unused address "
-          "of the service CIDR dropped."),
-    Table("EndpointDNAT", "services", Miss.NEXT,
+          "bucket per endpoint), or first to SessionAffinity for ClientIP affinity; a service with no "
+          "usable endpoint is rejected, an unused address of the service CIDR dropped. Other "
+          "traffic continues at ServiceMasq.", miss_to="ServiceMasq"),
+    Table("SessionAffinity", "services", Miss.DROP,
+          "Learned flows (one per client, service and port, idle timeout = the affinity timeout) "
+          "that set the endpoint the client had last time. Only entered by resubmit."),
+    Table("AffinitySelect", "services", Miss.DROP,
+          "A remembered endpoint goes straight to EndpointDNAT; otherwise the service's group picks "
+          "one. Only entered by resubmit."),
+    Table("EndpointDNAT", "services", Miss.DROP,
           "Commits the connection with DNAT to the endpoint the bucket chose; hairpin and "
-          "masqueraded connections are marked in ct_mark."),
+          "masqueraded connections are marked in ct_mark; with affinity, learns the choice. Only "
+          "entered by resubmit."),
     Table("ServiceMasq", "services", Miss.NEXT,
           "Masqueraded connections (new, or later request packets) are SNATed to the node's "
           "masquerade address in the SNAT zone."),
@@ -96,7 +105,7 @@ class Pipeline:
         for i, table in enumerate(self.tables):
             actions: tuple[ir.Action, ...] = ()
             if table.miss is Miss.NEXT:
-                actions = (ir.Goto(i + 1),)
+                actions = (ir.Goto(self[table.miss_to] if table.miss_to else i + 1),)
             flows.append(ir.Flow(i, 0, ir.Match(), actions, cookie))
         return flows
 

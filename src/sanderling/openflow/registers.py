@@ -70,20 +70,22 @@ PORT_CLASS = RegField("PORT_CLASS", 0, 0, 3, "what kind of port the packet came 
 TARGET_OFPORT = RegField("TARGET_OFPORT", 1, 0, 31, "OpenFlow port the packet leaves through, set by forwarding")
 
 SERVICE_MASQ = RegField("SERVICE_MASQ", 0, 4, 4, "1: this new service connection must be masqueraded (SNAT)")
+AFFINITY_HIT = RegField("AFFINITY_HIT", 0, 5, 5, "1: SessionAffinity found this client's endpoint")
 ENDPOINT_IP = RegField("ENDPOINT_IP", 2, 0, 31, "the endpoint a service's group bucket chose")
 ENDPOINT_PORT = RegField("ENDPOINT_PORT", 3, 0, 15, "the chosen endpoint's port")
 SERVICE_GROUP = RegField("SERVICE_GROUP", 4, 0, 31, "the service port (its group id) the endpoint was chosen for")
 
-REG_FIELDS: tuple[RegField, ...] = (PORT_CLASS, TARGET_OFPORT, SERVICE_MASQ, ENDPOINT_IP, ENDPOINT_PORT,
+REG_FIELDS: tuple[RegField, ...] = (PORT_CLASS, TARGET_OFPORT, SERVICE_MASQ, AFFINITY_HIT, ENDPOINT_IP, ENDPOINT_PORT,
                                     SERVICE_GROUP)
 
 FROM_POD = RegMark("FROM_POD", PORT_CLASS, 1, "the packet came from a local pod's port")
 FROM_GATEWAY = RegMark("FROM_GATEWAY", PORT_CLASS, 2, "the packet came from the node's gateway (host) port")
 FROM_UPLINK = RegMark("FROM_UPLINK", PORT_CLASS, 3, "the packet came from the uplink or a tunnel")
 
+REMEMBERED = RegMark("REMEMBERED", AFFINITY_HIT, 1, "the client's endpoint comes from session affinity")
 MASQUERADE = RegMark("MASQUERADE", SERVICE_MASQ, 1, "rewrite the source to the node's masquerade address")
 
-REG_MARKS: tuple[RegMark, ...] = (FROM_POD, FROM_GATEWAY, FROM_UPLINK, MASQUERADE)
+REG_MARKS: tuple[RegMark, ...] = (FROM_POD, FROM_GATEWAY, FROM_UPLINK, MASQUERADE, REMEMBERED)
 
 # conntrack: zones and ct_mark bits, named once
 DNAT_ZONE = 0xFFF0  # service DNAT (and, later, policy) connections

@@ -1,0 +1,110 @@
+"""Services in the lab end to end: load spread, ClientIP affinity switched live, instant refusal."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from ..conftest import require_ovs
+from .conftest import require_root
+
+NAME = "sltestsvc"
+
+OBJECTS = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: svc}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: be, namespace: svc}
+spec:
+  selector: {app: be}
+  ports: [{name: http, port: 80, targetPort: http}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: nobody, namespace: svc}
+spec:
+  selector: {app: nobody}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: svc, labels: {app: client}}
+spec: {nodeName: node1, containers: [{name: c, image: none}]}
+"""
+
+
+def backend(i: int) -> str:
+    return (f"---\napiVersion: v1\nkind: Pod\nmetadata: {{name: be-{i}, namespace: svc, labels: {{app: be}}}}\n"
+            f"spec: {{nodeName: node{i}, containers: [{{name: c, image: none, ports: "
+            f"[{{name: http, containerPort: 8080}}]}}]}}\n")
+
+
+def lab(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sanderling.cli.main", "lab", "--name", NAME, *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def spread(vip: str, count: int) -> dict[str, int]:
+    out = lab("exec", "svc/client", "--", sys.executable, "-m", "sanderling.probe", "spread", "tcp", vip, "80",
+              "--count", str(count))
+    assert out.returncode == 0, out.stdout + out.stderr
+    return json.loads(out.stdout)
+
+
+def test_service_spread_affinity_and_reject(tmp_path):
+    require_root()
+    require_ovs()
+    lab("down")
+    try:
+        up = lab("up", "--nodes", "3")
+        assert up.returncode == 0, up.stdout + up.stderr
+        manifest = tmp_path / "svc.yaml"
+        manifest.write_text(OBJECTS + "".join(backend(i) for i in (1, 2, 3)))
+        applied = lab("apply", "-f", str(manifest))
+        assert applied.returncode == 0, applied.stdout + applied.stderr
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            pods = json.loads(lab("get", "pods", "-n", "svc", "-o", "json").stdout)
+            if len(pods) == 4 and all((p.get("status") or {}).get("podIP") for p in pods):
+                break
+            time.sleep(0.3)
+        services = {s["metadata"]["name"]: s for s in json.loads(lab("get", "svc", "-n", "svc", "-o", "json").stdout)}
+        vip = services["be"]["spec"]["clusterIP"]
+        time.sleep(1.0)  # the agents see the EndpointSlice
+
+        counts = spread(vip, 300)
+        print(f"\n300 connections to {vip}: {counts}")
+        for i in (1, 2, 3):
+            assert counts.get(f"be-{i}", 0) >= 45, counts  # each endpoint >= 15%
+
+        svc = services["be"]
+        svc["spec"]["sessionAffinity"] = "ClientIP"
+        svc["spec"]["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": 60}}
+        (tmp_path / "affinity.json").write_text(json.dumps(svc))
+        assert lab("apply", "-f", str(tmp_path / "affinity.json")).returncode == 0
+        time.sleep(1.0)
+        sticky = spread(vip, 300)
+        print(f"with ClientIP affinity: {sticky}")
+        assert max(v for k, v in sticky.items() if k.startswith("be-")) == 300, sticky
+
+        svc["spec"]["sessionAffinity"] = "None"
+        svc["spec"].pop("sessionAffinityConfig")
+        svc["metadata"].pop("resourceVersion", None)
+        (tmp_path / "affinity.json").write_text(json.dumps(svc))
+        assert lab("apply", "-f", str(tmp_path / "affinity.json")).returncode == 0
+        time.sleep(1.0)
+        again = spread(vip, 120)
+        print(f"affinity off again: {again}")
+        assert sum(1 for k in again if k.startswith("be-")) == 3, again  # live: spread again
+
+        refused = spread(services["nobody"]["spec"]["clusterIP"], 5)
+        print(f"service without endpoints: {refused}")
+        assert refused.get("error: ConnectionRefusedError") == 5, refused
+        assert refused["_slowest_ms"] < 100, refused
+    finally:
+        assert lab("down").returncode == 0
