@@ -33,8 +33,11 @@ def _serve_udp(port: int, name: bytes) -> None:
     srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     srv.bind(("0.0.0.0", port))
     while True:
-        _, peer = srv.recvfrom(2048)
-        srv.sendto(name + b"\n", peer)
+        data, peer = srv.recvfrom(2048)
+        if data.startswith(b"whoami"):  # who the server sees: shows whether the source was translated
+            srv.sendto(name + b" " + peer[0].encode() + b"\n", peer)
+        else:
+            srv.sendto(name + b"\n", peer)
 
 
 def serve(name: str, tcp: list[int], udp: list[int]) -> None:
@@ -47,14 +50,14 @@ def serve(name: str, tcp: list[int], udp: list[int]) -> None:
         t.join()
 
 
-def connect(proto: str, host: str, port: int, timeout: float) -> str:
+def connect(proto: str, host: str, port: int, timeout: float, send: bytes = b"probe\n") -> str:
     if proto == "tcp":
         with socket.create_connection((host, port), timeout=timeout) as s:
             s.settimeout(timeout)
             return s.recv(256).decode().strip()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(timeout)
-        s.sendto(b"probe\n", (host, port))
+        s.sendto(send, (host, port))
         data, _ = s.recvfrom(256)
         return data.decode().strip()
 
@@ -89,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("host")
     c.add_argument("port", type=int)
     c.add_argument("--timeout", type=float, default=1.0)
+    c.add_argument("--whoami", action="store_true", help="udp: the server answers with the source it sees")
     sp = sub.add_parser("spread", help="N connections; print JSON {server name: count}")
     sp.add_argument("proto", choices=["tcp", "udp"])
     sp.add_argument("host")
@@ -105,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         serve(args.name, args.tcp, args.udp)
         return 0
     try:
-        print(connect(args.proto, args.host, args.port, args.timeout))
+        send = b"whoami\n" if args.whoami else b"probe\n"
+        print(connect(args.proto, args.host, args.port, args.timeout, send))
         return 0
     except OSError as exc:
         print(f"{args.proto} {args.host}:{args.port}: {exc}", file=sys.stderr)

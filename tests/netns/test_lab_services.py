@@ -32,6 +32,23 @@ spec:
   ports: [{port: 80, targetPort: 8080}]
 ---
 apiVersion: v1
+kind: Service
+metadata: {name: np-cluster, namespace: svc}
+spec:
+  type: NodePort
+  selector: {app: be}
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: np-local, namespace: svc}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  selector: {app: be}
+  ports: [{name: echo, port: 81, protocol: UDP, targetPort: 8081, nodePort: 30081}]
+---
+apiVersion: v1
 kind: Pod
 metadata: {name: client, namespace: svc, labels: {app: client}}
 spec: {nodeName: node1, containers: [{name: c, image: none}]}
@@ -41,7 +58,7 @@ spec: {nodeName: node1, containers: [{name: c, image: none}]}
 def backend(i: int) -> str:
     return (f"---\napiVersion: v1\nkind: Pod\nmetadata: {{name: be-{i}, namespace: svc, labels: {{app: be}}}}\n"
             f"spec: {{nodeName: node{i}, containers: [{{name: c, image: none, ports: "
-            f"[{{name: http, containerPort: 8080}}]}}]}}\n")
+            f"[{{name: http, containerPort: 8080}}, {{name: echo, containerPort: 8081, protocol: UDP}}]}}]}}\n")
 
 
 def lab(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -101,6 +118,19 @@ def test_service_spread_affinity_and_reject(tmp_path):
         again = spread(vip, 120)
         print(f"affinity off again: {again}")
         assert sum(1 for k in again if k.startswith("be-")) == 3, again  # live: spread again
+
+        # NodePorts from the fabric namespace, outside the cluster (172.30.0.1), to node1 (172.30.0.11)
+        outside = subprocess.run(["ip", "netns", "exec", f"{NAME}-fabric", sys.executable, "-m", "sanderling.probe",
+                                  "spread", "tcp", "172.30.0.11", "30080", "--count", "60"],
+                                 capture_output=True, text=True, timeout=120)
+        from_outside = json.loads(outside.stdout)
+        print(f"NodePort (externalTrafficPolicy Cluster) from outside: {from_outside}")
+        assert sum(1 for k in from_outside if k.startswith("be-")) == 3, from_outside
+        who = subprocess.run(["ip", "netns", "exec", f"{NAME}-fabric", sys.executable, "-m", "sanderling.probe",
+                              "connect", "udp", "172.30.0.11", "30081", "--whoami"],
+                             capture_output=True, text=True, timeout=30)
+        print(f"NodePort (externalTrafficPolicy Local) from outside: {who.stdout.strip()}")
+        assert who.stdout.split() == ["be-1", "172.30.0.1"], who.stdout + who.stderr  # local endpoint, real client
 
         refused = spread(services["nobody"]["spec"]["clusterIP"], 5)
         print(f"service without endpoints: {refused}")

@@ -199,3 +199,25 @@ def test_resync_after_reconnect_is_idempotent(bridge):
         return r
     r = asyncio.run(go())
     assert switch_texts(bridge) == keys_of(r)
+
+
+def test_change_made_while_a_bundle_is_in_flight_is_not_lost(bridge):
+    """An object updated during a sync (informers run while the bundle is on the wire) stays
+    pending and goes out with the next sync; it is never taken for installed."""
+    async def go():
+        conn = await connect(bridge)
+        realizer = Realizer(1)
+        realizer.set_object("p1", pods.pod_flows(NODE, pod(1)))
+        syncing = asyncio.create_task(realizer.sync(conn))
+        await asyncio.sleep(0)  # the bundle is being sent
+        moved = PodPort.build("ns", "p1", 2, "0a:58:0a:f4:03:01", "10.244.3.11")
+        realizer.set_object("p1", pods.pod_flows(NODE, moved))
+        await syncing
+        assert "p1" in realizer.pending
+        await realizer.sync(conn)
+        assert not realizer.pending
+        conn.close()
+        return moved
+    moved = asyncio.run(go())
+    assert any(f"in_port={moved.ofport} " in line for line in bridge.dump_flows())
+    assert not any("in_port=1 " in line for line in bridge.dump_flows())

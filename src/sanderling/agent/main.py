@@ -154,6 +154,24 @@ def start_proxy(client: Any, cfg: Any, controller: NodeController, args: argpars
     return [asyncio.create_task(i.run()) for i in informers]
 
 
+async def steer_node_ports(cfg: Any, node: NodeNetwork, controller: NodeController,
+                           args: argparse.Namespace) -> None:
+    """NodePorts on the node's addresses reach br-int from outside (see netlink/nodeport.py)."""
+    from sanderling.compiler.nodes import steered_uplink_flows
+    from sanderling.netlink import nodeport
+
+    for ip in cfg.node_port_ips:
+        try:
+            ifname, mac = await asyncio.to_thread(nodeport.interface_of, args.node_netns, str(ip))
+            await asyncio.to_thread(nodeport.steer, args.node_netns, ifname, str(ip), args.bridge)
+        except (nodeport.SteeringError, OSError) as exc:
+            log.error("node %s: NodePorts on %s not reachable from outside: %s", node.name, ip, exc)
+            continue
+        controller.realizer.set_object(f"node/steered/{ifname}", steered_uplink_flows(node, mac))
+        controller.kick()
+        log.info("node %s: NodePorts on %s (%s, %s) steered into %s", node.name, ip, ifname, mac, args.bridge)
+
+
 class RouteKeeper:
     """Kernel routes the agent owns (other nodes' destinations in routed mode, the service CIDR),
     synced off the event loop, latest wins."""
@@ -248,6 +266,8 @@ async def serve(args: argparse.Namespace) -> int:
         view.start()
         if proxy_cfg is not None:
             proxy_tasks = start_proxy(client, proxy_cfg, controller, args)
+            if args.gateway:
+                await steer_node_ports(proxy_cfg, node, controller, args)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, controller.stop)

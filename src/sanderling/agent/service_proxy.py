@@ -107,6 +107,10 @@ class ServiceProxy:
             return self.group_ids(gkey)
 
         flows, groups = compiler.service_flows(self.cfg, svc, endpoints, group_id)
+        total = {(e.ip, e.port) for eps in endpoints.values() for e in eps}
+        log.info("service %s: %d port(s), %d endpoint(s) (%d here), %d flows, %d groups", key, len(svc.ports),
+                 len(total), sum(1 for eps in endpoints.values() for e in eps if e.node == self.cfg.node_name),
+                 len(flows), len(groups))
         self.group_ids.release_prefix(f"{key}/", used)
         self.realizer.set_object(object_key, flows, groups)
         self._set_endpoints(key, compiler.service_endpoints(self.cfg, svc, endpoints))

@@ -51,3 +51,12 @@ def uplink_flows(node: NodeNetwork, ofport: int, pipeline: Pipeline = PIPELINE) 
     cookie = cookies.cookie(cookies.Category.NODE, f"uplink/{node.name}")
     return [ir.Flow(pipeline["Classifier"], 200, ir.match(in_port=ofport),
                     (FROM_UPLINK.load(), ir.Goto(pipeline["UnSNAT"])), cookie)]
+
+
+def steered_uplink_flows(node: NodeNetwork, uplink_mac: str, pipeline: Pipeline = PIPELINE) -> list[ir.Flow]:
+    """NodePort traffic the node redirects from its uplink arrives on LOCAL still addressed to the
+    uplink's MAC: it is outside traffic (FROM_UPLINK), readdressed to the gateway MAC for routing."""
+    cookie = cookies.cookie(cookies.Category.NODE, f"steered-uplink/{node.name}")
+    return [ir.Flow(pipeline["Classifier"], 210, ir.match(in_port=ir.LOCAL, dl_dst=uplink_mac),
+                    (FROM_UPLINK.load(), ir.set_field("dl_dst", node.gateway_mac), ir.Goto(pipeline["UnSNAT"])),
+                    cookie)]

@@ -29,11 +29,13 @@ from typing import Any
 
 from sanderling.lab.fabric import BRIDGE, attach_host, make_fabric
 from sanderling.lab.node import LocalNode, teardown_prefix
+from sanderling.netlink.netns import ipr
 from sanderling.ovs.runtime import OvsRuntime
 from sanderling.process import terminate
 
 STATE_ROOT = Path("/run/sanderling-lab")
 UNDERLAY = ipaddress.IPv4Network("172.30.0.0/24")
+OUTSIDE_IP = UNDERLAY.network_address + 1  # the fabric namespace's own address: a client outside the cluster
 API_UNDERLAY_IP = UNDERLAY.network_address + 2
 API_PORT = 6443
 
@@ -76,6 +78,9 @@ class Lab:
         port = _free_port()
         self.progress(f"underlay: bridge {UNDERLAY} in namespace {self.fabric}")
         make_fabric(self.fabric)
+        with ipr(self.fabric) as fab:  # the fabric itself is "outside the cluster": clients of NodePorts
+            fab.addr("add", index=fab.link_lookup(ifname=BRIDGE)[0], address=str(OUTSIDE_IP),
+                     prefixlen=UNDERLAY.prefixlen)
         attach_host(self.fabric, self.controlplane_netns, "cp" + hashlib.sha1(self.name.encode()).hexdigest()[:12],
                     f"{API_UNDERLAY_IP}/{UNDERLAY.prefixlen}")
         self.progress(f"control plane in namespace {self.controlplane_netns}: API server on "

@@ -138,14 +138,15 @@ class Realizer:
         result.failed[key] = message
         self._dirty.discard(key)  # retried when the object changes again or on resync
 
-    def _claim(self, keys: list[str]) -> tuple[dict[FlowKey, str], dict[int, str]]:
+    def _claim(self, keys: list[str], states: dict[str, ObjectState | None]) -> tuple[dict[FlowKey, str],
+                                                                                    dict[int, str]]:
         """Ownership after this change set; raises ConflictError on a double claim."""
         flow_claims: dict[FlowKey, str] = {}
         group_claims: dict[int, str] = {}
         changing = set(keys)
         owners = self._flow_owner
         for key in keys:
-            state = self._desired.get(key, EMPTY)
+            state = states.get(key) or EMPTY
             for fk in state.flows:
                 owner = owners.get(fk)
                 if (owner is not None and owner not in changing) or fk in flow_claims:
@@ -160,9 +161,12 @@ class Realizer:
         return flow_claims, group_claims
 
     async def _apply(self, switch: Switch, keys: list[str]) -> int:
-        flow_claims, group_claims = self._claim(keys)
+        # what is sent is a snapshot: an object changed while the bundle is in flight stays dirty
+        # and goes out with the next sync instead of being taken for installed
+        states = {key: self._desired.get(key) for key in keys}
+        flow_claims, group_claims = self._claim(keys, states)
         described: dict[int, tuple[str, ir.Flow | ir.Group | None, str]] = {}
-        count = await switch.bundle(self._diff_messages(switch, keys, flow_claims, group_claims, described),
+        count = await switch.bundle(self._diff_messages(switch, keys, states, flow_claims, group_claims, described),
                                     lambda xid: _describe(described, xid))
         # committed: move the cache
         for key in keys:
@@ -173,18 +177,20 @@ class Realizer:
             for gid in old.groups:
                 if self._group_owner.get(gid) == key:
                     del self._group_owner[gid]
-            new = self._desired.get(key)
+            new = states[key]
             if new is None:
                 self._installed.pop(key, None)
             else:
                 self._installed[key] = new
-            self._dirty.discard(key)
+            if self._desired.get(key) is new:
+                self._dirty.discard(key)
             self.errors.pop(key, None)
         self._flow_owner.update(flow_claims)
         self._group_owner.update(group_claims)
         return count
 
-    def _diff_messages(self, switch: Switch, keys: list[str], flow_claims: dict[FlowKey, str],
+    def _diff_messages(self, switch: Switch, keys: list[str], states: dict[str, ObjectState | None],
+                       flow_claims: dict[FlowKey, str],
                        group_claims: dict[int, str],
                        described: dict[int, tuple[str, ir.Flow | ir.Group | None, str]]
                        ) -> Iterator[tuple[int, bytes]]:
@@ -195,7 +201,7 @@ class Realizer:
         cache = self._cache
         for key in keys:
             old = self._installed.get(key, EMPTY)
-            for gid, group in self._desired.get(key, EMPTY).groups.items():
+            for gid, group in (states[key] or EMPTY).groups.items():
                 if old.groups.get(gid) != group:
                     xid = next_xid()
                     cmd = E.OFPGC_MODIFY if gid in old.groups or self._group_owner.get(gid) else E.OFPGC_ADD
@@ -203,20 +209,20 @@ class Realizer:
                     yield xid, E.group_mod(group, xid, cmd)
         for key in keys:
             old_flows = self._installed.get(key, EMPTY).flows
-            for fk, flow in self._desired.get(key, EMPTY).flows.items():
+            for fk, flow in (states[key] or EMPTY).flows.items():
                 if old_flows.get(fk) != flow:
                     xid = next_xid()
                     described[xid] = ("", flow, key)
                     yield xid, E.flow_mod(flow, xid, cookies.with_generation(flow.cookie, gen), E.OFPFC_ADD, cache)
         for key in keys:
-            new_flows = self._desired.get(key, EMPTY).flows
+            new_flows = (states[key] or EMPTY).flows
             for fk, flow in self._installed.get(key, EMPTY).flows.items():
                 if fk not in new_flows and fk not in flow_claims:
                     xid = next_xid()
                     described[xid] = ("delete", flow, key)
                     yield xid, E.flow_mod(flow, xid, 0, E.OFPFC_DELETE_STRICT)
         for key in keys:
-            new_groups = self._desired.get(key, EMPTY).groups
+            new_groups = (states[key] or EMPTY).groups
             for gid, group in self._installed.get(key, EMPTY).groups.items():
                 if gid not in new_groups and gid not in group_claims:
                     xid = next_xid()
@@ -252,12 +258,13 @@ class Realizer:
         keys = [k for k in sorted(self._desired) if k not in excluded]
         flow_claims, group_claims, conflicts = self._claim_all(keys)
         keys = [k for k in keys if k not in conflicts]
+        snapshot = {k: self._desired[k] for k in keys}  # changes during the bundle stay dirty
         messages: list[tuple[int, bytes]] = []
         described: dict[int, tuple[str, ir.Flow | ir.Group | None, str]] = {}
         self._xid_owner = {}
         gen = self.generation
         for key in keys:
-            state = self._desired[key]
+            state = snapshot[key]
             for gid, group in state.groups.items():
                 xid = switch.next_xid()
                 cmd = E.OFPGC_MODIFY if gid in existing_groups else E.OFPGC_ADD
@@ -265,7 +272,7 @@ class Realizer:
                 described[xid] = ("group", group, key)
                 self._xid_owner[xid] = key
         for key in keys:
-            for flow in self._desired[key].flows.values():
+            for flow in snapshot[key].flows.values():
                 xid = switch.next_xid()
                 messages.append((xid, E.flow_mod(flow, xid, cookies.with_generation(flow.cookie, gen),
                                                  E.OFPFC_ADD, self._cache)))
@@ -291,10 +298,11 @@ class Realizer:
             messages.append((xid, E.group_mod(ir.Group(gid), xid, E.OFPGC_DELETE)))
             described[xid] = (f"delete stray group {gid}", None, "")
         await switch.bundle(messages, lambda xid: _describe(described, xid))
-        self._installed = {k: self._desired[k] for k in keys}
+        self._installed = dict(snapshot)
         self._flow_owner = flow_claims
         self._group_owner = group_claims
-        self._dirty.clear()
+        self._dirty = {k for k in set(self._desired) | set(snapshot)
+                       if k not in excluded and k not in conflicts and self._desired.get(k) is not snapshot.get(k)}
         self.errors = {**excluded, **conflicts}
         log.info("resync: %d flows and %d groups of generation %d installed, %d older generation(s) swept",
                  len(flow_claims), len(group_claims), gen, len(stale_generations))

@@ -1,0 +1,90 @@
+"""NodePorts from outside the node: steer them from the node's interface into br-int.
+
+The node's address belongs to its kernel, so a connection to NODE_IP:NODEPORT arriving on the
+uplink would be delivered to the node itself. A tc filter on the uplink's ingress
+(clsact and u32, not iptables) redirects TCP, UDP and SCTP to the NodePort range of the node's
+address into br-int's LOCAL interface, where the pipeline recognizes it by the uplink's MAC and
+load-balances it like any service traffic. Replies leave br-int through LOCAL with the node's
+address as source; `accept_local` lets the node's kernel forward them back out.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from functools import partial
+
+from sanderling.netlink.netns import ipr, netns_path, run_in_netns
+
+PROTOS = ("tcp", "udp", "sctp")
+PROTO_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132}
+
+
+class SteeringError(RuntimeError):
+    pass
+
+
+def _tc(netns: str | None, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = ["tc", *args]
+    if netns:
+        argv = ["nsenter", f"--net={netns_path(netns)}", *argv]
+    return subprocess.run(argv, capture_output=True, text=True)
+
+
+def interface_of(netns: str | None, address: str) -> tuple[str, str]:
+    """(name, MAC) of the interface holding `address` in the node."""
+    with ipr(netns) as h:
+        for addr in h.get_addr(family=2):
+            if addr.get_attr("IFA_ADDRESS") == address:
+                link = h.get_links(addr["index"])[0]
+                return link.get_attr("IFLA_IFNAME"), link.get_attr("IFLA_ADDRESS")
+    raise SteeringError(f"no interface holds {address} in {netns or 'this namespace'}")
+
+
+def port_blocks(first: int, last: int) -> list[tuple[int, int]]:
+    """[first, last] as (value, mask) blocks, the way u32 matches a port range."""
+    blocks = []
+    port = first
+    while port <= last:
+        size = 1
+        while port % (size * 2) == 0 and port + size * 2 - 1 <= last:
+            size *= 2
+        blocks.append((port, 0xFFFF & ~(size - 1)))
+        port += size
+    return blocks
+
+
+def steer(netns: str | None, ifname: str, address: str, bridge: str, ports: tuple[int, int] = (30000, 32767),
+          keep: tuple[int, ...] = ()) -> None:
+    """Redirect ADDRESS:ports arriving on ifname into bridge (idempotent); `keep` ports stay local.
+
+    u32, the classifier every kernel has (flower is a module this one lacks): one filter per
+    protocol and aligned block of the port range, after `pass` filters for the kept ports."""
+    _tc(netns, "qdisc", "del", "dev", ifname, "clsact")  # start clean: filters are rebuilt whole
+    _run(netns, "qdisc", "add", "dev", ifname, "clsact")
+    def u32(pref: str) -> list[str]:
+        return ["filter", "add", "dev", ifname, "ingress", "pref", pref, "protocol", "ip", "u32", "match", "ip",
+                "dst", f"{address}/32"]
+
+    for port in keep:  # e.g. healthCheckNodePorts, served by the node itself
+        _run(netns, *u32("10"), "match", "ip", "protocol", "6", "0xff", "match", "ip", "dport", str(port), "0xffff",
+             "action", "pass")
+    for number in (PROTO_NUMBERS[p] for p in PROTOS):
+        for value, mask in port_blocks(*ports):
+            _run(netns, *u32("20"), "match", "ip", "protocol", str(number), "0xff", "match", "ip", "dport",
+                 str(value), hex(mask), "action", "mirred", "egress", "redirect", "dev", bridge)
+    conf = f"/proc/sys/net/ipv4/conf/{bridge}/accept_local"
+    if netns:
+        run_in_netns(netns, partial(_write, conf, "1"))
+    else:
+        _write(conf, "1")
+
+
+def _run(netns: str | None, *args: str) -> None:
+    res = _tc(netns, *args)
+    if res.returncode != 0:
+        raise SteeringError(f"tc {' '.join(args)}: {res.stderr.strip()}")
+
+
+def _write(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
