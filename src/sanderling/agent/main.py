@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import ipaddress
 import logging
 import os
@@ -36,6 +37,14 @@ from sanderling.ovs.runtime import SYSTEM_RUNDIR, OvsError, OvsRuntime
 log = logging.getLogger("sanderling.agent")
 
 GENERATION_KEY = "sanderling.io/generation"
+
+
+def tune_gc() -> None:
+    """The agent holds hundreds of thousands of long-lived immutable flow objects; the default
+    collector thresholds rescan them over and over while a big sync allocates (measured: 40% of
+    compiling 10,000 Services). Collect the young generation less often; nothing here is cyclic
+    garbage in bulk."""
+    gc.set_threshold(50_000, 20, 50)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -146,7 +155,8 @@ def start_proxy(client: Any, cfg: Any, controller: NodeController, args: argpars
             None, lambda: api.event(namespace, name, "InvalidService", message, args.node, kind="Warning",
                                     involved_kind="Service"))
 
-    proxy = ServiceProxy(cfg, controller.realizer, controller.kick, report)
+    proxy = ServiceProxy(cfg, controller.realizer, controller.kick, report,
+                         schedule=asyncio.get_running_loop().call_soon)
     proxy.start()
     informers = [Informer(client, Service, proxy.service_changed), Informer(client, EndpointSlice, proxy.slice_changed)]
     log.info("node %s: kube-proxy replacement on (service CIDR %s, masquerade address %s, node ports on %s)",
@@ -309,6 +319,7 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    tune_gc()
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -2,8 +2,9 @@
 
 Informers feed Service and EndpointSlice changes; each change recompiles only the Service it
 concerns (its flows and groups are one realizer object, so one bundle rewrites exactly them and
-established connections to endpoints that still exist keep their conntrack entries). Endpoint
-reply flows are shared by every Service with that endpoint and reference-counted. A Service the
+established connections to endpoints that still exist keep their conntrack entries). Flows
+several Services need (conntrack for a target port's replies, hairpin SNAT for a local
+endpoint) are objects of their own, reference-counted. A Service the
 model refuses is reported once (log line and a Kubernetes Event) and left out; the rest goes on.
 """
 
@@ -21,33 +22,42 @@ from sanderling.openflow.realizer import Realizer
 
 log = logging.getLogger(__name__)
 
-EndpointTuple = compiler.EndpointTuple
-
 
 class GroupIds:
     """Group ids per service port and endpoint set. Never reused within a run: a freed id taken
     by another service in the same bundle could be deleted after it was re-added."""
 
     def __init__(self) -> None:
-        self._ids: dict[str, int] = {}
+        self._ids: dict[str, dict[str, int]] = {}  # service key -> group key -> id
         self._next = 1
 
-    def __call__(self, key: str) -> int:
-        gid = self._ids.get(key)
+    def get(self, service: str, key: str) -> int:
+        ids = self._ids.setdefault(service, {})
+        gid = ids.get(key)
         if gid is None:
-            gid = self._ids[key] = self._next
+            gid = ids[key] = self._next
             self._next += 1
         return gid
 
-    def release_prefix(self, prefix: str, keep: set[str]) -> None:
-        for key in [k for k in self._ids if k.startswith(prefix) and k not in keep]:
-            del self._ids[key]
+    def release(self, service: str, keep: set[str]) -> None:
+        ids = self._ids.get(service, {})
+        for key in [k for k in ids if k not in keep]:
+            del ids[key]
+        if not ids:
+            self._ids.pop(service, None)
 
 
 class ServiceProxy:
     def __init__(self, cfg: compiler.ProxyConfig, realizer: Realizer, changed: Callable[[], None],
-                 report: Callable[[str, str, str], None] | None = None) -> None:
+                 report: Callable[[str, str, str], None] | None = None,
+                 schedule: Callable[[Callable[[], None]], object] | None = None) -> None:
+        """`changed` is called after compiled objects changed; `schedule(fn)` runs fn soon (the
+        event loop's call_soon), so a burst of events compiles each Service once; without it,
+        every event compiles at once."""
         self.cfg = cfg
+        self.schedule = schedule
+        self._dirty: set[str] = set()
+        self._flush_scheduled = False
         self.realizer = realizer
         self.changed = changed
         self.report = report  # (namespace, name, message) -> Event on the Service
@@ -56,8 +66,8 @@ class ServiceProxy:
         self.slice_owner: dict[str, str] = {}  # slice key -> service key
         self.errors: dict[str, str] = {}
         self.group_ids = GroupIds()
-        self.endpoint_refs: Counter[EndpointTuple] = Counter()
-        self.endpoints_of: dict[str, set[EndpointTuple]] = {}
+        self.shared_refs: Counter[str] = Counter()  # shared object key -> services needing it
+        self.shared_of: dict[str, set[str]] = {}
 
     def start(self) -> None:
         self.realizer.set_object("service/static", compiler.static_flows(self.cfg))
@@ -69,7 +79,7 @@ class ServiceProxy:
             self.raw_services.pop(key, None)
         else:
             self.raw_services[key] = obj
-        self._recompile(key)
+        self._mark(key)
 
     def slice_changed(self, key: str, obj: dict[str, Any] | None) -> None:
         old_owner = self.slice_owner.pop(key, None)
@@ -85,18 +95,34 @@ class ServiceProxy:
                 self.slice_owner[key] = owner
         for svc_key in {old_owner, owner} - {None}:
             assert svc_key is not None
-            self._recompile(svc_key)
+            self._mark(svc_key)
 
     # ---- compile -------------------------------------------------------------------------
+
+    def _mark(self, key: str) -> None:
+        self._dirty.add(key)
+        if self.schedule is None:
+            self.flush()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.schedule(self.flush)
+
+    def flush(self) -> None:
+        """Compile every Service changed since the last flush, then tell the controller."""
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, set()
+        for key in sorted(dirty):
+            self._recompile(key)
+        if dirty:
+            self.changed()
 
     def _recompile(self, key: str) -> None:
         svc = self._model(key)
         object_key = f"service/{key}"
         if svc is None or svc.headless:
             self.realizer.remove_object(object_key)
-            self.group_ids.release_prefix(f"{key}/", set())
-            self._set_endpoints(key, set())
-            self.changed()
+            self.group_ids.release(key, set())
+            self._set_shared(key, set())
             return
         slices = list(self.slices.get(key, {}).values())
         endpoints = {port: endpoints_from(slices, port) for port in svc.ports}
@@ -104,17 +130,16 @@ class ServiceProxy:
 
         def group_id(gkey: str) -> int:
             used.add(gkey)
-            return self.group_ids(gkey)
+            return self.group_ids.get(key, gkey)
 
         flows, groups = compiler.service_flows(self.cfg, svc, endpoints, group_id)
         total = {(e.ip, e.port) for eps in endpoints.values() for e in eps}
         log.info("service %s: %d port(s), %d endpoint(s) (%d here), %d flows, %d groups", key, len(svc.ports),
                  len(total), sum(1 for eps in endpoints.values() for e in eps if e.node == self.cfg.node_name),
                  len(flows), len(groups))
-        self.group_ids.release_prefix(f"{key}/", used)
+        self.group_ids.release(key, used)
         self.realizer.set_object(object_key, flows, groups)
-        self._set_endpoints(key, compiler.service_endpoints(self.cfg, svc, endpoints))
-        self.changed()
+        self._set_shared(key, compiler.shared_keys(self.cfg, svc, endpoints))
 
     def _model(self, key: str) -> Service | None:
         raw = self.raw_services.get(key)
@@ -134,18 +159,18 @@ class ServiceProxy:
             self.errors[key] = str(exc)
             return None
 
-    def _set_endpoints(self, key: str, now: set[EndpointTuple]) -> None:
-        before = self.endpoints_of.get(key, set())
-        for ep in now - before:
-            self.endpoint_refs[ep] += 1
-            if self.endpoint_refs[ep] == 1:
-                self.realizer.set_object(compiler.endpoint_key(*ep), compiler.endpoint_reply_flows(*ep))
-        for ep in before - now:
-            self.endpoint_refs[ep] -= 1
-            if self.endpoint_refs[ep] <= 0:
-                del self.endpoint_refs[ep]
-                self.realizer.remove_object(compiler.endpoint_key(*ep))
+    def _set_shared(self, key: str, now: set[str]) -> None:
+        before = self.shared_of.get(key, set())
+        for shared in now - before:
+            self.shared_refs[shared] += 1
+            if self.shared_refs[shared] == 1:
+                self.realizer.set_object(shared, compiler.shared_flows(self.cfg, shared))
+        for shared in before - now:
+            self.shared_refs[shared] -= 1
+            if self.shared_refs[shared] <= 0:
+                del self.shared_refs[shared]
+                self.realizer.remove_object(shared)
         if now:
-            self.endpoints_of[key] = now
+            self.shared_of[key] = now
         else:
-            self.endpoints_of.pop(key, None)
+            self.shared_of.pop(key, None)

@@ -33,6 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=None, help="repetitions, median reported")
     p.add_argument("--rounds", type=int, default=None, help="cni: rounds of concurrent ADDs")
     p.add_argument("--concurrency", type=int, default=None, help="cni: ADDs at once (default 20)")
+    p.add_argument("--services", type=int, default=None, help="services: how many (default 10000)")
+    p.add_argument("--changes", type=int, default=None, help="services: single-endpoint changes (default 1000)")
     p.set_defaults(func=run)
 
 
@@ -48,7 +50,7 @@ def check_floors(result: dict) -> dict[str, bool]:
 def run(args: argparse.Namespace) -> int:
     module = load(args.name)
     options = (("flows", args.flows), ("repeats", args.repeats), ("rounds", args.rounds),
-               ("concurrency", args.concurrency))
+               ("concurrency", args.concurrency), ("services", args.services), ("changes", args.changes))
     kwargs = {k: v for k, v in options if v is not None}
     result = module.run(progress=progress, **kwargs)
     verdicts = check_floors(result)

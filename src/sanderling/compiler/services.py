@@ -41,6 +41,7 @@ from sanderling.openflow.registers import (
     MASQUERADE,
     REMEMBERED,
     SERVICE_GROUP,
+    SERVICE_MASQ,
     SNAT_ZONE,
 )
 
@@ -101,46 +102,95 @@ def static_flows(cfg: ProxyConfig, pipeline: Pipeline = PIPELINE) -> list[ir.Flo
     return flows
 
 
+_NEW_TRK = F.parse_ct_state("+new+trk")
+_TRK_NOT_REPLY = F.parse_ct_state("+trk-rpl")
+
+
+def _fast_match(*contributors: ir.MatchContributor, proto: str | None = None, **kw: object) -> ir.Match:
+    """ir.match for values that are already numbers, tuples (value, mask) or networks: Services
+    compile to hundreds of thousands of flows, and parsing is the slow part of ir.match."""
+    items: list[ir.MatchItem] = []
+    nw_proto = None
+    if proto is not None:
+        dl_type, nw_proto = F.PROTOCOLS[proto]
+        items.append(("dl_type", dl_type, None))
+        if nw_proto is not None:
+            items.append(("nw_proto", nw_proto, None))
+    for contributor in contributors:
+        items.extend(contributor.match_items())
+    for name, raw in kw.items():
+        if name in ("tp_src", "tp_dst"):
+            assert nw_proto is not None
+            name = F.TRANSPORT_FIELDS[nw_proto][0 if name == "tp_src" else 1]
+        if isinstance(raw, tuple):
+            items.append((name, raw[0], raw[1]))
+        elif isinstance(raw, ipaddress.IPv4Network):
+            full = raw.prefixlen == 32
+            items.append((name, int(raw.network_address), None if full else int(raw.netmask)))
+        else:
+            items.append((name, int(raw), None))  # type: ignore[call-overload]
+    return ir.Match.from_items(items)
+
+
 def _TRACK(pipeline: Pipeline) -> tuple[ir.Action, ...]:  # noqa: N802 - reads as a constant
     """Through the DNAT zone with nat, then on to ServiceLB."""
     return (ir.CT(zone=DNAT_ZONE, table=pipeline["ServiceLB"], nat=ir.Nat()),)
 
 
-def endpoint_reply_flows(proto: str, ip: ipaddress.IPv4Address, port: int,
-                         pipeline: Pipeline = PIPELINE) -> list[ir.Flow]:
-    """Traffic from an endpoint's address and port may be a reply to a translated connection.
+def shared_keys(cfg: ProxyConfig, svc: Service, endpoints: Mapping[ServicePort, tuple[Endpoint, ...]]) -> set[str]:
+    """Objects the service needs that other services may need too (reference-counted by the caller):
 
-    Only service traffic pays for conntrack: requests are recognized by their destination
-    (service CIDR, node ports, external and LoadBalancer IPs), replies by their source being
-    an endpoint; pod-to-pod traffic outside services never leaves the fast path. Shared by every
-    service with this endpoint, so it is its own object (see `endpoint_key`).
+    - `service-reply/<proto>/<port>`: traffic from a target port may be a reply to a translated
+      connection, so it goes through conntrack. Only service traffic pays for conntrack: requests
+      are recognized by their destination (service CIDR, node ports, external and LoadBalancer
+      IPs), replies by their source port being a service's target port; pod-to-pod traffic on
+      other ports never leaves the fast path.
+    - `service-hairpin/<address>`: a local endpoint reaching itself through a service is SNATed.
     """
-    cookie = cookies.cookie(cookies.Category.SERVICE, endpoint_key(proto, ip, port))
-    return [ir.Flow(pipeline["Conntrack"], PRIO_POD, ir.match(proto=proto.lower(), nw_src=int(ip), tp_src=port),
-                    _TRACK(pipeline), cookie)]
-
-
-def endpoint_key(proto: str, ip: ipaddress.IPv4Address, port: int) -> str:
-    return f"service-endpoint/{proto.lower()}/{ip}/{port}"
-
-
-EndpointTuple = tuple[str, ipaddress.IPv4Address, int]  # (protocol, address, port)
-
-
-def service_endpoints(cfg: ProxyConfig, svc: Service,
-                      endpoints: Mapping[ServicePort, tuple[Endpoint, ...]]) -> set[EndpointTuple]:
-    """(protocol, ip, port) of every endpoint the service's groups may choose on this node."""
-    out: set[EndpointTuple] = set()
+    keys: set[str] = set()
     for port in svc.ports:
         for e in usable(endpoints.get(port, ())):
-            out.add((port.protocol.lower(), e.ip, e.port))
-    return out
+            keys.add(f"service-reply/{port.protocol.lower()}/{e.port}")
+            if e.node in (cfg.node_name, ""):  # only a pod on this node can be its own client (unknown: maybe)
+                keys.add(f"service-hairpin/{int(e.ip):08x}")
+    return keys
 
 
-def _group(gid: int, endpoints: tuple[Endpoint, ...], pipeline: Pipeline) -> ir.Group:
-    buckets = tuple(ir.Bucket((ENDPOINT_IP.load(int(e.ip)), ENDPOINT_PORT.load(e.port), SERVICE_GROUP.load(gid),
-                               ir.Resubmit(pipeline["EndpointDNAT"])), weight=100) for e in endpoints)
-    return ir.Group(gid, "select", buckets)
+def shared_flows(cfg: ProxyConfig, key: str, pipeline: Pipeline = PIPELINE) -> list[ir.Flow]:
+    """The flows of one `shared_keys` object."""
+    cookie = cookies.cookie(cookies.Category.SERVICE, key)
+    kind, _, rest = key.partition("/")
+    if kind == "service-reply":
+        proto, port = rest.split("/")
+        return [ir.Flow(pipeline["Conntrack"], PRIO_POD, _fast_match(proto=proto, tp_src=int(port)),
+                        _TRACK(pipeline), cookie)]
+    if kind == "service-hairpin":
+        ip = int(rest, 16)
+        masq = int(cfg.masq_ip)
+        to_snat = ir.CT(commit=True, zone=SNAT_ZONE, table=pipeline["L3Forwarding"], nat=ir.Nat("src", masq, masq))
+        return [ir.Flow(pipeline["ServiceMasq"], PRIO_POD, _fast_match(proto="ip", ct_state=_TRK_NOT_REPLY,
+                                                                        nw_src=ip, nw_dst=ip), (to_snat,), cookie)]
+    raise ValueError(f"not a shared service object: {key}")
+
+
+_EP_IP, _EP_PORT, _SVC_GROUP = ENDPOINT_IP.ref, ENDPOINT_PORT.ref, SERVICE_GROUP.ref
+# the connection remembers in ct_mark whether it is masqueraded (SERVICE_MASQ, decided before the commit)
+_MARK_MASQ = (ir.Move(SERVICE_MASQ.ref, ir.FieldRef("ct_mark", 0, 0)),)
+
+
+def _group(gid: int, endpoints: tuple[Endpoint, ...], pipeline: Pipeline, direct: bool) -> ir.Group:
+    """One bucket per endpoint. Without affinity the bucket commits the DNAT itself (no flow per
+    endpoint at all); with affinity it names the endpoint in registers for EndpointDNAT, which
+    learns the choice before committing."""
+    if not direct:
+        tail = (ir.Load(_SVC_GROUP, gid), ir.Resubmit(pipeline["EndpointDNAT"]))
+        return ir.Group(gid, "select", tuple(
+            ir.Bucket((ir.Load(_EP_IP, int(e.ip)), ir.Load(_EP_PORT, e.port), *tail), weight=100)
+            for e in endpoints))
+    masq = pipeline["ServiceMasq"]
+    return ir.Group(gid, "select", tuple(
+        ir.Bucket((ir.CT(commit=True, zone=DNAT_ZONE, table=masq, exec_=_MARK_MASQ,
+                         nat=ir.Nat("dst", int(e.ip), int(e.ip), e.port, e.port)),), weight=100) for e in endpoints))
 
 
 def _learn_affinity(proto: str, timeout: int, cookie: int, pipeline: Pipeline) -> ir.Learn:
@@ -162,7 +212,7 @@ def _learn_affinity(proto: str, timeout: int, cookie: int, pipeline: Pipeline) -
 
 
 def _dnat_flows(gid: int, proto: str, endpoints: tuple[Endpoint, ...], cookie: int, pipeline: Pipeline,
-                affinity: int = 0) -> list[ir.Flow]:
+                node_name: str, affinity: int = 0) -> list[ir.Flow]:
     flows = []
     table = pipeline["EndpointDNAT"]
     # with affinity the flows learn the choice first (while nw_dst is still the service address); their
@@ -172,17 +222,13 @@ def _dnat_flows(gid: int, proto: str, endpoints: tuple[Endpoint, ...], cookie: i
     for e in endpoints:
         ip = int(e.ip)
         nat = ir.Nat("dst", ip, ip, e.port, e.port)
-        plain = ir.CT(commit=True, zone=DNAT_ZONE, table=pipeline["ServiceMasq"], nat=nat)
-        marked = ir.CT(commit=True, zone=DNAT_ZONE, table=pipeline["ServiceMasq"], nat=nat,
-                       exec_=(ir.Load(ir.FieldRef("ct_mark", 0, 0), CT_MARK_MASQ),))
+        commit = ir.CT(commit=True, zone=DNAT_ZONE, table=pipeline["ServiceMasq"], nat=nat, exec_=_MARK_MASQ)
         base = (SERVICE_GROUP.equals(gid), ENDPOINT_IP.equals(ip), ENDPOINT_PORT.equals(e.port))
-        flows += [
+        if e.node in (node_name, ""):  # only a pod on this node can be its own client (unknown: maybe)
             # hairpin: the endpoint is the client; without SNAT its reply would skip the translation
-            ir.Flow(table, PRIO_HOST + bump, ir.match(*base, proto=proto, nw_src=ip),
-                    (*learn, MASQUERADE.load(), marked), cookie),
-            ir.Flow(table, PRIO_POD + bump, ir.match(*base, MASQUERADE, proto=proto), (*learn, marked), cookie),
-            ir.Flow(table, PRIO_ANY + bump, ir.match(*base, proto=proto), (*learn, plain), cookie),
-        ]
+            flows.append(ir.Flow(table, PRIO_HOST + bump, _fast_match(*base, proto=proto, nw_src=ip),
+                                 (*learn, MASQUERADE.load(), commit), cookie))
+        flows.append(ir.Flow(table, PRIO_ANY + bump, _fast_match(*base, proto=proto), (*learn, commit), cookie))
     return flows
 
 
@@ -221,9 +267,9 @@ def service_flows(cfg: ProxyConfig, svc: Service, endpoints: Mapping[ServicePort
                 continue
             gid = group_ids(f"{svc.key}/{port.protocol}/{port.port}/{name}")
             ids[name] = gid
-            groups.append(_group(gid, eps, pipeline))
-            flows += _dnat_flows(gid, proto, eps, cookie, pipeline, svc.affinity_timeout)
+            groups.append(_group(gid, eps, pipeline, direct=not svc.affinity_timeout))
             if svc.affinity_timeout:
+                flows += _dnat_flows(gid, proto, eps, cookie, pipeline, cfg.node_name, svc.affinity_timeout)
                 flows.append(ir.Flow(pipeline["AffinitySelect"], PRIO_UNKNOWN_PORT, ir.match(SERVICE_GROUP.equals(gid)),
                                      (ir.GroupAction(gid),), cookie))
 
@@ -231,14 +277,14 @@ def service_flows(cfg: ProxyConfig, svc: Service, endpoints: Mapping[ServicePort
 
         internal = "local" if svc.internal_local else "cluster"
         for vip in svc.cluster_ips:
-            m: dict[str, Any] = dict(proto=proto, ct_state="+new+trk", nw_dst=int(vip), tp_dst=port.port)
+            m: dict[str, Any] = dict(proto=proto, ct_state=_NEW_TRK, nw_dst=vip, tp_dst=port.port)
             if cfg.masquerade_all:
-                flows.append(ir.Flow(lb, PRIO_ANY, ir.match(**m), to(internal, True), cookie))
+                flows.append(ir.Flow(lb, PRIO_ANY, _fast_match(**m), to(internal, True), cookie))
             else:
                 flows += [
-                    ir.Flow(lb, PRIO_HOST, ir.match(FROM_GATEWAY, **m), to(internal, True), cookie),
-                    ir.Flow(lb, PRIO_POD, ir.match(**m, nw_src=str(cfg.local_cidr)), to(internal, False), cookie),
-                    ir.Flow(lb, PRIO_ANY, ir.match(**m), to(internal, True), cookie),
+                    ir.Flow(lb, PRIO_HOST, _fast_match(FROM_GATEWAY, **m), to(internal, True), cookie),
+                    ir.Flow(lb, PRIO_POD, _fast_match(**m, nw_src=cfg.local_cidr), to(internal, False), cookie),
+                    ir.Flow(lb, PRIO_ANY, _fast_match(**m), to(internal, True), cookie),
                 ]
         externals: list[tuple[ipaddress.IPv4Address, int, bool]] = []
         if port.node_port:
@@ -248,27 +294,27 @@ def service_flows(cfg: ProxyConfig, svc: Service, endpoints: Mapping[ServicePort
         for ip, number, is_lb in externals:
             if ip not in cfg.node_port_ips:  # node addresses are tracked by a static flow
                 flows.append(ir.Flow(pipeline["Conntrack"], PRIO_ANY,
-                                     ir.match(proto=proto, nw_dst=int(ip), tp_dst=number), _TRACK(pipeline), cookie))
-            m = dict(proto=proto, ct_state="+new+trk", nw_dst=int(ip), tp_dst=number)
+                                     _fast_match(proto=proto, nw_dst=ip, tp_dst=number), _TRACK(pipeline), cookie))
+            m = dict(proto=proto, ct_state=_NEW_TRK, nw_dst=ip, tp_dst=number)
             if svc.external_local:
                 outside = to("local", False)
                 flows += [
-                    ir.Flow(lb, PRIO_HOST, ir.match(FROM_GATEWAY, **m), to("cluster", True), cookie),
-                    ir.Flow(lb, PRIO_POD, ir.match(**m, nw_src=str(cfg.local_cidr)), to("cluster", False), cookie),
+                    ir.Flow(lb, PRIO_HOST, _fast_match(FROM_GATEWAY, **m), to("cluster", True), cookie),
+                    ir.Flow(lb, PRIO_POD, _fast_match(**m, nw_src=cfg.local_cidr), to("cluster", False), cookie),
                 ]
             else:
                 outside = to("cluster", True)
             if is_lb and svc.lb_source_ranges:
-                flows += [ir.Flow(lb, PRIO_RANGE, ir.match(**m, nw_src=str(r)), outside, cookie)
+                flows += [ir.Flow(lb, PRIO_RANGE, _fast_match(**m, nw_src=r), outside, cookie)
                           for r in svc.lb_source_ranges]
-                flows.append(ir.Flow(lb, PRIO_RANGE_DROP, ir.match(**m), (), cookie))
+                flows.append(ir.Flow(lb, PRIO_RANGE_DROP, _fast_match(**m), (), cookie))
             else:
-                flows.append(ir.Flow(lb, PRIO_ANY, ir.match(**m), outside, cookie))
+                flows.append(ir.Flow(lb, PRIO_ANY, _fast_match(**m), outside, cookie))
     for vip in svc.cluster_ips:
         if cfg.service_cidr is None or vip not in cfg.service_cidr:
-            flows.append(ir.Flow(pipeline["Conntrack"], PRIO_ANY, ir.match(proto="ip", nw_dst=int(vip)),
+            flows.append(ir.Flow(pipeline["Conntrack"], PRIO_ANY, _fast_match(proto="ip", nw_dst=vip),
                                  _TRACK(pipeline), cookie))
     for vip in svc.cluster_ips:  # a port the service does not serve
-        flows.append(ir.Flow(lb, PRIO_UNKNOWN_PORT, ir.match(proto="ip", ct_state="+new+trk", nw_dst=int(vip)),
+        flows.append(ir.Flow(lb, PRIO_UNKNOWN_PORT, _fast_match(proto="ip", ct_state=_NEW_TRK, nw_dst=vip),
                              reject, cookie))
     return flows, groups

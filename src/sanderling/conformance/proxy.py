@@ -120,9 +120,8 @@ def compile_case(case: Case, nut: NodeUnderTest) -> tuple[dict[str, tuple[list[A
         endpoints = {port: endpoints_from(mine, port) for port in svc.ports}
         flows, groups = svc_compiler.service_flows(nut.cfg, svc, endpoints, nut.group_id)
         objects[f"service/{svc.key}"] = (flows, groups)
-        for proto, ip, port in svc_compiler.service_endpoints(nut.cfg, svc, endpoints):
-            objects[svc_compiler.endpoint_key(proto, ip, port)] = (
-                svc_compiler.endpoint_reply_flows(proto, ip, port), [])
+        for shared in svc_compiler.shared_keys(nut.cfg, svc, endpoints):
+            objects[shared] = (svc_compiler.shared_flows(nut.cfg, shared), [])
     return objects, errors
 
 
@@ -181,7 +180,8 @@ def read_verdict(trace: str, groups: dict[int, set[str]]) -> Verdict:
 
 
 def group_endpoints(runtime: OvsRuntime, bridge: str) -> dict[int, set[str]]:
-    """Endpoints per group as OVS holds them: each bucket's ENDPOINT_IP and ENDPOINT_PORT loads."""
+    """Endpoints per group as OVS holds them: each bucket's DNAT target, or (affinity groups) its
+    ENDPOINT_IP and ENDPOINT_PORT loads."""
     out: dict[int, set[str]] = {}
     text = runtime.ofctl(bridge, "dump-groups")
     for line in text.splitlines():
@@ -192,7 +192,10 @@ def group_endpoints(runtime: OvsRuntime, bridge: str) -> dict[int, set[str]]:
         for bucket in line.split("bucket=")[1:]:
             ip = re.search(r"(?:load:|set_field:)(0x[0-9a-f]+)->NXM_NX_REG2\[\]", bucket)
             port = re.search(r"(?:load:|set_field:)(0x[0-9a-f]+)->NXM_NX_REG3\[0\.\.15\]", bucket)
-            if ip and port:
+            nat = re.search(r"nat\(dst=([0-9.]+:\d+)\)", bucket)
+            if nat:
+                eps.add(nat.group(1))
+            elif ip and port:
                 eps.add(f"{ipaddress.IPv4Address(int(ip.group(1), 16))}:{int(port.group(1), 16)}")
         out[int(m.group(1))] = eps
     return out

@@ -9,6 +9,7 @@ are resolved by the EndpointSlice controller, so slices carry numbers per port n
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -130,13 +131,23 @@ def endpoints_from(slices: Iterable[dict[str, Any]], port: ServicePort) -> tuple
             ready = cond.get("ready") is not False  # unset means ready
             serving = cond.get("serving") if cond.get("serving") is not None else ready
             for addr in (ep.get("addresses") or [])[:1]:
-                try:
-                    ip = ipaddress.IPv4Address(addr)
-                except ValueError:
+                ip = _parse_ipv4(addr)
+                if ip is None:
                     continue
                 out.add(Endpoint(ip, number, ep.get("nodeName") or "", ready, bool(serving),
                                  bool(cond.get("terminating"))))
-    return tuple(sorted(out))
+    return tuple(sorted(out, key=lambda e: (int(e.ip), e.port, e.node)))
+
+
+def _parse_ipv4(text: Any) -> ipaddress.IPv4Address | None:
+    """Strict dotted-quad parsing, much faster than IPv4Address(str) (slices carry 100k+ of them)."""
+    if not isinstance(text, str) or text.count(".") != 3:
+        return None
+    try:
+        packed = socket.inet_pton(socket.AF_INET, text)
+    except OSError:
+        return None
+    return ipaddress.IPv4Address(int.from_bytes(packed, "big"))
 
 
 def usable(endpoints: Iterable[Endpoint]) -> tuple[Endpoint, ...]:

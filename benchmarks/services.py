@@ -1,0 +1,162 @@
+"""bench services: 10,000 Services x 10 endpoints through the agent's service path.
+
+1. Full sync from an empty bridge (dummy datapath): Services and EndpointSlices fed to the
+   ServiceProxy as the informers feed them, compiled, sent by the realizer; the reference is the
+   very same flows and groups loaded by `ovs-ofctl --bundle` into another empty bridge.
+2. 1,000 single-endpoint changes, each one EndpointSlice edit -> one bundle, timed to the commit.
+3. RSS of that process (it holds what the agent holds for those Services).
+4. First-packet latency: TCP connect() from a pod to a ClusterIP through the real pipeline on
+   the userspace datapath, with 10 Services installed and then with 10,000; the ratio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import ipaddress
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+PREFIX = "slbsvc"
+TEST_VIP = "10.96.255.250"
+
+CONNECT_LOOP = """
+import socket, sys, time, json
+vip, n = sys.argv[1], int(sys.argv[2])
+times = []
+for _ in range(n):
+    s = socket.socket(); s.settimeout(2)
+    t0 = time.perf_counter(); s.connect((vip, 80)); times.append((time.perf_counter() - t0) * 1e6); s.close()
+print(json.dumps(times))
+"""
+
+
+def _driver_module() -> Any:
+    spec = importlib.util.spec_from_file_location("sanderling_bench_services_driver", HERE / "_services_driver.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _ofctl_reference(runtime: Any, db: Any, flows_file: Path) -> float:
+    db.ensure_bridge("ref", "dummy")
+    started = time.perf_counter()
+    runtime.ofctl("ref", "add-groups", str(flows_file) + ".groups", options=("--bundle",))
+    runtime.ofctl("ref", "add-flows", str(flows_file), options=("--bundle",))
+    elapsed = time.perf_counter() - started
+    db.delete_bridge("ref")
+    return elapsed
+
+
+def _sync_and_changes(services: int, endpoints: int, changes: int, progress: Callable[[str], None]) -> dict[str, Any]:
+    from sanderling.ovs.ovsdb import Ovsdb
+    from sanderling.ovs.runtime import OvsRuntime
+
+    run_dir = Path(tempfile.mkdtemp(prefix="sanderling-bench-svc-"))
+    runtime = OvsRuntime(run_dir, datapath="dummy")
+    runtime.start()
+    db = Ovsdb(runtime.db_endpoint)
+    try:
+        db.ensure_bridge("svc", "dummy")
+        dump = run_dir / "flows.txt"
+        progress(f"{services} services x {endpoints} endpoints: full sync from an empty bridge, then {changes} "
+                 "single-endpoint changes")
+        target = runtime.mgmt_target("svc")
+        proc = subprocess.run([sys.executable, str(HERE / "_services_driver.py"), "--target", target,
+                               "--services", str(services), "--endpoints", str(endpoints), "--changes", str(changes),
+                               "--dump", str(dump)], capture_output=True, text=True, timeout=1200)
+        if proc.returncode != 0:
+            raise RuntimeError(f"services driver failed: {proc.stderr[-2000:]}")
+        result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+        progress("reference: the same flows and groups with ovs-ofctl --bundle")
+        result["ovs_ofctl_s"] = round(_ofctl_reference(runtime, db, dump), 3)
+        result["ratio"] = round(result["full_sync_s"] / result["ovs_ofctl_s"], 3)
+        return result
+    finally:
+        db.close()
+        runtime.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _first_packet(services: int, endpoints: int, progress: Callable[[str], None], samples: int = 300,
+                  rounds: int = 3) -> dict[str, Any]:
+    from sanderling.agent.service_proxy import ServiceProxy
+    from sanderling.compiler import pods as pod_compiler
+    from sanderling.compiler.services import ProxyConfig
+    from sanderling.lab.node import LocalNode, teardown_prefix
+    from sanderling.model.network import PodPort
+    from sanderling.openflow.connection import Connection
+    from sanderling.openflow.realizer import Realizer
+
+    driver = _driver_module()
+    teardown_prefix(f"{PREFIX}-n1")
+    base = Path(tempfile.mkdtemp(prefix="sanderling-bench-svc-fp-"))
+    node = LocalNode("n1", "10.244.60.0/24", base, prefix=PREFIX)
+    try:
+        node.start(agent=False)
+        client = node.add_pod("bench", "client", "10.244.60.10")
+        server = node.add_pod("bench", "server", "10.244.60.11")
+        node.serve(server, tcp=(8080,), udp=())
+        cfg = ProxyConfig("n1", (), (), ipaddress.IPv4Network("10.244.0.0/16"), ipaddress.IPv4Address("10.244.60.254"),
+                          ipaddress.IPv4Network("10.96.0.0/12"))
+        test_service = [
+            ("service", "bench/target", {"metadata": {"namespace": "bench", "name": "target"},
+                                         "spec": {"clusterIP": TEST_VIP, "ports": [{"name": "http", "port": 80}]}}),
+            ("slice", "bench/target-x", {"metadata": {"namespace": "bench", "name": "target-x",
+                                                      "labels": {"kubernetes.io/service-name": "target"}},
+                                         "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}],
+                                         "endpoints": [{"addresses": [server.ip], "nodeName": "n1",
+                                                        "conditions": {"ready": True}}]})]
+
+        async def install_and_measure(count: int) -> list[float]:
+            conn = await Connection.open(node.ovs.mgmt_target(node.bridge), timeout=10)
+            realizer = Realizer(1)
+            realizer.set_object("static", pod_compiler.static_flows(node.network))
+            for pod in (client, server):
+                port = PodPort.build(pod.namespace, pod.name, node.ofport(pod), pod.mac, pod.ip)
+                realizer.set_object(port.key, pod_compiler.pod_flows(node.network, port))
+            proxy = ServiceProxy(cfg, realizer, lambda: None, schedule=lambda _fn: None)
+            proxy.start()
+            driver.feed(proxy, test_service + driver.objects(count - 1, endpoints))
+            proxy.flush()
+            await realizer.resync(conn)
+            conn.close()
+            out = node.pod_exec(client, [sys.executable, "-c", CONNECT_LOOP, TEST_VIP, "20"])  # warm up
+            out = node.pod_exec(client, [sys.executable, "-c", CONNECT_LOOP, TEST_VIP, str(samples)], timeout=300)
+            if out.returncode != 0:
+                raise RuntimeError(f"connect loop failed: {out.stderr[-500:]}")
+            return list(json.loads(out.stdout))
+
+        small: list[float] = []
+        big: list[float] = []
+        for r in range(1, rounds + 1):  # alternated, so a noisy moment hits both sides
+            progress(f"first packet, round {r}/{rounds}: {samples} connects to a ClusterIP with 10 services, "
+                     f"then with {services}")
+            small.append(statistics.median(asyncio.run(install_and_measure(10))))
+            big.append(statistics.median(asyncio.run(install_and_measure(services))))
+    finally:
+        node.teardown()
+        shutil.rmtree(base, ignore_errors=True)
+    return {"first_packet_us_10": round(statistics.median(small), 1),
+            f"first_packet_us_{services}": round(statistics.median(big), 1),
+            "first_packet_ratio": round(statistics.median(big) / statistics.median(small), 3),
+            "first_packet_rounds_us": {"10": [round(x, 1) for x in small], str(services): [round(x, 1) for x in big]}}
+
+
+def run(progress: Callable[[str], None] = lambda _m: None, services: int = 10000, endpoints: int = 10,
+        changes: int = 1000, **_: Any) -> dict[str, Any]:
+    result = {"benchmark": "services", **_sync_and_changes(services, endpoints, changes, progress),
+              **_first_packet(services, endpoints, progress)}
+    result["floors"] = {"full_sync_s": ["<=", 5], "change_p99_ms": ["<=", 20], "rss_mb": ["<=", 400],
+                        "first_packet_ratio": ["<=", 1.2]}
+    return result
