@@ -66,8 +66,8 @@ def lab(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=timeout)
 
 
-def spread(vip: str, count: int) -> dict[str, int]:
-    out = lab("exec", "svc/client", "--", sys.executable, "-m", "sanderling.probe", "spread", "tcp", vip, "80",
+def spread(vip: str, count: int, client: str = "client") -> dict[str, int]:
+    out = lab("exec", f"svc/{client}", "--", sys.executable, "-m", "sanderling.probe", "spread", "tcp", vip, "80",
               "--count", str(count))
     assert out.returncode == 0, out.stdout + out.stderr
     return json.loads(out.stdout)
@@ -98,6 +98,10 @@ def test_service_spread_affinity_and_reject(tmp_path):
         print(f"\n300 connections to {vip}: {counts}")
         for i in (1, 2, 3):
             assert counts.get(f"be-{i}", 0) >= 45, counts  # each endpoint >= 15%
+
+        hairpin = spread(vip, 60, client="be-1")  # an endpoint reaching its own service, itself included
+        print(f"from endpoint be-1: {hairpin}")
+        assert hairpin.get("be-1", 0) > 0 and not any(k.startswith("error") for k in hairpin), hairpin
 
         svc = services["be"]
         svc["spec"]["sessionAffinity"] = "ClientIP"
