@@ -193,6 +193,26 @@ def _group(gid: int, endpoints: tuple[Endpoint, ...], pipeline: Pipeline, direct
                          nat=ir.Nat("dst", int(e.ip), int(e.ip), e.port, e.port)),), weight=100) for e in endpoints))
 
 
+MAX_BUCKETS = 400  # an OpenFlow message is at most 64 KiB; a DNAT bucket takes about 100 bytes
+
+
+def _groups(gid: int, endpoints: tuple[Endpoint, ...], pipeline: Pipeline, direct: bool,
+            sub_id: Callable[[int], int]) -> list[ir.Group]:
+    """The service port's group; past MAX_BUCKETS endpoints, a group of weighted sub-groups
+    (weight = endpoints in each), so any number of endpoints fits and each is equally likely."""
+    if len(endpoints) <= MAX_BUCKETS:
+        return [_group(gid, endpoints, pipeline, direct)]
+    chunks = [endpoints[i:i + MAX_BUCKETS] for i in range(0, len(endpoints), MAX_BUCKETS)]
+    subs = [_group(sub_id(i), chunk, pipeline, direct) for i, chunk in enumerate(chunks)]
+    top = ir.Group(gid, "select", tuple(ir.Bucket((ir.GroupAction(sub.group_id),), weight=len(chunk))
+                                         for sub, chunk in zip(subs, chunks, strict=True)))
+    return [*subs, top]
+
+
+def _sub_group_id(group_ids: GroupIds, base: str, index: int) -> int:
+    return group_ids(f"{base}/{index}")
+
+
 def _learn_affinity(proto: str, timeout: int, cookie: int, pipeline: Pipeline) -> ir.Learn:
     """Remember (client, service address, port, endpoint set) -> endpoint for `timeout` idle seconds."""
     nw_proto = F.PROTOCOLS[proto][1]
@@ -267,7 +287,8 @@ def service_flows(cfg: ProxyConfig, svc: Service, endpoints: Mapping[ServicePort
                 continue
             gid = group_ids(f"{svc.key}/{port.protocol}/{port.port}/{name}")
             ids[name] = gid
-            groups.append(_group(gid, eps, pipeline, direct=not svc.affinity_timeout))
+            base = f"{svc.key}/{port.protocol}/{port.port}/{name}"
+            groups += _groups(gid, eps, pipeline, not svc.affinity_timeout, partial(_sub_group_id, group_ids, base))
             if svc.affinity_timeout:
                 flows += _dnat_flows(gid, proto, eps, cookie, pipeline, cfg.node_name, svc.affinity_timeout)
                 flows.append(ir.Flow(pipeline["AffinitySelect"], PRIO_UNKNOWN_PORT, ir.match(SERVICE_GROUP.equals(gid)),

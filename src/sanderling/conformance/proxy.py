@@ -183,6 +183,7 @@ def group_endpoints(runtime: OvsRuntime, bridge: str) -> dict[int, set[str]]:
     """Endpoints per group as OVS holds them: each bucket's DNAT target, or (affinity groups) its
     ENDPOINT_IP and ENDPOINT_PORT loads."""
     out: dict[int, set[str]] = {}
+    chained: dict[int, set[int]] = {}
     text = runtime.ofctl(bridge, "dump-groups")
     for line in text.splitlines():
         m = re.search(r"group_id=(\d+)", line)
@@ -198,6 +199,10 @@ def group_endpoints(runtime: OvsRuntime, bridge: str) -> dict[int, set[str]]:
             elif ip and port:
                 eps.add(f"{ipaddress.IPv4Address(int(ip.group(1), 16))}:{int(port.group(1), 16)}")
         out[int(m.group(1))] = eps
+        chained[int(m.group(1))] = {int(g) for g in re.findall(r"group:(\d+)", line)}
+    for gid, subs in chained.items():  # a group of sub-groups (services past MAX_BUCKETS endpoints)
+        for sub in subs:
+            out[gid] |= out.get(sub, set())
     return out
 
 
