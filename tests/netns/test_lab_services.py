@@ -49,6 +49,24 @@ spec:
   ports: [{name: echo, port: 81, protocol: UDP, targetPort: 8081, nodePort: 30081}]
 ---
 apiVersion: v1
+kind: Service
+metadata: {name: lb-local, namespace: svc}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  selector: {app: be}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: lb-empty, namespace: svc}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  selector: {app: nobody}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
 kind: Pod
 metadata: {name: client, namespace: svc, labels: {app: client}}
 spec: {nodeName: node1, containers: [{name: c, image: none}]}
@@ -135,6 +153,16 @@ def test_service_spread_affinity_and_reject(tmp_path):
                              capture_output=True, text=True, timeout=30)
         print(f"NodePort (externalTrafficPolicy Local) from outside: {who.stdout.strip()}")
         assert who.stdout.split() == ["be-1", "172.30.0.1"], who.stdout + who.stderr  # local endpoint, real client
+
+        for svc_name, code in (("lb-local", 200), ("lb-empty", 503)):  # healthCheckNodePort, asked from outside
+            port = services[svc_name]["spec"]["healthCheckNodePort"]
+            probe = (f"import urllib.request, urllib.error\ntry:\n print(urllib.request.urlopen("
+                     f"'http://172.30.0.11:{port}/healthz', timeout=3).status)\n"
+                     f"except urllib.error.HTTPError as e:\n print(e.code)")
+            got = subprocess.run(["ip", "netns", "exec", f"{NAME}-fabric", sys.executable, "-c", probe],
+                                 capture_output=True, text=True, timeout=30)
+            print(f"healthCheckNodePort {port} of {svc_name}: {got.stdout.strip()}")
+            assert got.stdout.strip() == str(code), got.stdout + got.stderr
 
         refused = spread(services["nobody"]["spec"]["clusterIP"], 5)
         print(f"service without endpoints: {refused}")

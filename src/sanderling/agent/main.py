@@ -144,6 +144,7 @@ def start_proxy(client: Any, cfg: Any, controller: NodeController, args: argpars
     from lightkube.resources.core_v1 import Service
     from lightkube.resources.discovery_v1 import EndpointSlice
 
+    from sanderling.agent.health_check import HealthChecks
     from sanderling.agent.service_proxy import ServiceProxy
     from sanderling.kube.client import KubeApi
     from sanderling.kube.informer import Informer
@@ -157,6 +158,16 @@ def start_proxy(client: Any, cfg: Any, controller: NodeController, args: argpars
 
     proxy = ServiceProxy(cfg, controller.realizer, controller.kick, report,
                          schedule=asyncio.get_running_loop().call_soon)
+    health = HealthChecks(cfg.node_name)
+
+    def health_changed(ports: dict[int, tuple[str, int]]) -> None:
+        async def apply() -> None:
+            await health.update(ports)
+            if args.gateway:  # the health ports are served by the node itself: not steered into br-int
+                await steer_node_ports(cfg, controller, args, keep=tuple(sorted(ports)))
+        asyncio.ensure_future(apply())
+
+    proxy.on_health = health_changed
     proxy.start()
     informers = [Informer(client, Service, proxy.service_changed), Informer(client, EndpointSlice, proxy.slice_changed)]
     log.info("node %s: kube-proxy replacement on (service CIDR %s, masquerade address %s, node ports on %s)",
@@ -164,22 +175,33 @@ def start_proxy(client: Any, cfg: Any, controller: NodeController, args: argpars
     return [asyncio.create_task(i.run()) for i in informers]
 
 
-async def steer_node_ports(cfg: Any, node: NodeNetwork, controller: NodeController,
-                           args: argparse.Namespace) -> None:
-    """NodePorts on the node's addresses reach br-int from outside (see netlink/nodeport.py)."""
+_STEERING = asyncio.Lock()
+
+
+async def steer_node_ports(cfg: Any, controller: NodeController, args: argparse.Namespace,
+                           keep: tuple[int, ...] = ()) -> None:
+    """NodePorts on the node's addresses reach br-int from outside (see netlink/nodeport.py).
+    Serialized: the filters are rebuilt whole, and health-check ports change them at any time."""
+    async with _STEERING:
+        await _steer_node_ports(cfg, controller, args, keep)
+
+
+async def _steer_node_ports(cfg: Any, controller: NodeController, args: argparse.Namespace,
+                            keep: tuple[int, ...]) -> None:
     from sanderling.compiler.nodes import steered_uplink_flows
     from sanderling.netlink import nodeport
 
     for ip in cfg.node_port_ips:
         try:
             ifname, mac = await asyncio.to_thread(nodeport.interface_of, args.node_netns, str(ip))
-            await asyncio.to_thread(nodeport.steer, args.node_netns, ifname, str(ip), args.bridge)
+            await asyncio.to_thread(nodeport.steer, args.node_netns, ifname, str(ip), args.bridge, keep=keep)
         except (nodeport.SteeringError, OSError) as exc:
-            log.error("node %s: NodePorts on %s not reachable from outside: %s", node.name, ip, exc)
+            log.error("node %s: NodePorts on %s not reachable from outside: %s", cfg.node_name, ip, exc)
             continue
-        controller.realizer.set_object(f"node/steered/{ifname}", steered_uplink_flows(node, mac))
+        controller.realizer.set_object(f"node/steered/{ifname}", steered_uplink_flows(controller.node, mac))
         controller.kick()
-        log.info("node %s: NodePorts on %s (%s, %s) steered into %s", node.name, ip, ifname, mac, args.bridge)
+        log.info("node %s: NodePorts on %s (%s, %s) steered into %s%s", cfg.node_name, ip, ifname, mac, args.bridge,
+                 f", health check ports {list(keep)} kept local" if keep else "")
 
 
 class RouteKeeper:
@@ -277,7 +299,7 @@ async def serve(args: argparse.Namespace) -> int:
         if proxy_cfg is not None:
             proxy_tasks = start_proxy(client, proxy_cfg, controller, args)
             if args.gateway:
-                await steer_node_ports(proxy_cfg, node, controller, args)
+                await steer_node_ports(proxy_cfg, controller, args)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, controller.stop)

@@ -17,7 +17,7 @@ from typing import Any
 
 from sanderling.compiler import services as compiler
 from sanderling.model.errors import ModelError
-from sanderling.model.services import SERVICE_NAME_LABEL, Service, endpoints_from, service_from
+from sanderling.model.services import SERVICE_NAME_LABEL, Service, endpoints_from, service_from, usable
 from sanderling.openflow.realizer import Realizer
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,8 @@ class ServiceProxy:
         every event compiles at once."""
         self.cfg = cfg
         self.schedule = schedule
+        self.health: dict[str, tuple[int, int]] = {}  # service key -> (healthCheckNodePort, local endpoints)
+        self.on_health: Callable[[dict[int, tuple[str, int]]], None] | None = None
         self._dirty: set[str] = set()
         self._flush_scheduled = False
         self.realizer = realizer
@@ -111,15 +113,19 @@ class ServiceProxy:
         """Compile every Service changed since the last flush, then tell the controller."""
         self._flush_scheduled = False
         dirty, self._dirty = self._dirty, set()
+        health_before = dict(self.health)
         for key in sorted(dirty):
             self._recompile(key)
         if dirty:
             self.changed()
+        if self.health != health_before and self.on_health is not None:
+            self.on_health({port: (key, local) for key, (port, local) in self.health.items()})
 
     def _recompile(self, key: str) -> None:
         svc = self._model(key)
         object_key = f"service/{key}"
         if svc is None or svc.headless:
+            self.health.pop(key, None)
             self.realizer.remove_object(object_key)
             self.group_ids.release(key, set())
             self._set_shared(key, set())
@@ -140,6 +146,11 @@ class ServiceProxy:
         self.group_ids.release(key, used)
         self.realizer.set_object(object_key, flows, groups)
         self._set_shared(key, compiler.shared_keys(self.cfg, svc, endpoints))
+        if svc.type == "LoadBalancer" and svc.external_local and svc.health_check_node_port:
+            here = {e.ip for eps in endpoints.values() for e in usable(eps) if e.node == self.cfg.node_name}
+            self.health[key] = (svc.health_check_node_port, len(here))
+        else:
+            self.health.pop(key, None)
 
     def _model(self, key: str) -> Service | None:
         raw = self.raw_services.get(key)

@@ -58,7 +58,7 @@ def steer(netns: str | None, ifname: str, address: str, bridge: str, ports: tupl
     """Redirect ADDRESS:ports arriving on ifname into bridge (idempotent); `keep` ports stay local.
 
     u32, the classifier every kernel has (flower is a module this one lacks): one filter per
-    protocol and aligned block of the port range, after `pass` filters for the kept ports."""
+    protocol and aligned block of the port range, after action-less filters for the kept ports."""
     _tc(netns, "qdisc", "del", "dev", ifname, "clsact")  # start clean: filters are rebuilt whole
     _run(netns, "qdisc", "add", "dev", ifname, "clsact")
     def u32(pref: str) -> list[str]:
@@ -66,8 +66,10 @@ def steer(netns: str | None, ifname: str, address: str, bridge: str, ports: tupl
                 "dst", f"{address}/32"]
 
     for port in keep:  # e.g. healthCheckNodePorts, served by the node itself
+        # a match with no action ends classification and lets the packet through (this kernel has no
+        # act_gact for an explicit `pass`)
         _run(netns, *u32("10"), "match", "ip", "protocol", "6", "0xff", "match", "ip", "dport", str(port), "0xffff",
-             "action", "pass")
+             "flowid", "1:1")
     for number in (PROTO_NUMBERS[p] for p in PROTOS):
         for value, mask in port_blocks(*ports):
             _run(netns, *u32("20"), "match", "ip", "protocol", str(number), "0xff", "match", "ip", "dport",
