@@ -32,8 +32,8 @@ def test_pipeline_table_lists_tables_in_order():
     assert proc.returncode == 0
     names = [line.split()[1] for line in proc.stdout.splitlines()[2:]]
     assert names == ["Classifier", "SpoofGuard", "ARPResponder", "UnSNAT", "Conntrack", "ServiceLB",
-                     "SessionAffinity", "AffinitySelect", "EndpointDNAT", "ServiceMasq", "L3Forwarding", "Output",
-                     "Reject"]
+                     "SessionAffinity", "AffinitySelect", "EndpointDNAT", "PolicyConntrack", "PolicyState",
+                     "EgressRule", "IngressRule", "PolicyCommit", "ServiceMasq", "L3Forwarding", "Output", "Reject"]
 
 
 def test_bench_flows_small_run_reports_its_reference():

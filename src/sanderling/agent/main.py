@@ -243,10 +243,21 @@ async def serve(args: argparse.Namespace) -> int:
     runtime.check()
     node_ips: list[str] = list(args.node_ip or [])
     if _kube_enabled(args) and (args.pod_cidr is None or not node_ips):
-        own = await _own_node(args)
-        args.pod_cidr = args.pod_cidr or own["spec"]["podCIDR"]
-        node_ips = node_ips or [a["address"] for a in (own.get("status") or {}).get("addresses") or []
-                                if a.get("type") == "InternalIP"]
+        own: dict[str, Any] | None
+        if args.pod_cidr is None:
+            own = await _own_node(args)  # nothing works without it: wait
+        else:  # only the node's addresses (for NodePorts) are missing: look once
+            from sanderling.kube.client import KubeApi
+
+            try:
+                own = await asyncio.to_thread(lambda: KubeApi(args.kubeconfig, timeout=3).node(args.node))
+            except Exception as exc:
+                log.warning("node %s: Node object not readable (%s); NodePorts need --node-ip", args.node, exc)
+                own = None
+        if own is not None:
+            args.pod_cidr = args.pod_cidr or own["spec"]["podCIDR"]
+            node_ips = node_ips or [a["address"] for a in (own.get("status") or {}).get("addresses") or []
+                                    if a.get("type") == "InternalIP"]
     if args.pod_cidr is None:
         raise ModelError(f"node/{args.node}", "podCIDR", "give --pod-cidr, or --kubeconfig to read it from the "
                                                           "node's Node object")
@@ -307,7 +318,9 @@ async def serve(args: argparse.Namespace) -> int:
     store = None
     if not args.no_cni:
         store = AllocationStore(args.state_dir / node.name / "ipam.db")
-        allocator = Allocator(store, [Pool("node", node.pod_cidr, frozenset({node.gateway_ip, masquerade_ip(node)}))])
+        # the masquerade address is the proxy's (only reserved when this agent replaces kube-proxy)
+        reserved = {node.gateway_ip} | ({masquerade_ip(node)} if _kube_enabled(args) and not args.no_proxy else set())
+        allocator = Allocator(store, [Pool("node", node.pod_cidr, frozenset(reserved))])
         cluster = None
         if _kube_enabled(args):
             from sanderling.ipam.cluster import ClusterIpam

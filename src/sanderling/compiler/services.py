@@ -85,6 +85,10 @@ def static_flows(cfg: ProxyConfig, pipeline: Pipeline = PIPELINE) -> list[ir.Flo
                 cookie),
         ir.Flow(pipeline["AffinitySelect"], PRIO_ANY, ir.match(REMEMBERED), (ir.Goto(pipeline["EndpointDNAT"]),),
                 cookie),
+        # later request packets of a masqueraded connection: carry its mark past the policy zone
+        ir.Flow(pipeline["ServiceLB"], 5, ir.match(proto="ip", ct_state="-new+trk-rpl",
+                                                   ct_mark=(CT_MARK_MASQ, CT_MARK_MASQ)),
+                (MASQUERADE.load(), ir.Goto(pipeline["PolicyConntrack"])), cookie),
     ]
     flows += [ir.Flow(pipeline["Conntrack"], PRIO_ANY, ir.match(proto="ip", nw_dst=int(ip)), _TRACK(pipeline), cookie)
               for ip in cfg.node_port_ips]
@@ -187,9 +191,9 @@ def _group(gid: int, endpoints: tuple[Endpoint, ...], pipeline: Pipeline, direct
         return ir.Group(gid, "select", tuple(
             ir.Bucket((ir.Load(_EP_IP, int(e.ip)), ir.Load(_EP_PORT, e.port), *tail), weight=100)
             for e in endpoints))
-    masq = pipeline["ServiceMasq"]
+    after = pipeline["PolicyConntrack"]  # policy is enforced after service translation
     return ir.Group(gid, "select", tuple(
-        ir.Bucket((ir.CT(commit=True, zone=DNAT_ZONE, table=masq, exec_=_MARK_MASQ,
+        ir.Bucket((ir.CT(commit=True, zone=DNAT_ZONE, table=after, exec_=_MARK_MASQ,
                          nat=ir.Nat("dst", int(e.ip), int(e.ip), e.port, e.port)),), weight=100) for e in endpoints))
 
 
@@ -242,7 +246,7 @@ def _dnat_flows(gid: int, proto: str, endpoints: tuple[Endpoint, ...], cookie: i
     for e in endpoints:
         ip = int(e.ip)
         nat = ir.Nat("dst", ip, ip, e.port, e.port)
-        commit = ir.CT(commit=True, zone=DNAT_ZONE, table=pipeline["ServiceMasq"], nat=nat, exec_=_MARK_MASQ)
+        commit = ir.CT(commit=True, zone=DNAT_ZONE, table=pipeline["PolicyConntrack"], nat=nat, exec_=_MARK_MASQ)
         base = (SERVICE_GROUP.equals(gid), ENDPOINT_IP.equals(ip), ENDPOINT_PORT.equals(e.port))
         if e.node in (node_name, ""):  # only a pod on this node can be its own client (unknown: maybe)
             # hairpin: the endpoint is the client; without SNAT its reply would skip the translation

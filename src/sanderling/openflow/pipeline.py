@@ -48,7 +48,7 @@ TABLES: tuple[Table, ...] = (
           "New connections to a service address and port go to the service's select group (one "
           "bucket per endpoint), or first to SessionAffinity for ClientIP affinity; a service with no "
           "usable endpoint is rejected, an unused address of the service CIDR dropped. Other "
-          "traffic continues at ServiceMasq.", miss_to="ServiceMasq"),
+          "traffic continues at PolicyConntrack.", miss_to="PolicyConntrack"),
     Table("SessionAffinity", "services", Miss.DROP,
           "Learned flows (one per client, service and port, idle timeout = the affinity timeout) "
           "that set the endpoint the client had last time. Only entered by resubmit."),
@@ -59,6 +59,19 @@ TABLES: tuple[Table, ...] = (
           "Commits the connection with DNAT to the endpoint the bucket chose; hairpin and "
           "masqueraded connections are marked in ct_mark; with affinity, learns the choice. Only "
           "entered by resubmit."),
+    Table("PolicyConntrack", "policy", Miss.NEXT,
+          "Traffic of pods a NetworkPolicy isolates (from an egress-isolated, to an ingress-isolated pod) "
+          "goes through the policy conntrack zone; everything else skips policy.", miss_to="ServiceMasq"),
+    Table("PolicyState", "policy", Miss.NEXT,
+          "Established and related packets pass, invalid ones are dropped, new connections are checked."),
+    Table("EgressRule", "policy", Miss.NEXT,
+          "Egress rules as conjunctions (source pod, destination peers, ports); an egress-isolated source "
+          "no rule allows is dropped."),
+    Table("IngressRule", "policy", Miss.NEXT,
+          "Ingress rules as conjunctions (destination pod, source peers, ports); an ingress-isolated "
+          "destination no rule allows is dropped."),
+    Table("PolicyCommit", "policy", Miss.NEXT,
+          "Allowed new connections are committed to the policy zone, so their replies always pass."),
     Table("ServiceMasq", "services", Miss.NEXT,
           "Masqueraded connections (new, or later request packets) are SNATed to the node's "
           "masquerade address in the SNAT zone."),

@@ -90,6 +90,7 @@ REG_MARKS: tuple[RegMark, ...] = (FROM_POD, FROM_GATEWAY, FROM_UPLINK, MASQUERAD
 # conntrack: zones and ct_mark bits, named once
 DNAT_ZONE = 0xFFF0  # service DNAT (and, later, policy) connections
 SNAT_ZONE = 0xFFF1  # masqueraded service connections
+POLICY_ZONE = 0xFFF2  # connections of pods isolated by a NetworkPolicy
 CT_MARK_MASQ = 0x1  # ct_mark bit: the connection was masqueraded, re-SNAT its later packets
 
 

@@ -1,0 +1,230 @@
+"""NetworkPolicy as conjunctive OpenFlow matches, enforced after service translation.
+
+Per rule, up to three clauses: the local pods the policy selects (destination for ingress,
+source for egress), the peers (pod addresses, namespaces' pods, ipBlocks with their excepts
+cut out) and the ports (numbers, ranges as masked blocks, named ports resolved per pod). Each
+clause is one flow per value with `conjunction(id, k/n)`, so the flow count grows with the sum
+of pods, peers and ports, not their product; a rule with one clause is plain flows. Every rule
+has its own priority, so rules never share a flow and each policy is one realizer object
+(stable ids per rule keep an edit from renumbering the others). The rule id is in the cookie.
+
+Isolation: a pod selected by any policy for a direction is isolated for it; its traffic goes
+through conntrack (policy zone). Established and related packets pass; a new connection passes
+EgressRule only if some egress rule of the source allows it, IngressRule only if some ingress
+rule of the destination allows it; then it is committed, so replies always pass.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from sanderling.model.policy import Peer, PodInfo, Policy, PolicyPort, Rule, peer_pods, selects
+from sanderling.netlink.nodeport import port_blocks
+from sanderling.openflow import cookies, ir
+from sanderling.openflow import fields as F
+from sanderling.openflow.pipeline import PIPELINE, Pipeline
+from sanderling.openflow.registers import POLICY_ZONE
+
+PRIO_RULE_BASE = 1000
+PRIO_DEFAULT_DENY = 10
+PRIO_STATE = 200
+
+RuleIds = Callable[[str], int]
+Clause = list[ir.Match]
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterPods:
+    """Everything policy resolution needs from the cluster."""
+
+    pods: tuple[PodInfo, ...]
+    namespace_labels: Mapping[str, Mapping[str, str]]
+
+
+def static_flows(pipeline: Pipeline = PIPELINE) -> list[ir.Flow]:
+    cookie = cookies.cookie(cookies.Category.POLICY, "static")
+    after = pipeline["ServiceMasq"]
+    state = pipeline["PolicyState"]
+    return [
+        ir.Flow(state, PRIO_STATE, ir.match(proto="ip", ct_state="-new+est+trk"), (ir.Goto(after),), cookie),
+        ir.Flow(state, PRIO_STATE, ir.match(proto="ip", ct_state="+rel+trk"), (ir.Goto(after),), cookie),
+        ir.Flow(state, PRIO_STATE - 10, ir.match(proto="ip", ct_state="+inv+trk"), (), cookie),
+        ir.Flow(pipeline["PolicyCommit"], PRIO_STATE, ir.match(proto="ip", ct_state="+new+trk"),
+                (ir.CT(commit=True, zone=POLICY_ZONE, table=after),), cookie),
+    ]
+
+
+def isolation_flows(pod: PodInfo, ingress: bool, egress: bool, pipeline: Pipeline = PIPELINE) -> list[ir.Flow]:
+    """A local pod some policy isolates: its traffic is tracked, and denied unless a rule allows it."""
+    assert pod.ip is not None
+    cookie = cookies.cookie(cookies.Category.POLICY, f"isolated/{pod.key}")
+    track = (ir.CT(zone=POLICY_ZONE, table=pipeline["PolicyState"]),)
+    ip = int(pod.ip)
+    flows = []
+    if egress:
+        flows += [ir.Flow(pipeline["PolicyConntrack"], 200, ir.match(proto="ip", nw_src=ip), track, cookie),
+                  ir.Flow(pipeline["EgressRule"], PRIO_DEFAULT_DENY, ir.match(proto="ip", nw_src=ip), (), cookie)]
+    if ingress:
+        flows += [ir.Flow(pipeline["PolicyConntrack"], 190, ir.match(proto="ip", nw_dst=ip), track, cookie),
+                  ir.Flow(pipeline["IngressRule"], PRIO_DEFAULT_DENY, ir.match(proto="ip", nw_dst=ip), (), cookie)]
+    return flows
+
+
+def isolated(policies: Iterable[Policy], local: Iterable[PodInfo]) -> dict[str, tuple[PodInfo, bool, bool]]:
+    """Local pods with an address that some policy isolates: key -> (pod, ingress, egress)."""
+    out: dict[str, tuple[PodInfo, bool, bool]] = {}
+    policies = list(policies)
+    for pod in local:
+        if pod.ip is None:
+            continue
+        ingress = any(p.ingress is not None and selects(p, pod) for p in policies)
+        egress = any(p.egress is not None and selects(p, pod) for p in policies)
+        if ingress or egress:
+            out[pod.key] = (pod, ingress, egress)
+    return out
+
+
+def _nets(peer: Peer) -> list[ipaddress.IPv4Network]:
+    assert peer.cidr is not None
+    nets = [peer.cidr]
+    for ex in peer.excepts:
+        out = []
+        for net in nets:
+            if ex.subnet_of(net):
+                out += list(net.address_exclude(ex))
+            elif not net.subnet_of(ex):
+                out.append(net)
+        nets = out
+    return nets
+
+
+def _addr_matches(field: str, ips: Iterable[ipaddress.IPv4Address], nets: Iterable[ipaddress.IPv4Network]) -> Clause:
+    items: set[tuple[int, int | None]] = {(int(ip), None) for ip in ips}
+    for net in nets:
+        items.add((int(net.network_address), None if net.prefixlen == 32 else int(net.netmask)))
+    return [ir.Match.from_items([("dl_type", 0x0800, None), (field, value, mask)]) for value, mask in sorted(items)]
+
+
+def _port_matches(protocol: str, numbers: list[tuple[int, int]]) -> Clause:
+    """(first, last) port ranges of one protocol as masked tp_dst matches."""
+    dl_type, nw_proto = F.PROTOCOLS[protocol.lower()]
+    assert nw_proto is not None
+    tp_dst = F.TRANSPORT_FIELDS[nw_proto][1]
+    base = [("dl_type", dl_type, None), ("nw_proto", nw_proto, None)]
+    out = []
+    for first, last in numbers:
+        for value, mask in port_blocks(first, last):
+            out.append(ir.Match.from_items([*base, (tp_dst, value, None if mask == 0xFFFF else mask)]))
+    return out
+
+
+def _proto_only(protocol: str) -> ir.Match:
+    dl_type, nw_proto = F.PROTOCOLS[protocol.lower()]
+    assert nw_proto is not None
+    return ir.Match.from_items([("dl_type", dl_type, None), ("nw_proto", nw_proto, None)])
+
+
+def _conjunctive(table: int, prio: int, conj_id: int, clauses: list[Clause], allow: tuple[ir.Action, ...],
+                 cookie: int) -> list[ir.Flow]:
+    if any(not c for c in clauses):
+        return []  # a clause with no value: the rule allows nothing
+    if len(clauses) == 1:
+        return [ir.Flow(table, prio, m, allow, cookie) for m in clauses[0]]
+    n = len(clauses)
+    flows = [ir.Flow(table, prio, ir.Match.from_items([("conj_id", conj_id, None)]), allow, cookie)]
+    for k, clause in enumerate(clauses, start=1):
+        flows += [ir.Flow(table, prio, m, (ir.Conjunction(conj_id, k, n),), cookie) for m in clause]
+    return flows
+
+
+def _rule_variants(rule: Rule, targets: list[PodInfo], peers: list[PodInfo] | None, ingress: bool,
+                   everyone: list[PodInfo]) -> list[tuple[str, list[PodInfo], list[PodInfo] | None, Clause | None]]:
+    """Split a rule by named-port resolution: (variant, targets, pod peers, port clause or None=any)."""
+    if not rule.ports:
+        return [("all", targets, peers, None)]
+    plain: Clause = []
+    named: dict[tuple[str, int], list[PodInfo]] = {}  # (protocol, number) -> pods it resolves on
+    for port in rule.ports:
+        if isinstance(port.port, str):
+            # ingress: resolved on the selected pod; egress: on the destination pod (any pod if no peers)
+            for pod in (targets if ingress else (peers if peers is not None else everyone)):
+                number = pod.named_port(port.port, port.protocol)
+                if number is not None:
+                    named.setdefault((port.protocol, number), []).append(pod)
+        elif port.port is None:
+            plain.append(_proto_only(port.protocol))
+        else:
+            plain += _port_matches(port.protocol, [(int(port.port), int(port.end_port or port.port))])
+    variants: list[tuple[str, list[PodInfo], list[PodInfo] | None, Clause | None]] = []
+    if plain:
+        variants.append(("ports", targets, peers, plain))
+    for (proto, number), pods in sorted(named.items(), key=lambda kv: kv[0]):
+        clause = _port_matches(proto, [(number, number)])
+        if ingress:
+            variants.append((f"{proto}-{number}", pods, peers, clause))
+        else:
+            variants.append((f"{proto}-{number}", targets, pods, clause))
+    return variants
+
+
+def policy_flows(policy: Policy, local: list[PodInfo], cluster: ClusterPods, rule_ids: RuleIds,
+                 pipeline: Pipeline = PIPELINE) -> list[ir.Flow]:
+    """Every flow one policy needs on this node (nothing if it selects no local pod)."""
+    targets = [p for p in local if p.ip is not None and selects(policy, p)]
+    if not targets:
+        return []
+    flows: list[ir.Flow] = []
+    for direction, rules in (("ingress", policy.ingress), ("egress", policy.egress)):
+        if not rules:
+            continue
+        ingress = direction == "ingress"
+        table = pipeline["IngressRule" if ingress else "EgressRule"]
+        allow = (ir.Goto(pipeline["PolicyCommit"] if ingress else pipeline["IngressRule"]),)
+        target_field, peer_field = ("nw_dst", "nw_src") if ingress else ("nw_src", "nw_dst")
+        for i, rule in enumerate(rules):
+            pod_peers: list[PodInfo] | None = None
+            nets: list[ipaddress.IPv4Network] = []
+            if rule.peers:
+                pod_peers = []
+                for peer in rule.peers:
+                    if peer.cidr is not None:
+                        nets += _nets(peer)
+                    else:
+                        pod_peers += peer_pods(peer, policy.namespace, list(cluster.pods), cluster.namespace_labels)
+            for variant, tgts, peers, port_clause in _rule_variants(rule, targets, pod_peers, ingress,
+                                                                    list(cluster.pods)):
+                key = f"{policy.key}/{direction}/{i}/{variant}"
+                rid = rule_ids(key)
+                cookie = cookies.cookie(cookies.Category.POLICY, key)
+                clauses = [_addr_matches(target_field, (p.ip for p in tgts if p.ip is not None), ())]
+                named_egress = not ingress and variant not in ("all", "ports")
+                if rule.peers or named_egress:
+                    peer_nets = [] if named_egress else nets
+                    clauses.append(_addr_matches(peer_field, (p.ip for p in peers or [] if p.ip is not None),
+                                                 peer_nets))
+                if port_clause is not None:
+                    clauses.append(port_clause)
+                flows += _conjunctive(table, PRIO_RULE_BASE + rid, rid, clauses, allow, cookie)
+    return flows
+
+
+def cross_product_size(policy: Policy, local: list[PodInfo], cluster: ClusterPods) -> int:
+    """Flows a non-conjunctive encoding would need for this policy (targets x peers x ports)."""
+    targets = [p for p in local if p.ip is not None and selects(policy, p)]
+    total = 0
+    for rules in (policy.ingress or (), policy.egress or ()):
+        for rule in rules:
+            peers = 0
+            for peer in rule.peers:
+                peers += len(_nets(peer)) if peer.cidr is not None else len(
+                    peer_pods(peer, policy.namespace, list(cluster.pods), cluster.namespace_labels))
+            ports = sum(len(port_blocks(int(p.port), int(p.end_port or p.port))) if isinstance(p.port, int) else 1
+                        for p in rule.ports)
+            total += len(targets) * max(peers, 1 if not rule.peers else 0) * max(ports, 1)
+    return total
+
+
+def port_text(port: PolicyPort) -> str:
+    return f"{port.protocol}/{port.port}" + (f"-{port.end_port}" if port.end_port else "")
