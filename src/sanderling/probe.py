@@ -80,6 +80,22 @@ def spread(proto: str, host: str, port: int, count: int, timeout: float) -> dict
     return counts
 
 
+def multi(targets: list[str], timeout: float) -> dict[str, bool]:
+    """Every `proto:host:port` probed at once (threads): {target: answered}."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(target: str) -> bool:
+        proto, host, port = target.split(":")
+        try:
+            connect(proto, host, int(port), timeout)
+            return True
+        except OSError:
+            return False
+
+    with ThreadPoolExecutor(max(1, min(64, len(targets)))) as pool:
+        return dict(zip(targets, pool.map(one, targets), strict=True))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sanderling.probe")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -99,7 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("port", type=int)
     sp.add_argument("--count", type=int, default=100)
     sp.add_argument("--timeout", type=float, default=1.0)
+    mu = sub.add_parser("multi", help="probe proto:host:port targets at once; print JSON {target: true|false}")
+    mu.add_argument("targets", nargs="+")
+    mu.add_argument("--timeout", type=float, default=1.0)
     args = p.parse_args(argv)
+    if args.cmd == "multi":
+        import json
+
+        print(json.dumps(multi(args.targets, args.timeout)))
+        return 0
     if args.cmd == "spread":
         import json
 

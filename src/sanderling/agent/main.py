@@ -170,6 +170,7 @@ def start_proxy(client: Any, cfg: Any, controller: NodeController, args: argpars
     proxy.on_health = health_changed
     proxy.start()
     informers = [Informer(client, Service, proxy.service_changed), Informer(client, EndpointSlice, proxy.slice_changed)]
+    informers += policy_informers(client, controller, args)
     log.info("node %s: kube-proxy replacement on (service CIDR %s, masquerade address %s, node ports on %s)",
              cfg.node_name, cfg.service_cidr, cfg.masq_ip, ", ".join(map(str, cfg.node_port_ips)) or "nothing")
     return [asyncio.create_task(i.run()) for i in informers]
@@ -202,6 +203,28 @@ async def _steer_node_ports(cfg: Any, controller: NodeController, args: argparse
         controller.kick()
         log.info("node %s: NodePorts on %s (%s, %s) steered into %s%s", cfg.node_name, ip, ifname, mac, args.bridge,
                  f", health check ports {list(keep)} kept local" if keep else "")
+
+
+def policy_informers(client: Any, controller: NodeController, args: argparse.Namespace) -> list[Any]:
+    """NetworkPolicy, Namespace and Pod informers feeding policy enforcement."""
+    from lightkube.resources.core_v1 import Namespace, Pod
+    from lightkube.resources.networking_v1 import NetworkPolicy
+
+    from sanderling.agent.policy_agent import PolicyAgent
+    from sanderling.kube.client import KubeApi
+    from sanderling.kube.informer import Informer
+
+    api = KubeApi(args.kubeconfig)
+
+    def report(namespace: str, name: str, message: str) -> None:
+        asyncio.get_running_loop().run_in_executor(
+            None, lambda: api.event(namespace, name, "InvalidNetworkPolicy", message, args.node,
+                                    involved_kind="NetworkPolicy"))
+
+    agent = PolicyAgent(args.node, controller.realizer, controller.kick, asyncio.get_running_loop().call_soon, report)
+    agent.start()
+    return [Informer(client, NetworkPolicy, agent.policy_changed), Informer(client, Pod, agent.pod_changed),
+            Informer(client, Namespace, agent.namespace_changed, namespaced=False)]
 
 
 class RouteKeeper:

@@ -51,6 +51,10 @@ def _conformance(args: argparse.Namespace) -> int:
         from sanderling.conformance import proxy
 
         return proxy.run(args.files)
+    if args.suite == "netpol":
+        from sanderling.conformance import netpol
+
+        return netpol.run(args.files)
     from sanderling.conformance import cni
 
     return cni.run(args.files, args.only)
@@ -78,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("conformance", help="run a conformance suite from ../shared/conformance")
-    p.add_argument("suite", choices=["cni", "proxy"])
+    p.add_argument("suite", choices=["cni", "proxy", "netpol"])
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("--only", action="append", help="run only the case with this id (repeatable)")
     p.set_defaults(func=_conformance)

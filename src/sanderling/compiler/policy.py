@@ -62,13 +62,15 @@ def isolation_flows(pod: PodInfo, ingress: bool, egress: bool, pipeline: Pipelin
     cookie = cookies.cookie(cookies.Category.POLICY, f"isolated/{pod.key}")
     track = (ir.CT(zone=POLICY_ZONE, table=pipeline["PolicyState"]),)
     ip = int(pod.ip)
-    flows = []
+    # both directions are tracked whatever the isolation: replies to the pod's own connections must
+    # find them committed (an ingress-isolated pod's outgoing connection, an egress-isolated pod's
+    # incoming one)
+    flows = [ir.Flow(pipeline["PolicyConntrack"], 200, ir.match(proto="ip", nw_src=ip), track, cookie),
+             ir.Flow(pipeline["PolicyConntrack"], 190, ir.match(proto="ip", nw_dst=ip), track, cookie)]
     if egress:
-        flows += [ir.Flow(pipeline["PolicyConntrack"], 200, ir.match(proto="ip", nw_src=ip), track, cookie),
-                  ir.Flow(pipeline["EgressRule"], PRIO_DEFAULT_DENY, ir.match(proto="ip", nw_src=ip), (), cookie)]
+        flows.append(ir.Flow(pipeline["EgressRule"], PRIO_DEFAULT_DENY, ir.match(proto="ip", nw_src=ip), (), cookie))
     if ingress:
-        flows += [ir.Flow(pipeline["PolicyConntrack"], 190, ir.match(proto="ip", nw_dst=ip), track, cookie),
-                  ir.Flow(pipeline["IngressRule"], PRIO_DEFAULT_DENY, ir.match(proto="ip", nw_dst=ip), (), cookie)]
+        flows.append(ir.Flow(pipeline["IngressRule"], PRIO_DEFAULT_DENY, ir.match(proto="ip", nw_dst=ip), (), cookie))
     return flows
 
 

@@ -85,6 +85,10 @@ def static_flows(cfg: ProxyConfig, pipeline: Pipeline = PIPELINE) -> list[ir.Flo
                 cookie),
         ir.Flow(pipeline["AffinitySelect"], PRIO_ANY, ir.match(REMEMBERED), (ir.Goto(pipeline["EndpointDNAT"]),),
                 cookie),
+        # replies of service connections: their request passed policy (checked after DNAT, on the
+        # translated tuple, which the reply no longer has here): past policy, straight to ServiceMasq
+        ir.Flow(pipeline["ServiceLB"], 6, ir.match(proto="ip", ct_state="+trk+rpl"),
+                (ir.Goto(pipeline["ServiceMasq"]),), cookie),
         # later request packets of a masqueraded connection: carry its mark past the policy zone
         ir.Flow(pipeline["ServiceLB"], 5, ir.match(proto="ip", ct_state="-new+trk-rpl",
                                                    ct_mark=(CT_MARK_MASQ, CT_MARK_MASQ)),

@@ -53,8 +53,14 @@ def _untyped(resource: Any, namespaced: bool) -> Any:
     from lightkube.generic_resource import create_global_resource, create_namespaced_resource
 
     info = resource._api_info
-    make = create_namespaced_resource if namespaced else create_global_resource
-    return make(info.resource.group, info.resource.version, info.resource.kind, info.plural)
+    key = (info.resource.group, info.resource.version, info.resource.kind)
+    if key not in _UNTYPED:  # lightkube registers one class per kind: make it once, share it
+        make = create_namespaced_resource if namespaced else create_global_resource
+        _UNTYPED[key] = make(info.resource.group, info.resource.version, info.resource.kind, info.plural)
+    return _UNTYPED[key]
+
+
+_UNTYPED: dict[tuple[str, str, str], Any] = {}
 
 
 def _as_dict(item: Any) -> dict[str, Any]:

@@ -1,0 +1,300 @@
+"""`sanderling conformance netpol FILE...`: NetworkPolicy truth tables with real traffic in the lab.
+
+A 3-node lab (routed) runs the files' topology: the namespaces with their labels, the pods spread
+over the nodes (serving every TCP and UDP container port), one ClusterIP Service per pod. Each
+step's actions go through the API like any client's (create/update policy, delete all policies,
+relabel pods or namespaces); once the agents have converged, every pod probes every other pod's
+Service ClusterIP and, separately, its pod IP, for each PROTO/port the step expects; both must
+match the expected matrix (the diagonal is not checked when the file says ignore_loopback).
+SCTP expectations are checked at the flow level: this kernel has no SCTP, so the verdict is an
+`ofproto/trace` of an SCTP packet through the client's and the server's br-int, said per line.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sanderling.lab.cluster import Lab
+from sanderling.ovs.runtime import OvsRuntime
+
+NAME = "slnetpol"
+SETTLE_S = 1.5  # agents apply a change in milliseconds; leave room for the watch round trip
+PLACEHOLDER = re.compile(r"\$\{(IP|CIDR4):([a-z0-9-]+/[a-z0-9-]+)\}")
+
+
+class Runner:
+    def __init__(self, lab: Lab) -> None:
+        from sanderling.kube.client import KubeApi
+
+        self.lab = lab
+        self.api: Any = KubeApi(lab.kubeconfig).client  # dynamic use of lightkube; typed loosely
+        self.topology: dict[str, Any] | None = None
+        self.pods: dict[str, dict[str, Any]] = {}  # "ns/name" -> {"ip", "node", "sandbox", "vip"}
+        self.order: list[str] = []
+
+    # ---- topology ------------------------------------------------------------------------
+
+    def setup(self, topology: dict[str, Any]) -> None:
+        from lightkube import codecs
+
+        if topology == self.topology:
+            self.reset(topology)
+            return
+        self.teardown_objects()
+        nodes = [n["name"] for n in self.lab.state()["nodes"]]
+        ports = topology.get("container_ports") or []
+        for ns, spec in (topology.get("namespaces") or {}).items():
+            self._apply(codecs.from_dict({"apiVersion": "v1", "kind": "Namespace",
+                                          "metadata": {"name": ns, "labels": spec.get("labels") or {}}}))
+        self.order = list(topology["pods"])
+        for i, key in enumerate(self.order):
+            ns, name = key.split("/")
+            spec = topology["pods"][key]
+            self._apply(codecs.from_dict({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": ns, "labels": spec.get("labels") or {}},
+                "spec": {"nodeName": nodes[i % len(nodes)], "containers": [{
+                    "name": "c", "image": "none",
+                    "ports": [{"name": p["name"], "containerPort": p["containerPort"],
+                               "protocol": p.get("protocol", "TCP")} for p in ports]}]}}))
+            svc_ports = [{"name": f"service-port-{p.get('protocol', 'TCP').lower()}-{p['containerPort']}",
+                          "port": p["containerPort"], "targetPort": p["containerPort"],
+                          "protocol": p.get("protocol", "TCP")} for p in ports]
+            self._apply(codecs.from_dict({
+                "apiVersion": "v1", "kind": "Service", "metadata": {"name": f"s-{ns}-{name}", "namespace": ns},
+                "spec": {"selector": {"pod": (spec.get("labels") or {}).get("pod", name)}, "ports": svc_ports}}))
+        self.topology = topology
+        self._wait_running()
+
+    def _apply(self, obj: Any) -> None:
+        from lightkube import ApiError
+
+        try:
+            self.api.create(obj)
+        except ApiError as exc:
+            if exc.status.code != 409:
+                raise
+            current = self.api.get(type(obj), obj.metadata.name, namespace=obj.metadata.namespace)
+            obj.metadata.resourceVersion = current.metadata.resourceVersion
+            self.api.replace(obj)
+
+    def _wait_running(self, timeout: float = 120) -> None:
+        from lightkube.resources.core_v1 import Pod, Service
+
+        deadline = time.monotonic() + timeout
+        state = self.lab.state()
+        netns = {n["name"]: n["netns"] for n in state["nodes"]}
+        while time.monotonic() < deadline:
+            ready = {}
+            for key in self.order:
+                ns, name = key.split("/")
+                pod = self.api.get(Pod, name, namespace=ns)
+                if pod.status and pod.status.podIP and pod.status.phase == "Running":
+                    svc = self.api.get(Service, f"s-{ns}-{name}", namespace=ns)
+                    node = pod.spec.nodeName if pod.spec else ""
+                    ready[key] = {"ip": pod.status.podIP, "node": node, "vip": svc.spec.clusterIP if svc.spec else "",
+                                  "sandbox": f"{netns[node]}-{ns}-{name}"[:60]}
+            if len(ready) == len(self.order):
+                self.pods = ready
+                time.sleep(SETTLE_S)  # EndpointSlices reach the agents
+                return
+            time.sleep(0.3)
+        raise RuntimeError(f"pods not running after {timeout}s; see {self.lab.state_dir}/controlplane.log")
+
+    def reset(self, topology: dict[str, Any]) -> None:
+        """Back to the file's starting point: no policies, the topology's labels."""
+        from lightkube.resources.core_v1 import Namespace, Pod
+        from lightkube.types import PatchType
+
+        self.delete_all_policies()
+        for ns, spec in (topology.get("namespaces") or {}).items():
+            self.api.patch(Namespace, ns, {"metadata": {"labels": _replace_labels(
+                self.api.get(Namespace, ns).metadata.labels, spec.get("labels") or {})}}, patch_type=PatchType.MERGE)
+        for key, spec in topology["pods"].items():
+            ns, name = key.split("/")
+            self.api.patch(Pod, name, {"metadata": {"labels": _replace_labels(
+                self.api.get(Pod, name, namespace=ns).metadata.labels, spec.get("labels") or {})}},
+                namespace=ns, patch_type=PatchType.MERGE)
+
+    def delete_all_policies(self) -> None:
+        from lightkube.resources.networking_v1 import NetworkPolicy
+
+        for pol in list(self.api.list(NetworkPolicy, namespace="*")):
+            self.api.delete(NetworkPolicy, pol.metadata.name, namespace=pol.metadata.namespace)
+
+    def teardown_objects(self) -> None:
+        from lightkube.resources.core_v1 import Namespace, Pod, Service
+
+        self.delete_all_policies()
+        for key in self.order:
+            ns, name = key.split("/")
+            for kind, obj_name in ((Pod, name), (Service, f"s-{ns}-{name}")):
+                try:
+                    self.api.delete(kind, obj_name, namespace=ns)
+                except Exception:  # already gone
+                    pass
+        for ns in {k.split("/")[0] for k in self.order}:
+            try:
+                self.api.delete(Namespace, ns)
+            except Exception:
+                pass
+        self.order, self.pods, self.topology = [], {}, None
+
+    # ---- steps ---------------------------------------------------------------------------
+
+    def substitute(self, obj: Any) -> Any:
+        text = json.dumps(obj)
+
+        def value(m: re.Match[str]) -> str:
+            ip = self.pods[m.group(2)]["ip"]
+            return ip if m.group(1) == "IP" else str(ipaddress.ip_network(f"{ip}/4", strict=False))
+        return json.loads(PLACEHOLDER.sub(value, text))
+
+    def act(self, action: dict[str, Any]) -> None:
+        from lightkube import codecs
+        from lightkube.resources.core_v1 import Namespace, Pod
+        from lightkube.types import PatchType
+
+        (kind, arg), = action.items()
+        if kind in ("create_policy", "update_policy"):
+            self._apply(codecs.from_dict(self.substitute(arg)))
+        elif kind == "delete_all_policies":
+            self.delete_all_policies()
+        elif kind == "set_pod_labels":
+            key = arg.get("pod") or f"{arg['namespace']}/{arg['name']}"
+            ns, name = key.split("/")
+            labels = _replace_labels(self.api.get(Pod, name, namespace=ns).metadata.labels, arg.get("labels") or {})
+            self.api.patch(Pod, name, {"metadata": {"labels": labels}}, namespace=ns, patch_type=PatchType.MERGE)
+        elif kind == "set_namespace_labels":
+            ns = arg.get("namespace") or arg.get("name")
+            labels = _replace_labels(self.api.get(Namespace, ns).metadata.labels, arg.get("labels") or {})
+            self.api.patch(Namespace, ns, {"metadata": {"labels": labels}}, patch_type=PatchType.MERGE)
+        else:
+            raise ValueError(f"unknown action {kind!r}")
+
+    def probe_matrix(self, proto: str, port: int, to_vip: bool) -> dict[tuple[str, str], bool]:
+        def client(src: str) -> dict[tuple[str, str], bool]:
+            targets = {f"{proto.lower()}:{self.pods[dst]['vip' if to_vip else 'ip']}:{port}": dst
+                       for dst in self.order if dst != src}
+            out = subprocess.run(["ip", "netns", "exec", self.pods[src]["sandbox"], sys.executable, "-m",
+                                  "sanderling.probe", "multi", *targets, "--timeout", "1"],
+                                 capture_output=True, text=True, timeout=60)
+            answers = json.loads(out.stdout) if out.returncode == 0 else {}
+            return {(src, targets[t]): bool(answers.get(t)) for t in targets}
+        result: dict[tuple[str, str], bool] = {}
+        with ThreadPoolExecutor(len(self.order)) as pool:
+            for part in pool.map(client, self.order):
+                result.update(part)
+        return result
+
+    def sctp_matrix(self, port: int) -> dict[tuple[str, str], bool]:
+        """Flow-level: trace an SCTP INIT through the client's and the server's br-int."""
+        return {(src, dst): self._sctp_allowed(src, dst, port) for src in self.order for dst in self.order
+                if src != dst}
+
+    def _sctp_allowed(self, src: str, dst: str, port: int) -> bool:
+        s, d = self.pods[src], self.pods[dst]
+        first = self._trace(s["node"], f"in_port={self._ofport(s['node'], src)},dl_src={_mac(s['ip'])},"
+                                       f"dl_dst=0a:58:0a:f4:00:01,sctp,nw_src={s['ip']},nw_dst={d['ip']},nw_ttl=64,"
+                                       f"sctp_src=40000,sctp_dst={port}")
+        if first.endswith("drop"):
+            return False
+        if s["node"] == d["node"]:
+            return True
+        second = self._trace(d["node"], f"in_port=LOCAL,dl_src=0a:58:0a:f4:00:01,dl_dst=0a:58:0a:f4:00:01,sctp,"
+                                        f"nw_src={s['ip']},nw_dst={d['ip']},nw_ttl=63,sctp_src=40000,sctp_dst={port}")
+        return not second.endswith("drop")
+
+    def _runtime(self, node: str) -> OvsRuntime:
+        rec = next(n for n in self.lab.state()["nodes"] if n["name"] == node)
+        return OvsRuntime(Path(rec["dir"]) / "ovs", datapath="netdev")
+
+    def _ofport(self, node: str, key: str) -> str:
+        ns, name = key.split("/")
+        out = self._runtime(node).vsctl("--bare", "--columns=ofport", "find", "Interface",
+                                        f"external_ids:sanderling.io/pod-namespace={ns}",
+                                        f"external_ids:sanderling.io/pod-name={name}")
+        return out.strip().split()[0]
+
+    def _trace(self, node: str, flow: str) -> str:
+        out = self._runtime(node).appctl("ofproto/trace", *(["--ct-next", "trk,new"] * 6), "br-int", flow)
+        actions = [line for line in out.splitlines() if line.startswith("Datapath actions:")]
+        return actions[-1] if actions else "drop"
+
+
+def _mac(ip: str) -> str:
+    return "0a:58:" + ":".join(f"{b:02x}" for b in ipaddress.IPv4Address(ip).packed)
+
+
+def _replace_labels(current: dict[str, str] | None, wanted: dict[str, str]) -> dict[str, Any]:
+    """A merge patch that leaves exactly `wanted` (removed keys set to null)."""
+    out: dict[str, Any] = {k: None for k in (current or {}) if k not in wanted}
+    out.update(wanted)
+    return out
+
+
+def check_step(runner: Runner, case_id: str, step: dict[str, Any], order: list[str], ignore_loopback: bool
+               ) -> tuple[int, int]:
+    passed = failed = 0
+    for key, expect in (step.get("expect") or {}).items():
+        proto, port_text = key.split("/")
+        port = int(port_text)
+        want = {}
+        for src, row in (expect.get("rows") or {}).items():
+            for dst, bit in zip(order, str(row).split(), strict=True):
+                want[(src, dst)] = bit == "1"
+        label = f"{case_id} step {step.get('step')} {key}"
+        if proto == "SCTP":
+            views = {"flow level (this kernel has no SCTP)": runner.sctp_matrix(port)}
+        else:
+            views = {"via ClusterIP": runner.probe_matrix(proto, port, True),
+                     "via pod IP": runner.probe_matrix(proto, port, False)}
+        for how, got in views.items():
+            wrong = [f"{s}->{d} expected {int(want[(s, d)])} got {int(v)}" for (s, d), v in sorted(got.items())
+                     if (s, d) in want and not (ignore_loopback and s == d) and want[(s, d)] != v]
+            if wrong:
+                failed += 1
+                print(f"FAIL {label} {how}: {len(wrong)} of {len(got)} pairs wrong: {'; '.join(wrong[:6])}",
+                      flush=True)
+            else:
+                passed += 1
+                print(f"PASS {label} {how}", flush=True)
+    return passed, failed
+
+
+def run(paths: list[Path], keep: bool = False) -> int:
+    lab = Lab(NAME, lambda m: print(f"... {m}", file=sys.stderr, flush=True))
+    lab.down(quiet=True)
+    passed = failed = 0
+    try:
+        lab.up(3, "routed")
+        runner = Runner(lab)
+        for path in paths:
+            case = yaml.safe_load(path.read_text())
+            case_id = case.get("id", path.stem)
+            runner.setup(case["topology"])
+            order = str(case.get("matrix_format", "")).split("order ", 1)[-1].split(";")[0].split()
+            order = [o for o in order if "/" in o] or runner.order
+            for step in case.get("steps") or []:
+                for action in step.get("actions") or []:
+                    runner.act(action)
+                time.sleep(SETTLE_S)
+                p, f = check_step(runner, case_id, step, order, bool(case.get("ignore_loopback", True)))
+                passed += p
+                failed += f
+            runner.delete_all_policies()
+    finally:
+        if not keep:
+            lab.down(quiet=True)
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
