@@ -50,12 +50,31 @@ def serve(name: str, tcp: list[int], udp: list[int]) -> None:
         t.join()
 
 
-def connect(proto: str, host: str, port: int, timeout: float, send: bytes = b"probe\n") -> str:
+def _bind_in(sock: socket.socket, ports: tuple[int, int] | None) -> None:
+    """Bind to a random free source port in `ports` (the kernel picks when None)."""
+    if ports is None:
+        return
+    import random
+
+    for _ in range(50):
+        try:
+            sock.bind(("0.0.0.0", random.randint(*ports)))
+            return
+        except OSError:
+            continue
+    raise OSError(f"no free source port in {ports[0]}-{ports[1]}")
+
+
+def connect(proto: str, host: str, port: int, timeout: float, send: bytes = b"probe\n",
+            source_ports: tuple[int, int] | None = None) -> str:
     if proto == "tcp":
-        with socket.create_connection((host, port), timeout=timeout) as s:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            _bind_in(s, source_ports)
             s.settimeout(timeout)
+            s.connect((host, port))
             return s.recv(256).decode().strip()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        _bind_in(s, source_ports)
         s.settimeout(timeout)
         s.sendto(send, (host, port))
         data, _ = s.recvfrom(256)
@@ -80,14 +99,14 @@ def spread(proto: str, host: str, port: int, count: int, timeout: float) -> dict
     return counts
 
 
-def multi(targets: list[str], timeout: float) -> dict[str, bool]:
+def multi(targets: list[str], timeout: float, source_ports: tuple[int, int] | None = None) -> dict[str, bool]:
     """Every `proto:host:port` probed at once (threads): {target: answered}."""
     from concurrent.futures import ThreadPoolExecutor
 
     def one(target: str) -> bool:
         proto, host, port = target.split(":")
         try:
-            connect(proto, host, int(port), timeout)
+            connect(proto, host, int(port), timeout, source_ports=source_ports)
             return True
         except OSError:
             return False
@@ -118,11 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     mu = sub.add_parser("multi", help="probe proto:host:port targets at once; print JSON {target: true|false}")
     mu.add_argument("targets", nargs="+")
     mu.add_argument("--timeout", type=float, default=1.0)
+    mu.add_argument("--source-ports", default="", help="FIRST-LAST: bind each probe to a random port in this range")
     args = p.parse_args(argv)
     if args.cmd == "multi":
         import json
 
-        print(json.dumps(multi(args.targets, args.timeout)))
+        ports = tuple(int(x) for x in args.source_ports.split("-")) if args.source_ports else None
+        print(json.dumps(multi(args.targets, args.timeout, ports)))  # type: ignore[arg-type]
         return 0
     if args.cmd == "spread":
         import json

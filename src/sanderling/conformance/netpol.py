@@ -186,8 +186,12 @@ class Runner:
         def client(src: str) -> dict[tuple[str, str], bool]:
             targets = {f"{proto.lower()}:{self.pods[dst]['vip' if to_vip else 'ip']}:{port}": dst
                        for dst in self.order if dst != src}
+            # the two views use disjoint source ports: a direct connection reusing the 4-tuple of a
+            # recent connection through the Service would meet that connection's conntrack entry (its
+            # reply tuple is the same) and fail, an artefact of the probing, as it would with kube-proxy
+            ports = "20000-39999" if to_vip else "40000-59999"
             out = subprocess.run(["ip", "netns", "exec", self.pods[src]["sandbox"], sys.executable, "-m",
-                                  "sanderling.probe", "multi", *targets, "--timeout", "1"],
+                                  "sanderling.probe", "multi", *targets, "--timeout", "1", "--source-ports", ports],
                                  capture_output=True, text=True, timeout=60)
             answers = json.loads(out.stdout) if out.returncode == 0 else {}
             return {(src, targets[t]): bool(answers.get(t)) for t in targets}
