@@ -106,7 +106,8 @@ def _addr_matches(field: str, ips: Iterable[ipaddress.IPv4Address], nets: Iterab
     items: set[tuple[int, int | None]] = {(int(ip), None) for ip in ips}
     for net in nets:
         items.add((int(net.network_address), None if net.prefixlen == 32 else int(net.netmask)))
-    return [ir.Match.from_items([("dl_type", 0x0800, None), (field, value, mask)]) for value, mask in sorted(items)]
+    ordered = sorted(items, key=lambda vm: (vm[0], 0xFFFFFFFF if vm[1] is None else vm[1]))
+    return [ir.Match.from_items([("dl_type", 0x0800, None), (field, value, mask)]) for value, mask in ordered]
 
 
 def _port_matches(protocol: str, numbers: list[tuple[int, int]]) -> Clause:

@@ -1,0 +1,193 @@
+"""NetworkPolicy property test: what OVS does equals what Kubernetes says.
+
+For random pods, namespaces and policies, the verdict of a real ovs-vswitchd (dummy datapath,
+ofproto/trace with conntrack answering "new") for random (source, destination, protocol, port)
+must equal an independent evaluation of the NetworkPolicy semantics written here, from the raw
+objects, without the agent's model or compiler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sanderling.agent.policy_agent import PolicyAgent
+from sanderling.compiler import pods as pod_compiler
+from sanderling.model.network import NodeNetwork, PodPort
+from sanderling.openflow.connection import Connection
+from sanderling.openflow.realizer import Realizer
+
+from ..conftest import Bridge, require_ovs
+
+NODE = NodeNetwork.build("n1", "10.244.7.0/24")
+NAMESPACES = ("x", "y")
+LABEL_VALUES = {"app": ("a", "b"), "tier": ("1", "2")}
+PORTS = (("TCP", 80), ("TCP", 81), ("UDP", 80))
+
+# ---- the reference: Kubernetes semantics from the raw objects ------------------------------
+
+
+def ref_selector(sel, labels) -> bool:
+    for k, v in (sel.get("matchLabels") or {}).items():
+        if labels.get(k) != v:
+            return False
+    for e in sel.get("matchExpressions") or []:
+        has = e["key"] in labels
+        val = labels.get(e["key"])
+        op = e["operator"]
+        if (op == "In" and (not has or val not in e["values"])) or (op == "NotIn" and has and val in e["values"]) \
+                or (op == "Exists" and not has) or (op == "DoesNotExist" and has):
+            return False
+    return True
+
+
+def ref_peer(peer, pol_ns, other, ns_labels) -> bool:
+    if "ipBlock" in peer:
+        ip = ipaddress.ip_address(other["ip"])
+        block = peer["ipBlock"]
+        return ip in ipaddress.ip_network(block["cidr"]) and not any(
+            ip in ipaddress.ip_network(e) for e in block.get("except") or [])
+    if "namespaceSelector" in peer:
+        if not ref_selector(peer["namespaceSelector"], ns_labels[other["ns"]]):
+            return False
+    elif other["ns"] != pol_ns:
+        return False
+    return "podSelector" not in peer or ref_selector(peer["podSelector"], other["labels"])
+
+
+def ref_rule_allows(rule, key, pol_ns, other, proto, port, ns_labels) -> bool:
+    peers = rule.get(key)
+    if peers and not any(ref_peer(p, pol_ns, other, ns_labels) for p in peers):
+        return False
+    ports = rule.get("ports")
+    if not ports:
+        return True
+    for p in ports:
+        if p.get("protocol", "TCP") != proto:
+            continue
+        if "port" not in p or p["port"] == port or (p.get("endPort") and p["port"] <= port <= p["endPort"]):
+            return True
+    return False
+
+
+def ref_allowed(policies, src, dst, proto, port, ns_labels) -> bool:
+    for direction, subject, other, key in (("Egress", src, dst, "to"), ("Ingress", dst, src, "from")):
+        field = direction.lower()
+        selecting = [p for p in policies if p["metadata"]["namespace"] == subject["ns"]
+                     and direction in p["spec"]["policyTypes"]
+                     and ref_selector(p["spec"]["podSelector"], subject["labels"])]
+        if selecting and not any(ref_rule_allows(r, key, p["metadata"]["namespace"], other, proto, port, ns_labels)
+                                 for p in selecting for r in p["spec"].get(field) or []):
+            return False
+    return True
+
+
+# ---- random worlds ----------------------------------------------------------------------------
+
+labels = st.fixed_dictionaries({}, optional={k: st.sampled_from(v) for k, v in LABEL_VALUES.items()})
+selectors = st.one_of(
+    st.builds(lambda m: {"matchLabels": m}, labels),
+    st.builds(lambda k, op, vals: {"matchExpressions": [
+        {"key": k, "operator": op, **({"values": list(vals)} if op in ("In", "NotIn") else {})}]},
+        st.sampled_from(list(LABEL_VALUES)), st.sampled_from(["In", "NotIn", "Exists", "DoesNotExist"]),
+        st.lists(st.sampled_from(["a", "b", "1", "2"]), min_size=1, max_size=2, unique=True)))
+ns_selectors = st.builds(lambda m: {"matchLabels": m}, st.fixed_dictionaries({}, optional={"team": st.sampled_from(
+    ["red", "blue"])}))
+
+
+def peer_strategy():
+    return st.one_of(
+        st.builds(lambda s: {"podSelector": s}, selectors),
+        st.builds(lambda n: {"namespaceSelector": n}, ns_selectors),
+        st.builds(lambda s, n: {"podSelector": s, "namespaceSelector": n}, selectors, ns_selectors),
+        st.builds(lambda last: {"ipBlock": {"cidr": "10.244.7.0/24", "except": [f"10.244.7.{last}/32"]}},
+                  st.integers(10, 17)),
+    )
+
+
+port_strategy = st.one_of(
+    st.builds(lambda proto, port: {"protocol": proto, "port": port}, st.sampled_from(["TCP", "UDP"]),
+              st.sampled_from([80, 81])),
+    st.just({"protocol": "TCP", "port": 80, "endPort": 81}),
+    st.just({"protocol": "UDP"}),
+)
+rules = st.lists(st.fixed_dictionaries({}, optional={"peers": st.lists(peer_strategy(), min_size=1, max_size=2),
+                                                     "ports": st.lists(port_strategy, min_size=1, max_size=2)}),
+                 max_size=2)
+
+
+@st.composite
+def worlds(draw):
+    ns_labels = {ns: {"kubernetes.io/metadata.name": ns, **draw(st.fixed_dictionaries(
+        {}, optional={"team": st.sampled_from(["red", "blue"])}))} for ns in NAMESPACES}
+    pods = [{"ns": NAMESPACES[i % 2], "name": f"p{i}", "labels": draw(labels), "ip": f"10.244.7.{10 + i}",
+             "ofport": i + 1} for i in range(draw(st.integers(2, 6)))]
+    policies = []
+    for i in range(draw(st.integers(0, 3))):
+        types = draw(st.sampled_from([["Ingress"], ["Egress"], ["Ingress", "Egress"]]))
+        spec = {"podSelector": draw(selectors), "policyTypes": types}
+        for t in types:
+            key = "from" if t == "Ingress" else "to"
+            spec[t.lower()] = [{**({key: r["peers"]} if "peers" in r else {}),
+                                **({"ports": r["ports"]} if "ports" in r else {})} for r in draw(rules)]
+        policies.append({"metadata": {"namespace": draw(st.sampled_from(NAMESPACES)), "name": f"np{i}"},
+                         "spec": spec})
+    probes = draw(st.lists(st.tuples(st.integers(0, len(pods) - 1), st.integers(0, len(pods) - 1),
+                                     st.sampled_from(PORTS)), min_size=4, max_size=8))
+    return ns_labels, pods, policies, probes
+
+
+def ovs_allowed(bridge: Bridge, src, dst, proto: str, port: int) -> bool:
+    p = proto.lower()
+    trace = bridge.runtime.appctl(
+        "ofproto/trace", *(["--ct-next", "trk,new"] * 4), bridge.name,
+        f"in_port={src['ofport']},dl_src={mac(src)},dl_dst={NODE.gateway_mac},{p},nw_src={src['ip']},"
+        f"nw_dst={dst['ip']},nw_ttl=64,{p}_src=40000,{p}_dst={port}")
+    actions = [line for line in trace.splitlines() if line.startswith("Datapath actions:")][-1]
+    return actions.split(":", 1)[1].strip() != "drop"
+
+
+def mac(pod) -> str:
+    return f"0a:58:0a:f4:07:{10 + int(pod['name'][1:]):02x}"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(worlds())
+def test_ovs_verdict_equals_kubernetes_semantics(dummy_ovs, dummy_db, world):
+    require_ovs()
+    ns_labels, pods, policies, probes = world
+    bridge = Bridge(dummy_ovs, dummy_db, "pp", 6)
+    try:
+        async def install():
+            conn = await Connection.open(bridge.target)
+            realizer = Realizer(1)
+            realizer.set_object("static", pod_compiler.static_flows(NODE))
+            for p in pods:
+                port = PodPort.build(p["ns"], p["name"], p["ofport"], mac(p), p["ip"])
+                realizer.set_object(port.key, pod_compiler.pod_flows(NODE, port))
+            agent = PolicyAgent("n1", realizer, lambda: None)
+            agent.start()
+            for ns, lab in ns_labels.items():
+                agent.namespace_changed(ns, {"metadata": {"name": ns, "labels": lab}})
+            for p in pods:
+                agent.pod_changed(f"{p['ns']}/{p['name']}", {
+                    "metadata": {"namespace": p["ns"], "name": p["name"], "labels": p["labels"]},
+                    "spec": {"nodeName": "n1"}, "status": {"podIP": p["ip"]}})
+            for pol in policies:
+                agent.policy_changed(f"{pol['metadata']['namespace']}/{pol['metadata']['name']}", pol)
+            await realizer.resync(conn)
+            conn.close()
+        asyncio.run(install())
+        for s, d, (proto, port) in probes:
+            if s == d:
+                continue
+            src, dst = pods[s], pods[d]
+            want = ref_allowed(policies, src, dst, proto, port, ns_labels)
+            got = ovs_allowed(bridge, src, dst, proto, port)
+            assert got == want, (f"{src['ns']}/{src['name']} -> {dst['ns']}/{dst['name']} {proto}/{port}: OVS says "
+                                 f"{got}, Kubernetes {want}\npolicies: {policies}\npods: {pods}\nns: {ns_labels}")
+    finally:
+        bridge.delete()
