@@ -76,3 +76,17 @@ def test_flow_and_group_stats(bridge):
     assert [(s.table_id, s.priority, s.cookie) for s in flows] == [(0, 5, 0x77)]
     assert flows[0].match == flow.match
     assert [g.group_id for g in groups] == [3] and len(groups[0].bucket_packets) == 2
+
+
+def test_metered_controller_action_is_accepted_as_written(bridge):
+    """controller(...,meter_id=N) (NXAST_CONTROLLER2) with its meter, read back from OVS."""
+
+    async def go():
+        conn = await Connection.open(bridge.target)
+        conn.send(E.meter_mod(ir.Meter(7, 100, 20), conn.next_xid()))
+        flow = ir.Flow(0, 10, ir.match(proto="tcp"), (ir.Controller(max_len=128, meter_id=7), ir.Goto(1)))
+        conn.send(E.flow_mod(flow, conn.next_xid(), 0, E.OFPFC_ADD, E.InstructionCache()))
+        await conn.barrier()
+        conn.close()
+    asyncio.run(go())
+    assert any("controller(max_len=128,meter_id=7),goto_table:1" in line for line in bridge.dump_flows())

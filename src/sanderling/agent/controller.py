@@ -41,6 +41,8 @@ class NodeController:
         self.remotes: list[Remote] = []
         self._remote_flows: dict[Remote, list[Flow]] = {}
         self._wake = asyncio.Event()
+        self.packet_in_hooks: list[Callable[[int, int, bytes], None]] = []
+        self.meters: list[ir.Meter] = []  # installed after every (re)connect
         self.node = node
         self.target = target
         self.realizer = realizer
@@ -62,6 +64,11 @@ class NodeController:
         self._wake.set()
 
     def _packet_in(self, pin: Any) -> None:
+        for hook in self.packet_in_hooks:  # e.g. policy logging
+            try:
+                hook(pin.table_id, pin.cookie, pin.data)
+            except Exception:
+                log.exception("packet-in handler failed")
         if pin.table_id != PIPELINE["Reject"] or self.conn is None:
             return
         reply = reject_reply(pin.data)
@@ -69,6 +76,15 @@ class NodeController:
         if reply is None or in_port is None:
             return
         asyncio.ensure_future(self.conn.packet_out(reply, (ir.Output(ir.IN_PORT),), in_port))
+
+    async def _install_meters(self, conn: Connection) -> None:
+        from sanderling.openflow import encoder as E
+
+        for meter in self.meters:  # delete + add: the same whether or not it existed
+            conn.send(E.meter_mod(meter, conn.next_xid(), E.OFPMC_DELETE))
+            conn.send(E.meter_mod(meter, conn.next_xid(), E.OFPMC_ADD))
+        if self.meters:
+            await conn.barrier()
 
     def set_remotes(self, remotes: list[Remote]) -> None:
         """Other nodes' destinations changed (from the API): recompile them at the next refresh, now."""
@@ -161,6 +177,7 @@ class NodeController:
             try:
                 async with self._lock:
                     await self._poll_pods()
+                    await self._install_meters(conn)  # before the flows that use them
                     await self.realizer.resync(conn)
                 self.resyncs += 1
                 self.connected.set()

@@ -223,6 +223,11 @@ def policy_informers(client: Any, controller: NodeController, args: argparse.Nam
 
     agent = PolicyAgent(args.node, controller.realizer, controller.kick, asyncio.get_running_loop().call_soon, report)
     agent.start()
+    from sanderling.compiler.policy import LOG_METER, LOG_RATE_PPS
+    from sanderling.openflow.ir import Meter
+
+    controller.meters.append(Meter(LOG_METER, LOG_RATE_PPS, LOG_RATE_PPS // 5))
+    controller.packet_in_hooks.append(agent.packet_in)
     return [Informer(client, NetworkPolicy, agent.policy_changed), Informer(client, Pod, agent.pod_changed),
             Informer(client, Namespace, agent.namespace_changed, namespaced=False)]
 

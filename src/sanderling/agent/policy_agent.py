@@ -15,7 +15,9 @@ from typing import Any
 
 from sanderling.compiler import policy as compiler
 from sanderling.model.errors import ModelError
-from sanderling.model.policy import PodInfo, Policy, pod_info, policy_from
+from sanderling.model.policy import LOG_ANNOTATION, PodInfo, Policy, pod_info, policy_from
+from sanderling.openflow import cookies
+from sanderling.openflow.pipeline import PIPELINE
 from sanderling.openflow.realizer import Realizer
 
 log = logging.getLogger(__name__)
@@ -46,10 +48,17 @@ class PolicyAgent:
         self.raw_policies: dict[str, dict[str, Any]] = {}
         self.pods: dict[str, PodInfo] = {}
         self.namespace_labels: dict[str, dict[str, str]] = {}
+        self.logged_namespaces: set[str] = set()  # policy.sanderling.io/log: "true": log what is denied
+        self.rules_by_cookie: dict[int, str] = {}
         self.errors: dict[str, str] = {}
         self.rule_ids = RuleIds()
-        self._objects: set[str] = set()
         self._scheduled = False
+        self._full = True
+        self._dirty: set[str] = set()
+        self._cluster: compiler.ClusterPods | None = None
+        self._local: dict[str, list[PodInfo]] = {}  # namespace -> this node's pods with an address
+        self._selected: dict[str, dict[str, tuple[bool, bool]]] = {}  # policy -> pod -> (ingress, egress)
+        self._isolated: dict[str, tuple[bool, bool]] = {}
 
     def start(self) -> None:
         self.realizer.set_object("policy/static", compiler.static_flows())
@@ -61,7 +70,7 @@ class PolicyAgent:
             self.raw_policies.pop(key, None)
         else:
             self.raw_policies[key] = obj
-        self._mark()
+        self._mark(key)
 
     def pod_changed(self, key: str, obj: dict[str, Any] | None) -> None:
         if obj is None:
@@ -71,13 +80,22 @@ class PolicyAgent:
         self._mark()
 
     def namespace_changed(self, key: str, obj: dict[str, Any] | None) -> None:
+        self.logged_namespaces.discard(key)
         if obj is None:
             self.namespace_labels.pop(key, None)
         else:
-            self.namespace_labels[key] = dict((obj.get("metadata") or {}).get("labels") or {})
+            meta = obj.get("metadata") or {}
+            self.namespace_labels[key] = dict(meta.get("labels") or {})
+            if str((meta.get("annotations") or {}).get(LOG_ANNOTATION, "")).lower() == "true":
+                self.logged_namespaces.add(key)
         self._mark()
 
-    def _mark(self) -> None:
+    def _mark(self, policy: str | None = None) -> None:
+        """policy: only that policy changed (recompile it alone); None: pods or namespaces (all)."""
+        if policy is None:
+            self._full = True
+        else:
+            self._dirty.add(policy)
         if self.schedule is None:
             self.flush()
         elif not self._scheduled:
@@ -86,37 +104,108 @@ class PolicyAgent:
 
     # ---- compile -------------------------------------------------------------------------
 
-    def policies(self) -> list[Policy]:
-        out = []
-        for key, raw in sorted(self.raw_policies.items()):
-            try:
-                out.append(policy_from(raw))
-                self.errors.pop(key, None)
-            except ModelError as exc:
-                if self.errors.get(key) != str(exc):
-                    log.error("%s", exc)
-                    if self.report is not None:
-                        ns, _, name = key.partition("/")
-                        self.report(ns, name, str(exc))
-                self.errors[key] = str(exc)
-        return out
+    def _policy(self, key: str) -> Policy | None:
+        raw = self.raw_policies.get(key)
+        if raw is None:
+            self.errors.pop(key, None)
+            return None
+        try:
+            policy = policy_from(raw)
+            self.errors.pop(key, None)
+            return policy
+        except ModelError as exc:
+            if self.errors.get(key) != str(exc):
+                log.error("%s", exc)
+                if self.report is not None:
+                    ns, _, name = key.partition("/")
+                    self.report(ns, name, str(exc))
+            self.errors[key] = str(exc)
+            return None
 
     def flush(self) -> None:
+        """Recompile what changed: one policy after an edit (its flows, and the isolation of the pods
+        it selected or selects), everything after a pod or namespace change."""
         self._scheduled = False
-        policies = self.policies()
+        full, dirty = self._full, self._dirty
+        self._full, self._dirty = False, set()
         pods = tuple(p for p in self.pods.values() if p.ip is not None)
-        local = [p for p in pods if p.node == self.node_name]
-        cluster = compiler.ClusterPods(pods, self.namespace_labels)
-        wanted: dict[str, list[Any]] = {}
-        for policy in policies:
-            flows = compiler.policy_flows(policy, local, cluster, self.rule_ids)
-            if flows:
-                wanted[f"policy/{policy.key}"] = flows
-        for key, (pod, ingress, egress) in compiler.isolated(policies, local).items():
-            wanted[f"policy-pod/{key}"] = compiler.isolation_flows(pod, ingress, egress)
-        for gone in self._objects - wanted.keys():
-            self.realizer.remove_object(gone)
-        for key, flows in wanted.items():
-            self.realizer.set_object(key, flows)
-        self._objects = set(wanted)
+        if full or self._cluster is None:
+            self._cluster = compiler.ClusterPods(pods, dict(self.namespace_labels))
+            self._local = {}
+            for pod in pods:
+                if pod.node == self.node_name:
+                    self._local.setdefault(pod.namespace, []).append(pod)
+            dirty = set(self.raw_policies) | set(self._selected)
+        touched: set[str] = set()
+        for key in sorted(dirty):
+            policy = self._policy(key)
+            before = self._selected.pop(key, {})
+            touched |= before.keys()
+            object_key = f"policy/{key}"
+            if policy is None:
+                self.realizer.remove_object(object_key)
+                continue
+            local = self._local.get(policy.namespace, [])
+            selected = {p.key: (policy.ingress is not None, policy.egress is not None)
+                        for p in local if policy.pods.matches(p.label_map())}
+            self._selected[key] = selected
+            touched |= selected.keys()
+            self.realizer.set_object(object_key, compiler.policy_flows(policy, local, self._cluster, self.rule_ids,
+                                                                       rules_by_cookie=self.rules_by_cookie))
+        if full:
+            touched |= set(self._isolated)
+        self._update_isolation(touched)
         self.changed()
+
+    def _update_isolation(self, pod_keys: set[str]) -> None:
+        local = {p.key: p for pods in self._local.values() for p in pods}
+        for key in pod_keys:
+            ingress = any(sel.get(key, (False, False))[0] for sel in self._selected.values())
+            egress = any(sel.get(key, (False, False))[1] for sel in self._selected.values())
+            pod = local.get(key)
+            object_key = f"policy-pod/{key}"
+            if pod is None or not (ingress or egress):
+                if self._isolated.pop(key, None) is not None:
+                    self.realizer.remove_object(object_key)
+                continue
+            self._isolated[key] = (ingress, egress)
+            self.realizer.set_object(object_key, compiler.isolation_flows(
+                pod, ingress, egress, log_denied=pod.namespace in self.logged_namespaces))
+
+    # ---- logging -------------------------------------------------------------------------
+
+    def packet_in(self, table_id: int, cookie: int, data: bytes) -> None:
+        """A logged connection (rate-limited by the meter): one structured line in the agent log."""
+        if table_id not in (PIPELINE["EgressRule"], PIPELINE["IngressRule"]):
+            return
+        fields = parse_l3l4(data)
+        if fields is None:
+            return
+        src, dst, proto, sport, dport = fields
+        rule = self.rules_by_cookie.get(cookies.with_generation(cookie, 0))
+        by_ip = {str(p.ip): p.key for p in self.pods.values() if p.ip is not None}
+        verdict = "allow" if rule else "deny"
+        policy, _, rule_text = (rule or "").partition("/")
+        if rule:
+            ns_name, _, rest = rule.partition("/")
+            name, _, rule_text = rest.partition("/")
+            policy = f"{ns_name}/{name}"
+        log.info("policy-log verdict=%s policy=%s rule=%s src=%s(%s) dst=%s(%s) proto=%s port=%s", verdict,
+                 policy or "-", rule_text or "default-deny", by_ip.get(src, "-"), src, by_ip.get(dst, "-"), dst,
+                 proto, dport)
+
+
+def parse_l3l4(frame: bytes) -> tuple[str, str, str, int, int] | None:
+    """(source, destination, protocol, source port, destination port) of an Ethernet/IPv4 frame."""
+    import socket
+    import struct
+
+    if len(frame) < 34 or frame[12:14] != b"\x08\x00":
+        return None
+    ip = frame[14:]
+    ihl = (ip[0] & 0x0F) * 4
+    proto = {6: "TCP", 17: "UDP", 132: "SCTP", 1: "ICMP"}.get(ip[9], str(ip[9]))
+    sport = dport = 0
+    if proto in ("TCP", "UDP", "SCTP") and len(ip) >= ihl + 4:
+        sport, dport = struct.unpack("!HH", ip[ihl:ihl + 4])
+    return socket.inet_ntoa(ip[12:16]), socket.inet_ntoa(ip[16:20]), proto, sport, dport

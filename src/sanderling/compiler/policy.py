@@ -19,14 +19,17 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
-from sanderling.model.policy import Peer, PodInfo, Policy, PolicyPort, Rule, peer_pods, selects
+from sanderling.model.policy import Peer, PodInfo, Policy, PolicyPort, Rule, selects
 from sanderling.netlink.nodeport import port_blocks
 from sanderling.openflow import cookies, ir
 from sanderling.openflow import fields as F
 from sanderling.openflow.pipeline import PIPELINE, Pipeline
 from sanderling.openflow.registers import POLICY_ZONE
 
+LOG_METER = 1  # packet-ins for policy logging share one meter: rate-limited, never a flood
+LOG_RATE_PPS = 100
 PRIO_RULE_BASE = 1000
 PRIO_DEFAULT_DENY = 10
 PRIO_STATE = 200
@@ -35,12 +38,32 @@ RuleIds = Callable[[str], int]
 Clause = list[ir.Match]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class ClusterPods:
-    """Everything policy resolution needs from the cluster."""
+    """Everything policy resolution needs from the cluster, with pods indexed by namespace (a peer
+    names namespaces first, so resolving it never scans every pod)."""
 
     pods: tuple[PodInfo, ...]
     namespace_labels: Mapping[str, Mapping[str, str]]
+
+    @cached_property
+    def by_namespace(self) -> dict[str, list[PodInfo]]:
+        out: dict[str, list[PodInfo]] = {}
+        for pod in self.pods:
+            out.setdefault(pod.namespace, []).append(pod)
+        return out
+
+    def peer_pods(self, peer: Peer, policy_namespace: str) -> list[PodInfo]:
+        if peer.namespaces is None:
+            namespaces = [policy_namespace]
+        else:
+            namespaces = [ns for ns in self.by_namespace
+                          if peer.namespaces.matches(self.namespace_labels.get(ns, {}))]
+        out = []
+        for ns in namespaces:
+            pods = self.by_namespace.get(ns, [])
+            out += pods if peer.pods is None else [p for p in pods if peer.pods.matches(p.label_map())]
+        return out
 
 
 def static_flows(pipeline: Pipeline = PIPELINE) -> list[ir.Flow]:
@@ -56,8 +79,15 @@ def static_flows(pipeline: Pipeline = PIPELINE) -> list[ir.Flow]:
     ]
 
 
-def isolation_flows(pod: PodInfo, ingress: bool, egress: bool, pipeline: Pipeline = PIPELINE) -> list[ir.Flow]:
-    """A local pod some policy isolates: its traffic is tracked, and denied unless a rule allows it."""
+def log_action() -> ir.Controller:
+    """A copy of the packet to the agent (rate-limited by LOG_METER) for a policy log line."""
+    return ir.Controller(max_len=128, meter_id=LOG_METER)
+
+
+def isolation_flows(pod: PodInfo, ingress: bool, egress: bool, pipeline: Pipeline = PIPELINE,
+                    log_denied: bool = False) -> list[ir.Flow]:
+    """A local pod some policy isolates: its traffic is tracked, and denied unless a rule allows it
+    (logged when its namespace asks for it)."""
     assert pod.ip is not None
     cookie = cookies.cookie(cookies.Category.POLICY, f"isolated/{pod.key}")
     track = (ir.CT(zone=POLICY_ZONE, table=pipeline["PolicyState"]),)
@@ -67,10 +97,12 @@ def isolation_flows(pod: PodInfo, ingress: bool, egress: bool, pipeline: Pipelin
     # incoming one)
     flows = [ir.Flow(pipeline["PolicyConntrack"], 200, ir.match(proto="ip", nw_src=ip), track, cookie),
              ir.Flow(pipeline["PolicyConntrack"], 190, ir.match(proto="ip", nw_dst=ip), track, cookie)]
+    deny: tuple[ir.Action, ...] = (log_action(),) if log_denied else ()
     if egress:
-        flows.append(ir.Flow(pipeline["EgressRule"], PRIO_DEFAULT_DENY, ir.match(proto="ip", nw_src=ip), (), cookie))
+        flows.append(ir.Flow(pipeline["EgressRule"], PRIO_DEFAULT_DENY, ir.match(proto="ip", nw_src=ip), deny, cookie))
     if ingress:
-        flows.append(ir.Flow(pipeline["IngressRule"], PRIO_DEFAULT_DENY, ir.match(proto="ip", nw_dst=ip), (), cookie))
+        flows.append(ir.Flow(pipeline["IngressRule"], PRIO_DEFAULT_DENY, ir.match(proto="ip", nw_dst=ip), deny,
+                             cookie))
     return flows
 
 
@@ -173,8 +205,9 @@ def _rule_variants(rule: Rule, targets: list[PodInfo], peers: list[PodInfo] | No
 
 
 def policy_flows(policy: Policy, local: list[PodInfo], cluster: ClusterPods, rule_ids: RuleIds,
-                 pipeline: Pipeline = PIPELINE) -> list[ir.Flow]:
-    """Every flow one policy needs on this node (nothing if it selects no local pod)."""
+                 pipeline: Pipeline = PIPELINE, rules_by_cookie: dict[int, str] | None = None) -> list[ir.Flow]:
+    """Every flow one policy needs on this node (nothing if it selects no local pod);
+    `rules_by_cookie` is filled with cookie -> rule key (what a log line names)."""
     targets = [p for p in local if p.ip is not None and selects(policy, p)]
     if not targets:
         return []
@@ -184,7 +217,9 @@ def policy_flows(policy: Policy, local: list[PodInfo], cluster: ClusterPods, rul
             continue
         ingress = direction == "ingress"
         table = pipeline["IngressRule" if ingress else "EgressRule"]
-        allow = (ir.Goto(pipeline["PolicyCommit"] if ingress else pipeline["IngressRule"]),)
+        allow: tuple[ir.Action, ...] = (ir.Goto(pipeline["PolicyCommit"] if ingress else pipeline["IngressRule"]),)
+        if policy.log:  # the annotation asks for the connections this policy allows
+            allow = (log_action(), *allow)
         target_field, peer_field = ("nw_dst", "nw_src") if ingress else ("nw_src", "nw_dst")
         for i, rule in enumerate(rules):
             pod_peers: list[PodInfo] | None = None
@@ -195,12 +230,14 @@ def policy_flows(policy: Policy, local: list[PodInfo], cluster: ClusterPods, rul
                     if peer.cidr is not None:
                         nets += _nets(peer)
                     else:
-                        pod_peers += peer_pods(peer, policy.namespace, list(cluster.pods), cluster.namespace_labels)
+                        pod_peers += cluster.peer_pods(peer, policy.namespace)
             for variant, tgts, peers, port_clause in _rule_variants(rule, targets, pod_peers, ingress,
                                                                     list(cluster.pods)):
                 key = f"{policy.key}/{direction}/{i}/{variant}"
                 rid = rule_ids(key)
                 cookie = cookies.cookie(cookies.Category.POLICY, key)
+                if rules_by_cookie is not None:
+                    rules_by_cookie[cookie] = key
                 clauses = [_addr_matches(target_field, (p.ip for p in tgts if p.ip is not None), ())]
                 named_egress = not ingress and variant not in ("all", "ports")
                 if rule.peers or named_egress:
@@ -221,8 +258,7 @@ def cross_product_size(policy: Policy, local: list[PodInfo], cluster: ClusterPod
         for rule in rules:
             peers = 0
             for peer in rule.peers:
-                peers += len(_nets(peer)) if peer.cidr is not None else len(
-                    peer_pods(peer, policy.namespace, list(cluster.pods), cluster.namespace_labels))
+                peers += len(_nets(peer)) if peer.cidr is not None else len(cluster.peer_pods(peer, policy.namespace))
             ports = sum(len(port_blocks(int(p.port), int(p.end_port or p.port))) if isinstance(p.port, int) else 1
                         for p in rule.ports)
             total += len(targets) * max(peers, 1 if not rule.peers else 0) * max(ports, 1)

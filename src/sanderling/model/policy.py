@@ -173,20 +173,3 @@ def pod_info(raw: dict[str, Any]) -> PodInfo:
 
 def selects(policy: Policy, pod: PodInfo) -> bool:
     return pod.namespace == policy.namespace and policy.pods.matches(pod.label_map())
-
-
-def peer_pods(peer: Peer, policy_namespace: str, pods: list[PodInfo],
-              namespace_labels: Mapping[str, Mapping[str, str]]) -> list[PodInfo]:
-    """Pods a pod/namespace peer names: namespaceSelector alone -> every pod of those namespaces;
-    podSelector alone -> pods of the policy's namespace; both -> pods matching both."""
-    out = []
-    for pod in pods:
-        if peer.namespaces is not None:
-            if not peer.namespaces.matches(namespace_labels.get(pod.namespace, {})):
-                continue
-        elif pod.namespace != policy_namespace:
-            continue
-        if peer.pods is not None and not peer.pods.matches(pod.label_map()):
-            continue
-        out.append(pod)
-    return out

@@ -74,6 +74,7 @@ NXAST_OUTPUT_REG = 15
 NXAST_LEARN = 16
 NXAST_CONTROLLER = 20
 NXAST_CONJUNCTION = 34
+NXAST_CONTROLLER2 = 37
 NXAST_CT = 35
 NXAST_NAT = 36
 
@@ -179,6 +180,17 @@ def _learn_spec(spec: ir.LearnSpec) -> bytes:
     return head + src + _field_header(dst) + struct.pack("!H", dst.start)
 
 
+def _prop(kind: int, value: bytes) -> bytes:
+    """An OpenFlow property: type, length (without padding), value, padded to 8 bytes."""
+    body = struct.pack("!HH", kind, 4 + len(value)) + value
+    return body + b"\0" * (-len(body) % 8)
+
+
+def _controller2_props(action: ir.Controller) -> bytes:
+    return (_prop(0, struct.pack("!H", action.max_len)) + _prop(1, struct.pack("!H", action.controller_id))
+            + _prop(2, struct.pack("!B", action.reason)) + _prop(5, struct.pack("!I", action.meter_id)))
+
+
 def encode_action(action: ir.Action) -> bytes:
     if isinstance(action, ir.Output):
         return struct.pack("!HHIH6x", 0, 16, action.port, action.max_len or 0xFFFF)
@@ -204,6 +216,8 @@ def encode_action(action: ir.Action) -> bytes:
         return _nx(NXAST_OUTPUT_REG, struct.pack("!H", _ofs_nbits(action.src)) + _field_header(action.src)
                    + struct.pack("!H6x", action.max_len or 0xFFFF))
     if isinstance(action, ir.Controller):
+        if action.meter_id:
+            return _nx(NXAST_CONTROLLER2, b"\0" * 6 + _controller2_props(action))
         return _nx(NXAST_CONTROLLER, struct.pack("!HHBx", action.max_len, action.controller_id, action.reason))
     if isinstance(action, ir.Conjunction):
         return _nx(NXAST_CONJUNCTION, struct.pack("!BBI", action.clause - 1, action.n_clauses, action.conj_id))

@@ -363,9 +363,11 @@ class Controller:
     max_len: int = 65535
     controller_id: int = 0
     reason: int = 1
+    meter_id: int = 0  # rate-limit these packet-ins with this meter (NXAST_CONTROLLER2)
 
     def text(self) -> str:
-        return f"controller(reason=action,max_len={self.max_len},id={self.controller_id})"
+        meter = f",meter_id={self.meter_id}" if self.meter_id else ""
+        return f"controller(reason=action,max_len={self.max_len},id={self.controller_id}{meter})"
 
 
 @dataclass(frozen=True, slots=True)

@@ -101,6 +101,9 @@ class Realizer:
     def installed_flows(self) -> list[ir.Flow]:
         return [f for s in self._installed.values() for f in s.flows.values()]
 
+    def desired_state(self) -> dict[str, ObjectState]:
+        return dict(self._desired)
+
     def installed_state(self) -> dict[str, ObjectState]:
         return dict(self._installed)
 

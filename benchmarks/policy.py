@@ -1,0 +1,230 @@
+"""bench policy: 2,000 pods in 100 namespaces and 1,000 NetworkPolicies realised on one node.
+
+1. The agent's policy path (PolicyAgent fed as the informers feed it, conjunctive compiler,
+   realizer, one OpenFlow connection) programs an empty bridge (dummy datapath): `realize_s`,
+   the flow count, and what a non-conjunctive encoding would need (`cross_product_flows`).
+2. One policy edited 100 times (a port changes): each edit recompiles that policy alone and goes
+   out as one bundle; `change_p99_ms`.
+3. Throughput: iperf3 between two pods on the userspace datapath with no policy, then with the
+   1,000 policies installed and the pair selected (isolated, allowed by a rule); the ratio. The
+   ratio for a pair no policy selects (`throughput_ratio_unselected`) shows the cost of the flow
+   tables alone; the main figure includes conntrack, which isolation needs for replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import random
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+PREFIX = "slbpol"
+NAMESPACES, PODS_PER_NS, POLICIES = 100, 20, 1000
+
+
+def world(rng: random.Random) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    namespaces = {f"ns-{i}": {"metadata": {"name": f"ns-{i}", "labels": {
+        "kubernetes.io/metadata.name": f"ns-{i}", "team": f"t{i % 5}", "env": "prod" if i % 2 else "dev"}}}
+        for i in range(NAMESPACES)}
+    pods = {}
+    base = ipaddress.IPv4Address("10.200.0.10")
+    for n in range(NAMESPACES):
+        for j in range(PODS_PER_NS):
+            ns, name = f"ns-{n}", f"p{j}"
+            pods[f"{ns}/{name}"] = {
+                "metadata": {"namespace": ns, "name": name, "labels": {"app": f"a{j % 10}",
+                                                                        "role": "web" if j % 2 else "db"}},
+                "spec": {"nodeName": "n1", "containers": [{"name": "c", "ports": [
+                    {"name": "http", "containerPort": 8080 + j % 3, "protocol": "TCP"}]}]},
+                "status": {"podIP": str(base + n * PODS_PER_NS + j)}}
+    policies = []
+    for i in range(POLICIES):
+        ns = f"ns-{i % NAMESPACES}"
+        kind = i % 5
+        peers: list[dict[str, Any]] = [
+            [{"podSelector": {"matchLabels": {"role": "web"}}}],
+            [{"namespaceSelector": {"matchLabels": {"team": f"t{i % 5}"}}}],
+            [{"namespaceSelector": {"matchExpressions": [{"key": "env", "operator": "In", "values": ["prod"]}]},
+              "podSelector": {"matchLabels": {"app": f"a{i % 10}"}}}],
+            [{"ipBlock": {"cidr": "10.0.0.0/8", "except": [f"10.{rng.randrange(1, 200)}.0.0/16"]}}],
+            [{"podSelector": {"matchLabels": {"app": f"a{(i + 3) % 10}"}}}],
+        ][kind]
+        ports = [[{"protocol": "TCP", "port": 80}], [{"protocol": "TCP", "port": 8000, "endPort": 8100}],
+                 [{"protocol": "TCP", "port": "http"}], [{"protocol": "UDP", "port": 53}], []][i % 5]
+        spec: dict[str, Any] = {"podSelector": {"matchLabels": {"app": f"a{i % 10}"}},
+                                "ingress": [{"from": peers, **({"ports": ports} if ports else {})}]}
+        if i % 4 == 0:
+            spec["egress"] = [{"to": [{"namespaceSelector": {}}]}]
+            spec["policyTypes"] = ["Ingress", "Egress"]
+        policies.append({"metadata": {"namespace": ns, "name": f"np-{i}"}, "spec": spec})
+    return namespaces, pods, policies
+
+
+def _realize(progress: Callable[[str], None]) -> dict[str, Any]:
+    from sanderling.agent.main import tune_gc
+    from sanderling.agent.policy_agent import PolicyAgent
+    from sanderling.compiler import policy as compiler
+    from sanderling.model.policy import pod_info, policy_from
+    from sanderling.openflow.connection import Connection
+    from sanderling.openflow.realizer import Realizer
+    from sanderling.ovs.ovsdb import Ovsdb
+    from sanderling.ovs.runtime import OvsRuntime
+
+    tune_gc()
+    rng = random.Random(11)
+    namespaces, pods, policies = world(rng)
+    run_dir = Path(tempfile.mkdtemp(prefix="sanderling-bench-pol-"))
+    runtime = OvsRuntime(run_dir, datapath="dummy")
+    runtime.start()
+    db = Ovsdb(runtime.db_endpoint)
+    try:
+        db.ensure_bridge("pol", "dummy")
+
+        async def go() -> dict[str, Any]:
+            conn = await Connection.open(runtime.mgmt_target("pol"), timeout=10)
+            realizer = Realizer(1)
+            deferred: list[Callable[[], None]] = []
+            agent = PolicyAgent("n1", realizer, lambda: None, schedule=deferred.append)
+            progress(f"{len(pods)} pods, {len(namespaces)} namespaces, {len(policies)} policies: realize")
+            started = time.perf_counter()
+            agent.start()
+            for key, obj in namespaces.items():
+                agent.namespace_changed(key, obj)
+            for key, obj in pods.items():
+                agent.pod_changed(key, obj)
+            for pol in policies:
+                agent.policy_changed(f"{pol['metadata']['namespace']}/{pol['metadata']['name']}", pol)
+            for fn in deferred:
+                fn()
+            deferred.clear()
+            compiled = time.perf_counter()
+            result = await realizer.sync(conn)
+            await conn.barrier()
+            realized = time.perf_counter()
+            if result.failed:
+                raise RuntimeError(f"refused: {list(result.failed.items())[:1]}")
+            flows = sum(len(s.flows) for s in realizer.installed_state().values())
+            progress("100 edits of one policy, one bundle each")
+            times = []
+            target = policies[7]
+            key = f"{target['metadata']['namespace']}/{target['metadata']['name']}"
+            for n in range(100):
+                edited = json.loads(json.dumps(target))
+                edited["spec"]["ingress"][0]["ports"] = [{"protocol": "TCP", "port": 1000 + n}]
+                t0 = time.perf_counter()
+                agent.policy_changed(key, edited)
+                for fn in deferred:
+                    fn()
+                deferred.clear()
+                await realizer.sync(conn)
+                times.append((time.perf_counter() - t0) * 1000)
+            conn.close()
+            local = [pod_info(p) for p in pods.values()]
+            cluster = compiler.ClusterPods(tuple(local), {k: v["metadata"]["labels"] for k, v in namespaces.items()})
+            cross = sum(compiler.cross_product_size(policy_from(p), [x for x in local if x.namespace ==
+                                                                     p["metadata"]["namespace"]], cluster)
+                        for p in policies)
+            times.sort()
+            return {"pods": len(pods), "namespaces": len(namespaces), "policies": len(policies),
+                    "compile_s": round(compiled - started, 3), "realize_s": round(realized - started, 3),
+                    "flows": flows, "cross_product_flows": cross,
+                    "change_p50_ms": round(statistics.median(times), 2),
+                    "change_p99_ms": round(times[int(len(times) * 0.99) - 1], 2)}
+        return asyncio.run(go())
+    finally:
+        db.close()
+        runtime.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _iperf(node: Any, client: Any, server: Any, seconds: int) -> float:
+    srv = node.pod_popen(server, ["iperf3", "-s", "-1"])
+    try:
+        time.sleep(0.5)
+        out = node.pod_exec(client, ["iperf3", "-c", server.ip, "-t", str(seconds), "-J"], timeout=seconds + 30)
+        return float(json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]) / 1e9
+    finally:
+        srv.kill()
+        srv.wait()
+
+
+def _throughput(seconds: int, progress: Callable[[str], None]) -> dict[str, Any]:
+    from sanderling.agent.policy_agent import PolicyAgent
+    from sanderling.compiler import pods as pod_compiler
+    from sanderling.lab.node import LocalNode, teardown_prefix
+    from sanderling.model.network import PodPort
+    from sanderling.openflow.connection import Connection
+    from sanderling.openflow.realizer import Realizer
+
+    teardown_prefix(f"{PREFIX}-n1")
+    base = Path(tempfile.mkdtemp(prefix="sanderling-bench-pol-thr-"))
+    node = LocalNode("n1", "10.244.70.0/24", base, prefix=PREFIX)
+    namespaces, pods, policies = world(random.Random(11))
+    try:
+        node.start(agent=False)
+        a = node.add_pod("ns-0", "iperf-a", "10.244.70.10")
+        b = node.add_pod("ns-0", "iperf-b", "10.244.70.11")
+        c = node.add_pod("ns-1", "iperf-c", "10.244.70.12")
+        d = node.add_pod("ns-1", "iperf-d", "10.244.70.13")
+
+        async def install(with_policies: bool) -> None:
+            conn = await Connection.open(node.ovs.mgmt_target(node.bridge), timeout=10)
+            realizer = Realizer(1)
+            realizer.set_object("static", pod_compiler.static_flows(node.network))
+            for pod in (a, b, c, d):
+                port = PodPort.build(pod.namespace, pod.name, node.ofport(pod), pod.mac, pod.ip)
+                realizer.set_object(port.key, pod_compiler.pod_flows(node.network, port))
+            if with_policies:
+                deferred: list[Callable[[], None]] = []
+                agent = PolicyAgent("n1", realizer, lambda: None, schedule=deferred.append)
+                agent.start()
+                for key, obj in namespaces.items():
+                    agent.namespace_changed(key, obj)
+                for key, obj in pods.items():
+                    agent.pod_changed(key, {**obj, "spec": {**obj["spec"], "nodeName": "elsewhere"}})
+                for pod, app in ((a, "iperf"), (b, "iperf"), (c, "other"), (d, "other")):
+                    agent.pod_changed(f"{pod.namespace}/{pod.name}", {
+                        "metadata": {"namespace": pod.namespace, "name": pod.name, "labels": {"app": app}},
+                        "spec": {"nodeName": "n1"}, "status": {"podIP": pod.ip}})
+                for pol in policies:
+                    agent.policy_changed(f"{pol['metadata']['namespace']}/{pol['metadata']['name']}", pol)
+                agent.policy_changed("ns-0/iperf", {"metadata": {"namespace": "ns-0", "name": "iperf"}, "spec": {
+                    "podSelector": {"matchLabels": {"app": "iperf"}},
+                    "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "iperf"}}}],
+                                 "ports": [{"protocol": "TCP", "port": 5201}]}]}})
+                for fn in deferred:
+                    fn()
+            await realizer.resync(conn)
+            conn.close()
+
+        runs: dict[str, list[float]] = {"none": [], "isolated": [], "unselected": []}
+        for r in range(1, 4):
+            progress(f"round {r}/3: iperf3 {seconds}s without policies, then with the 1,000 installed")
+            asyncio.run(install(False))
+            runs["none"].append(_iperf(node, a, b, seconds))
+            asyncio.run(install(True))
+            runs["isolated"].append(_iperf(node, a, b, seconds))
+            runs["unselected"].append(_iperf(node, c, d, seconds))
+    finally:
+        node.teardown()
+        shutil.rmtree(base, ignore_errors=True)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    return {"gbps_no_policy": round(med["none"], 2), "gbps_with_policies": round(med["isolated"], 2),
+            "gbps_with_policies_unselected_pair": round(med["unselected"], 2),
+            "throughput_ratio": round(med["isolated"] / med["none"], 3),
+            "throughput_ratio_unselected": round(med["unselected"] / med["none"], 3),
+            "throughput_runs_gbps": {k: [round(x, 2) for x in v] for k, v in runs.items()}}
+
+
+def run(progress: Callable[[str], None] = lambda _m: None, seconds: int = 5, **_: Any) -> dict[str, Any]:
+    result = {"benchmark": "policy", **_realize(progress), **_throughput(seconds, progress)}
+    result["floors"] = {"realize_s": ["<=", 3], "change_p99_ms": ["<=", 100], "throughput_ratio": [">=", 0.9]}
+    return result
+
