@@ -103,16 +103,20 @@ def multi(targets: list[str], timeout: float, source_ports: tuple[int, int] | No
     """Every `proto:host:port` probed at once (threads): {target: answered}."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def one(target: str) -> bool:
+    def one(item: tuple[int, str]) -> bool:
+        index, target = item
         proto, host, port = target.split(":")
+        # with a range: target i uses source port FIRST+i (callers hand out fresh ranges, so a 5-tuple
+        # never repeats while conntrack still remembers it)
+        ports = (source_ports[0] + index, source_ports[0] + index) if source_ports else None
         try:
-            connect(proto, host, int(port), timeout, source_ports=source_ports)
+            connect(proto, host, int(port), timeout, source_ports=ports)
             return True
         except OSError:
             return False
 
     with ThreadPoolExecutor(max(1, min(64, len(targets)))) as pool:
-        return dict(zip(targets, pool.map(one, targets), strict=True))
+        return dict(zip(targets, pool.map(one, enumerate(targets)), strict=True))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     mu = sub.add_parser("multi", help="probe proto:host:port targets at once; print JSON {target: true|false}")
     mu.add_argument("targets", nargs="+")
     mu.add_argument("--timeout", type=float, default=1.0)
-    mu.add_argument("--source-ports", default="", help="FIRST-LAST: bind each probe to a random port in this range")
+    mu.add_argument("--source-ports", default="", help="FIRST-LAST: target i binds source port FIRST+i")
     args = p.parse_args(argv)
     if args.cmd == "multi":
         import json

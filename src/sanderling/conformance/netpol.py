@@ -17,6 +17,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,6 +40,8 @@ class Runner:
         self.lab = lab
         self.api: Any = KubeApi(lab.kubeconfig).client  # dynamic use of lightkube; typed loosely
         self.topology: dict[str, Any] | None = None
+        self._next_port = 10000
+        self._port_lock = threading.Lock()
         self.pods: dict[str, dict[str, Any]] = {}  # "ns/name" -> {"ip", "node", "sandbox", "vip"}
         self.order: list[str] = []
 
@@ -182,14 +185,23 @@ class Runner:
         else:
             raise ValueError(f"unknown action {kind!r}")
 
+    def _ports(self, count: int) -> int:
+        with self._port_lock:
+            if self._next_port + count > 32000:  # below the kernel's ephemeral range
+                self._next_port = 10000  # minutes later: long forgotten by conntrack
+            first = self._next_port
+            self._next_port += count
+            return first
+
     def probe_matrix(self, proto: str, port: int, to_vip: bool) -> dict[tuple[str, str], bool]:
         def client(src: str) -> dict[tuple[str, str], bool]:
             targets = {f"{proto.lower()}:{self.pods[dst]['vip' if to_vip else 'ip']}:{port}": dst
                        for dst in self.order if dst != src}
-            # the two views use disjoint source ports: a direct connection reusing the 4-tuple of a
-            # recent connection through the Service would meet that connection's conntrack entry (its
-            # reply tuple is the same) and fail, an artefact of the probing, as it would with kube-proxy
-            ports = "20000-39999" if to_vip else "40000-59999"
+            # every probe of the run gets a source port of its own: a 5-tuple reused while conntrack
+            # still remembers an earlier connection (in the DNAT or the policy zone) would be taken
+            # for that connection, an artefact of the probing
+            first = self._ports(len(targets))
+            ports = f"{first}-{first + len(targets) - 1}"
             out = subprocess.run(["ip", "netns", "exec", self.pods[src]["sandbox"], sys.executable, "-m",
                                   "sanderling.probe", "multi", *targets, "--timeout", "1", "--source-ports", ports],
                                  capture_output=True, text=True, timeout=60)
