@@ -13,8 +13,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from sanderling.agent.object_errors import ObjectErrors
 from sanderling.compiler import policy as compiler
-from sanderling.model.errors import ModelError
 from sanderling.model.policy import LOG_ANNOTATION, PodInfo, Policy, pod_info, policy_from
 from sanderling.openflow import cookies
 from sanderling.openflow.pipeline import PIPELINE
@@ -44,13 +44,12 @@ class PolicyAgent:
         self.realizer = realizer
         self.changed = changed
         self.schedule = schedule
-        self.report = report
         self.raw_policies: dict[str, dict[str, Any]] = {}
         self.pods: dict[str, PodInfo] = {}
         self.namespace_labels: dict[str, dict[str, str]] = {}
         self.logged_namespaces: set[str] = set()  # policy.sanderling.io/log: "true": log what is denied
         self.rules_by_cookie: dict[int, str] = {}
-        self.errors: dict[str, str] = {}
+        self._errors = ObjectErrors(report)
         self.rule_ids = RuleIds()
         self._scheduled = False
         self._full = True
@@ -105,22 +104,7 @@ class PolicyAgent:
     # ---- compile -------------------------------------------------------------------------
 
     def _policy(self, key: str) -> Policy | None:
-        raw = self.raw_policies.get(key)
-        if raw is None:
-            self.errors.pop(key, None)
-            return None
-        try:
-            policy = policy_from(raw)
-            self.errors.pop(key, None)
-            return policy
-        except ModelError as exc:
-            if self.errors.get(key) != str(exc):
-                log.error("%s", exc)
-                if self.report is not None:
-                    ns, _, name = key.partition("/")
-                    self.report(ns, name, str(exc))
-            self.errors[key] = str(exc)
-            return None
+        return self._errors.convert(key, self.raw_policies.get(key), policy_from)
 
     def flush(self) -> None:
         """Recompile what changed: one policy after an edit (its flows, and the isolation of the pods

@@ -15,8 +15,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from sanderling.agent.object_errors import ObjectErrors
 from sanderling.compiler import services as compiler
-from sanderling.model.errors import ModelError
 from sanderling.model.services import SERVICE_NAME_LABEL, Service, endpoints_from, service_from, usable
 from sanderling.openflow.realizer import Realizer
 
@@ -62,11 +62,10 @@ class ServiceProxy:
         self._flush_scheduled = False
         self.realizer = realizer
         self.changed = changed
-        self.report = report  # (namespace, name, message) -> Event on the Service
         self.raw_services: dict[str, dict[str, Any]] = {}
         self.slices: dict[str, dict[str, dict[str, Any]]] = {}  # service key -> slice name -> slice
         self.slice_owner: dict[str, str] = {}  # slice key -> service key
-        self.errors: dict[str, str] = {}
+        self._errors = ObjectErrors(report)
         self.group_ids = GroupIds()
         self.shared_refs: Counter[str] = Counter()  # shared object key -> services needing it
         self.shared_of: dict[str, set[str]] = {}
@@ -153,22 +152,7 @@ class ServiceProxy:
             self.health.pop(key, None)
 
     def _model(self, key: str) -> Service | None:
-        raw = self.raw_services.get(key)
-        if raw is None:
-            self.errors.pop(key, None)
-            return None
-        try:
-            svc = service_from(raw)
-            self.errors.pop(key, None)
-            return svc
-        except ModelError as exc:
-            if self.errors.get(key) != str(exc):
-                log.error("%s", exc)
-                if self.report is not None:
-                    ns, _, name = key.partition("/")
-                    self.report(ns, name, str(exc))
-            self.errors[key] = str(exc)
-            return None
+        return self._errors.convert(key, self.raw_services.get(key), service_from)
 
     def _set_shared(self, key: str, now: set[str]) -> None:
         before = self.shared_of.get(key, set())

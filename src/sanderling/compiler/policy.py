@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from sanderling.model.policy import Peer, PodInfo, Policy, PolicyPort, Rule, selects
-from sanderling.netlink.nodeport import port_blocks
 from sanderling.openflow import cookies, ir
 from sanderling.openflow import fields as F
 from sanderling.openflow.pipeline import PIPELINE, Pipeline
 from sanderling.openflow.registers import POLICY_ZONE
+from sanderling.portrange import port_blocks
 
 LOG_METER = 1  # packet-ins for policy logging share one meter: rate-limited, never a flood
 LOG_RATE_PPS = 100

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sanderling.lab import endpointslices
-from sanderling.lab.apiserver.server import serve
+from sanderling.lab.apiserver.server import listen, serve
 from sanderling.lab.apiserver.store import ApiError, Store, WatchEvent
 from sanderling.lab.kubelet import Kubelet, NodeRuntime
 from sanderling.netlink import netns
@@ -189,11 +189,7 @@ class ControlPlane:
 
 def _listen(spec: str) -> socket.socket:
     host, _, port = spec.rpartition(":")
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, int(port)))
-    sock.listen(256)
-    return sock
+    return listen(host, int(port))
 
 
 async def main_async(args: argparse.Namespace) -> int:

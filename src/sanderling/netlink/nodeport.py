@@ -14,6 +14,7 @@ import subprocess
 from functools import partial
 
 from sanderling.netlink.netns import ipr, netns_path, run_in_netns
+from sanderling.portrange import port_blocks
 
 PROTOS = ("tcp", "udp", "sctp")
 PROTO_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132}
@@ -38,19 +39,6 @@ def interface_of(netns: str | None, address: str) -> tuple[str, str]:
                 link = h.get_links(addr["index"])[0]
                 return link.get_attr("IFLA_IFNAME"), link.get_attr("IFLA_ADDRESS")
     raise SteeringError(f"no interface holds {address} in {netns or 'this namespace'}")
-
-
-def port_blocks(first: int, last: int) -> list[tuple[int, int]]:
-    """[first, last] as (value, mask) blocks, the way u32 matches a port range."""
-    blocks = []
-    port = first
-    while port <= last:
-        size = 1
-        while port % (size * 2) == 0 and port + size * 2 - 1 <= last:
-            size *= 2
-        blocks.append((port, 0xFFFF & ~(size - 1)))
-        port += size
-    return blocks
 
 
 def steer(netns: str | None, ifname: str, address: str, bridge: str, ports: tuple[int, int] = (30000, 32767),

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import socket
 import sys
 from pathlib import Path
 
-from sanderling.lab.apiserver.server import serve
+from sanderling.lab.apiserver.server import listen, serve
 from sanderling.lab.apiserver.store import Store
 from sanderling.process import until_signalled
 
@@ -37,11 +36,7 @@ current-context: {name}
 
 async def main_async(args: argparse.Namespace) -> int:
     store = Store(args.db)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((args.host, args.port))
-    sock.listen(256)
-    runner = await serve(store, [sock], args.bookmark_interval)
+    runner = await serve(store, [listen(args.host, args.port)], args.bookmark_interval)
     if args.kubeconfig:
         write_kubeconfig(args.kubeconfig, f"http://{args.host}:{args.port}")
     await until_signalled()

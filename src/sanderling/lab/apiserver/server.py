@@ -306,6 +306,15 @@ class ApiServer:
         return response
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A bound, listening TCP socket (bound early: it stays in the namespace it was made in)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(256)
+    return sock
+
+
 async def serve(store: Store, sockets: list[socket.socket], bookmark_interval: float = 5.0) -> web.AppRunner:
     """Serve on already bound sockets (they may belong to different network namespaces)."""
     server = ApiServer(store, bookmark_interval)

@@ -1,0 +1,40 @@
+"""Per-object model errors, reported once per distinct problem (a log line and a Kubernetes Event).
+
+Informers resend objects on every relist and update; an object that stays broken must not flood
+the log or the Events, and one that gets fixed must be reported again if it breaks again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from sanderling.model.errors import ModelError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class ObjectErrors:
+    def __init__(self, report: Callable[[str, str, str], None] | None = None) -> None:
+        self.report = report  # (namespace, name, message) -> Event on the object
+        self.errors: dict[str, str] = {}
+
+    def convert(self, key: str, raw: dict[str, Any] | None, build: Callable[[dict[str, Any]], T]) -> T | None:
+        """build(raw), or None when the object is absent or refused (reported once per message)."""
+        if raw is None:
+            self.errors.pop(key, None)
+            return None
+        try:
+            out = build(raw)
+            self.errors.pop(key, None)
+            return out
+        except ModelError as exc:
+            if self.errors.get(key) != str(exc):
+                log.error("%s", exc)
+                if self.report is not None:
+                    ns, _, name = key.partition("/")
+                    self.report(ns, name, str(exc))
+            self.errors[key] = str(exc)
+            return None
