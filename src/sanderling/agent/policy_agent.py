@@ -1,10 +1,11 @@
 """NetworkPolicy enforcement state: policies, pods and namespaces in, realizer objects out.
 
 Informers feed the three kinds; a burst of changes is compiled once (scheduled on the event
-loop). Each policy is one realizer object and each isolated local pod another, so the realizer
-sends only what a change really alters (relabelling a pod touches the policies whose peers or
-targets it enters or leaves). A policy the model refuses is reported once (log line and a
-Kubernetes Event) and left out; the others keep working.
+loop). Each policy's own flows are one realizer object, each clause flow that policies share is
+another (SharedFlows merges them), each isolated local pod another, so the realizer sends only
+what a change really alters (an edit rewrites the shared flows whose conjunctions it changed).
+A policy the model refuses is reported once (log line and a Kubernetes Event) and left out; the
+others keep working.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from sanderling.agent.object_errors import ObjectErrors
 from sanderling.compiler import policy as compiler
+from sanderling.compiler.shared_flows import SharedFlows
 from sanderling.model.policy import LOG_ANNOTATION, PodInfo, Policy, pod_info, policy_from
 from sanderling.openflow import cookies
 from sanderling.openflow.pipeline import PIPELINE
@@ -51,6 +53,7 @@ class PolicyAgent:
         self.rules_by_cookie: dict[int, str] = {}
         self._errors = ObjectErrors(report)
         self.rule_ids = RuleIds()
+        self.shared = SharedFlows()
         self._scheduled = False
         self._full = True
         self._dirty: set[str] = set()
@@ -128,14 +131,24 @@ class PolicyAgent:
             object_key = f"policy/{key}"
             if policy is None:
                 self.realizer.remove_object(object_key)
+                self.shared.remove(key)
                 continue
             local = self._local.get(policy.namespace, [])
             selected = {p.key: (policy.ingress is not None, policy.egress is not None)
                         for p in local if policy.pods.matches(p.label_map())}
             self._selected[key] = selected
             touched |= selected.keys()
-            self.realizer.set_object(object_key, compiler.policy_flows(policy, local, self._cluster, self.rule_ids,
-                                                                       rules_by_cookie=self.rules_by_cookie))
+            compiled = compiler.compile_policy(policy, local, self._cluster, self.rule_ids,
+                                               rules_by_cookie=self.rules_by_cookie)
+            self.realizer.set_object(object_key, compiled.flows)
+            self.shared.update(key, compiled.shared)
+        for fk, flow in self.shared.take_dirty().items():
+            name = self.shared.object_name(fk)
+            if flow is None:
+                self.realizer.remove_object(name)
+                self.shared.release(fk)
+            else:
+                self.realizer.set_object(name, (flow,))
         if full:
             touched |= set(self._isolated)
         self._update_isolation(touched)

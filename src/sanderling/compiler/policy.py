@@ -3,10 +3,13 @@
 Per rule, up to three clauses: the local pods the policy selects (destination for ingress,
 source for egress), the peers (pod addresses, namespaces' pods, ipBlocks with their excepts
 cut out) and the ports (numbers, ranges as masked blocks, named ports resolved per pod). Each
-clause is one flow per value with `conjunction(id, k/n)`, so the flow count grows with the sum
-of pods, peers and ports, not their product; a rule with one clause is plain flows. Every rule
-has its own priority, so rules never share a flow and each policy is one realizer object
-(stable ids per rule keep an edit from renumbering the others). The rule id is in the cookie.
+clause value is one flow carrying `conjunction(id, k/n)`, so the flow count grows with the sum
+of pods, peers and ports, not their product. Every conjunctive rule sits at one priority, so the
+flow for a value (say, a pod address as source) is shared: it carries the conjunction actions of
+every rule whose clause holds it, and an address set named by a thousand rules is still one
+flow per address (SharedFlows merges what each policy contributes). A rule with one clause is
+plain allow flows one priority above (OpenFlow does not mix the two kinds at one priority). The
+rule key is in the cookie of its `conj_id` flow (stable ids per rule: an edit renumbers nothing).
 
 Isolation: a pod selected by any policy for a direction is isolated for it; its traffic goes
 through conntrack (policy zone). Established and related packets pass; a new connection passes
@@ -16,8 +19,10 @@ rule of the destination allows it; then it is committed, so replies always pass.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import ipaddress
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -30,30 +35,70 @@ from sanderling.portrange import port_blocks
 
 LOG_METER = 1  # packet-ins for policy logging share one meter: rate-limited, never a flood
 LOG_RATE_PPS = 100
-PRIO_RULE_BASE = 1000
+PRIO_CONJ = 1000  # every conjunctive rule: rules share clause flows, one flow per match
+PRIO_DIRECT = 1001  # single-clause rules (plain flows cannot share a priority with conjunction ones)
 PRIO_DEFAULT_DENY = 10
 PRIO_STATE = 200
 
 RuleIds = Callable[[str], int]
-Clause = list[ir.Match]
+FlowKey = tuple[int, int, ir.Match]  # (table, priority, match): what OpenFlow calls the same flow
+
+
+class Clause:
+    """The values of one clause (canonical order), hashed once: address sets of thousands of pods
+    are dictionary keys, looked up once per rule that names them."""
+
+    __slots__ = ("matches", "_hash")
+
+    def __init__(self, matches: Iterable[ir.Match]) -> None:
+        self.matches = tuple(matches)
+        self._hash = hash(self.matches)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if not isinstance(other, Clause):
+            return NotImplemented
+        return self._hash == other._hash and self.matches == other.matches
+
+    def __len__(self) -> int:
+        return len(self.matches)
+
+    def __iter__(self) -> Iterator[ir.Match]:
+        return iter(self.matches)
+
+
+SetKey = tuple[int, int, Clause]  # (table, priority, clause): the values rules share, as one key
+SHARED_COOKIE = cookies.cookie(cookies.Category.POLICY, "shared-clauses")
 
 
 @dataclass(frozen=True)
 class ClusterPods:
     """Everything policy resolution needs from the cluster, with pods indexed by namespace (a peer
-    names namespaces first, so resolving it never scans every pod)."""
+    names namespaces first, so resolving it never scans every pod) and each distinct peer resolved
+    once (a thousand policies name a few dozen distinct peers)."""
 
     pods: tuple[PodInfo, ...]
     namespace_labels: Mapping[str, Mapping[str, str]]
+    _peers: dict[tuple[Peer, str], list[PodInfo]] = dataclasses.field(default_factory=dict, compare=False)
+    _clauses: dict[tuple[str, tuple[Peer, ...], str], Clause] = dataclasses.field(default_factory=dict,
+                                                                                   compare=False)
 
     @cached_property
-    def by_namespace(self) -> dict[str, list[PodInfo]]:
-        out: dict[str, list[PodInfo]] = {}
+    def by_namespace(self) -> dict[str, list[tuple[PodInfo, dict[str, str]]]]:
+        out: dict[str, list[tuple[PodInfo, dict[str, str]]]] = {}
         for pod in self.pods:
-            out.setdefault(pod.namespace, []).append(pod)
+            out.setdefault(pod.namespace, []).append((pod, pod.label_map()))
         return out
 
     def peer_pods(self, peer: Peer, policy_namespace: str) -> list[PodInfo]:
+        key = (peer, policy_namespace if peer.namespaces is None else "")
+        cached = self._peers.get(key)
+        if cached is not None:
+            return cached
         if peer.namespaces is None:
             namespaces = [policy_namespace]
         else:
@@ -62,8 +107,25 @@ class ClusterPods:
         out = []
         for ns in namespaces:
             pods = self.by_namespace.get(ns, [])
-            out += pods if peer.pods is None else [p for p in pods if peer.pods.matches(p.label_map())]
+            out += [p for p, labels in pods if peer.pods is None or peer.pods.matches(labels)]
+        self._peers[key] = out
         return out
+
+    def peers_clause(self, field: str, peers: tuple[Peer, ...], policy_namespace: str) -> Clause:
+        """The address clause of a rule's peers, built once per distinct peer list: a thousand
+        rules naming the same namespaces share one tuple, hence one address set."""
+        key = (field, peers, policy_namespace)
+        clause = self._clauses.get(key)
+        if clause is None:
+            ips: list[ipaddress.IPv4Address] = []
+            nets: list[ipaddress.IPv4Network] = []
+            for peer in peers:
+                if peer.cidr is not None:
+                    nets += _nets(peer)
+                else:
+                    ips += (p.ip for p in self.peer_pods(peer, policy_namespace) if p.ip is not None)
+            clause = self._clauses[key] = _addr_matches(field, ips, nets)
+        return clause
 
 
 def static_flows(pipeline: Pipeline = PIPELINE) -> list[ir.Flow]:
@@ -134,12 +196,19 @@ def _nets(peer: Peer) -> list[ipaddress.IPv4Network]:
     return nets
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _addr_match(field: str, value: int, mask: int | None) -> ir.Match:
+    """One address match, built once: the same pod is in the clauses of many rules, and an
+    interned match makes every dictionary lookup of a shared flow an identity hit."""
+    return ir.Match.from_items([("dl_type", 0x0800, None), (field, value, mask)])
+
+
 def _addr_matches(field: str, ips: Iterable[ipaddress.IPv4Address], nets: Iterable[ipaddress.IPv4Network]) -> Clause:
-    items: set[tuple[int, int | None]] = {(int(ip), None) for ip in ips}
+    """Canonical (sorted) address matches, so equal sets are equal keys."""
+    items: set[tuple[int, int]] = {(int(ip), 0xFFFFFFFF) for ip in ips}
     for net in nets:
-        items.add((int(net.network_address), None if net.prefixlen == 32 else int(net.netmask)))
-    ordered = sorted(items, key=lambda vm: (vm[0], 0xFFFFFFFF if vm[1] is None else vm[1]))
-    return [ir.Match.from_items([("dl_type", 0x0800, None), (field, value, mask)]) for value, mask in ordered]
+        items.add((int(net.network_address), int(net.netmask)))
+    return Clause(_addr_match(field, value, None if mask == 0xFFFFFFFF else mask) for value, mask in sorted(items))
 
 
 def _port_matches(protocol: str, numbers: list[tuple[int, int]]) -> Clause:
@@ -148,11 +217,8 @@ def _port_matches(protocol: str, numbers: list[tuple[int, int]]) -> Clause:
     assert nw_proto is not None
     tp_dst = F.TRANSPORT_FIELDS[nw_proto][1]
     base = [("dl_type", dl_type, None), ("nw_proto", nw_proto, None)]
-    out = []
-    for first, last in numbers:
-        for value, mask in port_blocks(first, last):
-            out.append(ir.Match.from_items([*base, (tp_dst, value, None if mask == 0xFFFF else mask)]))
-    return out
+    return Clause(ir.Match.from_items([*base, (tp_dst, value, None if mask == 0xFFFF else mask)])
+                  for first, last in numbers for value, mask in port_blocks(first, last))
 
 
 def _proto_only(protocol: str) -> ir.Match:
@@ -161,25 +227,55 @@ def _proto_only(protocol: str) -> ir.Match:
     return ir.Match.from_items([("dl_type", dl_type, None), ("nw_proto", nw_proto, None)])
 
 
-def _conjunctive(table: int, prio: int, conj_id: int, clauses: list[Clause], allow: tuple[ir.Action, ...],
-                 cookie: int) -> list[ir.Flow]:
+@dataclass(frozen=True, slots=True)
+class DirectAllow:
+    """A single-clause rule's share of a shared flow: it allows on its own (no conjunction)."""
+
+    rule: str
+    cookie: int
+    actions: tuple[ir.Action, ...]
+    log: bool
+
+
+Share = ir.Conjunction | DirectAllow
+
+
+@dataclass
+class CompiledPolicy:
+    """A policy on this node: its own flows (one `conj_id` flow per conjunctive rule) and its shares
+    of the clause flows every policy contributes to (see SharedFlows)."""
+
+    flows: list[ir.Flow] = dataclasses.field(default_factory=list)
+    shared: dict[SetKey, tuple[Share, ...]] = dataclasses.field(default_factory=dict)
+
+
+def _add_shares(shared: dict[SetKey, tuple[Share, ...]], table: int, prio: int, clause: Clause,
+                share: Share) -> None:
+    key = (table, prio, clause)
+    shared[key] = (*shared.get(key, ()), share)
+
+
+def _rule(out: CompiledPolicy, table: int, rule: str, conj_id: int, clauses: list[Clause],
+          allow: tuple[ir.Action, ...], log: bool) -> None:
     if any(not c for c in clauses):
-        return []  # a clause with no value: the rule allows nothing
+        return  # a clause with no value: the rule allows nothing
+    cookie = cookies.cookie(cookies.Category.POLICY, rule)
     if len(clauses) == 1:
-        return [ir.Flow(table, prio, m, allow, cookie) for m in clauses[0]]
+        _add_shares(out.shared, table, PRIO_DIRECT, clauses[0], DirectAllow(rule, cookie, allow, log))
+        return
     n = len(clauses)
-    flows = [ir.Flow(table, prio, ir.Match.from_items([("conj_id", conj_id, None)]), allow, cookie)]
+    out.flows.append(ir.Flow(table, PRIO_CONJ, ir.Match.from_items([("conj_id", conj_id, None)]), allow, cookie))
     for k, clause in enumerate(clauses, start=1):
-        flows += [ir.Flow(table, prio, m, (ir.Conjunction(conj_id, k, n),), cookie) for m in clause]
-    return flows
+        _add_shares(out.shared, table, PRIO_CONJ, clause, ir.Conjunction(conj_id, k, n))
 
 
 def _rule_variants(rule: Rule, targets: list[PodInfo], peers: list[PodInfo] | None, ingress: bool,
-                   everyone: list[PodInfo]) -> list[tuple[str, list[PodInfo], list[PodInfo] | None, Clause | None]]:
+                   everyone: Iterable[PodInfo]) -> list[tuple[str, list[PodInfo], list[PodInfo] | None,
+                                                                Clause | None]]:
     """Split a rule by named-port resolution: (variant, targets, pod peers, port clause or None=any)."""
     if not rule.ports:
         return [("all", targets, peers, None)]
-    plain: Clause = []
+    plain: list[ir.Match] = []
     named: dict[tuple[str, int], list[PodInfo]] = {}  # (protocol, number) -> pods it resolves on
     for port in rule.ports:
         if isinstance(port.port, str):
@@ -194,7 +290,7 @@ def _rule_variants(rule: Rule, targets: list[PodInfo], peers: list[PodInfo] | No
             plain += _port_matches(port.protocol, [(int(port.port), int(port.end_port or port.port))])
     variants: list[tuple[str, list[PodInfo], list[PodInfo] | None, Clause | None]] = []
     if plain:
-        variants.append(("ports", targets, peers, plain))
+        variants.append(("ports", targets, peers, Clause(dict.fromkeys(plain))))
     for (proto, number), pods in sorted(named.items(), key=lambda kv: kv[0]):
         clause = _port_matches(proto, [(number, number)])
         if ingress:
@@ -204,14 +300,14 @@ def _rule_variants(rule: Rule, targets: list[PodInfo], peers: list[PodInfo] | No
     return variants
 
 
-def policy_flows(policy: Policy, local: list[PodInfo], cluster: ClusterPods, rule_ids: RuleIds,
-                 pipeline: Pipeline = PIPELINE, rules_by_cookie: dict[int, str] | None = None) -> list[ir.Flow]:
-    """Every flow one policy needs on this node (nothing if it selects no local pod);
-    `rules_by_cookie` is filled with cookie -> rule key (what a log line names)."""
+def compile_policy(policy: Policy, local: list[PodInfo], cluster: ClusterPods, rule_ids: RuleIds,
+                   pipeline: Pipeline = PIPELINE, rules_by_cookie: dict[int, str] | None = None) -> CompiledPolicy:
+    """What one policy needs on this node (nothing if it selects no local pod); `rules_by_cookie` is
+    filled with cookie -> rule key (what a log line names)."""
+    out = CompiledPolicy()
     targets = [p for p in local if p.ip is not None and selects(policy, p)]
     if not targets:
-        return []
-    flows: list[ir.Flow] = []
+        return out
     for direction, rules in (("ingress", policy.ingress), ("egress", policy.egress)):
         if not rules:
             continue
@@ -223,31 +319,35 @@ def policy_flows(policy: Policy, local: list[PodInfo], cluster: ClusterPods, rul
         target_field, peer_field = ("nw_dst", "nw_src") if ingress else ("nw_src", "nw_dst")
         for i, rule in enumerate(rules):
             pod_peers: list[PodInfo] | None = None
-            nets: list[ipaddress.IPv4Network] = []
             if rule.peers:
                 pod_peers = []
                 for peer in rule.peers:
-                    if peer.cidr is not None:
-                        nets += _nets(peer)
-                    else:
+                    if peer.cidr is None:
                         pod_peers += cluster.peer_pods(peer, policy.namespace)
-            for variant, tgts, peers, port_clause in _rule_variants(rule, targets, pod_peers, ingress,
-                                                                    list(cluster.pods)):
+            for variant, tgts, peers, port_clause in _rule_variants(rule, targets, pod_peers, ingress, cluster.pods):
                 key = f"{policy.key}/{direction}/{i}/{variant}"
-                rid = rule_ids(key)
-                cookie = cookies.cookie(cookies.Category.POLICY, key)
                 if rules_by_cookie is not None:
-                    rules_by_cookie[cookie] = key
+                    rules_by_cookie[cookies.cookie(cookies.Category.POLICY, key)] = key
                 clauses = [_addr_matches(target_field, (p.ip for p in tgts if p.ip is not None), ())]
-                named_egress = not ingress and variant not in ("all", "ports")
-                if rule.peers or named_egress:
-                    peer_nets = [] if named_egress else nets
-                    clauses.append(_addr_matches(peer_field, (p.ip for p in peers or [] if p.ip is not None),
-                                                 peer_nets))
+                if not ingress and variant not in ("all", "ports"):
+                    # a named port resolved on some destination pods: those pods are the peers
+                    clauses.append(_addr_matches(peer_field, (p.ip for p in peers or [] if p.ip is not None), ()))
+                elif rule.peers:
+                    clauses.append(cluster.peers_clause(peer_field, rule.peers, policy.namespace))
                 if port_clause is not None:
                     clauses.append(port_clause)
-                flows += _conjunctive(table, PRIO_RULE_BASE + rid, rid, clauses, allow, cookie)
-    return flows
+                _rule(out, table, key, rule_ids(key), clauses, allow, policy.log)
+    return out
+
+
+def merged(priority: int, shares: Iterable[Share]) -> tuple[tuple[ir.Action, ...], int]:
+    """(actions, cookie) of a flow that several rules share: all their conjunction actions, or (a
+    value some rule allows on its own) one allow, naming a rule that logs if any does."""
+    if priority == PRIO_CONJ:
+        conj = sorted({s for s in shares if isinstance(s, ir.Conjunction)}, key=lambda c: (c.conj_id, c.clause))
+        return tuple(conj), SHARED_COOKIE
+    best = min((s for s in shares if isinstance(s, DirectAllow)), key=lambda d: (not d.log, d.rule))
+    return best.actions, best.cookie
 
 
 def cross_product_size(policy: Policy, local: list[PodInfo], cluster: ClusterPods) -> int:
