@@ -2,7 +2,8 @@
 
 1. The agent's policy path (PolicyAgent fed as the informers feed it, conjunctive compiler,
    realizer, one OpenFlow connection) programs an empty bridge (dummy datapath): `realize_s`,
-   the flow count, and what a non-conjunctive encoding would need (`cross_product_flows`).
+   the flow count, and what a non-conjunctive encoding would need (`cross_product_flows`);
+   `address_sets` distinct clause value sets the rules share, `conjunction_actions` in all.
 2. One policy edited 100 times (a port changes): each edit recompiles that policy alone and goes
    out as one bundle; `change_p99_ms`.
 3. Throughput: iperf3 between two pods on the userspace datapath with no policy, then with the
@@ -72,6 +73,7 @@ def _realize(progress: Callable[[str], None]) -> dict[str, Any]:
     from sanderling.agent.policy_agent import PolicyAgent
     from sanderling.compiler import policy as compiler
     from sanderling.model.policy import pod_info, policy_from
+    from sanderling.openflow import ir
     from sanderling.openflow.connection import Connection
     from sanderling.openflow.realizer import Realizer
     from sanderling.ovs.ovsdb import Ovsdb
@@ -110,7 +112,9 @@ def _realize(progress: Callable[[str], None]) -> dict[str, Any]:
             realized = time.perf_counter()
             if result.failed:
                 raise RuntimeError(f"refused: {list(result.failed.items())[:1]}")
-            flows = sum(len(s.flows) for s in realizer.installed_state().values())
+            installed = [f for s in realizer.installed_state().values() for f in s.flows.values()]
+            conj_per_flow = [sum(isinstance(a, ir.Conjunction) for a in f.actions) for f in installed]
+            shared_sets = agent.shared.set_count()
             progress("100 edits of one policy, one bundle each")
             times = []
             target = policies[7]
@@ -134,7 +138,8 @@ def _realize(progress: Callable[[str], None]) -> dict[str, Any]:
             times.sort()
             return {"pods": len(pods), "namespaces": len(namespaces), "policies": len(policies),
                     "compile_s": round(compiled - started, 3), "realize_s": round(realized - started, 3),
-                    "flows": flows, "cross_product_flows": cross,
+                    "flows": len(installed), "cross_product_flows": cross, "address_sets": shared_sets,
+                    "conjunction_actions": sum(conj_per_flow), "max_conjunctions_per_flow": max(conj_per_flow),
                     "change_p50_ms": round(statistics.median(times), 2),
                     "change_p99_ms": round(times[int(len(times) * 0.99) - 1], 2)}
         return asyncio.run(go())

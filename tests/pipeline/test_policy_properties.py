@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+from unittest import mock
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sanderling.agent.policy_agent import PolicyAgent
 from sanderling.compiler import pods as pod_compiler
+from sanderling.compiler import policy as policy_compiler
 from sanderling.model.network import NodeNetwork, PodPort
 from sanderling.openflow import ir
 from sanderling.openflow.connection import Connection
@@ -27,6 +29,7 @@ NODE = NodeNetwork.build("n1", "10.244.7.0/24")
 NAMESPACES = ("x", "y")
 LABEL_VALUES = {"app": ("a", "b"), "tier": ("1", "2")}
 PORTS = (("TCP", 80), ("TCP", 81), ("UDP", 80))
+ONE_TIER = policy_compiler.CONJ_TIER_RULES  # the default: every conjunctive rule of a test at one priority
 
 # ---- the reference: Kubernetes semantics from the raw objects ------------------------------
 
@@ -188,11 +191,14 @@ def mac(pod) -> str:
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(worlds())
-def test_ovs_verdict_equals_kubernetes_semantics(dummy_ovs, dummy_db, world):
+@given(worlds(), st.sampled_from([ONE_TIER, 2]))
+def test_ovs_verdict_equals_kubernetes_semantics(dummy_ovs, dummy_db, world, tier_rules):
+    """tier_rules 2: rules spread over several conjunction priorities, as past 2,000 rules."""
     require_ovs()
     ns_labels, pods, policies, probes = world
     bridge = Bridge(dummy_ovs, dummy_db, "pp", 6)
+    tiers = mock.patch.object(policy_compiler, "CONJ_TIER_RULES", tier_rules)
+    tiers.start()
     try:
         async def install():
             conn = await Connection.open(bridge.target)
@@ -234,7 +240,8 @@ def test_ovs_verdict_equals_kubernetes_semantics(dummy_ovs, dummy_db, world):
                 once.policy_changed(f"{pol['metadata']['namespace']}/{pol['metadata']['name']}", pol)
             for fn in batch:
                 fn()
-            assert policy_flows(realizer, agent) == policy_flows(scratch, once)
+            if tier_rules == ONE_TIER:  # with several tiers the numbering also decides what is shared
+                assert policy_flows(realizer, agent) == policy_flows(scratch, once)
         asyncio.run(install())
         for s, d, (proto, port) in probes:
             if s == d:
@@ -245,4 +252,5 @@ def test_ovs_verdict_equals_kubernetes_semantics(dummy_ovs, dummy_db, world):
             assert got == want, (f"{src['ns']}/{src['name']} -> {dst['ns']}/{dst['name']} {proto}/{port}: OVS says "
                                  f"{got}, Kubernetes {want}\npolicies: {policies}\npods: {pods}\nns: {ns_labels}")
     finally:
+        tiers.stop()
         bridge.delete()

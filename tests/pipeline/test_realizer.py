@@ -221,3 +221,30 @@ def test_change_made_while_a_bundle_is_in_flight_is_not_lost(bridge):
     moved = asyncio.run(go())
     assert any(f"in_port={moved.ofport} " in line for line in bridge.dump_flows())
     assert not any("in_port=1 " in line for line in bridge.dump_flows())
+
+
+def test_a_flow_too_large_for_openflow_is_reported_for_its_object_only(bridge):
+    """A flow no 64 KiB message can carry (5,000 conjunction actions) fails its own object, in an
+    incremental sync and in a resync; the connection and every other object keep working."""
+    huge = [ir.Flow(12, 1000, ir.match(proto="ip", nw_src="10.244.3.99"),
+                    tuple(ir.Conjunction(i, 2, 2) for i in range(1, 5001)))]
+
+    async def go():
+        conn = await connect(bridge)
+        r = Realizer(1)
+        r.set_object("static", pods.static_flows(NODE))
+        await r.resync(conn)
+        r.set_object("huge", huge)
+        r.set_object("p1", pods.pod_flows(NODE, pod(1)))
+        res = await r.sync(conn)
+        assert list(res.failed) == ["huge"] and "holds at most" in res.failed["huge"]
+        assert "nw_src=10.244.3.99" in res.failed["huge"]
+        assert res.applied == 1
+        await r.resync(conn)  # after a reconnect: left out, reported, the rest installed
+        assert "huge" in r.errors
+        conn.close()
+        return r
+    r = asyncio.run(go())
+    assert switch_texts(bridge) == sorted(t.split(" actions=")[0] for t in keys_of(r))
+    assert not [t for t in switch_texts(bridge) if "10.244.3.99" in t]
+    assert [t for t in switch_texts(bridge) if "10.244.3.11" in t]

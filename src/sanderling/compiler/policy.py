@@ -4,9 +4,10 @@ Per rule, up to three clauses: the local pods the policy selects (destination fo
 source for egress), the peers (pod addresses, namespaces' pods, ipBlocks with their excepts
 cut out) and the ports (numbers, ranges as masked blocks, named ports resolved per pod). Each
 clause value is one flow carrying `conjunction(id, k/n)`, so the flow count grows with the sum
-of pods, peers and ports, not their product. Every conjunctive rule sits at one priority, so the
-flow for a value (say, a pod address as source) is shared: it carries the conjunction actions of
-every rule whose clause holds it, and an address set named by a thousand rules is still one
+of pods, peers and ports, not their product. Conjunctive rules sit at one priority (one per
+2,000 rules, see CONJ_TIER_RULES), so the flow for a value (say, a pod address as source) is
+shared: it carries the conjunction actions of every rule whose clause holds it, and an address
+set named by a thousand rules is still one
 flow per address (SharedFlows merges what each policy contributes). A rule with one clause is
 plain allow flows one priority above (OpenFlow does not mix the two kinds at one priority). The
 rule key is in the cookie of its `conj_id` flow (stable ids per rule: an edit renumbers nothing).
@@ -35,8 +36,12 @@ from sanderling.portrange import port_blocks
 
 LOG_METER = 1  # packet-ins for policy logging share one meter: rate-limited, never a flood
 LOG_RATE_PPS = 100
-PRIO_CONJ = 1000  # every conjunctive rule: rules share clause flows, one flow per match
+PRIO_CONJ = 1000  # conjunctive rules: rules share clause flows, one flow per match
 PRIO_DIRECT = 1001  # single-clause rules (plain flows cannot share a priority with conjunction ones)
+# Rules are spread over priority tiers of this many rule ids, so a shared flow carries at most this
+# many conjunction actions (16 bytes each: 32 KB, inside OpenFlow's 64 KiB message). A packet that
+# completes no conjunction at one priority is looked up again at the lower ones.
+CONJ_TIER_RULES = 2000
 PRIO_DEFAULT_DENY = 10
 PRIO_STATE = 200
 
@@ -264,9 +269,15 @@ def _rule(out: CompiledPolicy, table: int, rule: str, conj_id: int, clauses: lis
         _add_shares(out.shared, table, PRIO_DIRECT, clauses[0], DirectAllow(rule, cookie, allow, log))
         return
     n = len(clauses)
-    out.flows.append(ir.Flow(table, PRIO_CONJ, ir.Match.from_items([("conj_id", conj_id, None)]), allow, cookie))
+    prio = conj_priority(conj_id)
+    out.flows.append(ir.Flow(table, prio, ir.Match.from_items([("conj_id", conj_id, None)]), allow, cookie))
     for k, clause in enumerate(clauses, start=1):
-        _add_shares(out.shared, table, PRIO_CONJ, clause, ir.Conjunction(conj_id, k, n))
+        _add_shares(out.shared, table, prio, clause, ir.Conjunction(conj_id, k, n))
+
+
+def conj_priority(conj_id: int) -> int:
+    """The priority tier of a conjunctive rule (see CONJ_TIER_RULES), always above default deny."""
+    return max(PRIO_CONJ - (conj_id - 1) // CONJ_TIER_RULES, PRIO_DEFAULT_DENY + 1)
 
 
 def _rule_variants(rule: Rule, targets: list[PodInfo], peers: list[PodInfo] | None, ingress: bool,
@@ -343,7 +354,7 @@ def compile_policy(policy: Policy, local: list[PodInfo], cluster: ClusterPods, r
 def merged(priority: int, shares: Iterable[Share]) -> tuple[tuple[ir.Action, ...], int]:
     """(actions, cookie) of a flow that several rules share: all their conjunction actions, or (a
     value some rule allows on its own) one allow, naming a rule that logs if any does."""
-    if priority == PRIO_CONJ:
+    if priority != PRIO_DIRECT:
         conj = sorted({s for s in shares if isinstance(s, ir.Conjunction)}, key=lambda c: (c.conj_id, c.clause))
         return tuple(conj), SHARED_COOKIE
     best = min((s for s in shares if isinstance(s, DirectAllow)), key=lambda d: (not d.log, d.rule))

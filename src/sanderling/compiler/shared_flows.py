@@ -33,6 +33,10 @@ class SharedFlows:
     def __len__(self) -> int:
         return len(self._match_sets)
 
+    def set_count(self) -> int:
+        """Distinct address/port sets the rules share."""
+        return len(self._set_ids)
+
     def update(self, policy: str, shares: dict[SetKey, tuple[Share, ...]]) -> None:
         """Replace what `policy` contributes."""
         old = self._by_policy.pop(policy, {})

@@ -204,19 +204,24 @@ class Connection:
         try:
             chunk: list[bytes] = [E.bundle_control(self.next_xid(), bundle_id, E.BUNDLE_OPEN_REQUEST)]
             size = 0
-            for xid, data in messages:
-                if xid < watch.first_xid:
-                    watch.first_xid = xid
-                chunk.append(E.bundle_add(xid, bundle_id, data))
-                size += len(data)
-                count += 1
-                if size > 128 * 1024:
-                    self.send(b"".join(chunk))
-                    chunk, size = [], 0
-                    # Yield so the loop moves buffered bytes into the socket while we keep
-                    # encoding; drain() only blocks once far ahead of the switch.
-                    await asyncio.sleep(0)
-                    await self.drain()
+            try:
+                for xid, data in messages:
+                    if xid < watch.first_xid:
+                        watch.first_xid = xid
+                    chunk.append(E.bundle_add(xid, bundle_id, data))
+                    size += len(data)
+                    count += 1
+                    if size > 128 * 1024:
+                        self.send(b"".join(chunk))
+                        chunk, size = [], 0
+                        # Yield so the loop moves buffered bytes into the socket while we keep
+                        # encoding; drain() only blocks once far ahead of the switch.
+                        await asyncio.sleep(0)
+                        await self.drain()
+            except Exception:
+                # a message could not be encoded: what was sent stays uncommitted
+                self.send(b"".join(chunk) + E.bundle_control(self.next_xid(), bundle_id, E.BUNDLE_DISCARD_REQUEST))
+                raise
             if count == 0:
                 self.send(E.bundle_control(self.next_xid(), bundle_id, E.BUNDLE_DISCARD_REQUEST))
                 return 0

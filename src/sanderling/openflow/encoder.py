@@ -244,6 +244,13 @@ def encode_action(action: ir.Action) -> bytes:
     raise TypeError(f"cannot encode action {action!r}")
 
 
+class MessageTooLarge(ValueError):
+    """A flow whose FlowMod would not fit OpenFlow's 16-bit message length (inside a bundle-add)."""
+
+
+MAX_BUNDLED_MESSAGE = 0xFFFF - 24  # a bundle-add wraps the FlowMod in 24 bytes of its own
+
+
 def encode_instructions(actions: tuple[ir.Action, ...]) -> bytes:
     """Split the flat action list into meter / apply_actions / goto_table instructions."""
     out = b""
@@ -258,6 +265,9 @@ def encode_instructions(actions: tuple[ir.Action, ...]) -> bytes:
         body.pop()
     if body:
         encoded = b"".join(encode_action(a) for a in body)
+        if len(encoded) > MAX_BUNDLED_MESSAGE:
+            raise MessageTooLarge(f"{len(body)} actions take {len(encoded)} bytes; an OpenFlow message in a bundle "
+                                  f"holds at most {MAX_BUNDLED_MESSAGE}")
         out += struct.pack("!HH4x", 4, 8 + len(encoded)) + encoded
     if goto is not None:
         out += struct.pack("!HHB3x", 1, 8, goto.table)
@@ -299,7 +309,10 @@ def flow_mod(flow: ir.Flow, xid: int, cookie: int, command: int = OFPFC_ADD,
 
     The hot path of every large change set: match encoding is inlined on purpose.
     """
-    instructions = cache.get(flow.actions) if command <= OFPFC_MODIFY_STRICT else b""
+    try:
+        instructions = cache.get(flow.actions) if command <= OFPFC_MODIFY_STRICT else b""
+    except MessageTooLarge as exc:
+        raise MessageTooLarge(f"{exc}: table={flow.table},priority={flow.priority},{flow.match.text()}") from None
     headers = _FIELD_HEADERS
     parts = []
     for name, value, mask in flow.match.items:
@@ -312,6 +325,10 @@ def flow_mod(flow: ir.Flow, xid: int, cookie: int, command: int = OFPFC_ADD,
     mlen = 4 + len(oxm)
     pad = _PAD[-mlen % 8]
     length = 48 + mlen + len(pad) + len(instructions)
+    if length > MAX_BUNDLED_MESSAGE:
+        raise MessageTooLarge(f"the flow needs a {length}-byte message; an OpenFlow message in a bundle holds at "
+                              f"most {MAX_BUNDLED_MESSAGE}: table={flow.table},priority={flow.priority},"
+                              f"{flow.match.text()}")
     return b"".join((_FLOW_MOD.pack(OFP_VERSION, OFPT_FLOW_MOD, length, xid, cookie, cookie_mask, flow.table,
                                     command, flow.idle_timeout, flow.hard_timeout, flow.priority, OFP_NO_BUFFER,
                                     OFPP_ANY, OFPG_ANY, 0),

@@ -51,6 +51,10 @@ class ObjectState:
 EMPTY = ObjectState({}, {})
 
 
+class _Unencodable(Exception):
+    """An object has a flow no OpenFlow message can carry (see resync)."""
+
+
 class ConflictError(ValueError):
     """Two objects want the same flow (table, priority, match) or group id."""
 
@@ -122,7 +126,7 @@ class Realizer:
             result.flow_mods = await self._apply(switch, keys)
             result.applied = len(keys)
             return result
-        except (OpenFlowError, ConflictError) as exc:
+        except (OpenFlowError, ConflictError, E.MessageTooLarge) as exc:
             if len(keys) == 1:
                 self._record_failure(keys[0], str(exc), result)
                 return result
@@ -131,12 +135,13 @@ class Realizer:
             try:
                 result.flow_mods += await self._apply(switch, [key])
                 result.applied += 1
-            except (OpenFlowError, ConflictError) as exc:
+            except (OpenFlowError, ConflictError, E.MessageTooLarge) as exc:
                 self._record_failure(key, str(exc), result)
         return result
 
     def _record_failure(self, key: str, message: str, result: SyncResult) -> None:
-        log.error("object %s: flows refused by the switch, keeping its previous flows:\n%s", key, message)
+        log.error("object %s: flows not installed (refused or not encodable), keeping its previous flows:\n%s",
+                  key, message)
         self.errors[key] = message
         result.failed[key] = message
         self._dirty.discard(key)  # retried when the object changes again or on resync
@@ -243,17 +248,20 @@ class Realizer:
         refused are left out and reported in `errors`; everything else is installed.
         """
         excluded: dict[str, str] = {}
-        for _attempt in range(3):
+        refusals = 0
+        while True:
             try:
                 return await self._resync_once(switch, excluded)
+            except _Unencodable:
+                continue  # that object is in `excluded` now: build the bundle again without it
             except OpenFlowError as exc:
                 at_fault = {self._xid_owner[e.xid] for e, _ in exc.errors if e.xid in self._xid_owner}
-                if not at_fault:
+                refusals += 1
+                if not at_fault or refusals > 3:
                     raise
                 for key in at_fault:
                     excluded[key] = str(exc)
                     log.error("object %s: flows refused by the switch during resync:\n%s", key, exc)
-        return await self._resync_once(switch, excluded)
 
     async def _resync_once(self, switch: Switch, excluded: dict[str, str]) -> int:
         existing = await switch.flow_stats()
@@ -277,8 +285,13 @@ class Realizer:
         for key in keys:
             for flow in snapshot[key].flows.values():
                 xid = switch.next_xid()
-                messages.append((xid, E.flow_mod(flow, xid, cookies.with_generation(flow.cookie, gen),
-                                                 E.OFPFC_ADD, self._cache)))
+                try:
+                    data = E.flow_mod(flow, xid, cookies.with_generation(flow.cookie, gen), E.OFPFC_ADD, self._cache)
+                except E.MessageTooLarge as exc:
+                    excluded[key] = str(exc)
+                    log.error("object %s: left out of the resync: %s", key, exc)
+                    raise _Unencodable(key) from None
+                messages.append((xid, data))
                 described[xid] = ("", flow, key)
                 self._xid_owner[xid] = key
         stale_generations = set()
