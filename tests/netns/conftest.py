@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -26,3 +31,33 @@ def node(tmp_path) -> Iterator[LocalNode]:
     n.start()
     yield n
     n.teardown()
+
+
+class LabCli:
+    """`sanderling lab --name NAME ...` as a user runs it, for the lab end-to-end tests."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "sanderling.cli.main", "lab", "--name", self.name, *args],
+                              capture_output=True, text=True, timeout=timeout)
+
+    def up_with(self, nodes: int, manifest: Path, pods: int, namespace: str | None = None) -> dict[str, str]:
+        """A fresh lab with the manifest applied; pod name -> IP once `pods` pods have an address."""
+        require_root()
+        require_ovs()
+        self("down")
+        up = self("up", "--nodes", str(nodes))
+        assert up.returncode == 0, up.stdout + up.stderr
+        applied = self("apply", "-f", str(manifest))
+        assert applied.returncode == 0, applied.stdout + applied.stderr
+        deadline = time.monotonic() + 60
+        ips: dict[str, str] = {}
+        while time.monotonic() < deadline and len(ips) < pods:
+            args = ("get", "pods", "-o", "json") + (("-n", namespace) if namespace else ())
+            ips = {p["metadata"]["name"]: p["status"]["podIP"] for p in json.loads(self(*args).stdout)
+                   if (p.get("status") or {}).get("podIP")}
+            time.sleep(0.3)
+        assert len(ips) == pods, ips
+        return ips

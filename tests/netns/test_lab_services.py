@@ -7,8 +7,7 @@ import subprocess
 import sys
 import time
 
-from ..conftest import require_ovs
-from .conftest import require_root
+from .conftest import LabCli
 
 NAME = "sltestsvc"
 
@@ -79,9 +78,7 @@ def backend(i: int) -> str:
             f"[{{name: http, containerPort: 8080}}, {{name: echo, containerPort: 8081, protocol: UDP}}]}}]}}\n")
 
 
-def lab(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sanderling.cli.main", "lab", "--name", NAME, *args],
-                          capture_output=True, text=True, timeout=timeout)
+lab = LabCli(NAME)
 
 
 def spread(vip: str, count: int, client: str = "client") -> dict[str, int]:
@@ -92,22 +89,10 @@ def spread(vip: str, count: int, client: str = "client") -> dict[str, int]:
 
 
 def test_service_spread_affinity_and_reject(tmp_path):
-    require_root()
-    require_ovs()
-    lab("down")
+    manifest = tmp_path / "svc.yaml"
+    manifest.write_text(OBJECTS + "".join(backend(i) for i in (1, 2, 3)))
     try:
-        up = lab("up", "--nodes", "3")
-        assert up.returncode == 0, up.stdout + up.stderr
-        manifest = tmp_path / "svc.yaml"
-        manifest.write_text(OBJECTS + "".join(backend(i) for i in (1, 2, 3)))
-        applied = lab("apply", "-f", str(manifest))
-        assert applied.returncode == 0, applied.stdout + applied.stderr
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            pods = json.loads(lab("get", "pods", "-n", "svc", "-o", "json").stdout)
-            if len(pods) == 4 and all((p.get("status") or {}).get("podIP") for p in pods):
-                break
-            time.sleep(0.3)
+        lab.up_with(3, manifest, pods=4, namespace="svc")
         services = {s["metadata"]["name"]: s for s in json.loads(lab("get", "svc", "-n", "svc", "-o", "json").stdout)}
         vip = services["be"]["spec"]["clusterIP"]
         time.sleep(1.0)  # the agents see the EndpointSlice

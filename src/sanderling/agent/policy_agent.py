@@ -168,6 +168,15 @@ class PolicyAgent:
             self._isolated[key] = (ingress, egress)
             self.realizer.set_object(object_key, compiler.isolation_flows(
                 pod, ingress, egress, log_denied=pod.namespace in self.logged_namespaces))
+        self._update_logged_peers(local)
+
+    def _update_logged_peers(self, local: dict[str, PodInfo]) -> None:
+        """Denials towards or from pods of logged namespaces, on the isolated local pods' side."""
+        logged = [p.ip for p in self.pods.values() if p.ip is not None and p.namespace in self.logged_namespaces]
+        isolated = [(local[k].ip, i, e) for k, (i, e) in self._isolated.items() if k in local]
+        self.realizer.set_object("policy/logged-namespace-peers", compiler.logged_peer_flows(
+            [ip for ip, i, _e in isolated if i and ip is not None],
+            [ip for ip, _i, e in isolated if e and ip is not None], logged))
 
     # ---- logging -------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""`sanderling lab up|down|status|apply|delete|get|exec|check|kubeconfig` (see lab/cluster.py)."""
+"""`sanderling lab up|down|status|apply|delete|get|exec|check|logs|kubeconfig` (see lab/cluster.py)."""
 
 from __future__ import annotations
 
@@ -51,6 +51,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("argv", nargs=argparse.REMAINDER)
     cmds.add_parser("check", parents=[common],
                     help="probe ICMP and every containerPort between all pods; print the matrix")
+    logs = cmds.add_parser("logs", parents=[common], help="a node agent's log (policy-log lines, errors, ...)")
+    logs.add_argument("node", help="node name, e.g. node1")
+    logs.add_argument("--grep", default=None, help="only lines containing this text (e.g. policy-log)")
+    logs.add_argument("--tail", type=int, default=0, help="only the last N lines (after --grep)")
     cmds.add_parser("kubeconfig", parents=[common], help="print the path of the lab's kubeconfig")
     cmds.add_parser("restart-controlplane", parents=[common],
                     help="stop and start the control plane (objects persist; agents relist, traffic keeps flowing)")
@@ -92,11 +96,27 @@ def run(args: argparse.Namespace) -> int:
         return exec_in_pod(lab, args.pod, [a for a in args.argv if a != "--"])
     if cmd == "check":
         return check(lab)
+    if cmd == "logs":
+        return agent_logs(lab, args.node, args.grep, args.tail)
     if cmd == "restart-controlplane":
         lab.restart_controlplane()
         progress(f"control plane of lab {lab.name} restarted")
         return 0
     return 2
+
+
+def agent_logs(lab: Lab, node: str, grep: str | None, tail: int) -> int:
+    names = [n["name"] for n in lab.state()["nodes"]]
+    if node not in names:
+        print(f"sanderling lab: no node {node!r} in lab {lab.name} (nodes: {', '.join(names)})", file=sys.stderr)
+        return 1
+    path = lab.agent_log(node)
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    if grep is not None:
+        lines = [ln for ln in lines if grep in ln]
+    for line in lines[-tail:] if tail > 0 else lines:
+        print(line)
+    return 0
 
 
 def _api(lab: Lab) -> Any:

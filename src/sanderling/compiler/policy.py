@@ -43,6 +43,8 @@ PRIO_DIRECT = 1001  # single-clause rules (plain flows cannot share a priority w
 # completes no conjunction at one priority is looked up again at the lower ones.
 CONJ_TIER_RULES = 2000
 PRIO_DEFAULT_DENY = 10
+PRIO_LOGGED_PEER = 11  # a denied connection whose peer's namespace asks for logging (see logged_peer_flows)
+LOGGED_PEER_CONJ = {"ingress": 0xFFFFFF01, "egress": 0xFFFFFF02}  # far above the ids RuleIds hands out
 PRIO_STATE = 200
 
 RuleIds = Callable[[str], int]
@@ -173,6 +175,31 @@ def isolation_flows(pod: PodInfo, ingress: bool, egress: bool, pipeline: Pipelin
     return flows
 
 
+def logged_peer_flows(ingress_isolated: Iterable[ipaddress.IPv4Address],
+                      egress_isolated: Iterable[ipaddress.IPv4Address], logged: Iterable[ipaddress.IPv4Address],
+                      pipeline: Pipeline = PIPELINE) -> list[ir.Flow]:
+    """Denials the *other* side's namespace asks to log: a pod of a logged namespace refused by an
+    isolated local pod's ingress, or a local pod's egress refused towards it. One conjunction per
+    direction (isolated local pods x logged pods), just above default deny: no rule allowed the
+    connection, so it is logged (metered) and dropped."""
+    cookie = cookies.cookie(cookies.Category.POLICY, "logged-namespace-peers")
+    logged_ips = list(logged)
+    flows: list[ir.Flow] = []
+    for direction, local in (("ingress", ingress_isolated), ("egress", egress_isolated)):
+        ingress = direction == "ingress"
+        local_clause = _addr_matches("nw_dst" if ingress else "nw_src", local, ())
+        peer_clause = _addr_matches("nw_src" if ingress else "nw_dst", logged_ips, ())
+        if not local_clause or not peer_clause:
+            continue
+        table = pipeline["IngressRule" if ingress else "EgressRule"]
+        conj_id = LOGGED_PEER_CONJ[direction]
+        flows.append(ir.Flow(table, PRIO_LOGGED_PEER, ir.Match.from_items([("conj_id", conj_id, None)]),
+                             (log_action(),), cookie))
+        for k, clause in enumerate((local_clause, peer_clause), start=1):
+            flows += [ir.Flow(table, PRIO_LOGGED_PEER, m, (ir.Conjunction(conj_id, k, 2),), cookie) for m in clause]
+    return flows
+
+
 def isolated(policies: Iterable[Policy], local: Iterable[PodInfo]) -> dict[str, tuple[PodInfo, bool, bool]]:
     """Local pods with an address that some policy isolates: key -> (pod, ingress, egress)."""
     out: dict[str, tuple[PodInfo, bool, bool]] = {}
@@ -277,7 +304,7 @@ def _rule(out: CompiledPolicy, table: int, rule: str, conj_id: int, clauses: lis
 
 def conj_priority(conj_id: int) -> int:
     """The priority tier of a conjunctive rule (see CONJ_TIER_RULES), always above default deny."""
-    return max(PRIO_CONJ - (conj_id - 1) // CONJ_TIER_RULES, PRIO_DEFAULT_DENY + 1)
+    return max(PRIO_CONJ - (conj_id - 1) // CONJ_TIER_RULES, PRIO_LOGGED_PEER + 1)
 
 
 def _rule_variants(rule: Rule, targets: list[PodInfo], peers: list[PodInfo] | None, ingress: bool,

@@ -111,6 +111,10 @@ class Lab:
             node.wait_ready(60)
         self.progress(f"lab {self.name} up in {time.monotonic() - started:.1f}s")
 
+    def agent_log(self, node: str) -> Path:
+        """Where a node's agent writes (LocalNode.agent_log of that node)."""
+        return self.state_dir / node / "agent.log"
+
     @property
     def node_kubeconfig(self) -> Path:
         """What the agents use: the API on the underlay."""
