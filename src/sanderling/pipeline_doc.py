@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import ipaddress
 
+from sanderling.agent.policy_agent import PolicyAgent
 from sanderling.compiler import gateway, nodes, pods, services
 from sanderling.model.network import NodeNetwork, PodPort
 from sanderling.model.nodes import Remote
 from sanderling.model.services import Endpoint, Service, ServicePort
-from sanderling.openflow import cookies
+from sanderling.openflow import cookies, ir
 from sanderling.openflow.pipeline import PIPELINE
+from sanderling.openflow.realizer import Realizer
 from sanderling.openflow.registers import REG_FIELDS, REG_MARKS
 
 EXAMPLE_NODE = NodeNetwork.build("node-1", "10.244.1.0/24")
@@ -33,6 +35,31 @@ EXAMPLE_SERVICE = Service("default", "web", "NodePort", (ipaddress.IPv4Address("
                           (ServicePort("http", "TCP", 80, 30080),))
 EXAMPLE_ENDPOINTS = {EXAMPLE_SERVICE.ports[0]: (Endpoint(ipaddress.IPv4Address("10.244.1.10"), 8080, "node-1"),
                                                 Endpoint(ipaddress.IPv4Address("10.244.2.7"), 8080, "node-2"))}
+
+
+EXAMPLE_POLICIES = (  # two policies naming the same peers: one shared flow per peer address
+    {"metadata": {"namespace": "default", "name": "web-from-db"}, "spec": {
+        "podSelector": {"matchLabels": {"app": "web"}},
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "db"}}}], "ports": [{"port": 8080}]}]}},
+    {"metadata": {"namespace": "default", "name": "web-ssh-from-db"}, "spec": {
+        "podSelector": {"matchLabels": {"app": "web"}},
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "db"}}}], "ports": [{"port": 22}]}]}},
+)
+
+
+def policy_example_flows() -> list[ir.Flow]:
+    """The example policies through the agent's real path (PolicyAgent, compiler, SharedFlows)."""
+    realizer = Realizer(1)
+    agent = PolicyAgent(EXAMPLE_NODE.name, realizer, lambda: None)
+    agent.start()
+    agent.namespace_changed("default", {"metadata": {"name": "default"}})
+    for pod, app in zip(EXAMPLE_PODS, ("web", "db"), strict=True):
+        agent.pod_changed(f"{pod.namespace}/{pod.name}", {
+            "metadata": {"namespace": pod.namespace, "name": pod.name, "labels": {"app": app}},
+            "spec": {"nodeName": EXAMPLE_NODE.name}, "status": {"podIP": str(pod.ip)}})
+    for policy in EXAMPLE_POLICIES:
+        agent.policy_changed(f"default/{policy['metadata']['name']}", policy)
+    return [f for state in realizer.desired_state().values() for f in state.flows.values()]
 
 
 def render() -> str:
@@ -73,7 +100,7 @@ def render() -> str:
     flows = (pods.static_flows(EXAMPLE_NODE) + gateway.gateway_flows(EXAMPLE_NODE)
              + [f for p in EXAMPLE_PODS for f in pods.pod_flows(EXAMPLE_NODE, p)]
              + nodes.remote_flows(EXAMPLE_NODE, EXAMPLE_REMOTE, "routed")
-             + services.static_flows(EXAMPLE_PROXY) + svc_flows)
+             + services.static_flows(EXAMPLE_PROXY) + svc_flows + policy_example_flows())
     out += [
         "", "## Example flows", "",
         f"Node `{EXAMPLE_NODE.name}`, pod CIDR {EXAMPLE_NODE.pod_cidr}, gateway {EXAMPLE_NODE.gateway_ip} "
@@ -87,7 +114,11 @@ def render() -> str:
         f"{EXAMPLE_SERVICE.cluster_ips[0]} port 80,",
         f"NodePort 30080 on {EXAMPLE_PROXY.node_ips[0]}, endpoints 10.244.1.10:8080 (this node) and",
         f"10.244.2.7:8080 (node-2); masquerade address {EXAMPLE_PROXY.masq_ip}. Its group:",
-        "", "```", *(g.text() for g in svc_groups), "```",
+        "", "```", *(g.text() for g in svc_groups), "```", "",
+        "NetworkPolicies `default/web-from-db` (pods `app: web` accept TCP 8080 from pods `app: db`) and",
+        "`default/web-ssh-from-db` (the same peers, TCP 22); web-1 is `app: web`, db-1 `app: db`. Each rule is",
+        "a conjunction of (selected pod, peers, ports); both rules name the same peers, so the flow for",
+        "db-1's address carries both rules' `conjunction` actions (an address set shared by rules).",
     ]
     for i, t in enumerate(PIPELINE.tables):
         table_flows = sorted((f for f in flows if f.table == i), key=lambda f: (-f.priority, f.text()))
