@@ -8,6 +8,7 @@ so the document cannot drift from the code.
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 
 from sanderling.agent.policy_agent import PolicyAgent
 from sanderling.compiler import gateway, nodes, pods, services
@@ -37,7 +38,7 @@ EXAMPLE_ENDPOINTS = {EXAMPLE_SERVICE.ports[0]: (Endpoint(ipaddress.IPv4Address("
                                                 Endpoint(ipaddress.IPv4Address("10.244.2.7"), 8080, "node-2"))}
 
 
-EXAMPLE_POLICIES = (  # two policies naming the same peers: one shared flow per peer address
+EXAMPLE_POLICIES: tuple[dict[str, Any], ...] = (  # two policies naming the same peers: one shared flow per peer address
     {"metadata": {"namespace": "default", "name": "web-from-db"}, "spec": {
         "podSelector": {"matchLabels": {"app": "web"}},
         "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "db"}}}], "ports": [{"port": 8080}]}]}},
