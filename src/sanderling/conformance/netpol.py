@@ -33,6 +33,11 @@ SETTLE_S = 1.5  # agents apply a change in milliseconds; leave room for the watc
 PLACEHOLDER = re.compile(r"\$\{(IP|CIDR4):([a-z0-9-]+/[a-z0-9-]+)\}")
 
 
+# probes bind their source ports explicitly, and nothing else in a pod's namespace opens connections,
+# so the run may use nearly all of them (minus the ports the pods serve)
+FIRST_SOURCE_PORT, LAST_SOURCE_PORT = 10000, 65000
+
+
 class Runner:
     def __init__(self, lab: Lab) -> None:
         from sanderling.kube.client import KubeApi
@@ -40,7 +45,8 @@ class Runner:
         self.lab = lab
         self.api: Any = KubeApi(lab.kubeconfig).client  # dynamic use of lightkube; typed loosely
         self.topology: dict[str, Any] | None = None
-        self._next_port = 10000
+        self._next_port = FIRST_SOURCE_PORT
+        self._server_ports: set[int] = set()  # never a source port: the pods listen there
         self._port_lock = threading.Lock()
         self.pods: dict[str, dict[str, Any]] = {}  # "ns/name" -> {"ip", "node", "sandbox", "vip"}
         self.order: list[str] = []
@@ -56,6 +62,7 @@ class Runner:
         self.teardown_objects()
         nodes = [n["name"] for n in self.lab.state()["nodes"]]
         ports = topology.get("container_ports") or []
+        self._server_ports = {int(p["containerPort"]) for p in ports}
         for ns, spec in (topology.get("namespaces") or {}).items():
             self._apply(codecs.from_dict({"apiVersion": "v1", "kind": "Namespace",
                                           "metadata": {"name": ns, "labels": spec.get("labels") or {}}}))
@@ -186,14 +193,28 @@ class Runner:
             raise ValueError(f"unknown action {kind!r}")
 
     def _ports(self, count: int) -> int:
+        """The first of `count` consecutive source ports no probe of the run has used."""
         with self._port_lock:
-            if self._next_port + count > 32000:  # below the kernel's ephemeral range
-                self._next_port = 10000  # minutes later: long forgotten by conntrack
             first = self._next_port
-            self._next_port += count
+            while any(first <= p < first + count for p in self._server_ports):
+                first = max(p for p in self._server_ports if first <= p < first + count) + 1
+            self._next_port = first + count
             return first
 
+    def _reserve_ports(self, count: int) -> None:
+        """Before a matrix (no probe in flight): when the source ports of the run run out, start
+        again from the bottom with every node's conntrack flushed, so a reused 5-tuple can never
+        meet an entry of an earlier probe (OVS keeps closing TCP connections for minutes)."""
+        if self._next_port + count <= LAST_SOURCE_PORT:
+            return
+        for node in self.lab.state()["nodes"]:
+            self._runtime(node["name"]).appctl("dpctl/flush-conntrack")
+        print(f"... source ports {FIRST_SOURCE_PORT}-{LAST_SOURCE_PORT} used up: conntrack flushed on every node, "
+              "starting again", file=sys.stderr, flush=True)
+        self._next_port = FIRST_SOURCE_PORT
+
     def probe_matrix(self, proto: str, port: int, to_vip: bool) -> dict[tuple[str, str], bool]:
+        self._reserve_ports(len(self.order) * (len(self.order) + len(self._server_ports)))
         def client(src: str) -> dict[tuple[str, str], bool]:
             targets = {f"{proto.lower()}:{self.pods[dst]['vip' if to_vip else 'ip']}:{port}": dst
                        for dst in self.order if dst != src}
