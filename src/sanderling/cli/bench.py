@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--flows", type=int, default=None, help="flows: number of flows (default 100000)")
     p.add_argument("--repeats", type=int, default=None, help="repetitions, median reported")
-    p.add_argument("--rounds", type=int, default=None, help="cni: rounds of concurrent ADDs")
+    p.add_argument("--rounds", type=int, default=None, help="cni: rounds of concurrent ADDs; policy: iperf3 rounds")
     p.add_argument("--concurrency", type=int, default=None, help="cni: ADDs at once (default 20)")
     p.add_argument("--services", type=int, default=None, help="services: how many (default 10000)")
     p.add_argument("--changes", type=int, default=None, help="services: single-endpoint changes (default 1000)")
