@@ -170,6 +170,17 @@ def reshaped(policy):
     return {**policy, "spec": spec}
 
 
+def feed_cluster(agent: PolicyAgent, ns_labels, pods) -> None:
+    """Start an agent and give it the namespaces and pods, as the informers would."""
+    agent.start()
+    for ns, lab in ns_labels.items():
+        agent.namespace_changed(ns, {"metadata": {"name": ns, "labels": lab}})
+    for p in pods:
+        agent.pod_changed(f"{p['ns']}/{p['name']}", {
+            "metadata": {"namespace": p["ns"], "name": p["name"], "labels": p["labels"]},
+            "spec": {"nodeName": "n1"}, "status": {"podIP": p["ip"]}})
+
+
 def policy_flows(realizer: Realizer, agent: PolicyAgent) -> set:
     """Every policy flow the agent wants, whatever object holds it, with conjunction ids replaced
     by the rule keys they stand for (two agents number rules in the order they meet them)."""
@@ -208,13 +219,7 @@ def test_ovs_verdict_equals_kubernetes_semantics(dummy_ovs, dummy_db, world, tie
                 port = PodPort.build(p["ns"], p["name"], p["ofport"], mac(p), p["ip"])
                 realizer.set_object(port.key, pod_compiler.pod_flows(NODE, port))
             agent = PolicyAgent("n1", realizer, lambda: None)
-            agent.start()
-            for ns, lab in ns_labels.items():
-                agent.namespace_changed(ns, {"metadata": {"name": ns, "labels": lab}})
-            for p in pods:
-                agent.pod_changed(f"{p['ns']}/{p['name']}", {
-                    "metadata": {"namespace": p["ns"], "name": p["name"], "labels": p["labels"]},
-                    "spec": {"nodeName": "n1"}, "status": {"podIP": p["ip"]}})
+            feed_cluster(agent, ns_labels, pods)
             # the incremental agent also goes through edits and a deletion: every policy first
             # arrives in another shape, plus one that is removed again
             agent.policy_changed("x/doomed", DOOMED)
@@ -229,13 +234,7 @@ def test_ovs_verdict_equals_kubernetes_semantics(dummy_ovs, dummy_db, world, tie
             batch: list = []
             scratch = Realizer(1)
             once = PolicyAgent("n1", scratch, lambda: None, schedule=batch.append)
-            once.start()
-            for ns, lab in ns_labels.items():
-                once.namespace_changed(ns, {"metadata": {"name": ns, "labels": lab}})
-            for p in pods:
-                once.pod_changed(f"{p['ns']}/{p['name']}", {
-                    "metadata": {"namespace": p["ns"], "name": p["name"], "labels": p["labels"]},
-                    "spec": {"nodeName": "n1"}, "status": {"podIP": p["ip"]}})
+            feed_cluster(once, ns_labels, pods)
             for pol in policies:
                 once.policy_changed(f"{pol['metadata']['namespace']}/{pol['metadata']['name']}", pol)
             for fn in batch:

@@ -172,6 +172,9 @@ class PolicyAgent:
 
     def _update_logged_peers(self, local: dict[str, PodInfo]) -> None:
         """Denials towards or from pods of logged namespaces, on the isolated local pods' side."""
+        if not self.logged_namespaces:  # the usual case: nothing to scan on every flush
+            self.realizer.remove_object("policy/logged-namespace-peers")
+            return
         logged = [p.ip for p in self.pods.values() if p.ip is not None and p.namespace in self.logged_namespaces]
         isolated = [(local[k].ip, i, e) for k, (i, e) in self._isolated.items() if k in local]
         self.realizer.set_object("policy/logged-namespace-peers", compiler.logged_peer_flows(

@@ -200,20 +200,6 @@ def logged_peer_flows(ingress_isolated: Iterable[ipaddress.IPv4Address],
     return flows
 
 
-def isolated(policies: Iterable[Policy], local: Iterable[PodInfo]) -> dict[str, tuple[PodInfo, bool, bool]]:
-    """Local pods with an address that some policy isolates: key -> (pod, ingress, egress)."""
-    out: dict[str, tuple[PodInfo, bool, bool]] = {}
-    policies = list(policies)
-    for pod in local:
-        if pod.ip is None:
-            continue
-        ingress = any(p.ingress is not None and selects(p, pod) for p in policies)
-        egress = any(p.egress is not None and selects(p, pod) for p in policies)
-        if ingress or egress:
-            out[pod.key] = (pod, ingress, egress)
-    return out
-
-
 def _nets(peer: Peer) -> list[ipaddress.IPv4Network]:
     assert peer.cidr is not None
     nets = [peer.cidr]
