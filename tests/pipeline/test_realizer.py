@@ -248,3 +248,41 @@ def test_a_flow_too_large_for_openflow_is_reported_for_its_object_only(bridge):
     assert switch_texts(bridge) == sorted(t.split(" actions=")[0] for t in keys_of(r))
     assert not [t for t in switch_texts(bridge) if "10.244.3.99" in t]
     assert [t for t in switch_texts(bridge) if "10.244.3.11" in t]
+
+
+_OUT_OF_RANGE = {
+    # an idle timeout above 16 bits inside a learn action (what a 86400 s affinity once produced)
+    "learn": ([ir.Flow(12, 1000, ir.match(proto="ip", nw_src="10.244.3.99"),
+                       (ir.Learn(6, (ir.LearnMatch(ir.FieldRef("nw_src")),), idle_timeout=86400),))], []),
+    # a bucket weight above 16 bits
+    "group": ([ir.Flow(12, 1000, ir.match(proto="ip", nw_src="10.244.3.99"), (ir.GroupAction(77),))],
+              [ir.Group(77, "select", (ir.Bucket((ir.Output(1),), weight=70000),))]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_OUT_OF_RANGE))
+def test_a_value_openflow_cannot_hold_fails_its_object_only(bridge, kind):
+    """A value outside its OpenFlow field fails its own object with the flow or group named, in an
+    incremental sync and in a resync; the objects of the same change set are installed."""
+    flows, groups = _OUT_OF_RANGE[kind]
+
+    async def go():
+        conn = await connect(bridge)
+        r = Realizer(1)
+        r.set_object("static", pods.static_flows(NODE))
+        await r.resync(conn)
+        r.set_object("bad", flows, groups)
+        r.set_object("p1", pods.pod_flows(NODE, pod(1)))
+        res = await r.sync(conn)
+        assert list(res.failed) == ["bad"], res.failed
+        assert "cannot encode" in res.failed["bad"]
+        assert res.applied == 1
+        r.set_object("p2", pods.pod_flows(NODE, pod(2)))
+        await r.resync(conn)
+        assert "bad" in r.errors
+        conn.close()
+        return r
+    asyncio.run(go())
+    texts = switch_texts(bridge)
+    assert not [t for t in texts if "10.244.3.99" in t]
+    assert [t for t in texts if "10.244.3.11" in t] and [t for t in texts if "10.244.3.12" in t]

@@ -54,3 +54,25 @@ def test_flows_are_deterministic_and_only_go_forward():
 
     for flow in first[0] + compiler.static_flows(CFG):
         PIPELINE.check_flow(flow)
+
+
+def test_affinity_longer_than_openflow_holds_is_clamped_and_encodes():
+    """timeoutSeconds 86400 (the API's maximum) is learned for 65535 idle seconds, and every flow of
+    the service encodes (it once raised struct.error and stalled every agent)."""
+    from sanderling.openflow import encoder
+    from sanderling.openflow import ir
+
+    svc = service_from({"metadata": {"namespace": "a", "name": "s"},
+                        "spec": {"clusterIP": "10.96.0.5", "sessionAffinity": "ClientIP",
+                                 "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 86400}},
+                                 "ports": [{"name": "http", "port": 80}]}})
+    assert svc is not None and svc.affinity_timeout == 86400
+    ids: dict[str, int] = {}
+    flows, groups = compiler.service_flows(CFG, svc, {HTTP: endpoints_from([SLICE], HTTP)},
+                                           lambda k: ids.setdefault(k, len(ids) + 1))
+    learns = [a for f in flows for a in f.actions if isinstance(a, ir.Learn)]
+    assert learns and {a.idle_timeout for a in learns} == {compiler.MAX_AFFINITY_TIMEOUT}
+    for i, flow in enumerate(flows):
+        encoder.flow_mod(flow, i, flow.cookie)
+    for group in groups:
+        encoder.group_mod(group, 1)

@@ -221,8 +221,15 @@ def _sub_group_id(group_ids: GroupIds, base: str, index: int) -> int:
     return group_ids(f"{base}/{index}")
 
 
+MAX_AFFINITY_TIMEOUT = 0xFFFF  # an OpenFlow idle timeout is 16 bits (18.2 hours)
+
+
 def _learn_affinity(proto: str, timeout: int, cookie: int, pipeline: Pipeline) -> ir.Learn:
-    """Remember (client, service address, port, endpoint set) -> endpoint for `timeout` idle seconds."""
+    """Remember (client, service address, port, endpoint set) -> endpoint for `timeout` idle seconds.
+
+    Kubernetes allows timeoutSeconds up to 86400; OpenFlow's idle timeout holds at most 65535, so a
+    longer affinity is remembered for 65535 idle seconds (a client idle for 18.2 hours may move)."""
+    timeout = min(timeout, MAX_AFFINITY_TIMEOUT)
     nw_proto = F.PROTOCOLS[proto][1]
     assert nw_proto is not None
     tp_dst = F.TRANSPORT_FIELDS[nw_proto][1]

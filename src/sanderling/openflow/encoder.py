@@ -244,7 +244,13 @@ def encode_action(action: ir.Action) -> bytes:
     raise TypeError(f"cannot encode action {action!r}")
 
 
-class MessageTooLarge(ValueError):
+class EncodeError(ValueError):
+    """A flow or group the OpenFlow wire format cannot carry: a value outside its field's range, or
+    a message too long. Raised for that flow or group alone, so the realizer can fail its object
+    and install everything else."""
+
+
+class MessageTooLarge(EncodeError):
     """A flow whose FlowMod would not fit OpenFlow's 16-bit message length (inside a bundle-add)."""
 
 
@@ -310,29 +316,34 @@ def flow_mod(flow: ir.Flow, xid: int, cookie: int, command: int = OFPFC_ADD,
     The hot path of every large change set: match encoding is inlined on purpose.
     """
     try:
-        instructions = cache.get(flow.actions) if command <= OFPFC_MODIFY_STRICT else b""
-    except MessageTooLarge as exc:
-        raise MessageTooLarge(f"{exc}: table={flow.table},priority={flow.priority},{flow.match.text()}") from None
-    headers = _FIELD_HEADERS
-    parts = []
-    for name, value, mask in flow.match.items:
-        plain, masked, nbytes = headers[name]
-        if mask is None:
-            parts.append(plain + value.to_bytes(nbytes, "big"))
-        else:
-            parts.append(masked + value.to_bytes(nbytes, "big") + mask.to_bytes(nbytes, "big"))
-    oxm = b"".join(parts)
-    mlen = 4 + len(oxm)
-    pad = _PAD[-mlen % 8]
-    length = 48 + mlen + len(pad) + len(instructions)
-    if length > MAX_BUNDLED_MESSAGE:
-        raise MessageTooLarge(f"the flow needs a {length}-byte message; an OpenFlow message in a bundle holds at "
-                              f"most {MAX_BUNDLED_MESSAGE}: table={flow.table},priority={flow.priority},"
-                              f"{flow.match.text()}")
-    return b"".join((_FLOW_MOD.pack(OFP_VERSION, OFPT_FLOW_MOD, length, xid, cookie, cookie_mask, flow.table,
-                                    command, flow.idle_timeout, flow.hard_timeout, flow.priority, OFP_NO_BUFFER,
-                                    OFPP_ANY, OFPG_ANY, 0),
-                     _MATCH_HEAD.pack(1, mlen), oxm, pad, instructions))
+        try:
+            instructions = cache.get(flow.actions) if command <= OFPFC_MODIFY_STRICT else b""
+        except MessageTooLarge as exc:
+            raise MessageTooLarge(f"{exc}: table={flow.table},priority={flow.priority},{flow.match.text()}") from None
+        headers = _FIELD_HEADERS
+        parts = []
+        for name, value, mask in flow.match.items:
+            plain, masked, nbytes = headers[name]
+            if mask is None:
+                parts.append(plain + value.to_bytes(nbytes, "big"))
+            else:
+                parts.append(masked + value.to_bytes(nbytes, "big") + mask.to_bytes(nbytes, "big"))
+        oxm = b"".join(parts)
+        mlen = 4 + len(oxm)
+        pad = _PAD[-mlen % 8]
+        length = 48 + mlen + len(pad) + len(instructions)
+        if length > MAX_BUNDLED_MESSAGE:
+            raise MessageTooLarge(f"the flow needs a {length}-byte message; an OpenFlow message in a bundle holds at "
+                                  f"most {MAX_BUNDLED_MESSAGE}: table={flow.table},priority={flow.priority},"
+                                  f"{flow.match.text()}")
+        return b"".join((_FLOW_MOD.pack(OFP_VERSION, OFPT_FLOW_MOD, length, xid, cookie, cookie_mask, flow.table,
+                                        command, flow.idle_timeout, flow.hard_timeout, flow.priority, OFP_NO_BUFFER,
+                                        OFPP_ANY, OFPG_ANY, 0),
+                         _MATCH_HEAD.pack(1, mlen), oxm, pad, instructions))
+    except EncodeError:
+        raise
+    except (struct.error, OverflowError, TypeError, ValueError) as exc:
+        raise EncodeError(f"cannot encode flow {flow.text()}: {exc}") from None
 
 
 def flow_delete(xid: int, table: int = OFPTT_ALL, match: ir.Match | None = None, cookie: int = 0,
@@ -351,13 +362,16 @@ OFPGC_DELETE = 2
 
 
 def group_mod(group: ir.Group, xid: int, command: int = OFPGC_ADD) -> bytes:
-    buckets = b""
-    if command != OFPGC_DELETE:
-        for bucket in group.buckets:
-            acts = b"".join(encode_action(a) for a in bucket.actions)
-            buckets += struct.pack("!HHII4x", 16 + len(acts), bucket.weight, bucket.watch_port, OFPG_ANY) + acts
-    body = struct.pack("!HBxI", command, ir.GROUP_TYPES[group.type], group.group_id) + buckets
-    return message(OFPT_GROUP_MOD, body, xid)
+    try:
+        buckets = b""
+        if command != OFPGC_DELETE:
+            for bucket in group.buckets:
+                acts = b"".join(encode_action(a) for a in bucket.actions)
+                buckets += struct.pack("!HHII4x", 16 + len(acts), bucket.weight, bucket.watch_port, OFPG_ANY) + acts
+        body = struct.pack("!HBxI", command, ir.GROUP_TYPES[group.type], group.group_id) + buckets
+        return message(OFPT_GROUP_MOD, body, xid)
+    except (struct.error, OverflowError, TypeError, ValueError, KeyError) as exc:
+        raise EncodeError(f"cannot encode group {group.group_id} ({len(group.buckets)} buckets): {exc}") from None
 
 
 OFPMC_ADD = 0

@@ -126,7 +126,7 @@ class Realizer:
             result.flow_mods = await self._apply(switch, keys)
             result.applied = len(keys)
             return result
-        except (OpenFlowError, ConflictError, E.MessageTooLarge) as exc:
+        except (OpenFlowError, ConflictError, E.EncodeError) as exc:
             if len(keys) == 1:
                 self._record_failure(keys[0], str(exc), result)
                 return result
@@ -135,7 +135,7 @@ class Realizer:
             try:
                 result.flow_mods += await self._apply(switch, [key])
                 result.applied += 1
-            except (OpenFlowError, ConflictError, E.MessageTooLarge) as exc:
+            except (OpenFlowError, ConflictError, E.EncodeError) as exc:
                 self._record_failure(key, str(exc), result)
         return result
 
@@ -279,18 +279,14 @@ class Realizer:
             for gid, group in state.groups.items():
                 xid = switch.next_xid()
                 cmd = E.OFPGC_MODIFY if gid in existing_groups else E.OFPGC_ADD
-                messages.append((xid, E.group_mod(group, xid, cmd)))
+                messages.append((xid, self._encode_or_exclude(key, excluded, E.group_mod, group, xid, cmd)))
                 described[xid] = ("group", group, key)
                 self._xid_owner[xid] = key
         for key in keys:
             for flow in snapshot[key].flows.values():
                 xid = switch.next_xid()
-                try:
-                    data = E.flow_mod(flow, xid, cookies.with_generation(flow.cookie, gen), E.OFPFC_ADD, self._cache)
-                except E.MessageTooLarge as exc:
-                    excluded[key] = str(exc)
-                    log.error("object %s: left out of the resync: %s", key, exc)
-                    raise _Unencodable(key) from None
+                data = self._encode_or_exclude(key, excluded, E.flow_mod, flow, xid,
+                                               cookies.with_generation(flow.cookie, gen), E.OFPFC_ADD, self._cache)
                 messages.append((xid, data))
                 described[xid] = ("", flow, key)
                 self._xid_owner[xid] = key
@@ -323,6 +319,16 @@ class Realizer:
         log.info("resync: %d flows and %d groups of generation %d installed, %d older generation(s) swept",
                  len(flow_claims), len(group_claims), gen, len(stale_generations))
         return len(messages)
+
+    @staticmethod
+    def _encode_or_exclude(key: str, excluded: dict[str, str], encode: Callable[..., bytes], *args: object) -> bytes:
+        """Encode one message of object `key`; if it cannot be encoded, leave the object out."""
+        try:
+            return encode(*args)
+        except E.EncodeError as exc:
+            excluded[key] = str(exc)
+            log.error("object %s: left out of the resync: %s", key, exc)
+            raise _Unencodable(key) from None
 
     def _claim_all(self, keys: list[str]) -> tuple[dict[FlowKey, str], dict[int, str], dict[str, str]]:
         """Owners of every flow and group; an object that collides with an earlier one is left out."""
