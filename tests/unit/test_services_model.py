@@ -59,8 +59,7 @@ def test_flows_are_deterministic_and_only_go_forward():
 def test_affinity_longer_than_openflow_holds_is_clamped_and_encodes():
     """timeoutSeconds 86400 (the API's maximum) is learned for 65535 idle seconds, and every flow of
     the service encodes (it once raised struct.error and stalled every agent)."""
-    from sanderling.openflow import encoder
-    from sanderling.openflow import ir
+    from sanderling.openflow import encoder, ir
 
     svc = service_from({"metadata": {"namespace": "a", "name": "s"},
                         "spec": {"clusterIP": "10.96.0.5", "sessionAffinity": "ClientIP",
