@@ -18,7 +18,15 @@ from sanderling.model.services import Endpoint, Service, ServicePort
 from sanderling.openflow import cookies, ir
 from sanderling.openflow.pipeline import PIPELINE
 from sanderling.openflow.realizer import Realizer
-from sanderling.openflow.registers import REG_FIELDS, REG_MARKS
+from sanderling.openflow.registers import (
+    CT_MARK_DIRECT,
+    CT_MARK_MASQ,
+    DNAT_ZONE,
+    POLICY_ZONE,
+    REG_FIELDS,
+    REG_MARKS,
+    SNAT_ZONE,
+)
 
 EXAMPLE_NODE = NodeNetwork.build("node-1", "10.244.1.0/24")
 EXAMPLE_PODS = (
@@ -85,6 +93,17 @@ def render() -> str:
     for m in REG_MARKS:
         out.append(f"| {m.name} | {m.field.name} = {m.value} | {m.doc} |")
     out += [
+        "", "## Conntrack zones and marks", "",
+        "| name | value | meaning |", "|---|---|---|",
+        f"| DNAT zone | {DNAT_ZONE} | service connections (DNAT to the endpoint), and local pods' direct "
+        "connections to service target ports (null SNAT) |",
+        f"| SNAT zone | {SNAT_ZONE} | masqueraded service connections |",
+        f"| policy zone | {POLICY_ZONE} | connections of pods a NetworkPolicy isolates |",
+        f"| ct_mark {CT_MARK_MASQ:#x} | bit | the connection is masqueraded: later request packets are SNATed too |",
+        f"| ct_mark {CT_MARK_DIRECT:#x} | bit | a direct (not service) connection in the DNAT zone: its replies "
+        "go through policy |",
+    ]
+    out += [
         "", "## Cookies", "",
         f"`cookie = generation << {cookies.GENERATION_SHIFT} | category << {cookies.CATEGORY_SHIFT} | object id`",
         "(16, 8 and 40 bits). The generation is bumped at every agent start and stored in the bridge's",
@@ -101,7 +120,10 @@ def render() -> str:
     flows = (pods.static_flows(EXAMPLE_NODE) + gateway.gateway_flows(EXAMPLE_NODE)
              + [f for p in EXAMPLE_PODS for f in pods.pod_flows(EXAMPLE_NODE, p)]
              + nodes.remote_flows(EXAMPLE_NODE, EXAMPLE_REMOTE, "routed")
-             + services.static_flows(EXAMPLE_PROXY) + svc_flows + policy_example_flows())
+             + services.static_flows(EXAMPLE_PROXY) + svc_flows
+             + [f for key in sorted(services.shared_keys(EXAMPLE_PROXY, EXAMPLE_SERVICE, EXAMPLE_ENDPOINTS))
+                for f in services.shared_flows(EXAMPLE_PROXY, key)]
+             + policy_example_flows())
     out += [
         "", "## Example flows", "",
         f"Node `{EXAMPLE_NODE.name}`, pod CIDR {EXAMPLE_NODE.pod_cidr}, gateway {EXAMPLE_NODE.gateway_ip} "

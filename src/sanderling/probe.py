@@ -56,6 +56,8 @@ def _bind_in(sock: socket.socket, ports: tuple[int, int] | None) -> None:
         return
     import random
 
+    # a chosen port may still have a TIME_WAIT socket of an earlier connection to another peer
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     for _ in range(50):
         try:
             sock.bind(("0.0.0.0", random.randint(*ports)))
@@ -76,9 +78,9 @@ def connect(proto: str, host: str, port: int, timeout: float, send: bytes = b"pr
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         _bind_in(s, source_ports)
         s.settimeout(timeout)
-        s.sendto(send, (host, port))
-        data, _ = s.recvfrom(256)
-        return data.decode().strip()
+        s.connect((host, port))  # as DNS clients do: an answer from any other address is dropped
+        s.send(send)
+        return s.recv(256).decode().strip()
 
 
 def spread(proto: str, host: str, port: int, count: int, timeout: float) -> dict[str, int]:
@@ -132,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("port", type=int)
     c.add_argument("--timeout", type=float, default=1.0)
     c.add_argument("--whoami", action="store_true", help="udp: the server answers with the source it sees")
+    c.add_argument("--source-port", type=int, default=0, help="bind this source port (default: the kernel picks)")
     sp = sub.add_parser("spread", help="N connections; print JSON {server name: count}")
     sp.add_argument("proto", choices=["tcp", "udp"])
     sp.add_argument("host")
@@ -159,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         send = b"whoami\n" if args.whoami else b"probe\n"
-        print(connect(args.proto, args.host, args.port, args.timeout, send))
+        ports = (args.source_port, args.source_port) if args.source_port else None
+        print(connect(args.proto, args.host, args.port, args.timeout, send, ports))
         return 0
     except OSError as exc:
         print(f"{args.proto} {args.host}:{args.port}: {exc}", file=sys.stderr)

@@ -31,6 +31,9 @@ def test_pod_flows_golden():
         "table=15,priority=200,ip,dl_dst=0a:58:0a:f4:00:01,nw_dst=10.244.1.10 actions=set_field:0a:58:0a:f4:00:01"
         "->dl_src,set_field:0a:58:0a:f4:01:0a->dl_dst,dec_ttl,load:0x3->NXM_NX_REG1[],goto_table:16",
         "table=16,priority=210,reg1=0x3,in_port=3 actions=IN_PORT",
+        # a new direct connection to a service target port: tracked in the DNAT zone with a null SNAT
+        "table=5,priority=4,ip,reg0=0x40/0x40,ct_state=+new+trk,nw_src=10.244.1.10 actions=ct(commit,zone=65520,"
+        "table=9,nat(src=10.244.1.10),exec(load:0x1->NXM_NX_CT_MARK[1]))",
     ])
 
 

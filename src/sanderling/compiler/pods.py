@@ -10,13 +10,14 @@ from __future__ import annotations
 from sanderling.model.network import NodeNetwork, PodPort
 from sanderling.openflow import cookies, ir
 from sanderling.openflow.pipeline import PIPELINE, Pipeline
-from sanderling.openflow.registers import FROM_POD, TARGET_OFPORT
+from sanderling.openflow.registers import CT_MARK_DIRECT, DNAT_ZONE, FROM_POD, TARGET_OFPORT, TO_TARGET_PORT
 
 ARP_REQUEST = 1
 ARP_REPLY = 2
 
 PRIO_HIGH = 200
 PRIO_ARP_DROP = 190
+PRIO_DIRECT_COMMIT = 4  # in ServiceLB: below every service flow, so only what is not a service connection
 
 
 def arp_reply_actions(gateway_mac: str, answer_ip: int) -> tuple[ir.Action, ...]:
@@ -68,4 +69,24 @@ def pod_flows(node: NodeNetwork, pod: PodPort, pipeline: Pipeline = PIPELINE) ->
         # port unless told to with IN_PORT
         ir.Flow(pipeline["Output"], PRIO_HIGH + 10, ir.match(TARGET_OFPORT.equals(port), in_port=port),
                 (ir.Output(ir.IN_PORT),), cookie),
+        direct_commit_flow(pod, cookie, pipeline),
     ]
+
+
+def direct_commit_flow(pod: PodPort, cookie: int, pipeline: Pipeline = PIPELINE) -> ir.Flow:
+    """A new direct connection of this pod to a service target port (not to a service address) is
+    committed in the DNAT zone with a null SNAT to the pod's own address.
+
+    Why: replies from target ports go through the DNAT zone (they may belong to service
+    connections). Without its own entry there, a direct connection that reuses the 5-tuple of a
+    recent service connection to the same endpoint had its replies taken for that connection's
+    and rewritten to the service address (a pod-IP TCP path lost while the entry lived). With it,
+    conntrack sees both and, as Linux conntrack's NAT clash handling does, gives the newcomer
+    another source port when the reply tuples would collide, in either order.
+    """
+    ip = int(pod.ip)
+    bit = CT_MARK_DIRECT.bit_length() - 1
+    commit = ir.CT(commit=True, zone=DNAT_ZONE, table=pipeline["PolicyConntrack"], nat=ir.Nat("src", ip, ip),
+                   exec_=(ir.Load(ir.FieldRef("ct_mark", bit, bit), 1),))
+    return ir.Flow(pipeline["ServiceLB"], PRIO_DIRECT_COMMIT,
+                   ir.match(TO_TARGET_PORT, proto="ip", ct_state="+new+trk", nw_src=ip), (commit,), cookie)

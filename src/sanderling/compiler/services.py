@@ -33,18 +33,22 @@ from sanderling.openflow import fields as F
 from sanderling.openflow.pipeline import PIPELINE, Pipeline
 from sanderling.openflow.registers import (
     AFFINITY_HIT,
+    CT_MARK_DIRECT,
     CT_MARK_MASQ,
     DNAT_ZONE,
     ENDPOINT_IP,
     ENDPOINT_PORT,
     FROM_GATEWAY,
+    FROM_POD,
     MASQUERADE,
     REMEMBERED,
     SERVICE_GROUP,
     SERVICE_MASQ,
     SNAT_ZONE,
+    TO_TARGET_PORT,
 )
 
+PRIO_DIRECT_REQUEST = 215  # Conntrack: a local pod's request to a target port (above the replies from one)
 PRIO_HOST = 220
 PRIO_POD = 210
 PRIO_ANY = 200
@@ -85,6 +89,11 @@ def static_flows(cfg: ProxyConfig, pipeline: Pipeline = PIPELINE) -> list[ir.Flo
                 cookie),
         ir.Flow(pipeline["AffinitySelect"], PRIO_ANY, ir.match(REMEMBERED), (ir.Goto(pipeline["EndpointDNAT"]),),
                 cookie),
+        # replies of direct connections tracked in the DNAT zone (see pods.direct_commit_flow) are
+        # pod-to-pod traffic: they go through policy like any other
+        ir.Flow(pipeline["ServiceLB"], 7, ir.match(proto="ip", ct_state="+trk+rpl",
+                                                   ct_mark=(CT_MARK_DIRECT, CT_MARK_DIRECT)),
+                (ir.Goto(pipeline["PolicyConntrack"]),), cookie),
         # replies of service connections: their request passed policy (checked after DNAT, on the
         # translated tuple, which the reply no longer has here): past policy, straight to ServiceMasq
         ir.Flow(pipeline["ServiceLB"], 6, ir.match(proto="ip", ct_state="+trk+rpl"),
@@ -152,7 +161,9 @@ def shared_keys(cfg: ProxyConfig, svc: Service, endpoints: Mapping[ServicePort, 
       connection, so it goes through conntrack. Only service traffic pays for conntrack: requests
       are recognized by their destination (service CIDR, node ports, external and LoadBalancer
       IPs), replies by their source port being a service's target port; pod-to-pod traffic on
-      other ports never leaves the fast path.
+      other ports never leaves the fast path. A local pod's request to a target port goes through
+      the same zone (marked TO_TARGET_PORT): if it is not a service connection, the pod's
+      direct-commit flow tracks it, so its replies are never mistaken for a service connection's.
     - `service-hairpin/<address>`: a local endpoint reaching itself through a service is SNATed.
     """
     keys: set[str] = set()
@@ -171,7 +182,10 @@ def shared_flows(cfg: ProxyConfig, key: str, pipeline: Pipeline = PIPELINE) -> l
     if kind == "service-reply":
         proto, port = rest.split("/")
         return [ir.Flow(pipeline["Conntrack"], PRIO_POD, _fast_match(proto=proto, tp_src=int(port)),
-                        _TRACK(pipeline), cookie)]
+                        _TRACK(pipeline), cookie),
+                ir.Flow(pipeline["Conntrack"], PRIO_DIRECT_REQUEST,
+                        _fast_match(FROM_POD, proto=proto, tp_dst=int(port)),
+                        (TO_TARGET_PORT.load(), *_TRACK(pipeline)), cookie)]
     if kind == "service-hairpin":
         ip = int(rest, 16)
         masq = int(cfg.masq_ip)

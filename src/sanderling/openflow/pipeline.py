@@ -43,11 +43,16 @@ TABLES: tuple[Table, ...] = (
     Table("Conntrack", "conntrack", Miss.NEXT,
           "Service traffic goes through the DNAT zone with nat: requests by their destination (service "
           "CIDR, node ports, external and LoadBalancer IPs), replies by their source (an endpoint's "
-          "address and port); existing connections are translated there. Other traffic skips conntrack."),
+          "address and port); existing connections are translated there. A local pod's request to a "
+          "service target port goes through the same zone, so a direct connection has an entry of its own "
+          "there (committed in ServiceLB) and its replies are never taken for a service connection's. "
+          "Other traffic skips conntrack."),
     Table("ServiceLB", "services", Miss.NEXT,
           "New connections to a service address and port go to the service's select group (one "
           "bucket per endpoint), or first to SessionAffinity for ClientIP affinity; a service with no "
-          "usable endpoint is rejected, an unused address of the service CIDR dropped. Other "
+          "usable endpoint is rejected, an unused address of the service CIDR dropped. A new direct "
+          "connection of a local pod to a target port is committed with a null SNAT (conntrack moves its "
+          "source port if its reply tuple would collide with a service connection's, as Linux does). Other "
           "traffic continues at PolicyConntrack.", miss_to="PolicyConntrack"),
     Table("SessionAffinity", "services", Miss.DROP,
           "Learned flows (one per client, service and port, idle timeout = the affinity timeout) "

@@ -71,12 +71,14 @@ TARGET_OFPORT = RegField("TARGET_OFPORT", 1, 0, 31, "OpenFlow port the packet le
 
 SERVICE_MASQ = RegField("SERVICE_MASQ", 0, 4, 4, "1: this new service connection must be masqueraded (SNAT)")
 AFFINITY_HIT = RegField("AFFINITY_HIT", 0, 5, 5, "1: SessionAffinity found this client's endpoint")
+DIRECT_TARGET = RegField("DIRECT_TARGET", 0, 6, 6,
+                         "1: a local pod's packet to a service target port, tracked in the DNAT zone")
 ENDPOINT_IP = RegField("ENDPOINT_IP", 2, 0, 31, "the endpoint a service's group bucket chose")
 ENDPOINT_PORT = RegField("ENDPOINT_PORT", 3, 0, 15, "the chosen endpoint's port")
 SERVICE_GROUP = RegField("SERVICE_GROUP", 4, 0, 31, "the service port (its group id) the endpoint was chosen for")
 
-REG_FIELDS: tuple[RegField, ...] = (PORT_CLASS, TARGET_OFPORT, SERVICE_MASQ, AFFINITY_HIT, ENDPOINT_IP, ENDPOINT_PORT,
-                                    SERVICE_GROUP)
+REG_FIELDS: tuple[RegField, ...] = (PORT_CLASS, TARGET_OFPORT, SERVICE_MASQ, AFFINITY_HIT, DIRECT_TARGET, ENDPOINT_IP,
+                                    ENDPOINT_PORT, SERVICE_GROUP)
 
 FROM_POD = RegMark("FROM_POD", PORT_CLASS, 1, "the packet came from a local pod's port")
 FROM_GATEWAY = RegMark("FROM_GATEWAY", PORT_CLASS, 2, "the packet came from the node's gateway (host) port")
@@ -84,14 +86,18 @@ FROM_UPLINK = RegMark("FROM_UPLINK", PORT_CLASS, 3, "the packet came from the up
 
 REMEMBERED = RegMark("REMEMBERED", AFFINITY_HIT, 1, "the client's endpoint comes from session affinity")
 MASQUERADE = RegMark("MASQUERADE", SERVICE_MASQ, 1, "rewrite the source to the node's masquerade address")
+TO_TARGET_PORT = RegMark("TO_TARGET_PORT", DIRECT_TARGET, 1,
+                         "a local pod's request to a service target port (a new one not to a service address is "
+                         "committed with a null SNAT, so its reply tuple never collides with a service connection's)")
 
-REG_MARKS: tuple[RegMark, ...] = (FROM_POD, FROM_GATEWAY, FROM_UPLINK, MASQUERADE, REMEMBERED)
+REG_MARKS: tuple[RegMark, ...] = (FROM_POD, FROM_GATEWAY, FROM_UPLINK, MASQUERADE, REMEMBERED, TO_TARGET_PORT)
 
 # conntrack: zones and ct_mark bits, named once
 DNAT_ZONE = 0xFFF0  # service DNAT (and, later, policy) connections
 SNAT_ZONE = 0xFFF1  # masqueraded service connections
 POLICY_ZONE = 0xFFF2  # connections of pods isolated by a NetworkPolicy
 CT_MARK_MASQ = 0x1  # ct_mark bit: the connection was masqueraded, re-SNAT its later packets
+CT_MARK_DIRECT = 0x2  # ct_mark bit: a direct (not service) connection tracked in the DNAT zone; replies see policy
 
 
 def check_no_overlap() -> None:

@@ -1,0 +1,86 @@
+"""A direct pod-IP connection never depends on an earlier Service connection (issue 21).
+
+Replies from a service target port go through the DNAT zone, because they may belong to a service
+connection. Before the fix, a direct connection from the source port of a recent (closed, still in
+conntrack) service connection to the same endpoint had its replies taken for that connection's:
+the SYN-ACK reached the client from the service address, the client's TIME_WAIT socket answered
+with an ACK the server reset, and the pod-IP path failed for as long as OVS kept the entry. Here
+each (endpoint on this node / on the other node, TCP / connected UDP, order) reuses one source
+port for a service connection and a direct one, and both must answer.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from .conftest import LabCli
+
+NAME = "sltestreuse"
+lab = LabCli(NAME)
+
+
+def _pod(name: str, node: str, ports: str) -> str:
+    return (f"---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: reuse, labels: {{app: {name}}}}}\n"
+            f"spec: {{nodeName: {node}, containers: [{{name: c, image: none, ports: {ports}}}]}}\n")
+
+
+def _service(name: str) -> str:
+    return (f"---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: reuse}}\n"
+            f"spec: {{selector: {{app: {name}}}, ports: [{{name: t, port: 80, targetPort: 8080}}, "
+            f"{{name: u, port: 81, protocol: UDP, targetPort: 8081}}]}}\n")
+
+
+SERVER_PORTS = "[{containerPort: 8080}, {containerPort: 8081, protocol: UDP}]"
+OBJECTS = ("apiVersion: v1\nkind: Namespace\nmetadata: {name: reuse}\n"
+           + _pod("client", "node1", "[]") + _pod("near", "node1", SERVER_PORTS) + _pod("far", "node2", SERVER_PORTS)
+           + _service("near") + _service("far"))
+
+
+def _connect(proto: str, host: str, port: int, source_port: int) -> str:
+    out = lab("exec", "reuse/client", "--", sys.executable, "-m", "sanderling.probe", "connect", proto, host,
+              str(port), "--timeout", "2", "--source-port", str(source_port))
+    return out.stdout.strip() if out.returncode == 0 else f"failed: {out.stderr.strip()}"
+
+
+def _service_ips() -> dict[str, str]:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        items = json.loads(lab("get", "services", "-n", "reuse", "-o", "json").stdout or "[]")
+        ips = {s["metadata"]["name"]: s["spec"].get("clusterIP") for s in items}
+        if len(ips) == 2 and all(ips.values()):
+            return ips
+        time.sleep(0.2)
+    raise AssertionError("services got no ClusterIP")
+
+
+def _until_answers(proto: str, host: str, port: int, want: str) -> None:
+    """The agents program services asynchronously: wait until the service answers at all."""
+    deadline = time.monotonic() + 30
+    while _connect(proto, host, port, 0) != want:
+        assert time.monotonic() < deadline, f"{proto} {host}:{port} never answered {want}"
+
+
+def test_direct_connection_reusing_a_service_connections_ports(tmp_path):
+    manifest = tmp_path / "reuse.yaml"
+    manifest.write_text(OBJECTS)
+    try:
+        ips = lab.up_with(2, manifest, 3, namespace="reuse")
+        vips = _service_ips()
+        outcomes = {}
+        source_port = 42000
+        for server in ("near", "far"):
+            for proto, vport, tport in (("tcp", 80, 8080), ("udp", 81, 8081)):
+                _until_answers(proto, vips[server], vport, server)
+                for order in ("service first", "direct first"):
+                    source_port += 1
+                    steps = [("service", vips[server], vport), ("direct", ips[server], tport)]
+                    if order == "direct first":
+                        steps.reverse()
+                    for what, host, port in steps:
+                        outcomes[(server, proto, order, what)] = _connect(proto, host, port, source_port)
+        wrong = {k: v for k, v in outcomes.items() if v != k[0]}
+        assert not wrong, f"{len(wrong)} of {len(outcomes)} connections failed: {wrong}"
+    finally:
+        lab("down")
