@@ -47,6 +47,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _conformance(args: argparse.Namespace) -> int:
+    if args.repeat != 1 and args.suite != "netpol":
+        print(f"--repeat applies to the netpol suite (real traffic on a lab), not to {args.suite}", file=sys.stderr)
+        return 2
     if args.suite == "proxy":
         from sanderling.conformance import proxy
 
@@ -54,7 +57,7 @@ def _conformance(args: argparse.Namespace) -> int:
     if args.suite == "netpol":
         from sanderling.conformance import netpol
 
-        return netpol.run(args.files)
+        return netpol.run(args.files, repeat=args.repeat)
     from sanderling.conformance import cni
 
     return cni.run(args.files, args.only)
@@ -85,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("suite", choices=["cni", "proxy", "netpol"])
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("--only", action="append", help="run only the case with this id (repeatable)")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="netpol soak: run the files N times on one lab and report every flake with its round")
     p.set_defaults(func=_conformance)
 
     bench.add_parser(sub)

@@ -281,8 +281,10 @@ def _replace_labels(current: dict[str, str] | None, wanted: dict[str, str]) -> d
 
 
 def check_step(runner: Runner, case_id: str, step: dict[str, Any], order: list[str], ignore_loopback: bool
-               ) -> tuple[int, int]:
-    passed = failed = 0
+               ) -> tuple[int, list[str]]:
+    """Probe every expectation of one step; (matrices passed, one line per failed matrix)."""
+    passed = 0
+    failures: list[str] = []
     for key, expect in (step.get("expect") or {}).items():
         proto, port_text = key.split("/")
         port = int(port_text)
@@ -300,38 +302,55 @@ def check_step(runner: Runner, case_id: str, step: dict[str, Any], order: list[s
             wrong = [f"{s}->{d} expected {int(want[(s, d)])} got {int(v)}" for (s, d), v in sorted(got.items())
                      if (s, d) in want and not (ignore_loopback and s == d) and want[(s, d)] != v]
             if wrong:
-                failed += 1
-                print(f"FAIL {label} {how}: {len(wrong)} of {len(got)} pairs wrong: {'; '.join(wrong[:6])}",
-                      flush=True)
+                line = f"{label} {how}: {len(wrong)} of {len(got)} pairs wrong: {'; '.join(wrong[:6])}"
+                failures.append(line)
+                print(f"FAIL {line}", flush=True)
             else:
                 passed += 1
                 print(f"PASS {label} {how}", flush=True)
-    return passed, failed
+    return passed, failures
 
 
-def run(paths: list[Path], keep: bool = False) -> int:
+def run(paths: list[Path], keep: bool = False, repeat: int = 1) -> int:
+    """Every file's steps on one 3-node lab; with repeat > 1 (soak), all files again, `repeat` times
+    on the same lab, and every failed matrix reported with its round at the end."""
+    if repeat < 1:
+        raise ValueError("--repeat must be at least 1")
     lab = Lab(NAME, lambda m: print(f"... {m}", file=sys.stderr, flush=True))
     lab.down(quiet=True)
-    passed = failed = 0
+    rounds: list[tuple[int, list[str]]] = []
     try:
         lab.up(3, "routed")
         runner = Runner(lab)
-        for path in paths:
-            case = yaml.safe_load(path.read_text())
-            case_id = case.get("id", path.stem)
-            runner.setup(case["topology"])
-            order = str(case.get("matrix_format", "")).split("order ", 1)[-1].split(";")[0].split()
-            order = [o for o in order if "/" in o] or runner.order
-            for step in case.get("steps") or []:
-                for action in step.get("actions") or []:
-                    runner.act(action)
-                time.sleep(SETTLE_S)
-                p, f = check_step(runner, case_id, step, order, bool(case.get("ignore_loopback", True)))
-                passed += p
-                failed += f
-            runner.delete_all_policies()
+        for round_no in range(1, repeat + 1):
+            if repeat > 1:
+                print(f"=== round {round_no} of {repeat}", flush=True)
+            passed, failures = 0, []
+            for path in paths:
+                case = yaml.safe_load(path.read_text())
+                case_id = case.get("id", path.stem)
+                runner.setup(case["topology"])
+                order = str(case.get("matrix_format", "")).split("order ", 1)[-1].split(";")[0].split()
+                order = [o for o in order if "/" in o] or runner.order
+                for step in case.get("steps") or []:
+                    for action in step.get("actions") or []:
+                        runner.act(action)
+                    time.sleep(SETTLE_S)
+                    p, f = check_step(runner, case_id, step, order, bool(case.get("ignore_loopback", True)))
+                    passed += p
+                    failures += f
+                runner.delete_all_policies()
+            rounds.append((passed, failures))
     finally:
         if not keep:
             lab.down(quiet=True)
+    passed = sum(p for p, _ in rounds)
+    failed = sum(len(f) for _, f in rounds)
+    if repeat > 1:
+        for round_no, (p, f) in enumerate(rounds, 1):
+            print(f"round {round_no}: {p} passed, {len(f)} failed")
+        flakes = [(round_no, line) for round_no, (_, f) in enumerate(rounds, 1) for line in f]
+        for round_no, line in flakes:
+            print(f"flake in round {round_no}: {line}")
     print(f"{passed} passed, {failed} failed")
     return 1 if failed else 0
