@@ -75,3 +75,16 @@ def test_affinity_longer_than_openflow_holds_is_clamped_and_encodes():
         encoder.flow_mod(flow, i, flow.cookie)
     for group in groups:
         encoder.group_mod(group, 1)
+
+
+def test_every_packet_in_of_the_service_pipeline_is_metered():
+    """Refusals go to the agent as packet-ins: all of them through the reject meter, so a pod
+    flooding an unserved port cannot saturate the agent (issue 20)."""
+    from sanderling.openflow import ir
+
+    svc = service_from({"metadata": {"namespace": "a", "name": "s"},
+                        "spec": {"clusterIP": "10.96.0.5", "ports": [{"name": "http", "port": 80}]}})
+    assert svc is not None
+    flows, _ = compiler.service_flows(CFG, svc, {}, lambda k: 1)
+    controllers = [a for f in [*compiler.static_flows(CFG), *flows] for a in f.actions if isinstance(a, ir.Controller)]
+    assert controllers and all(a.meter_id == compiler.REJECT_METER for a in controllers)

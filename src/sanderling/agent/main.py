@@ -156,6 +156,10 @@ def start_proxy(client: Any, cfg: Any, controller: NodeController, args: argpars
             None, lambda: api.event(namespace, name, "InvalidService", message, args.node, kind="Warning",
                                     involved_kind="Service"))
 
+    from sanderling.compiler.services import REJECT_METER, REJECT_RATE_PPS
+    from sanderling.openflow.ir import Meter
+
+    controller.meters.append(Meter(REJECT_METER, REJECT_RATE_PPS, REJECT_RATE_PPS // 4))
     proxy = ServiceProxy(cfg, controller.realizer, controller.kick, report,
                          schedule=asyncio.get_running_loop().call_soon)
     health = HealthChecks(cfg.node_name)

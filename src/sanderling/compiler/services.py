@@ -57,6 +57,10 @@ PRIO_RANGE_DROP = 190
 PRIO_UNKNOWN_PORT = 100
 PRIO_SERVICE_CIDR = 10
 REJECT_REASON_ACTION = 1  # OFPR_ACTION
+# refusals are packet-ins: one meter for all of them, so a pod flooding an unserved service port
+# costs the agent at most REJECT_RATE_PPS answers a second (the rest are dropped, the client times out)
+REJECT_METER = 2
+REJECT_RATE_PPS = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +89,8 @@ def static_flows(cfg: ProxyConfig, pipeline: Pipeline = PIPELINE) -> list[ir.Flo
         ir.Flow(pipeline["ServiceMasq"], 200, ir.match(MASQUERADE, proto="ip", ct_state="+trk"), (to_snat,), cookie),
         ir.Flow(pipeline["ServiceMasq"], 190,
                 ir.match(proto="ip", ct_state="+trk-rpl", ct_mark=(CT_MARK_MASQ, CT_MARK_MASQ)), (to_snat,), cookie),
-        ir.Flow(pipeline["Reject"], 10, ir.Match(), (ir.Controller(max_len=256, reason=REJECT_REASON_ACTION),),
-                cookie),
+        ir.Flow(pipeline["Reject"], 10, ir.Match(),
+                (ir.Controller(max_len=256, reason=REJECT_REASON_ACTION, meter_id=REJECT_METER),), cookie),
         ir.Flow(pipeline["AffinitySelect"], PRIO_ANY, ir.match(REMEMBERED), (ir.Goto(pipeline["EndpointDNAT"]),),
                 cookie),
         # replies of direct connections tracked in the DNAT zone (see pods.direct_commit_flow) are

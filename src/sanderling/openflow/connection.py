@@ -69,6 +69,7 @@ class Connection:
         self._reader_task: asyncio.Task[None] | None = None
         self._echo_task: asyncio.Task[None] | None = None
         self.datapath_id = 0
+        self.decode_errors = 0  # messages from the switch that did not parse (logged and dropped)
 
     @classmethod
     async def open(cls, target: str, timeout: float = 5.0, echo_interval: float = 2.0) -> Connection:
@@ -265,7 +266,20 @@ class Connection:
             self._mark_closed()
 
     def _dispatch(self, msg: bytes) -> None:
+        """Hand one message to whoever waits for it; a message that does not parse is logged with
+        its type and dropped (a waiter for its xid gets the error), and the session goes on."""
         _, mtype, _, xid = D.parse_header(msg)
+        try:
+            self._dispatch_parsed(msg, mtype, xid)
+        except D.DecodeError as exc:
+            self.decode_errors += 1
+            log.warning("openflow %s: message type %d xid %d ignored: %s", self.name, mtype, xid, exc)
+            for waiters in (self._pending, self._multipart_waiters):
+                fut = waiters.get(xid)
+                if fut is not None and not fut.done():
+                    fut.set_exception(exc)
+
+    def _dispatch_parsed(self, msg: bytes, mtype: int, xid: int) -> None:
         if mtype == E.OFPT_ECHO_REQUEST:
             self._writer.write(E.echo_reply(xid, msg[8:]))
         elif mtype == E.OFPT_ERROR:

@@ -6,8 +6,11 @@ multipart replies for flow, port and group statistics.
 
 from __future__ import annotations
 
+import functools
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from sanderling.openflow import encoder as E
 from sanderling.openflow import fields as F
@@ -19,6 +22,46 @@ ERROR_TYPES = {
     9: "QUEUE_OP_FAILED", 10: "SWITCH_CONFIG_FAILED", 11: "ROLE_REQUEST_FAILED",
     12: "METER_MOD_FAILED", 13: "TABLE_FEATURES_FAILED", 0xFFFF: "EXPERIMENTER",
 }
+
+
+class DecodeError(ValueError):
+    """A message from the switch that does not parse (truncated, a length field that lies, a
+    zero-length entry). Raised for that message alone: the session logs it and goes on."""
+
+
+_T = TypeVar("_T")
+
+
+def _decoder(what: str) -> Callable[[Callable[..., _T]], Callable[..., _T]]:
+    """Turn any parsing failure of `what` into a DecodeError naming it."""
+    def wrap(parse: Callable[..., _T]) -> Callable[..., _T]:
+        @functools.wraps(parse)
+        def run(data: bytes, *args: object) -> _T:
+            try:
+                return parse(data, *args)
+            except DecodeError:
+                raise
+            except (struct.error, IndexError, ValueError, KeyError) as exc:
+                raise DecodeError(f"malformed {what} ({len(data)} bytes): {exc}") from None
+        return run
+    return wrap
+
+
+def _entry_length(data: bytes, pos: int, end: int, minimum: int, what: str) -> int:
+    """The length of the stats entry at pos, checked: never zero (a loop that would not advance),
+    never past the message."""
+    entry_len = struct.unpack_from("!H", data, pos)[0]
+    if entry_len < minimum or pos + entry_len > end:
+        raise DecodeError(f"{what} entry at offset {pos} claims {entry_len} bytes "
+                          f"(at least {minimum}, at most {end - pos})")
+    return entry_len
+
+
+def _message_end(data: bytes) -> int:
+    length = parse_header(data)[2]
+    if length > len(data):
+        raise DecodeError(f"message claims {length} bytes, has {len(data)}")
+    return length
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,11 +120,13 @@ class GroupStats:
     bucket_packets: tuple[int, ...]
 
 
+@_decoder("OpenFlow header")
 def parse_header(data: bytes) -> tuple[int, int, int, int]:
     """(version, type, length, xid)."""
     return struct.unpack_from("!BBHI", data, 0)
 
 
+@_decoder("ERROR")
 def parse_error(data: bytes) -> ErrorMsg:
     _, _, length, xid = parse_header(data)
     etype, code = struct.unpack_from("!HH", data, 8)
@@ -92,12 +137,16 @@ def parse_oxm(data: bytes, offset: int) -> tuple[ir.Match, int]:
     """Parse an ofp_match at offset; return the match and the offset after its padding."""
     mtype, length = struct.unpack_from("!HH", data, offset)
     end = offset + length
+    if length < 4 or end > len(data):
+        raise DecodeError(f"match at offset {offset} claims {length} bytes, {len(data) - offset} left")
     pos = offset + 4
     items: list[ir.MatchItem] = []
     while pos + 4 <= end:
         hdr = struct.unpack_from("!I", data, pos)[0]
         cls, fld, hasmask, ln = hdr >> 16, (hdr >> 9) & 0x7F, (hdr >> 8) & 1, hdr & 0xFF
         pos += 4
+        if pos + ln > end:
+            raise DecodeError(f"match field at offset {pos - 4} runs past its match")
         spec = F.FIELDS_BY_HEADER.get((cls, fld))
         if spec is None:
             pos += ln
@@ -114,37 +163,47 @@ def parse_oxm(data: bytes, offset: int) -> tuple[ir.Match, int]:
     return ir.Match(tuple(items)), offset + ((length + 7) // 8) * 8
 
 
+@_decoder("PACKET_IN")
 def parse_packet_in(data: bytes) -> PacketIn:
+    end = _message_end(data)
+    data = data[:end]
     buffer_id, total_len, reason, table_id, cookie = struct.unpack_from("!IHBBQ", data, 8)
     match, pos = parse_oxm(data, 24)
+    if pos + 2 > end:
+        raise DecodeError("PACKET_IN ends inside its match padding")
     return PacketIn(buffer_id, total_len, reason, table_id, cookie, match, data[pos + 2:])
 
 
+@_decoder("FEATURES_REPLY")
 def parse_features(data: bytes) -> int:
     """datapath id."""
     return struct.unpack_from("!Q", data, 8)[0]
 
 
+@_decoder("bundle reply")
 def parse_bundle_reply(data: bytes) -> tuple[int, int]:
     """(bundle_id, ctrl_type) of an ONF bundle-control reply."""
     experimenter, exp_type, bundle_id, ctrl_type = struct.unpack_from("!IIIH", data, 8)
     if experimenter != E.ONF or exp_type != E.ONFT_BUNDLE_CONTROL:
-        raise ValueError("not a bundle control message")
+        raise DecodeError("not a bundle control message")
     return bundle_id, ctrl_type
 
 
+@_decoder("MULTIPART_REPLY")
 def multipart_header(data: bytes) -> tuple[int, bool]:
     """(multipart type, more-follows flag)."""
     mp_type, flags = struct.unpack_from("!HH", data, 8)
     return mp_type, bool(flags & 1)
 
 
+@_decoder("flow stats reply")
 def parse_flow_stats(data: bytes) -> list[FlowStats]:
-    _, _, length, _ = parse_header(data)
+    length = _message_end(data)
     pos = 16
     out = []
     while pos < length:
-        (entry_len, table_id, dsec, _dnsec, priority, _idle, _hard, _flags, cookie, packets,
+        entry_len = _entry_length(data, pos, length, 56, "flow stats")
+        (_, table_id, dsec, _dnsec, priority, _idle, _hard, _flags, cookie, packets,
          nbytes) = struct.unpack_from("!HBxIIHHHH4xQQQ", data, pos)
         match, _ = parse_oxm(data, pos + 48)
         out.append(FlowStats(table_id, priority, cookie, packets, nbytes, dsec, match))
@@ -152,8 +211,9 @@ def parse_flow_stats(data: bytes) -> list[FlowStats]:
     return out
 
 
+@_decoder("port stats reply")
 def parse_port_stats(data: bytes) -> list[PortStats]:
-    _, _, length, _ = parse_header(data)
+    length = _message_end(data)
     pos = 16
     out = []
     while pos + 112 <= length:
@@ -163,12 +223,14 @@ def parse_port_stats(data: bytes) -> list[PortStats]:
     return out
 
 
+@_decoder("group stats reply")
 def parse_group_stats(data: bytes) -> list[GroupStats]:
-    _, _, length, _ = parse_header(data)
+    length = _message_end(data)
     pos = 16
     out = []
     while pos < length:
-        entry_len, group_id, _ref, packets, nbytes = struct.unpack_from("!H2xII4xQQ", data, pos)
+        entry_len = _entry_length(data, pos, length, 40, "group stats")
+        _, group_id, _ref, packets, nbytes = struct.unpack_from("!H2xII4xQQ", data, pos)
         buckets = []
         bpos = pos + 40
         while bpos + 16 <= pos + entry_len:
