@@ -109,6 +109,9 @@ def peer_strategy():
         st.builds(lambda s, n: {"podSelector": s, "namespaceSelector": n}, selectors, ns_selectors),
         st.builds(lambda last: {"ipBlock": {"cidr": "10.244.7.0/24", "except": [f"10.244.7.{last}/32"]}},
                   st.integers(10, 17)),
+        # what this IPv4 pipeline cannot carry: must allow nothing, never lift isolation (fail closed)
+        st.just({"ipBlock": {"cidr": "fd00::/64"}}),
+        st.just({"ipBlock": {"cidr": "10.244.7.0/24", "except": ["fd00::1/128"]}}),
     )
 
 
@@ -253,3 +256,43 @@ def test_ovs_verdict_equals_kubernetes_semantics(dummy_ovs, dummy_db, world, tie
     finally:
         tiers.stop()
         bridge.delete()
+
+
+def test_untranslatable_rules_fail_closed(dummy_ovs, dummy_db):
+    """Issue 20: a policy with rules this IPv4 pipeline cannot carry (an IPv6 ipBlock, a port of the
+    wrong type) keeps its pods isolated and allows only what it could translate; before, the whole
+    policy was dropped and its pods lost isolation."""
+    require_ovs()
+    ns_labels = {"x": {"kubernetes.io/metadata.name": "x"}}
+    pods = [{"ns": "x", "name": f"p{i}", "labels": {"app": "a" if i == 0 else "b"}, "ip": f"10.244.7.{10 + i}",
+             "ofport": i + 1} for i in range(3)]
+    policy = {"metadata": {"namespace": "x", "name": "v6"}, "spec": {
+        "podSelector": {"matchLabels": {"app": "a"}}, "policyTypes": ["Ingress"],
+        "ingress": [{"from": [{"ipBlock": {"cidr": "fd00::/64"}}]},  # IPv6 only: allows nothing here
+                    {"from": [{"podSelector": {"matchLabels": {"app": "b"}}}], "ports": [{"port": ["80"]}]},
+                    {"from": [{"ipBlock": {"cidr": "10.244.7.12/32", "except": ["fd00::1/128"]}}],
+                     "ports": [{"port": 81}]}]}}
+    reports: list = []
+    bridge = Bridge(dummy_ovs, dummy_db, "fc", 3)
+    try:
+        async def install():
+            conn = await Connection.open(bridge.target)
+            realizer = Realizer(1)
+            realizer.set_object("static", pod_compiler.static_flows(NODE))
+            for p in pods:
+                port = PodPort.build(p["ns"], p["name"], p["ofport"], mac(p), p["ip"])
+                realizer.set_object(port.key, pod_compiler.pod_flows(NODE, port))
+            agent = PolicyAgent("n1", realizer, lambda: None, report=lambda *a: reports.append(a))
+            feed_cluster(agent, ns_labels, pods)
+            agent.policy_changed("x/v6", policy)
+            await realizer.resync(conn)
+            conn.close()
+        asyncio.run(install())
+        verdicts = {(s, proto, port): ovs_allowed(bridge, pods[s], pods[0], proto, port)
+                    for s in (1, 2) for proto, port in (("TCP", 80), ("TCP", 81))}
+    finally:
+        bridge.delete()
+    # only the IPv4 ipBlock rule (p2, TCP 81) is enforceable; everything else to p0 is denied
+    assert verdicts == {(1, "TCP", 80): False, (1, "TCP", 81): False, (2, "TCP", 80): False, (2, "TCP", 81): True}
+    assert len(reports) == 1 and reports[0][:2] == ("x", "v6")
+    assert "fd00::/64 is IPv6" in reports[0][2] and "spec.ingress[1].ports[0].port" in reports[0][2]

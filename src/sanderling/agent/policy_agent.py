@@ -5,7 +5,8 @@ loop). Each policy's own flows are one realizer object, each clause flow that po
 another (SharedFlows merges them), each isolated local pod another, so the realizer sends only
 what a change really alters (an edit rewrites the shared flows whose conjunctions it changed).
 A policy the model refuses is reported once (log line and a Kubernetes Event) and left out; the
-others keep working.
+others keep working. A policy the model could only partly translate is enforced fail-closed (its
+pods isolated, the untranslatable rules allowing nothing) and reported the same way.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class PolicyAgent:
         self.logged_namespaces: set[str] = set()  # policy.sanderling.io/log: "true": log what is denied
         self.rules_by_cookie: dict[int, str] = {}
         self._errors = ObjectErrors(report)
+        self._unenforced: dict[str, tuple[str, ...]] = {}  # policy -> what was reported as not enforced
         self.rule_ids = RuleIds()
         self.shared = SharedFlows()
         self._scheduled = False
@@ -107,7 +109,20 @@ class PolicyAgent:
     # ---- compile -------------------------------------------------------------------------
 
     def _policy(self, key: str) -> Policy | None:
-        return self._errors.convert(key, self.raw_policies.get(key), policy_from)
+        policy = self._errors.convert(key, self.raw_policies.get(key), policy_from)
+        notes = policy.unenforced if policy is not None else ()
+        if notes and self._unenforced.get(key) != notes:
+            message = (f"networkpolicy/{key}: not fully enforced; its pods stay isolated and only what could be "
+                       f"translated is allowed: {'; '.join(notes)}")
+            log.error("%s", message)
+            if self._errors.report is not None:
+                ns, _, name = key.partition("/")
+                self._errors.report(ns, name, message)
+        if notes:
+            self._unenforced[key] = notes
+        else:
+            self._unenforced.pop(key, None)
+        return policy
 
     def flush(self) -> None:
         """Recompile what changed: one policy after an edit (its flows, and the isolation of the pods

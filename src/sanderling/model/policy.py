@@ -2,8 +2,13 @@
 
 Selectors follow metav1.LabelSelector (matchLabels AND matchExpressions In / NotIn / Exists /
 DoesNotExist; an empty selector selects everything). policyTypes default as the API server
-defaults them: Ingress always, Egress when the policy has egress rules. A malformed policy is a
-ModelError for that policy only.
+defaults them: Ingress always, Egress when the policy has egress rules.
+
+Fail closed: a rule the agent cannot fully translate (an IPv6 ipBlock on this IPv4 pipeline, a
+value of the wrong type, anything unknown) is left out, so it allows nothing, while the policy
+still isolates the pods it selects; `Policy.unenforced` says what was left out and why (the agent
+reports it as an Event). Only a policy whose own podSelector is unreadable is a ModelError: then
+nobody can tell which pods it isolates.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ class Policy:
     ingress: tuple[Rule, ...] | None  # None: the policy does not isolate for ingress
     egress: tuple[Rule, ...] | None
     log: bool = False
+    unenforced: tuple[str, ...] = ()  # what could not be translated (left out: it allows nothing)
 
     @property
     def key(self) -> str:
@@ -105,8 +111,12 @@ def _selector(obj: str, field: str, raw: Any) -> Selector:
     if not isinstance(raw, dict):
         raise ModelError(obj, field, "must be a label selector object")
     labels = raw.get("matchLabels") or {}
+    if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+        raise ModelError(obj, f"{field}.matchLabels", "must map label keys to string values")
     exprs = []
-    for i, e in enumerate(raw.get("matchExpressions") or []):
+    for i, e in enumerate(_list(obj, f"{field}.matchExpressions", raw.get("matchExpressions"))):
+        if not isinstance(e, dict) or not isinstance(e.get("values") or [], list):
+            raise ModelError(obj, f"{field}.matchExpressions[{i}]", "must be an object with key, operator, values")
         op = e.get("operator")
         if op not in ("In", "NotIn", "Exists", "DoesNotExist"):
             raise ModelError(obj, f"{field}.matchExpressions[{i}].operator", f"{op!r} is not In, NotIn, Exists or "
@@ -115,33 +125,93 @@ def _selector(obj: str, field: str, raw: Any) -> Selector:
     return Selector(tuple(sorted((str(k), str(v)) for k, v in labels.items())), tuple(exprs))
 
 
-def _rules(obj: str, field: str, raw: Any, peers_key: str) -> tuple[Rule, ...]:
+def _block(obj: str, field: str, raw: Any, notes: list[str]) -> Peer | None:
+    """An ipBlock peer; None when it cannot match IPv4 traffic at all (an IPv6 CIDR)."""
+    if not isinstance(raw, dict):
+        raise ModelError(obj, field, "must be an object with cidr and except")
+    if not isinstance(raw.get("cidr"), str):
+        raise ModelError(obj, f"{field}.cidr", f"{raw.get('cidr')!r} is not a CIDR string")
+    try:
+        cidr = ipaddress.ip_network(raw["cidr"], strict=False)
+        excepts = [ipaddress.ip_network(str(e), strict=False) for e in _list(obj, f"{field}.except", raw.get("except"))]
+    except (ValueError, TypeError) as exc:
+        raise ModelError(obj, field, str(exc)) from None
+    if not isinstance(cidr, ipaddress.IPv4Network):
+        notes.append(f"{field}: {cidr} is IPv6, which this node's pipeline does not carry (IPv4 only): "
+                     "the peer allows nothing")
+        return None
+    # an IPv6 except cannot take anything out of an IPv4 CIDR
+    return Peer(cidr=cidr, excepts=tuple(e for e in excepts if isinstance(e, ipaddress.IPv4Network)))
+
+
+def _list(obj: str, field: str, raw: Any) -> list[Any]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ModelError(obj, field, f"must be a list, not {type(raw).__name__}")
+    return raw
+
+
+def _port(obj: str, field: str, raw: Any) -> PolicyPort:
+    if not isinstance(raw, dict):
+        raise ModelError(obj, field, "must be an object with protocol, port and endPort")
+    proto = raw.get("protocol") or "TCP"
+    if proto not in PROTOCOLS:
+        raise ModelError(obj, f"{field}.protocol", f"{proto!r} is not TCP, UDP or SCTP")
+    port, end = raw.get("port"), raw.get("endPort")
+    if port is not None and not (isinstance(port, str) and port) and not (
+            isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535):
+        raise ModelError(obj, f"{field}.port", f"{port!r} is neither a port number (1-65535) nor a port name")
+    if end is not None and not (isinstance(end, int) and not isinstance(end, bool) and isinstance(port, int)
+                                and port <= end <= 65535):
+        raise ModelError(obj, f"{field}.endPort", f"{end!r} needs a numeric port and must lie in port..65535")
+    return PolicyPort(proto, port, end)
+
+
+def _rule(obj: str, f: str, r: Any, peers_key: str, notes: list[str]) -> Rule | None:
+    """One rule; None when it allows nothing this node can carry (every peer untranslatable)."""
+    if not isinstance(r, dict):
+        raise ModelError(obj, f, "must be an object")
+    peers = []
+    listed = _list(obj, f"{f}.{peers_key}", r.get(peers_key))
+    for j, p in enumerate(listed):
+        pf = f"{f}.{peers_key}[{j}]"
+        if not isinstance(p, dict):
+            raise ModelError(obj, pf, "must be an object")
+        if "ipBlock" in p:
+            peer = _block(obj, f"{pf}.ipBlock", p["ipBlock"], notes)
+            if peer is not None:
+                peers.append(peer)
+        else:
+            pods = _selector(obj, f"{pf}.podSelector", p["podSelector"]) if "podSelector" in p else None
+            nss = _selector(obj, f"{pf}.namespaceSelector", p["namespaceSelector"]) \
+                if "namespaceSelector" in p else None
+            peers.append(Peer(pods=pods, namespaces=nss))
+    if listed and not peers:  # never let "every peer left out" become "every peer"
+        return None
+    ports = tuple(_port(obj, f"{f}.ports[{j}]", p) for j, p in enumerate(_list(obj, f"{f}.ports", r.get("ports"))))
+    return Rule(tuple(peers), ports)
+
+
+def _rules(obj: str, field: str, raw: Any, peers_key: str, notes: list[str]) -> tuple[Rule, ...]:
+    """The rules the agent can enforce; each one it cannot is left out (allows nothing) and noted."""
     rules = []
-    for i, r in enumerate(raw or []):
+    try:
+        listed = _list(obj, field, raw)
+    except ModelError as exc:
+        notes.append(f"{exc.field}: {exc.problem}: no rule of this direction is enforced")
+        return ()
+    for i, r in enumerate(listed):
         f = f"{field}[{i}]"
-        peers = []
-        for j, p in enumerate(r.get(peers_key) or []):
-            pf = f"{f}.{peers_key}[{j}]"
-            if "ipBlock" in p:
-                block = p["ipBlock"] or {}
-                try:
-                    cidr = ipaddress.IPv4Network(block.get("cidr"), strict=False)
-                    excepts = tuple(ipaddress.IPv4Network(e, strict=False) for e in block.get("except") or [])
-                except (ValueError, TypeError) as exc:
-                    raise ModelError(obj, f"{pf}.ipBlock", str(exc)) from None
-                peers.append(Peer(cidr=cidr, excepts=excepts))
-            else:
-                pods = _selector(obj, f"{pf}.podSelector", p["podSelector"]) if "podSelector" in p else None
-                nss = _selector(obj, f"{pf}.namespaceSelector", p["namespaceSelector"]) \
-                    if "namespaceSelector" in p else None
-                peers.append(Peer(pods=pods, namespaces=nss))
-        ports = []
-        for j, p in enumerate(r.get("ports") or []):
-            proto = p.get("protocol") or "TCP"
-            if proto not in PROTOCOLS:
-                raise ModelError(obj, f"{f}.ports[{j}].protocol", f"{proto!r} is not TCP, UDP or SCTP")
-            ports.append(PolicyPort(proto, p.get("port"), p.get("endPort")))
-        rules.append(Rule(tuple(peers), tuple(ports)))
+        try:
+            rule = _rule(obj, f, r, peers_key, notes)
+        except ModelError as exc:
+            notes.append(f"{exc.field}: {exc.problem}: the rule is left out (allows nothing)")
+            continue
+        if rule is None:
+            notes.append(f"{f}: no peer of this rule can be enforced: the rule allows nothing")
+            continue
+        rules.append(rule)
     return tuple(rules)
 
 
@@ -151,10 +221,16 @@ def policy_from(raw: dict[str, Any]) -> Policy:
     spec = raw.get("spec") or {}
     types = spec.get("policyTypes") or (["Ingress", "Egress"] if spec.get("egress") else ["Ingress"])
     log = str((meta.get("annotations") or {}).get(LOG_ANNOTATION, "")).lower() == "true"
-    return Policy(meta.get("namespace", ""), meta.get("name", ""),
-                  _selector(obj, "spec.podSelector", spec.get("podSelector")),
-                  _rules(obj, "spec.ingress", spec.get("ingress"), "from") if "Ingress" in types else None,
-                  _rules(obj, "spec.egress", spec.get("egress"), "to") if "Egress" in types else None, log)
+    pods = _selector(obj, "spec.podSelector", spec.get("podSelector"))
+    if not isinstance(types, list) or not set(types) <= {"Ingress", "Egress"}:
+        # unknown policy types: isolate for both directions, enforce the rules that parse
+        notes = [f"spec.policyTypes: {types!r} is not a list of Ingress and Egress: both directions isolated"]
+        types = ["Ingress", "Egress"]
+    else:
+        notes = []
+    ingress = _rules(obj, "spec.ingress", spec.get("ingress"), "from", notes) if "Ingress" in types else None
+    egress = _rules(obj, "spec.egress", spec.get("egress"), "to", notes) if "Egress" in types else None
+    return Policy(meta.get("namespace", ""), meta.get("name", ""), pods, ingress, egress, log, tuple(notes))
 
 
 def pod_info(raw: dict[str, Any]) -> PodInfo:
