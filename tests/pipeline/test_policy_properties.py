@@ -200,6 +200,16 @@ def policy_flows(realizer: Realizer, agent: PolicyAgent) -> set:
     return out
 
 
+def pods_realizer(pods) -> Realizer:
+    """A realizer holding the node's static flows and every pod's flows."""
+    realizer = Realizer(1)
+    realizer.set_object("static", pod_compiler.static_flows(NODE))
+    for p in pods:
+        port = PodPort.build(p["ns"], p["name"], p["ofport"], mac(p), p["ip"])
+        realizer.set_object(port.key, pod_compiler.pod_flows(NODE, port))
+    return realizer
+
+
 def mac(pod) -> str:
     return f"0a:58:0a:f4:07:{10 + int(pod['name'][1:]):02x}"
 
@@ -216,11 +226,7 @@ def test_ovs_verdict_equals_kubernetes_semantics(dummy_ovs, dummy_db, world, tie
     try:
         async def install():
             conn = await Connection.open(bridge.target)
-            realizer = Realizer(1)
-            realizer.set_object("static", pod_compiler.static_flows(NODE))
-            for p in pods:
-                port = PodPort.build(p["ns"], p["name"], p["ofport"], mac(p), p["ip"])
-                realizer.set_object(port.key, pod_compiler.pod_flows(NODE, port))
+            realizer = pods_realizer(pods)
             agent = PolicyAgent("n1", realizer, lambda: None)
             feed_cluster(agent, ns_labels, pods)
             # the incremental agent also goes through edits and a deletion: every policy first
@@ -277,11 +283,7 @@ def test_untranslatable_rules_fail_closed(dummy_ovs, dummy_db):
     try:
         async def install():
             conn = await Connection.open(bridge.target)
-            realizer = Realizer(1)
-            realizer.set_object("static", pod_compiler.static_flows(NODE))
-            for p in pods:
-                port = PodPort.build(p["ns"], p["name"], p["ofport"], mac(p), p["ip"])
-                realizer.set_object(port.key, pod_compiler.pod_flows(NODE, port))
+            realizer = pods_realizer(pods)
             agent = PolicyAgent("n1", realizer, lambda: None, report=lambda *a: reports.append(a))
             feed_cluster(agent, ns_labels, pods)
             agent.policy_changed("x/v6", policy)
