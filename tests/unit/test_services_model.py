@@ -88,3 +88,29 @@ def test_every_packet_in_of_the_service_pipeline_is_metered():
     flows, _ = compiler.service_flows(CFG, svc, {}, lambda k: 1)
     controllers = [a for f in [*compiler.static_flows(CFG), *flows] for a in f.actions if isinstance(a, ir.Controller)]
     assert controllers and all(a.meter_id == compiler.REJECT_METER for a in controllers)
+
+
+def test_external_ips_only_from_the_allow_list():
+    """externalIPs are off unless allowed (CVE-2020-8554): without --external-ip-cidrs a Service's
+    externalIP gets no flow and one Event; inside the allow-list it is served."""
+    import dataclasses
+
+    from sanderling.agent.service_proxy import ServiceProxy
+    from sanderling.openflow.realizer import Realizer
+
+    raw = {"metadata": {"namespace": "a", "name": "s"},
+           "spec": {"clusterIP": "10.96.0.5", "externalIPs": ["203.0.113.7"], "ports": [{"name": "http", "port": 80}]}}
+
+    def flows_for(cfg):
+        realizer, reports = Realizer(1), []
+        proxy = ServiceProxy(cfg, realizer, lambda: None, lambda *a: reports.append(a))
+        proxy.service_changed("a/s", raw)
+        proxy.service_changed("a/s", raw)  # a relist: reported once
+        texts = [f.text() for f in realizer.desired_state()["service/a/s"].flows.values()]
+        return [t for t in texts if "203.0.113.7" in t], reports
+
+    refused, reports = flows_for(CFG)
+    assert refused == [] and len(reports) == 1 and "203.0.113.7" in reports[0][2]
+    allowed, reports = flows_for(dataclasses.replace(
+        CFG, external_ip_cidrs=(ipaddress.IPv4Network("203.0.113.0/24"),)))
+    assert allowed and reports == []

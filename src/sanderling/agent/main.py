@@ -83,6 +83,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--node-port-addresses", default="",
                    help="comma-separated CIDRs: NodePorts answer on the node addresses inside them (default: all)")
     p.add_argument("--masquerade-all", action="store_true", help="SNAT every service connection")
+    p.add_argument("--external-ip-cidrs", default="",
+                   help="comma list of CIDRs a Service's externalIPs may come from (default none: externalIPs "
+                        "are ignored, as CVE-2020-8554 advises; 0.0.0.0/0 honours every one)")
     p.add_argument("--no-proxy", action="store_true", help="do not replace kube-proxy (no Service flows)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
@@ -136,6 +139,8 @@ def proxy_config(args: argparse.Namespace, node: NodeNetwork, node_ips: list[str
                                                                or any(ip in r for r in ranges)),
         local_cidr=ipaddress.IPv4Network(args.cluster_cidr), masq_ip=masquerade_ip(node),
         service_cidr=ipaddress.IPv4Network(args.service_cidr), masquerade_all=args.masquerade_all,
+        external_ip_cidrs=tuple(ipaddress.IPv4Network(c.strip(), strict=False)
+                                for c in args.external_ip_cidrs.split(",") if c.strip()),
         answer_masq_arp=True, gateway_mac=node.gateway_mac)
 
 

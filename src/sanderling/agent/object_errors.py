@@ -20,6 +20,20 @@ class ObjectErrors:
     def __init__(self, report: Callable[[str, str, str], None] | None = None) -> None:
         self.report = report  # (namespace, name, message) -> Event on the object
         self.errors: dict[str, str] = {}
+        self.warnings: dict[str, str] = {}  # objects handled, but not entirely as written
+
+    def warn(self, key: str, message: str | None) -> None:
+        """The object is in use but part of it is not (message), or all of it is again (None);
+        reported once per distinct message, like errors."""
+        if message is None:
+            self.warnings.pop(key, None)
+            return
+        if self.warnings.get(key) != message:
+            log.error("%s", message)
+            if self.report is not None:
+                ns, _, name = key.partition("/")
+                self.report(ns, name, message)
+        self.warnings[key] = message
 
     def convert(self, key: str, raw: dict[str, Any] | None, build: Callable[[dict[str, Any]], T]) -> T | None:
         """build(raw), or None when the object is absent or refused (reported once per message)."""

@@ -53,7 +53,6 @@ class PolicyAgent:
         self.logged_namespaces: set[str] = set()  # policy.sanderling.io/log: "true": log what is denied
         self.rules_by_cookie: dict[int, str] = {}
         self._errors = ObjectErrors(report)
-        self._unenforced: dict[str, tuple[str, ...]] = {}  # policy -> what was reported as not enforced
         self.rule_ids = RuleIds()
         self.shared = SharedFlows()
         self._scheduled = False
@@ -111,17 +110,8 @@ class PolicyAgent:
     def _policy(self, key: str) -> Policy | None:
         policy = self._errors.convert(key, self.raw_policies.get(key), policy_from)
         notes = policy.unenforced if policy is not None else ()
-        if notes and self._unenforced.get(key) != notes:
-            message = (f"networkpolicy/{key}: not fully enforced; its pods stay isolated and only what could be "
-                       f"translated is allowed: {'; '.join(notes)}")
-            log.error("%s", message)
-            if self._errors.report is not None:
-                ns, _, name = key.partition("/")
-                self._errors.report(ns, name, message)
-        if notes:
-            self._unenforced[key] = notes
-        else:
-            self._unenforced.pop(key, None)
+        self._errors.warn(key, f"networkpolicy/{key}: not fully enforced; its pods stay isolated and only what "
+                               f"could be translated is allowed: {'; '.join(notes)}" if notes else None)
         return policy
 
     def flush(self) -> None:
@@ -153,8 +143,16 @@ class PolicyAgent:
                         for p in local if policy.pods.matches(p.label_map())}
             self._selected[key] = selected
             touched |= selected.keys()
-            compiled = compiler.compile_policy(policy, local, self._cluster, self.rule_ids,
-                                               rules_by_cookie=self.rules_by_cookie)
+            try:
+                compiled = compiler.compile_policy(policy, local, self._cluster, self.rule_ids,
+                                                   rules_by_cookie=self.rules_by_cookie)
+            except Exception as exc:  # a value the model let through: this policy alone, and closed
+                log.exception("networkpolicy/%s: cannot be compiled", key)
+                self._errors.warn(key, f"networkpolicy/{key}: cannot be compiled ({exc}); its pods stay isolated "
+                                       "and the policy allows nothing")
+                self.realizer.remove_object(object_key)
+                self.shared.remove(key)
+                continue
             self.realizer.set_object(object_key, compiled.flows)
             self.shared.update(key, compiled.shared)
         for fk, flow in self.shared.take_dirty().items():

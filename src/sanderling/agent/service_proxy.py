@@ -114,7 +114,15 @@ class ServiceProxy:
         dirty, self._dirty = self._dirty, set()
         health_before = dict(self.health)
         for key in sorted(dirty):
-            self._recompile(key)
+            try:
+                self._recompile(key)
+            except Exception as exc:  # a value the model let through: this Service alone, never the batch
+                log.exception("service/%s: cannot be compiled", key)
+                self._errors.warn(key, f"service/{key}: cannot be compiled ({exc}); not served")
+                self.health.pop(key, None)
+                self.realizer.remove_object(f"service/{key}")
+                self.group_ids.release(key, set())
+                self._set_shared(key, set())
         if dirty:
             self.changed()
         if self.health != health_before and self.on_health is not None:
@@ -137,6 +145,10 @@ class ServiceProxy:
             used.add(gkey)
             return self.group_ids.get(key, gkey)
 
+        refused = [str(ip) for ip in svc.external_ips if not self.cfg.external_ip_allowed(ip)]
+        self._errors.warn(key, f"service/{key}: spec.externalIPs {', '.join(refused)} outside the agent's "
+                               "--external-ip-cidrs allow-list: ignored (externalIPs are off unless allowed, "
+                               "CVE-2020-8554)" if refused else None)
         flows, groups = compiler.service_flows(self.cfg, svc, endpoints, group_id)
         total = {(e.ip, e.port) for eps in endpoints.values() for e in eps}
         log.info("service %s: %d port(s), %d endpoint(s) (%d here), %d flows, %d groups", key, len(svc.ports),

@@ -74,6 +74,12 @@ class ProxyConfig:
     masquerade_all: bool = False
     answer_masq_arp: bool = False  # the masquerade address lives on br-int: answer ARP for it
     gateway_mac: str = "0a:58:0a:f4:00:01"
+    # externalIPs are honoured only inside these (none by default: anyone who may create a Service
+    # could otherwise capture traffic for any address, CVE-2020-8554)
+    external_ip_cidrs: tuple[ipaddress.IPv4Network, ...] = ()
+
+    def external_ip_allowed(self, ip: ipaddress.IPv4Address) -> bool:
+        return any(ip in net for net in self.external_ip_cidrs)
 
 
 GroupIds = Callable[[str], int]
@@ -343,7 +349,7 @@ def service_flows(cfg: ProxyConfig, svc: Service, endpoints: Mapping[ServicePort
         externals: list[tuple[ipaddress.IPv4Address, int, bool]] = []
         if port.node_port:
             externals += [(ip, port.node_port, False) for ip in cfg.node_port_ips]
-        externals += [(ip, port.port, False) for ip in svc.external_ips]
+        externals += [(ip, port.port, False) for ip in svc.external_ips if cfg.external_ip_allowed(ip)]
         externals += [(ip, port.port, True) for ip in svc.lb_ips]
         for ip, number, is_lb in externals:
             if ip not in cfg.node_port_ips:  # node addresses are tracked by a static flow

@@ -83,7 +83,9 @@ def build_node(case: Case) -> NodeUnderTest:
         node_name=node["name"], node_ips=ips, node_port_ips=node_port_ips, local_cidr=pod_cidr,
         masq_ip=ips[0], service_cidr=ipaddress.IPv4Network(node["serviceCIDR"], strict=False)
         if node.get("serviceCIDR") else None, masquerade_all=bool(case.options.get("masqueradeAll")),
-        gateway_mac=network.gateway_mac)
+        gateway_mac=network.gateway_mac,
+        # kube-proxy honours every externalIP (limiting them is an admission matter there)
+        external_ip_cidrs=(ipaddress.IPv4Network("0.0.0.0/0"),))
     nut = NodeUnderTest(network, cfg)
     for flow in case.flows:
         src = ipaddress.IPv4Address(flow["src"])
