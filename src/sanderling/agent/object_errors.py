@@ -45,10 +45,15 @@ class ObjectErrors:
             self.errors.pop(key, None)
             return out
         except ModelError as exc:
-            if self.errors.get(key) != str(exc):
-                log.error("%s", exc)
-                if self.report is not None:
-                    ns, _, name = key.partition("/")
-                    self.report(ns, name, str(exc))
-            self.errors[key] = str(exc)
-            return None
+            problem = str(exc)
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
+            # a field of a type the model did not expect: this object's error, never the agent's
+            log.debug("%s: conversion failed", key, exc_info=True)
+            problem = f"{key}: malformed object ({type(exc).__name__}: {exc})"
+        if self.errors.get(key) != problem:
+            log.error("%s", problem)
+            if self.report is not None:
+                ns, _, name = key.partition("/")
+                self.report(ns, name, problem)
+        self.errors[key] = problem
+        return None
