@@ -342,7 +342,17 @@ async def serve(args: argparse.Namespace) -> int:
                      ", ".join(f"{r.dst} via {r.via}" for r in remotes[:8]) + (" ..." if len(remotes) > 8 else ""))
 
         client = _async_client(args)
-        view = ClusterView(client, node.name, remotes_changed)
+        from sanderling.kube.client import KubeApi
+
+        events = KubeApi(args.kubeconfig)
+
+        def node_refused(name: str, message: str) -> None:
+            asyncio.get_running_loop().run_in_executor(
+                None, lambda: events.event("default", name, "PodCIDRRefused", message, args.node,
+                                           involved_kind="Node"))
+
+        view = ClusterView(client, node.name, remotes_changed, ipaddress.IPv4Network(args.service_cidr),
+                           node_refused)
         view.start()
         if proxy_cfg is not None:
             proxy_tasks = start_proxy(client, proxy_cfg, controller, args)

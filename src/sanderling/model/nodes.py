@@ -4,12 +4,19 @@ Every other node with a podCIDR and an InternalIP is one destination (its subnet
 underlay address). A pod whose address lies outside its node's podCIDR (a fixed IP from a
 cluster pool) is one more destination, a /32 via its node, so routed mode needs no overlay and
 no NAT for it either. Malformed Node objects are reported per node and skipped.
+
+Trust: these become routes and flows on every node, so only what the cluster vouches for does.
+A pod address outside its node's podCIDR counts only when an IPPool allocation says that node
+holds it (a pod's status alone could otherwise pull any address, another node's pods or the
+internet, towards that node). A podCIDR that is too broad (shorter than /8), overlaps the
+service CIDR, holds a node's own address or overlaps an older node's podCIDR is refused
+(`refused_cidrs`), with a message naming the conflict.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +41,7 @@ class NodeInfo:
     name: str
     pod_cidr: ipaddress.IPv4Network | None
     internal_ip: ipaddress.IPv4Address | None
+    created: str = ""  # metadata.creationTimestamp (RFC 3339 sorts as text): the older of two overlaps wins
 
 
 def node_info(obj: dict[str, Any]) -> NodeInfo:
@@ -56,14 +64,53 @@ def node_info(obj: dict[str, Any]) -> NodeInfo:
                 raise ModelError(f"node/{name}", "status.addresses", f"InternalIP {addr.get('address')!r} is not "
                                                                       "an IPv4 address") from None
             break
-    return NodeInfo(name, cidr, internal)
+    return NodeInfo(name, cidr, internal, str(meta.get("creationTimestamp") or ""))
 
 
-def remotes(self_name: str, nodes: Iterable[NodeInfo], pods: Iterable[tuple[str, str]]) -> list[Remote]:
-    """Destinations on other nodes; `pods` are (nodeName, podIP) of every running pod."""
+MIN_POD_PREFIX = 8  # a podCIDR shorter than this would capture a large part of the address space
+
+
+def refused_cidrs(nodes: Iterable[NodeInfo], service_cidr: ipaddress.IPv4Network | None = None) -> dict[str, str]:
+    """Nodes whose podCIDR must not be routed: node name -> why."""
+    ordered = sorted((n for n in nodes if n.pod_cidr is not None), key=lambda n: (n.created or "~", n.name))
+    node_ips = {n.internal_ip: n.name for n in ordered if n.internal_ip is not None}
+    refused: dict[str, str] = {}
+    accepted: list[NodeInfo] = []
+    for info in ordered:
+        cidr = info.pod_cidr
+        assert cidr is not None
+        why = ""
+        if cidr.prefixlen < MIN_POD_PREFIX:
+            why = f"podCIDR {cidr} is broader than /{MIN_POD_PREFIX}"
+        elif service_cidr is not None and cidr.overlaps(service_cidr):
+            why = f"podCIDR {cidr} overlaps the service CIDR {service_cidr}"
+        elif any(ip in cidr for ip in node_ips):
+            ip = next(ip for ip in node_ips if ip in cidr)
+            why = f"podCIDR {cidr} holds node {node_ips[ip]}'s address {ip}"
+        else:
+            older = next((a for a in accepted if a.pod_cidr is not None and a.pod_cidr.overlaps(cidr)), None)
+            if older is not None:
+                why = f"podCIDR {cidr} overlaps node {older.name}'s {older.pod_cidr}"
+        if why:
+            refused[info.name] = f"node/{info.name}: spec.podCIDR: {why}: not routed"
+        else:
+            accepted.append(info)
+    return refused
+
+
+def remotes(self_name: str, nodes: Iterable[NodeInfo], pods: Iterable[tuple[str, str]],
+            pool_holders: Mapping[str, str] | None = None, refused: Mapping[str, str] | None = None,
+            untrusted: list[str] | None = None) -> list[Remote]:
+    """Destinations on other nodes; `pods` are (nodeName, podIP) of every running pod,
+    `pool_holders` IPPool allocations (address -> node holding it), `refused` the nodes whose
+    podCIDR is not routed (see refused_cidrs). Pod addresses left out are appended to `untrusted`."""
     by_name = {n.name: n for n in nodes}
+    holders = pool_holders or {}
+    refused = refused or {}
     out: set[Remote] = set()
     for info in by_name.values():
+        if info.name in refused:
+            continue
         if info.name != self_name and info.pod_cidr is not None and info.internal_ip is not None:
             out.add(Remote(info.pod_cidr, info.internal_ip, info.name))
     for node_name, ip_text in pods:
@@ -74,6 +121,10 @@ def remotes(self_name: str, nodes: Iterable[NodeInfo], pods: Iterable[tuple[str,
             ip = ipaddress.IPv4Address(ip_text)
         except ValueError:
             continue
-        if host.pod_cidr is None or ip not in host.pod_cidr:
+        if host.name not in refused and host.pod_cidr is not None and ip in host.pod_cidr:
+            continue  # inside its node's (routed) subnet
+        if holders.get(str(ip)) == host.name:
             out.add(Remote(ipaddress.IPv4Network(f"{ip}/32"), host.internal_ip, host.name))
+        elif untrusted is not None:
+            untrusted.append(f"{ip} on node {host.name}")
     return sorted(out)

@@ -1,0 +1,42 @@
+"""Routes only from trusted sources (issue 20): what becomes a route or flow on every node."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from sanderling.model.nodes import NodeInfo, refused_cidrs, remotes
+
+
+def node(name: str, cidr: str | None, ip: str, created: str = "2026-01-01T00:00:00Z") -> NodeInfo:
+    return NodeInfo(name, ipaddress.IPv4Network(cidr) if cidr else None, ipaddress.IPv4Address(ip), created)
+
+
+NODES = [node("n1", "10.244.1.0/24", "172.30.0.11"), node("n2", "10.244.2.0/24", "172.30.0.12")]
+
+
+def test_pod_address_outside_its_podcidr_needs_an_ippool_allocation_of_that_node():
+    pods = [("n2", "10.244.2.5"),  # inside n2's subnet: covered by the subnet route
+            ("n2", "10.60.0.7"),  # a pool address n2 holds
+            ("n2", "10.244.1.9"),  # n1's pod address claimed by a pod of n2
+            ("n2", "8.8.8.8"),  # the internet
+            ("n2", "10.60.0.8")]  # a pool address held by n1, claimed by a pod of n2
+    untrusted: list[str] = []
+    got = remotes("n1", NODES, pods, {"10.60.0.7": "n2", "10.60.0.8": "n1"}, None, untrusted)
+    assert [str(r.dst) for r in got] == ["10.60.0.7/32", "10.244.2.0/24"]
+    assert untrusted == ["10.244.1.9 on node n2", "8.8.8.8 on node n2", "10.60.0.8 on node n2"]
+
+
+def test_podcidrs_that_would_capture_what_is_not_the_nodes_are_refused():
+    nodes = [*NODES,
+             node("wide", "0.0.0.0/0", "172.30.0.13"),
+             node("svc", "10.96.0.0/24", "172.30.0.14"),
+             node("underlay", "172.30.0.0/24", "172.30.0.15"),
+             node("late", "10.244.2.0/25", "172.30.0.16", created="2026-02-01T00:00:00Z")]
+    refused = refused_cidrs(nodes, ipaddress.IPv4Network("10.96.0.0/16"))
+    assert sorted(refused) == ["late", "svc", "underlay", "wide"]
+    assert "overlaps node n2's 10.244.2.0/24" in refused["late"]
+    assert "broader than /8" in refused["wide"] and "service CIDR" in refused["svc"]
+    assert "holds node n1's address 172.30.0.11" in refused["underlay"]
+    got = remotes("n1", nodes, [("late", "10.244.2.3")], {}, refused)
+    assert [str(r.dst) for r in got] == ["10.244.2.0/24"]  # n2 keeps its subnet; nothing of the refused ones
+    assert got[0].node == "n2"
