@@ -201,17 +201,22 @@ def logged_peer_flows(ingress_isolated: Iterable[ipaddress.IPv4Address],
 
 
 def _nets(peer: Peer) -> list[ipaddress.IPv4Network]:
+    """The ipBlock minus its excepts as CIDRs: one sweep over the sorted, merged excepts, each gap
+    summarized into at most 32 CIDRs per side, so 2,000 excepts cost milliseconds (n log n), not
+    the quadratic carving of one network by each except in turn."""
     assert peer.cidr is not None
-    nets = [peer.cidr]
-    for ex in peer.excepts:
-        out = []
-        for net in nets:
-            if ex.subnet_of(net):
-                out += list(net.address_exclude(ex))
-            elif not net.subnet_of(ex):
-                out.append(net)
-        nets = out
-    return nets
+    lo, hi = int(peer.cidr.network_address), int(peer.cidr.broadcast_address)
+    holes = ipaddress.collapse_addresses(e for e in peer.excepts if e.overlaps(peer.cidr))
+    out: list[ipaddress.IPv4Network] = []
+    cur = lo
+    for hole in holes:  # sorted and disjoint
+        start, end = max(int(hole.network_address), lo), min(int(hole.broadcast_address), hi)
+        if start > cur:
+            out += ipaddress.summarize_address_range(ipaddress.IPv4Address(cur), ipaddress.IPv4Address(start - 1))
+        cur = max(cur, end + 1)
+    if cur <= hi:
+        out += ipaddress.summarize_address_range(ipaddress.IPv4Address(cur), ipaddress.IPv4Address(hi))
+    return out
 
 
 @functools.lru_cache(maxsize=1 << 16)
