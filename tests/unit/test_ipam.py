@@ -85,3 +85,24 @@ def test_concurrent_processes_never_share_an_address(tmp_path):
         results = pool.map(_grab, [(str(tmp_path), w) for w in range(6)])
     ips = [ip for r in results for ip in r]
     assert len(ips) == 120 and len(set(ips)) == 120
+
+
+def test_a_slash_8_pool_is_computed_not_enumerated():
+    """Issue 20: an IPPool of a /8 neither blocks nor allocates per address."""
+    import ipaddress as _ip
+    import time as _time
+
+    from sanderling.model.ippool import IPPool
+
+    pool = IPPool.from_object({"metadata": {"name": "big"},
+                               "spec": {"cidrs": ["10.0.0.0/8", "192.168.7.0/31"],
+                                        "excludes": ["10.0.0.1", "10.0.0.0/30", "10.255.0.0/16"]}})
+    started = _time.perf_counter()
+    count = pool.usable_count()
+    first = [str(a) for a, _ in zip(pool.usable(), range(2), strict=False)]
+    assert _time.perf_counter() - started < 0.1
+    assert count == (2**24 - 2) - 2 - 65536 + 2  # hosts, minus .1-.3 (.0 is no host), minus 10.255/16, plus the /31
+    assert first == ["10.0.0.4", "10.0.0.5"]
+    small = IPPool("s", (_ip.IPv4Network("10.1.0.0/29"),), (_ip.IPv4Network("10.1.0.2/32"),), None, None)
+    assert [str(a) for a in small.usable()] == ["10.1.0.1", "10.1.0.3", "10.1.0.4", "10.1.0.5", "10.1.0.6"]
+    assert small.usable_count() == 5

@@ -61,7 +61,7 @@ class ClusterIpam:
                     allocations[str(ip)] = owner
                     return allocations, str(ip)
             raise IpamError(E_EXHAUSTED, f"IPPool {pool.name} ({', '.join(map(str, pool.cidrs))}, "
-                                         f"{len(pool.usable())} addresses) is exhausted")
+                                         f"{pool.usable_count()} addresses) is exhausted")
 
         ip = self.api.update_pool_allocations(pool.name, change)
         alloc = Allocation(ip, PREFIX + pool.name, req.container_id, req.ifname, req.pod_namespace, req.pod_name,
