@@ -41,7 +41,8 @@ class IPPool:
     def _host_ranges(self) -> Iterator[tuple[int, int]]:
         """(first, last) integer ranges of the pool's usable addresses: its CIDRs' hosts minus the
         excludes, computed, never enumerated (a /8 pool is 16 million addresses)."""
-        holes = [(int(e.network_address), int(e.broadcast_address)) for e in ipaddress.collapse_addresses(self.excludes)]
+        holes = [(int(e.network_address), int(e.broadcast_address))
+                 for e in ipaddress.collapse_addresses(self.excludes)]
         for net in self.cidrs:
             lo, hi = int(net.network_address), int(net.broadcast_address)
             if net.prefixlen < 31:
