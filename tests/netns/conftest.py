@@ -33,6 +33,19 @@ def node(tmp_path) -> Iterator[LocalNode]:
     n.teardown()
 
 
+@pytest.fixture
+def cni_node(tmp_path) -> Iterator[LocalNode]:
+    """One node with its agent and a small pod subnet (/28), for CNI error paths."""
+    require_root()
+    require_ovs()
+    teardown_prefix("slerr-n1")
+    n = LocalNode("n1", "10.244.14.0/28", tmp_path, prefix="slerr")
+    n.start()
+    n.wait_ready()
+    yield n
+    n.teardown()
+
+
 class LabCli:
     """`sanderling lab --name NAME ...` as a user runs it, for the lab end-to-end tests."""
 

@@ -5,25 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 
-import pytest
-
-from sanderling.lab.node import LocalNode, teardown_prefix
+from sanderling.lab.node import LocalNode
 from sanderling.netlink import veth
-
-from ..conftest import require_ovs
-from .conftest import require_root
-
-
-@pytest.fixture
-def cni_node(tmp_path):
-    require_root()
-    require_ovs()
-    teardown_prefix("slerr-n1")
-    node = LocalNode("n1", "10.244.14.0/28", tmp_path, prefix="slerr")
-    node.start()
-    node.wait_ready()
-    yield node
-    node.teardown()
 
 
 def add(node: LocalNode, cid: str, pod: str, ips: list[str] | None = None) -> tuple[int, dict]:

@@ -75,6 +75,7 @@ class CniHandler:
         command = request.get("command")
         started = time.perf_counter()
         try:
+            _check_request(request)
             if command == "ADD":
                 return {"result": await self.add(request)}
             if command == "DEL":
@@ -365,3 +366,22 @@ class CniHandler:
             if link not in names and link not in allocated:
                 log.warning("reconcile: removing orphan veth %s", link)
                 await asyncio.to_thread(veth.unplumb, link, self.node_netns)
+
+
+_REQUEST_STRINGS = {"ADD": ("containerID", "ifname", "netns"), "CHECK": ("containerID", "ifname", "netns"),
+                    "DEL": ("containerID", "ifname")}
+
+
+def _check_request(request: dict[str, Any]) -> None:
+    """The request's shape, before any of it is used: the shim sends exactly this, anything else
+    is a decoding error of that request (never an internal error of the agent)."""
+    command = request.get("command")
+    if command not in ("ADD", "DEL", "CHECK", "GC", "STATUS"):
+        raise CniFailure(E.E_BAD_ENV, f"unknown CNI_COMMAND: {command!r}")
+    for key in _REQUEST_STRINGS.get(command, ()):
+        value = request.get(key)
+        if not isinstance(value, str) or (key != "netns" and not value and command != "DEL"):
+            raise CniFailure(E.E_DECODE, f"request field {key!r} must be a non-empty string, got {value!r}")
+    for key in ("config", "args"):
+        if not isinstance(request.get(key, {}), dict):
+            raise CniFailure(E.E_DECODE, f"request field {key!r} must be an object")

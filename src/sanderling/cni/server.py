@@ -13,6 +13,7 @@ from sanderling.cni.handler import CniHandler
 
 log = logging.getLogger(__name__)
 MAX_REQUEST = 1 << 20
+READ_TIMEOUT_S = 10.0  # the shim writes its request at once; a silent client must not hold a connection
 
 
 class CniServer:
@@ -35,7 +36,16 @@ class CniServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         reply: dict[str, Any]
         try:
-            line = await reader.readline()
+            try:
+                line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT_S)
+            except TimeoutError:
+                log.warning("CNI connection sent no request within %.0f s: closed", READ_TIMEOUT_S)
+                return
+            except ValueError:  # longer than MAX_REQUEST without a newline
+                reply = {"error": {"code": 6, "msg": f"request from the CNI shim longer than {MAX_REQUEST} bytes"}}
+                writer.write(json.dumps(reply).encode() + b"\n")
+                await writer.drain()
+                return
             try:
                 request = json.loads(line)
                 if not isinstance(request, dict):

@@ -173,6 +173,9 @@ def validate(env, stdin_text):
                        "only letters, digits, '_', '.' and '-'" % (name,))
     if command == "ADD":
         netns = env["CNI_NETNS"]
+        if not netns.startswith("/"):
+            # a relative path would be resolved against whatever directory the runtime ran us in
+            raise CniError(E_BAD_NETNS, "CNI_NETNS %r is not an absolute path" % (netns,))
         try:
             if posix.stat(netns).st_ino == posix.stat("/proc/self/ns/net").st_ino:
                 raise CniError(E_BAD_NETNS, "netns %s is the plugin's own network namespace" % netns)

@@ -122,4 +122,7 @@ def parse_ips_annotation(value: str, where: str) -> list[str]:
             raise ModelError(where, f"annotation {ANNOTATION_IPS}", f"{item!r} is not an IPv4 address") from None
     if len(out) > 1:
         raise ModelError(where, f"annotation {ANNOTATION_IPS}", "one IPv4 address per pod interface (dual-stack later)")
+    if not out:
+        raise ModelError(where, f"annotation {ANNOTATION_IPS}", f"{value!r} names no address; remove the annotation "
+                                                                "or give one IPv4 address")
     return out
