@@ -58,3 +58,36 @@ def test_exhausted_pool_names_pool_and_size_and_leaves_nothing(cni_node):
                        "agentSocket": str(cni_node.cni_socket)})
     assert subprocess.run([str(cni_node.cni_bin)], input=conf, env=env, capture_output=True, text=True).returncode == 0
     assert add(cni_node, "again", "retry")[0] == 0
+
+
+def test_a_second_agent_for_the_node_refuses_to_start(cni_node):
+    """Issue 20: two agents would fight over the bridge, the IPAM database and the CNI socket."""
+    before = cni_node.agent
+    cni_node.start_agent()
+    second = cni_node.agent
+    assert second is not None and second.wait(20) == 1
+    assert "another agent (pid" in cni_node.agent_log.read_text()
+    cni_node.agent = before
+    assert add(cni_node, "still", "served")[0] == 0  # the first one still serves
+
+
+def test_a_corrupt_ipam_database_is_moved_aside_and_rebuilt_from_ovsdb(cni_node):
+    """Issue 20: the allocations of live pods survive a database that no longer opens, so no
+    address is handed out twice."""
+    taken = {}
+    for i in range(3):
+        code, out = add(cni_node, f"live{i}", f"live-{i}")
+        assert code == 0, out
+        taken[f"live{i}"] = out["ips"][0]["address"].split("/")[0]
+    cni_node.kill_agent()
+    db = cni_node.dir / "state" / "n1" / "ipam.db"
+    for part in db.parent.glob("ipam.db*"):
+        part.unlink()
+    db.write_bytes(b"this is not a database" * 100)
+    cni_node.start_agent()
+    cni_node.wait_ready()
+    assert {a.container_id: a.ip for a in cni_node.allocations()} == taken
+    assert list(db.parent.glob("ipam.db.corrupt-*"))
+    for i in range(3):  # new pods get other addresses
+        code, out = add(cni_node, f"new{i}", f"new-{i}")
+        assert code == 0 and out["ips"][0]["address"].split("/")[0] not in taken.values(), out

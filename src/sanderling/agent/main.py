@@ -364,7 +364,7 @@ async def serve(args: argparse.Namespace) -> int:
     server = None
     store = None
     if not args.no_cni:
-        store = AllocationStore(args.state_dir / node.name / "ipam.db")
+        store, corrupt = AllocationStore.open_or_replace(args.state_dir / node.name / "ipam.db")
         # the masquerade address is the proxy's (only reserved when this agent replaces kube-proxy)
         reserved = {node.gateway_ip} | ({masquerade_ip(node)} if _kube_enabled(args) and not args.no_proxy else set())
         allocator = Allocator(store, [Pool("node", node.pod_cidr, frozenset(reserved))])
@@ -376,6 +376,10 @@ async def serve(args: argparse.Namespace) -> int:
             cluster = ClusterIpam(KubeApi(args.kubeconfig), node.name, store)
         handler = CniHandler(node, db, args.bridge, allocator, controller, args.node_netns, args.mtu, cluster,
                              tunnel=args.mode == "overlay")
+        if corrupt is not None:
+            restored = await handler.restore_from_ovsdb()
+            log.error("node %s: the IPAM database was not readable: moved to %s, %d allocation(s) rebuilt from "
+                      "OVSDB's pod ports", node.name, corrupt, restored)
         await handler.reconcile()
         server = CniServer(handler, args.cni_socket)
         await server.start()
@@ -399,16 +403,49 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+class AgentLockError(RuntimeError):
+    """Another agent runs for this node."""
+
+
+def hold_agent_lock(path: Path) -> Any:
+    """An exclusive lock for the life of the process (the kernel drops it when the process dies,
+    also on kill -9): two agents on one node would fight over the bridge, the IPAM database and the
+    CNI socket, so the second refuses to start."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")  # noqa: SIM115 - held open on purpose until the process ends
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise AgentLockError(f"another agent (pid {holder}) holds {path}; stop it first") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     tune_gc()
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        lock = hold_agent_lock(args.state_dir / args.node / "agent.lock")
+    except AgentLockError as exc:
+        print(f"sanderling-agent: {exc}", file=sys.stderr)
+        return 1
+    try:
         return asyncio.run(serve(args))
     except (OvsError, ModelError) as exc:
         print(f"sanderling-agent: {exc}", file=sys.stderr)
         return 1
+    finally:
+        lock.close()
 
 
 if __name__ == "__main__":

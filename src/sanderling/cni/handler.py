@@ -343,6 +343,28 @@ class CniHandler:
         except Exception as exc:
             log.warning("IPPool reconcile skipped: %s", exc)
 
+    async def restore_from_ovsdb(self) -> int:
+        """Rebuild the IPAM store from the ports on the bridge (after a corrupt database was moved
+        aside): every completed ADD left a port whose external_ids name its container, interface,
+        address and pod, so no live pod loses its address and none is handed out twice."""
+        pools = await asyncio.to_thread(self.cluster.pools) if self.cluster is not None else []
+        found = []
+        for rec in await asyncio.to_thread(self.db.ports, self.bridge):
+            ext = rec.external_ids
+            ip, cid = ext.get(ovsdb.EXT_IP, ""), ext.get(ovsdb.EXT_CONTAINER_ID, "")
+            if not ip or not cid:
+                continue
+            addr = ipaddress.IPv4Address(ip)
+            pool = "node" if addr in self.node.pod_cidr else next(
+                (POOL_PREFIX + p.name for p in pools if p.contains(addr)), "")
+            if not pool:
+                log.error("restore: %s of %s is in no pool of this node; not restored", ip, rec.name)
+                continue
+            found.append(Allocation(ip, pool, cid, ext.get(ovsdb.EXT_INTERFACE, "eth0"),
+                                    ext.get(ovsdb.EXT_POD_NAMESPACE, ""), ext.get(ovsdb.EXT_POD_NAME, ""),
+                                    ext.get(ovsdb.EXT_MAC, "")))
+        return await asyncio.to_thread(self.allocator.store.restore, found)
+
     async def reconcile(self) -> None:
         """At start-up, before serving: finish what an agent killed mid-ADD/DEL left behind.
 

@@ -56,6 +56,35 @@ class AllocationStore:
         with self._conn() as db:
             db.executescript(SCHEMA)
 
+    @classmethod
+    def open_or_replace(cls, path: Path) -> tuple[AllocationStore, Path | None]:
+        """The store at `path`; if that file is not a sound SQLite database (a torn write, a disk
+        error), it is moved aside (returned, for the log) and an empty store takes its place, for
+        the caller to rebuild from what OVSDB records of the node's pods."""
+        try:
+            store = cls(path)
+            if store._conn().execute("PRAGMA quick_check").fetchone()[0] == "ok":
+                return store, None
+            store.close()
+        except sqlite3.DatabaseError:
+            pass
+        aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+        for suffix in ("", "-wal", "-shm"):
+            part = path.with_name(path.name + suffix)
+            if part.exists():
+                part.rename(aside.with_name(aside.name + suffix))
+        return cls(path), aside
+
+    def restore(self, allocations: list[Allocation]) -> int:
+        """Insert allocations rebuilt from elsewhere (OVSDB) that the store does not hold yet."""
+        added = 0
+        with self.transaction() as txn:
+            for alloc in allocations:
+                if txn.holder(alloc.ip) is None and txn.find(alloc.container_id, alloc.ifname) is None:
+                    txn.insert(alloc)
+                    added += 1
+        return added
+
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
