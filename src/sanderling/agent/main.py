@@ -169,11 +169,17 @@ def start_proxy(client: Any, cfg: Any, controller: NodeController, args: argpars
                          schedule=asyncio.get_running_loop().call_soon)
     health = HealthChecks(cfg.node_name)
 
+    steered_keep: list[tuple[int, ...]] = [()]  # the kept ports the tc filters hold now
+
     def health_changed(ports: dict[int, tuple[str, int]]) -> None:
         async def apply() -> None:
             await health.update(ports)
-            if args.gateway:  # the health ports are served by the node itself: not steered into br-int
-                await steer_node_ports(cfg, controller, args, keep=tuple(sorted(ports)))
+            keep = tuple(sorted(ports))
+            # the health ports are served by the node itself, not steered into br-int; endpoint
+            # changes alter only their answers, so the filters change only with the set of ports
+            if args.gateway and keep != steered_keep[0]:
+                steered_keep[0] = keep
+                await steer_node_ports(cfg, controller, args, keep=keep)
         asyncio.ensure_future(apply())
 
     proxy.on_health = health_changed
@@ -191,7 +197,7 @@ _STEERING = asyncio.Lock()
 async def steer_node_ports(cfg: Any, controller: NodeController, args: argparse.Namespace,
                            keep: tuple[int, ...] = ()) -> None:
     """NodePorts on the node's addresses reach br-int from outside (see netlink/nodeport.py).
-    Serialized: the filters are rebuilt whole, and health-check ports change them at any time."""
+    Serialized: health-check ports change the filters at any time."""
     async with _STEERING:
         await _steer_node_ports(cfg, controller, args, keep)
 
