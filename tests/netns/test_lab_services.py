@@ -108,13 +108,22 @@ def test_service_spread_affinity_and_reject(tmp_path):
 
         svc = services["be"]
         svc["spec"]["sessionAffinity"] = "ClientIP"
-        svc["spec"]["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": 60}}
+        # the API's maximum, beyond OpenFlow's 16-bit idle timeout: once it stalled every agent (issue 20)
+        svc["spec"]["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": 86400}}
         (tmp_path / "affinity.json").write_text(json.dumps(svc))
         assert lab("apply", "-f", str(tmp_path / "affinity.json")).returncode == 0
         time.sleep(1.0)
         sticky = spread(vip, 300)
-        print(f"with ClientIP affinity: {sticky}")
+        print(f"with ClientIP affinity (86400 s): {sticky}")
         assert max(v for k, v in sticky.items() if k.startswith("be-")) == 300, sticky
+        # a pod created afterwards still gets its address: the agents kept syncing
+        (tmp_path / "late.yaml").write_text("apiVersion: v1\nkind: Pod\nmetadata: {name: late, namespace: svc}\n"
+                                            "spec: {nodeName: node2, containers: [{name: c, image: none}]}\n")
+        assert lab("apply", "-f", str(tmp_path / "late.yaml")).returncode == 0
+        deadline = time.monotonic() + 30
+        while not [p for p in json.loads(lab("get", "pods", "-n", "svc", "-o", "json").stdout)
+                   if p["metadata"]["name"] == "late" and (p.get("status") or {}).get("podIP")]:
+            assert time.monotonic() < deadline, "a pod created after the 86400 s affinity Service got no address"
 
         svc["spec"]["sessionAffinity"] = "None"
         svc["spec"].pop("sessionAffinityConfig")
