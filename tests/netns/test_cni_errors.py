@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
-from sanderling.lab.node import LocalNode
+from sanderling.lab.node import LocalNode, teardown_prefix
 from sanderling.netlink import veth
+
+from ..conftest import require_ovs
+from .conftest import require_root
 
 
 def add(node: LocalNode, cid: str, pod: str, ips: list[str] | None = None) -> tuple[int, dict]:
@@ -91,3 +95,37 @@ def test_a_corrupt_ipam_database_is_moved_aside_and_rebuilt_from_ovsdb(cni_node)
     for i in range(3):  # new pods get other addresses
         code, out = add(cni_node, f"new{i}", f"new-{i}")
         assert code == 0 and out["ips"][0]["address"].split("/")[0] not in taken.values(), out
+
+
+def test_a_full_state_disk_is_code_11_with_the_reason_and_recovers(tmp_path):
+    """Issue 20: a full disk under the IPAM database is the node's problem, said as such (code 11,
+    try again later, naming the database and what to do), never an internal error."""
+    require_root()
+    require_ovs()
+    teardown_prefix("slerr-n1")
+    node = LocalNode("n1", "10.244.14.0/28", tmp_path, prefix="slerr")
+    state = node.dir / "state"
+    state.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(state)], check=True)
+    try:
+        node.start()
+        node.wait_ready()
+        assert add(node, "before", "before")[0] == 0
+        filler = state / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)  # fill the disk to the last byte
+        for chunk in (65536, 512, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * chunk)
+            except OSError:
+                pass
+        os.close(fd)
+        code, out = add(node, "full", "full")
+        assert code == 1 and out["code"] == 11, out
+        assert "ipam.db" in out["msg"] and "full" in out["msg"], out
+        filler.unlink()
+        code, out = add(node, "after", "after")
+        assert code == 0, out
+    finally:
+        node.teardown()
+        subprocess.run(["umount", "-l", str(state)])

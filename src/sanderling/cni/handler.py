@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -95,6 +96,12 @@ class CniHandler:
             log.warning("CNI %s %s/%s failed: %s", command, request.get("containerID"), request.get("ifname"),
                         exc.msg)
             return {"error": exc.as_json()}
+        except sqlite3.Error as exc:  # a full disk, a read-only or broken state directory: the node's fault
+            store = getattr(self.allocator.store, "path", "the IPAM database")
+            log.error("CNI %s %s: IPAM database %s: %s", command, request.get("containerID"), store, exc)
+            return {"error": {"code": E.E_TRY_LATER, "msg": f"the node's IPAM database {store} cannot be written "
+                                                            f"({exc}): free space on, or make writable, the agent's "
+                                                            "state directory, then retry"}}
         except Exception as exc:  # never let one request take the agent down
             log.exception("CNI %s %s failed unexpectedly", command, request.get("containerID"))
             return {"error": {"code": E.E_PLUMBING, "msg": f"internal error: {exc}"}}
