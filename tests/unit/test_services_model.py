@@ -114,3 +114,28 @@ def test_external_ips_only_from_the_allow_list():
     allowed, reports = flows_for(dataclasses.replace(
         CFG, external_ip_cidrs=(ipaddress.IPv4Network("203.0.113.0/24"),)))
     assert allowed and reports == []
+
+
+def test_a_service_with_many_ports_compiles_in_linear_time_up_to_the_cap():
+    """Issue 20: endpoints are matched to ports through one index per slice (was ports x slice
+    ports); past MAX_SERVICE_PORTS the Service is refused with a clear error."""
+    import time
+
+    from sanderling.model.services import MAX_SERVICE_PORTS, endpoints_by_port
+
+    n = MAX_SERVICE_PORTS
+    raw = {"metadata": {"namespace": "a", "name": "s"},
+           "spec": {"clusterIP": "10.96.0.5", "ports": [{"name": f"p{i}", "port": i + 1} for i in range(n)]}}
+    sl = {"addressType": "IPv4", "ports": [{"name": f"p{i}", "port": i + 1, "protocol": "TCP"} for i in range(n)],
+          "endpoints": [{"addresses": [f"10.244.1.{j}"], "nodeName": "n2"} for j in range(1, 11)]}
+    svc = service_from(raw)
+    assert svc is not None
+    started = time.perf_counter()
+    eps = endpoints_by_port([sl], svc.ports)
+    flows, groups = compiler.service_flows(CFG, svc, eps, lambda k, ids={}: ids.setdefault(k, len(ids) + 1))
+    assert time.perf_counter() - started < 2.0  # about 0.3 s here; quadratic matching took seconds
+    assert len(groups) == n and all(len(e) == 10 for e in eps.values())
+    assert eps[svc.ports[7]][0].port == 8
+    raw["spec"]["ports"].append({"name": "one-too-many", "port": 65000})
+    with pytest.raises(ModelError, match=f"at most {n} per Service"):
+        service_from(raw)

@@ -17,7 +17,7 @@ from typing import Any
 
 from sanderling.agent.object_errors import ObjectErrors
 from sanderling.compiler import services as compiler
-from sanderling.model.services import SERVICE_NAME_LABEL, Service, endpoints_from, service_from, usable
+from sanderling.model.services import SERVICE_NAME_LABEL, Service, endpoints_by_port, service_from, usable
 from sanderling.openflow.realizer import Realizer
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ class ServiceProxy:
             self._set_shared(key, set())
             return
         slices = list(self.slices.get(key, {}).values())
-        endpoints = {port: endpoints_from(slices, port) for port in svc.ports}
+        endpoints = endpoints_by_port(slices, svc.ports)
         used: set[str] = set()
 
         def group_id(gkey: str) -> int:

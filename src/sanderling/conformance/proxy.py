@@ -29,7 +29,7 @@ from sanderling.compiler import nodes as node_compiler
 from sanderling.compiler import pods as pod_compiler
 from sanderling.compiler import services as svc_compiler
 from sanderling.model.network import NodeNetwork, PodPort
-from sanderling.model.services import SERVICE_NAME_LABEL, endpoints_from, service_from
+from sanderling.model.services import SERVICE_NAME_LABEL, endpoints_by_port, service_from
 from sanderling.openflow import cookies
 from sanderling.openflow.connection import Connection
 from sanderling.openflow.pipeline import PIPELINE
@@ -119,7 +119,7 @@ def compile_case(case: Case, nut: NodeUnderTest) -> tuple[dict[str, tuple[list[A
             continue
         mine = [s for s in slices if (s.get("metadata") or {}).get("namespace") == svc.namespace
                 and ((s.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL) == svc.name]
-        endpoints = {port: endpoints_from(mine, port) for port in svc.ports}
+        endpoints = endpoints_by_port(mine, svc.ports)
         flows, groups = svc_compiler.service_flows(nut.cfg, svc, endpoints, nut.group_id)
         objects[f"service/{svc.key}"] = (flows, groups)
         for shared in svc_compiler.shared_keys(nut.cfg, svc, endpoints):

@@ -62,6 +62,11 @@ class Service:
         return not self.cluster_ips
 
 
+# a hard cap where one is the honest answer: a Service's ports compile linearly (about 0.3 s for 1,000
+# ports x 10 endpoints), and one object must not hold the agent's event loop for seconds
+MAX_SERVICE_PORTS = 1000
+
+
 def _ip(obj: str, field: str, value: Any) -> ipaddress.IPv4Address:
     try:
         return ipaddress.IPv4Address(value)
@@ -82,7 +87,11 @@ def service_from(raw: dict[str, Any]) -> Service | None:
         if ip and ip != "None" and ":" not in ip:
             cluster_ips.append(_ip(obj, "spec.clusterIPs", ip))
     ports = []
-    for i, p in enumerate(spec.get("ports") or []):
+    listed = spec.get("ports") or []
+    if isinstance(listed, list) and len(listed) > MAX_SERVICE_PORTS:
+        raise ModelError(obj, "spec.ports", f"{len(listed)} ports; Sanderling programs at most {MAX_SERVICE_PORTS} "
+                                            "per Service (every port is flows and a group on every node): split it")
+    for i, p in enumerate(listed):
         proto = p.get("protocol") or "TCP"
         if proto not in PROTOCOLS:
             raise ModelError(obj, f"spec.ports[{i}].protocol", f"{proto!r} is not TCP, UDP or SCTP")
@@ -116,27 +125,37 @@ def service_from(raw: dict[str, Any]) -> Service | None:
 
 def endpoints_from(slices: Iterable[dict[str, Any]], port: ServicePort) -> tuple[Endpoint, ...]:
     """Every IPv4 endpoint of the slices for one service port (matched by name and protocol)."""
-    out: set[Endpoint] = set()
+    return endpoints_by_port(slices, (port,))[port]
+
+
+def endpoints_by_port(slices: Iterable[dict[str, Any]], ports: Iterable[ServicePort]
+                      ) -> dict[ServicePort, tuple[Endpoint, ...]]:
+    """endpoints_from for every port of a Service at once: each slice's ports are indexed and its
+    endpoints parsed once, so a Service with thousands of ports costs ports x endpoints, not
+    ports x (slice ports + endpoints)."""
+    wanted = tuple(ports)
+    out: dict[ServicePort, set[Endpoint]] = {p: set() for p in wanted}
     for sl in slices:
         if sl.get("addressType", "IPv4") != "IPv4":
             continue
-        number = None
-        for sp in sl.get("ports") or []:
-            if (sp.get("name") or "") == port.name and (sp.get("protocol") or "TCP") == port.protocol:
-                number = sp.get("port")
-        if not isinstance(number, int):
-            continue
+        numbers: dict[tuple[str, str], Any] = {}
+        for sp in sl.get("ports") or []:  # the last of a (name, protocol) wins, as before
+            numbers[(sp.get("name") or "", sp.get("protocol") or "TCP")] = sp.get("port")
+        parsed = []
         for ep in sl.get("endpoints") or []:
             cond = ep.get("conditions") or {}
             ready = cond.get("ready") is not False  # unset means ready
             serving = cond.get("serving") if cond.get("serving") is not None else ready
             for addr in (ep.get("addresses") or [])[:1]:
                 ip = _parse_ipv4(addr)
-                if ip is None:
-                    continue
-                out.add(Endpoint(ip, number, ep.get("nodeName") or "", ready, bool(serving),
-                                 bool(cond.get("terminating"))))
-    return tuple(sorted(out, key=lambda e: (int(e.ip), e.port, e.node)))
+                if ip is not None:
+                    parsed.append((ip, ep.get("nodeName") or "", ready, bool(serving), bool(cond.get("terminating"))))
+        for port in wanted:
+            number = numbers.get((port.name, port.protocol))
+            if isinstance(number, int) and not isinstance(number, bool):
+                out[port].update(Endpoint(ip, number, node, ready, serving, terminating)
+                                 for ip, node, ready, serving, terminating in parsed)
+    return {p: tuple(sorted(eps, key=lambda e: (int(e.ip), e.port, e.node))) for p, eps in out.items()}
 
 
 def _parse_ipv4(text: Any) -> ipaddress.IPv4Address | None:

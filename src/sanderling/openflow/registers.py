@@ -6,6 +6,7 @@ match contributor. `docs/pipeline.md` is generated from `REG_FIELDS` and `REG_MA
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from sanderling.openflow import ir
@@ -30,7 +31,7 @@ class RegField:
         return ((1 << (self.end - self.start + 1)) - 1) << self.start
 
     def load(self, value: int) -> ir.Load:
-        return ir.Load(self.ref, value)
+        return _load(self, value)
 
     def equals(self, value: int) -> RegMatch:
         return RegMatch(self, value)
@@ -39,15 +40,25 @@ class RegField:
         return self.ref.text()
 
 
+@functools.lru_cache(maxsize=4096)
+def _load(field: RegField, value: int) -> ir.Load:
+    """Loads are immutable and compilers ask for the same few thousands of times: build each once."""
+    return ir.Load(field.ref, value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _match_items(field: RegField, value: int) -> tuple[ir.MatchItem, ...]:
+    mask = field.mask
+    return ((f"reg{field.reg}", (value << field.start) & mask, None if mask == 0xFFFFFFFF else mask),)
+
+
 @dataclass(frozen=True, slots=True)
 class RegMatch:
     field: RegField
     value: int
 
     def match_items(self) -> tuple[ir.MatchItem, ...]:
-        f = self.field
-        mask = f.mask
-        return ((f"reg{f.reg}", (self.value << f.start) & mask, None if mask == 0xFFFFFFFF else mask),)
+        return _match_items(self.field, self.value)
 
 
 @dataclass(frozen=True, slots=True)
