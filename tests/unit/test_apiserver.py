@@ -143,3 +143,74 @@ def test_service_cluster_ip_and_node_port_allocation(api):
     assert kept.spec.clusterIP == b.spec.clusterIP and kept.spec.ports[0].nodePort == b.spec.ports[0].nodePort
     lb = api.create(svc("lb", type="LoadBalancer", externalTrafficPolicy="Local"))
     assert lb.spec.healthCheckNodePort and lb.spec.healthCheckNodePort != b.spec.ports[0].nodePort
+
+
+def test_tls_and_bearer_token_for_every_client(tmp_path):
+    """Issue 20: the lab API speaks HTTPS only and answers 401 without the token; the kubeconfig it
+    writes carries the CA and the token, so lightkube (and kubectl) work as before."""
+    import json
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from sanderling.lab.pki import ensure_pki
+
+    pki = ensure_pki(tmp_path / "pki", ("127.0.0.1",))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "sanderling.lab.apiserver", "--db", str(tmp_path / "db"),
+                             "--port", str(port), "--kubeconfig", str(tmp_path / "kc"), "--log-level", "WARNING",
+                             "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
+                             "--ca-cert", str(pki.ca_cert), "--token-file", str(pki.token_file)],
+                            stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        client = KubeApi(tmp_path / "kc").client
+        client.create(mkpod("a"))
+        assert client.get(Pod, "a", namespace="default").metadata.name == "a"
+        verified = ssl.create_default_context(cafile=str(pki.ca_cert))
+        url = f"https://127.0.0.1:{port}/api/v1/namespaces/default/pods"
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            urllib.request.urlopen(url, context=verified, timeout=5)
+        assert denied.value.code == 401 and json.loads(denied.value.read())["reason"] == "Unauthorized"
+        wrong = urllib.request.Request(url, headers={"Authorization": "Bearer not-the-token"})
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            urllib.request.urlopen(wrong, context=verified, timeout=5)
+        assert denied.value.code == 401
+        with pytest.raises((urllib.error.URLError, ConnectionError)):  # no plain HTTP at all
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/pods", timeout=5)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_status_writes_are_validated_like_spec_writes(api):
+    """Issue 20: what kubelets and controllers write to status (pod IPs, load-balancer IPs) is
+    checked too: an agent routes on it."""
+    api.create(mkpod("s"))
+    with pytest.raises(ApiError) as bad:
+        api.patch(Pod.Status, "s", {"status": {"podIP": "10.0.0.999"}}, namespace="default",
+                  patch_type=PatchType.MERGE)
+    assert bad.value.status.code == 422 and "status.podIP" in bad.value.status.message
+    with pytest.raises(ApiError) as bad:
+        api.patch(Pod.Status, "s", {"status": {"phase": "Exploded"}}, namespace="default",
+                  patch_type=PatchType.MERGE)
+    assert bad.value.status.code == 422 and "status.phase" in bad.value.status.message
+    api.patch(Pod.Status, "s", {"status": {"podIP": "10.0.0.9", "phase": "Running"}}, namespace="default",
+              patch_type=PatchType.MERGE)
+    assert api.get(Pod, "s", namespace="default").status.podIP == "10.0.0.9"
+
+
+def test_kubelet_runs_no_pod_command_unless_the_lab_allows_it(tmp_path):
+    """Issue 20: an API object must not run a program as root on the lab machine by default."""
+    from pathlib import Path
+
+    from sanderling.lab.kubelet import Kubelet, NodeRuntime
+
+    pod = {"metadata": {"namespace": "default", "name": "sh", "uid": "u1"},
+           "spec": {"containers": [{"name": "c", "command": ["touch", str(tmp_path / "ran")]}]}}
+    kubelet = Kubelet(NodeRuntime("n1", Path("/nonexistent/cni"), Path("/nonexistent/conf"), "slkub"))
+    status = kubelet.start(pod)
+    assert status["phase"] == "Failed" and "--allow-workload-commands" in status["message"]
+    assert not (tmp_path / "ran").exists() and not kubelet.pods

@@ -36,6 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--nodes", type=int, default=3)
     up.add_argument("--mode", choices=["routed", "overlay"], default="routed")
     up.add_argument("--demo", action="store_true", help="also deploy the demo workload and run lab check")
+    up.add_argument("--allow-workload-commands", action="store_true",
+                    help="kubelets run a Pod's command as root in its sandbox (off: such pods fail)")
     cmds.add_parser("down", parents=[common], help="remove every namespace, process, bridge and file of the lab")
     cmds.add_parser("status", parents=[common], help="nodes, their agents and pods")
     for verb in ("apply", "delete"):
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         print("sanderling lab: needs root (it creates network namespaces and OVS instances)", file=sys.stderr)
         return 1
     if cmd == "up":
-        lab.up(args.nodes, args.mode)
+        lab.up(args.nodes, args.mode, allow_workload_commands=args.allow_workload_commands)
         if args.demo:
             apply(lab, Path(__file__).resolve().parents[1] / "lab" / "demo.yaml")
             wait_running(lab, 60)
@@ -270,7 +272,7 @@ def status(lab: Lab) -> int:
         alive = _alive(n["agent_pid"])
         count = sum(1 for p in pods if p.spec and p.spec.nodeName == n["name"])
         rows.append((n["name"], n["pod_cidr"], n["underlay_ip"], "running" if alive else "DOWN", count))
-    print(f"lab {lab.name}: mode {state['mode']}, API http://127.0.0.1:{state['api_port']} "
+    print(f"lab {lab.name}: mode {state['mode']}, API https://127.0.0.1:{state['api_port']} "
           f"(control plane {'running' if _alive(state['controlplane_pid']) else 'DOWN'})")
     print(table(["node", "pod CIDR", "underlay", "agent", "pods"], rows))
     return 0

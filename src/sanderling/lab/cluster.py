@@ -29,6 +29,7 @@ from typing import Any
 
 from sanderling.lab.fabric import BRIDGE, attach_host, make_fabric
 from sanderling.lab.node import LocalNode, teardown_prefix
+from sanderling.lab.pki import Pki, ensure_pki
 from sanderling.netlink.netns import ipr
 from sanderling.ovs.runtime import OvsRuntime
 from sanderling.process import terminate
@@ -44,6 +45,7 @@ API_PORT = 6443
 class Lab:
     name: str = "sanderling"
     progress: Callable[[str], None] = lambda _m: None
+    allow_workload_commands: bool = False  # kubelets run Pod commands (a root shell for anyone with API access)
 
     @property
     def state_dir(self) -> Path:
@@ -67,7 +69,12 @@ class Lab:
     def controlplane_netns(self) -> str:
         return f"{self.name}-cp"
 
-    def up(self, nodes: int = 3, mode: str = "routed") -> None:
+    @property
+    def pki(self) -> Pki:
+        """The API's CA, certificate and bearer token (made at `up`, kept across restarts)."""
+        return ensure_pki(self.state_dir / "pki", ("127.0.0.1", str(API_UNDERLAY_IP)))
+
+    def up(self, nodes: int = 3, mode: str = "routed", allow_workload_commands: bool = False) -> None:
         if mode not in ("routed", "overlay"):
             raise SystemExit(f"sanderling lab: --mode {mode}: choose routed or overlay")
         if self.state():
@@ -86,11 +93,14 @@ class Lab:
         self.progress(f"control plane in namespace {self.controlplane_netns}: API server on "
                       f"{API_UNDERLAY_IP}:{API_PORT} (and 127.0.0.1:{port} for this host), controllers, scheduler, "
                       "kubelets")
+        self.allow_workload_commands = allow_workload_commands
+        pki = self.pki
         cp_pid = self._start_controlplane(port)
         from sanderling.lab.apiserver.__main__ import write_kubeconfig
 
-        write_kubeconfig(self.kubeconfig, f"http://127.0.0.1:{port}")
-        write_kubeconfig(self.node_kubeconfig, f"http://{API_UNDERLAY_IP}:{API_PORT}")
+        write_kubeconfig(self.kubeconfig, f"https://127.0.0.1:{port}", ca_cert=pki.ca_cert, token=pki.token)
+        write_kubeconfig(self.node_kubeconfig, f"https://{API_UNDERLAY_IP}:{API_PORT}", ca_cert=pki.ca_cert,
+                         token=pki.token)
         records = self._register_nodes(nodes)
         lab_nodes: list[LocalNode] = []
         for rec in records:
@@ -105,7 +115,8 @@ class Lab:
         for node, rec in zip(lab_nodes, records, strict=True):
             node.start_agent()
             rec["agent_pid"] = node.agent.pid if node.agent else 0
-        state = {"name": self.name, "mode": mode, "api_port": port, "controlplane_pid": cp_pid, "nodes": records}
+        state = {"name": self.name, "mode": mode, "api_port": port, "controlplane_pid": cp_pid, "nodes": records,
+                 "allow_workload_commands": allow_workload_commands}
         (self.state_dir / "state.json").write_text(json.dumps(state, indent=2))
         for node in lab_nodes:
             node.wait_ready(60)
@@ -122,9 +133,13 @@ class Lab:
 
     def _start_controlplane(self, port: int) -> int:
         cp_log = open(self.state_dir / "controlplane.log", "ab")
+        pki = self.pki
+        allow = ["--allow-workload-commands"] if self.allow_workload_commands \
+            or self.state().get("allow_workload_commands") else []
         cp = subprocess.Popen([sys.executable, "-m", "sanderling.lab.controlplane", "--state", str(self.state_dir),
                                "--listen", f"127.0.0.1:{port}", "--netns", self.controlplane_netns,
-                               "--netns-listen", f"{API_UNDERLAY_IP}:{API_PORT}"],
+                               "--netns-listen", f"{API_UNDERLAY_IP}:{API_PORT}", "--tls-cert", str(pki.server_cert),
+                               "--tls-key", str(pki.server_key), "--token-file", str(pki.token_file), *allow],
                               stdout=subprocess.PIPE, stderr=cp_log, start_new_session=True)
         assert cp.stdout is not None
         if cp.stdout.readline().strip() != b"ready":

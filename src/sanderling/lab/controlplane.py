@@ -41,8 +41,10 @@ NODE_PREFIX = 24
 
 
 class ControlPlane:
-    def __init__(self, store: Store, cluster_cidr: ipaddress.IPv4Network = CLUSTER_CIDR) -> None:
+    def __init__(self, store: Store, cluster_cidr: ipaddress.IPv4Network = CLUSTER_CIDR,
+                 allow_commands: bool = False) -> None:
         self.store = store
+        self.allow_commands = allow_commands
         self.cluster_cidr = cluster_cidr
         self.kubelets: dict[str, Kubelet] = {}
         self.queue: asyncio.Queue[WatchEvent] = asyncio.Queue()
@@ -67,7 +69,8 @@ class ControlPlane:
             host_ip = next((a["address"] for a in (node.get("status") or {}).get("addresses") or []
                             if a.get("type") == "InternalIP"), "")
             self.kubelets[name] = Kubelet(NodeRuntime(name, Path(ann[ANN_BIN]), Path(ann[ANN_CONF]),
-                                                      ann.get(ANN_NETNS, name), host_ip))
+                                                      ann.get(ANN_NETNS, name), host_ip),
+                                          allow_commands=self.allow_commands)
             log.info("kubelet for node %s", name)
 
     def _allocate_pod_cidr(self, node: dict[str, Any]) -> None:
@@ -155,7 +158,9 @@ class ControlPlane:
             self._schedule(pod)
             return
         kubelet = self.kubelets.get(node)
-        if kubelet is None or key in kubelet.pods or key in self._busy or (pod.get("status") or {}).get("podIP"):
+        status = pod.get("status") or {}
+        if kubelet is None or key in kubelet.pods or key in self._busy or status.get("podIP") \
+                or status.get("phase") == "Failed":
             return
         self._busy.add(key)
         asyncio.create_task(self._start(kubelet, pod, key))
@@ -198,8 +203,15 @@ async def main_async(args: argparse.Namespace) -> int:
         netns.enter(args.netns)  # before any thread exists: every later thread inherits it
         sockets += [_listen(spec) for spec in args.netns_listen]
     store = Store(args.state / "api.db")
-    runner = await serve(store, sockets)
-    plane = ControlPlane(store, ipaddress.IPv4Network(args.cluster_cidr))
+    tls = None
+    if args.tls_cert:
+        import ssl
+
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
+    token = args.token_file.read_text().strip() if args.token_file else None
+    runner = await serve(store, sockets, token=token, ssl_context=tls)
+    plane = ControlPlane(store, ipaddress.IPv4Network(args.cluster_cidr), args.allow_workload_commands)
     plane.start()
     task = asyncio.create_task(plane.run())
     await until_signalled()
@@ -216,6 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--netns", help="control-plane network namespace to run in")
     p.add_argument("--netns-listen", action="append", default=[], help="HOST:PORT inside --netns")
     p.add_argument("--cluster-cidr", default=str(CLUSTER_CIDR))
+    p.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (and --tls-key)")
+    p.add_argument("--tls-key", type=Path)
+    p.add_argument("--token-file", type=Path, help="every client must send this bearer token")
+    p.add_argument("--allow-workload-commands", action="store_true",
+                   help="kubelets run a Pod's command (default: such pods fail, no program runs)")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -4,8 +4,10 @@ For each pod: a network namespace as its sandbox, CNI ADD exactly as a container
 it (the node's installed plugin binary, conflist config, CNI_* environment with the K8S_*
 arguments), the pod's IP written to its status, and its workload started inside the sandbox:
 the built-in probe server on every containerPort (TCP and UDP) answering with the pod's name,
-or the pod's own command. Deleting the pod stops the workload, calls CNI DEL and removes the
-sandbox. Container images are ignored.
+or the pod's own command, only when the lab was started with `--allow-workload-commands` (an API
+object must not be able to run any program as root on this machine by default; such a pod is
+marked Failed, saying how to allow it). Deleting the pod stops the workload, calls CNI DEL and
+removes the sandbox. Container images are ignored.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class RunningPod:
 class Kubelet:
     node: NodeRuntime
     pods: dict[str, RunningPod] = field(default_factory=dict)
+    allow_commands: bool = False
 
     def sandbox_name(self, namespace: str, name: str) -> str:
         return f"{self.node.netns_prefix}-{namespace}-{name}"[:60]
@@ -71,6 +74,11 @@ class Kubelet:
         key = f"{meta['namespace']}/{meta['name']}"
         netns_name = self.sandbox_name(meta["namespace"], meta["name"])
         cid = meta.get("uid", key).replace("-", "")[:32]
+        if _command(pod) and not self.allow_commands:
+            log.warning("pod %s: has a command, and this lab runs none", key)
+            return {"phase": "Failed", "reason": "WorkloadCommandsOff",
+                    "message": "this lab runs no command from a Pod object; start it with "
+                               "`sanderling lab up --allow-workload-commands` to allow them"}
         veth.ensure_netns(netns_name)
         code, out = self._cni("ADD", meta["namespace"], meta["name"], cid, f"/var/run/netns/{netns_name}")
         if code != 0:
@@ -91,7 +99,7 @@ class Kubelet:
 
     def _workload(self, pod: dict[str, Any], netns_name: str) -> subprocess.Popen[bytes] | None:
         containers = (pod.get("spec") or {}).get("containers") or []
-        command = next((c.get("command", []) + c.get("args", []) for c in containers if c.get("command")), None)
+        command = _command(pod)
         if command:
             argv = command
         else:
@@ -122,3 +130,10 @@ class Kubelet:
         for key in list(self.pods):
             namespace, name = key.split("/", 1)
             self.stop(namespace, name)
+
+
+def _command(pod: dict[str, Any]) -> list[str] | None:
+    """The first container's command + args, if a container has a command."""
+    containers = (pod.get("spec") or {}).get("containers") or []
+    return next(([str(a) for a in c.get("command", []) + c.get("args", [])] for c in containers
+                 if c.get("command")), None)

@@ -2,15 +2,18 @@
 
 Serves list/get/create/update/merge-patch/delete and watch with resourceVersion, bookmarks and
 410 Gone after compaction, label and field selectors, and enough discovery for kubectl.
-No authentication: it listens where only the lab can reach it.
+With a token, every request must carry it (`Authorization: Bearer ...`, as kubeconfig's `token`
+sends it; 401 otherwise); with a TLS context it speaks HTTPS only. The lab uses both.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import socket
+import ssl
 from typing import Any
 
 from aiohttp import web
@@ -45,12 +48,12 @@ BY_KEY: dict[str, Resource] = {r.key: r for r in RESOURCES}
 def admission(allocator: ServiceAllocator) -> Any:
     """The store's admission hook: validate every written object, allocate Service addresses and ports."""
     def admit(resource: str, namespace: str, new: dict[str, Any], current: dict[str, Any] | None,
-              store: Store) -> None:
+              store: Store, subresource: str | None = None) -> None:
         res = BY_KEY.get(resource)
         if res is None:
             return
         validate(res.kind, res.namespaced, new)
-        if res.kind == "Service":
+        if res.kind == "Service" and subresource != "status":
             name = new["metadata"]["name"]
             others = [s for s in store.list_unlocked(resource, None)
                       if (s["metadata"].get("namespace"), s["metadata"]["name"]) != (namespace, name)]
@@ -58,13 +61,26 @@ def admission(allocator: ServiceAllocator) -> Any:
     return admit
 
 
+def bearer_auth(token: str) -> Any:
+    """Every request must present the token: a 401 Status (as kube-apiserver answers) otherwise."""
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Any) -> web.StreamResponse:
+        if not hmac.compare_digest(request.headers.get("Authorization", "").encode(), expected):
+            return status(401, "Unauthorized", "Unauthorized: a bearer token is required (see the lab's kubeconfig)")
+        return await handler(request)
+    return check
+
+
 class ApiServer:
     def __init__(self, store: Store, bookmark_interval: float = 5.0,
-                 allocator: ServiceAllocator | None = None) -> None:
+                 allocator: ServiceAllocator | None = None, token: str | None = None) -> None:
         self.store = store
         store.admission = admission(allocator or ServiceAllocator())
         self.bookmark_interval = bookmark_interval
-        self.app = web.Application(client_max_size=16 << 20)
+        self.app = web.Application(client_max_size=16 << 20,
+                                   middlewares=[bearer_auth(token)] if token else [])
         self._watches: set[asyncio.Task[Any]] = set()
         self.app.on_shutdown.append(self._end_watches)
         self.app.router.add_get("/version", self.version)
@@ -315,12 +331,15 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(store: Store, sockets: list[socket.socket], bookmark_interval: float = 5.0) -> web.AppRunner:
+async def serve(store: Store, sockets: list[socket.socket], bookmark_interval: float = 5.0,
+                token: str | None = None, ssl_context: ssl.SSLContext | None = None) -> web.AppRunner:
     """Serve on already bound sockets (they may belong to different network namespaces)."""
-    server = ApiServer(store, bookmark_interval)
+    server = ApiServer(store, bookmark_interval, token=token)
     runner = web.AppRunner(server.app, access_log=None, shutdown_timeout=2.0)
     await runner.setup()
+    scheme = "https" if ssl_context else "http"
     for sock in sockets:
-        await web.SockSite(runner, sock).start()
-        log.info("lab API server on http://%s:%d", *sock.getsockname()[:2])
+        await web.SockSite(runner, sock, ssl_context=ssl_context).start()
+        log.info("lab API server on %s://%s:%d%s", scheme, *sock.getsockname()[:2],
+                 " (bearer token required)" if token else "")
     return runner

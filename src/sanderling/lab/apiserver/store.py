@@ -60,7 +60,8 @@ class Store:
         row = self._db.execute("SELECT value FROM meta WHERE key='rv'").fetchone()
         self.rv = int(row[0]) if row else 1
         self.listeners: list[Any] = []
-        # admission(resource, namespace, new body, current body or None, store) runs under the write lock
+        # admission(resource, namespace, new body, current body or None, store, subresource) runs under
+        # the write lock
         # before every create and non-status update; it may fill fields in or raise ApiError
         self.admission: Any = None
 
@@ -149,7 +150,7 @@ class Store:
             if namespace:
                 meta["namespace"] = namespace
             if self.admission is not None:
-                self.admission(resource, namespace, body, None, self)
+                self.admission(resource, namespace, body, None, self, None)
             return self._write(resource, namespace, "ADDED", body)
 
     def update(self, resource: str, namespace: str, name: str, body: dict[str, Any],
@@ -170,8 +171,8 @@ class Store:
             for keep in ("uid", "creationTimestamp", "namespace", "name"):
                 if keep in current["metadata"]:
                     meta[keep] = current["metadata"][keep]
-            if subresource != "status" and self.admission is not None:
-                self.admission(resource, namespace, new, current, self)
+            if self.admission is not None:  # status writes are validated like any other
+                self.admission(resource, namespace, new, current, self, subresource)
             return self._write(resource, namespace, "MODIFIED", new)
 
     def patch(self, resource: str, namespace: str, name: str, patch: dict[str, Any],

@@ -236,8 +236,50 @@ def _network_policy(body: dict[str, Any]) -> None:
             _netpol_peers(f"{f}.{peers}", rule.get(peers))
 
 
+def _pod_status(body: dict[str, Any]) -> None:
+    st = _object("status", body.get("status") or {})
+    _enum("status.phase", st.get("phase"), ("Pending", "Running", "Succeeded", "Failed", "Unknown"))
+    for field in ("podIP", "hostIP"):
+        if st.get(field):
+            _ip(f"status.{field}", st[field])
+    for field in ("podIPs", "hostIPs"):
+        for i, item in enumerate(_list(f"status.{field}", st.get(field))):
+            _ip(f"status.{field}[{i}].ip", _object(f"status.{field}[{i}]", item).get("ip"))
+
+
+def _service_status(body: dict[str, Any]) -> None:
+    lb = _object("status.loadBalancer", (_object("status", body.get("status") or {})).get("loadBalancer") or {})
+    for i, ing in enumerate(_list("status.loadBalancer.ingress", lb.get("ingress"))):
+        ing = _object(f"status.loadBalancer.ingress[{i}]", ing)
+        if ing.get("ip"):
+            _ip(f"status.loadBalancer.ingress[{i}].ip", ing["ip"])
+        _enum(f"status.loadBalancer.ingress[{i}].ipMode", ing.get("ipMode"), ("VIP", "Proxy"))
+
+
+def _node_status(body: dict[str, Any]) -> None:
+    st = _object("status", body.get("status") or {})
+    for i, addr in enumerate(_list("status.addresses", st.get("addresses"))):
+        addr = _object(f"status.addresses[{i}]", addr)
+        if addr.get("type") in ("InternalIP", "ExternalIP"):
+            _ip(f"status.addresses[{i}].address", addr.get("address"))
+
+
+def _ippool_status(body: dict[str, Any]) -> None:
+    allocations = _object("status.allocations",
+                          (_object("status", body.get("status") or {})).get("allocations") or {})
+    for ip, owner in allocations.items():
+        _ip(f"status.allocations[{ip}]", ip)
+        owner = _object(f"status.allocations[{ip}]", owner)
+        if not isinstance(owner.get("node", ""), str) or not isinstance(owner.get("pod", ""), str):
+            raise _value(f"status.allocations[{ip}]", owner, "node and pod must be strings")
+
+
 CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
     "Pod": _pod, "Service": _service, "NetworkPolicy": _network_policy,
+}
+# status is written through its own subresource (kubelets, controllers, IPAM): checked as strictly
+STATUS_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
+    "Pod": _pod_status, "Service": _service_status, "Node": _node_status, "IPPool": _ippool_status,
 }
 
 
@@ -245,9 +287,10 @@ def validate(kind: str, namespaced: bool, body: dict[str, Any]) -> None:
     """Raise ApiError 422 (Invalid) naming the first bad field of the object."""
     try:
         _metadata(body, namespaced)
-        check = CHECKS.get(kind)
-        if check is not None:
-            check(body)
+        for checks in (CHECKS, STATUS_CHECKS):
+            check = checks.get(kind)
+            if check is not None:
+                check(body)
     except Invalid as exc:
         name = (body.get("metadata") or {}).get("name") if isinstance(body.get("metadata"), dict) else None
         raise ApiError(422, "Invalid", f'{kind} "{name or ""}" is invalid: {exc}') from None
