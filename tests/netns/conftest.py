@@ -22,28 +22,28 @@ def require_root() -> None:
         pytest.fail("network-namespace tests need root (they create netns, veths and OVS ports)")
 
 
-@pytest.fixture
-def node(tmp_path) -> Iterator[LocalNode]:
+def one_node(tmp_path, prefix: str, pod_cidr: str, ready: bool = True) -> Iterator[LocalNode]:
+    """A node `n1` with its OVS and agent, torn down afterwards (also what a crashed run left)."""
     require_root()
     require_ovs()
-    teardown_prefix("sltest-n1")
-    n = LocalNode("n1", "10.244.5.0/24", tmp_path, prefix="sltest")
+    teardown_prefix(f"{prefix}-n1")
+    n = LocalNode("n1", pod_cidr, tmp_path, prefix=prefix)
     n.start()
+    if ready:
+        n.wait_ready()
     yield n
     n.teardown()
+
+
+@pytest.fixture
+def node(tmp_path) -> Iterator[LocalNode]:
+    yield from one_node(tmp_path, "sltest", "10.244.5.0/24", ready=False)
 
 
 @pytest.fixture
 def cni_node(tmp_path) -> Iterator[LocalNode]:
-    """One node with its agent and a small pod subnet (/28), for CNI error paths."""
-    require_root()
-    require_ovs()
-    teardown_prefix("slerr-n1")
-    n = LocalNode("n1", "10.244.14.0/28", tmp_path, prefix="slerr")
-    n.start()
-    n.wait_ready()
-    yield n
-    n.teardown()
+    """A small pod subnet (/28), for CNI error paths."""
+    yield from one_node(tmp_path, "slerr", "10.244.14.0/28")
 
 
 class LabCli:

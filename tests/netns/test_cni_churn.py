@@ -15,11 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from sanderling.lab.node import LocalNode, teardown_prefix
+from sanderling.lab.node import LocalNode
 from sanderling.netlink import veth
 
-from ..conftest import require_ovs
-from .conftest import require_root
+from .conftest import one_node
 
 CYCLES = 1000
 PARALLEL = 20
@@ -27,14 +26,7 @@ PARALLEL = 20
 
 @pytest.fixture
 def churn_node(tmp_path):
-    require_root()
-    require_ovs()
-    teardown_prefix("slch-n1")
-    node = LocalNode("n1", "10.244.12.0/24", tmp_path, prefix="slch")
-    node.start()
-    node.wait_ready()
-    yield node
-    node.teardown()
+    yield from one_node(tmp_path, "slch", "10.244.12.0/24")
 
 
 class Driver:

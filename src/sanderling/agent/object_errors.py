@@ -27,13 +27,8 @@ class ObjectErrors:
         reported once per distinct message, like errors."""
         if message is None:
             self.warnings.pop(key, None)
-            return
-        if self.warnings.get(key) != message:
-            log.error("%s", message)
-            if self.report is not None:
-                ns, _, name = key.partition("/")
-                self.report(ns, name, message)
-        self.warnings[key] = message
+        else:
+            self._once(self.warnings, key, message)
 
     def convert(self, key: str, raw: dict[str, Any] | None, build: Callable[[dict[str, Any]], T]) -> T | None:
         """build(raw), or None when the object is absent or refused (reported once per message)."""
@@ -50,10 +45,14 @@ class ObjectErrors:
             # a field of a type the model did not expect: this object's error, never the agent's
             log.debug("%s: conversion failed", key, exc_info=True)
             problem = f"{key}: malformed object ({type(exc).__name__}: {exc})"
-        if self.errors.get(key) != problem:
-            log.error("%s", problem)
+        self._once(self.errors, key, problem)
+        return None
+
+    def _once(self, seen: dict[str, str], key: str, message: str) -> None:
+        """Log and report `message` unless it is what was last said about `key`."""
+        if seen.get(key) != message:
+            log.error("%s", message)
             if self.report is not None:
                 ns, _, name = key.partition("/")
-                self.report(ns, name, problem)
-        self.errors[key] = problem
-        return None
+                self.report(ns, name, message)
+        seen[key] = message
