@@ -45,14 +45,14 @@ class ClusterView:
         self.node_informer = Informer(client, Node, self._node_changed, namespaced=False)
         self.pod_informer = Informer(client, Pod, self._pod_changed)
         self.pool_informer = Informer(client, IPPoolResource, self._pool_changed, namespaced=False)
-        self._informers = (self.node_informer, self.pod_informer, self.pool_informer)
+        self.informers = (self.node_informer, self.pod_informer, self.pool_informer)
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(i.run()) for i in self._informers]
+        self._tasks = [asyncio.create_task(i.run()) for i in self.informers]
 
     async def synced(self) -> None:
-        for informer in self._informers:
+        for informer in self.informers:
             await informer.synced.wait()
         self._recompute()
 
@@ -101,7 +101,7 @@ class ClusterView:
         self._recompute()
 
     def _recompute(self) -> None:
-        if not all(i.synced.is_set() for i in self._informers):
+        if not all(i.synced.is_set() for i in self.informers):
             return
         refused = refused_cidrs(self.nodes.values(), self.service_cidr)
         for name, why in refused.items():

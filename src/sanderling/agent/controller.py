@@ -3,6 +3,13 @@
 It owns one OpenFlow session at a time. When the session drops (ovs-vswitchd restarted, socket
 gone) it reconnects with a short backoff and replays the whole desired state; a change that could
 not be sent stays pending in the realizer and goes out with the next sync.
+
+Readiness gate: after an agent restart the previous generation's flows still serve the node.
+Until every informer the node's flows depend on has listed (`gate`), only what the agent knows
+for certain goes out (its pods, the pipeline, routes to other nodes), nothing is swept, and the
+objects fed by the API (Services, NetworkPolicies) stay pending; then one resync installs them
+all and sweeps the previous generation in the same bundle. So a restart never refuses a live
+Service connection for want of its EndpointSlices, nor opens a policy hole for want of a policy.
 """
 
 from __future__ import annotations
@@ -28,6 +35,11 @@ from sanderling.openflow.realizer import Realizer
 log = logging.getLogger(__name__)
 
 STATIC_KEY = "pipeline/static"
+GATED_PREFIXES = ("service", "policy")  # objects fed by the API: installed only once it has been listed
+
+
+def ungated(key: str) -> bool:
+    return not key.startswith(GATED_PREFIXES)
 GATEWAY_KEY = "node/gateway"
 TUNNEL_KEY = "node/tunnel"
 
@@ -35,8 +47,10 @@ TUNNEL_KEY = "node/tunnel"
 class NodeController:
     def __init__(self, node: NodeNetwork, target: str, realizer: Realizer,
                  list_pods: Callable[[], list[PodPort]], poll_interval: float = 0.2, gateway: bool = False,
-                 mode: str = "routed") -> None:
+                 mode: str = "routed", gate: asyncio.Event | None = None) -> None:
         self.gateway = gateway
+        self.gate = gate  # set once the informers have listed (None: nothing to wait for)
+        self.swept = False  # the previous generation is gone: the complete desired state is installed
         self.mode = mode
         self.remotes: list[Remote] = []
         self._remote_flows: dict[Remote, list[Flow]] = {}
@@ -152,9 +166,27 @@ class NodeController:
             conn = self.conn
             if conn is None:
                 raise ConnectionLost(f"not connected to {self.target}")
-            if self.realizer.pending:
-                await self.realizer.sync(conn)
+            if not self.swept and self._gate_open():
+                await self._resync(conn)
+            elif self.realizer.pending:
+                await self.realizer.sync(conn, only=None if self.swept else ungated)
             self._completed = covers
+
+    def _gate_open(self) -> bool:
+        return self.gate is None or self.gate.is_set()
+
+    async def _resync(self, conn: Connection) -> None:
+        """The whole desired state with the previous generation swept, once the informers have
+        listed; until then what the agent knows, sweeping nothing."""
+        if self._gate_open():
+            await self.realizer.resync(conn)
+            if not self.swept:
+                log.info("node %s: desired state complete, previous generation swept", self.node.name)
+            self.swept = True
+        else:
+            log.info("node %s: waiting for the informers to list before sweeping the previous generation; "
+                     "it keeps serving meanwhile", self.node.name)
+            await self.realizer.resync(conn, sweep=False, only=ungated)
 
     async def _connect(self) -> Connection:
         delay = 0.05
@@ -178,7 +210,7 @@ class NodeController:
                 async with self._lock:
                     await self._poll_pods()
                     await self._install_meters(conn)  # before the flows that use them
-                    await self.realizer.resync(conn)
+                    await self._resync(conn)
                 self.resyncs += 1
                 self.connected.set()
                 while not self._stop.is_set() and not conn.closed.done():

@@ -87,6 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="comma list of CIDRs a Service's externalIPs may come from (default none: externalIPs "
                         "are ignored, as CVE-2020-8554 advises; 0.0.0.0/0 honours every one)")
     p.add_argument("--no-proxy", action="store_true", help="do not replace kube-proxy (no Service flows)")
+    p.add_argument("--no-policy", action="store_true", help="do not enforce NetworkPolicies")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -103,20 +104,38 @@ def _async_client(args: argparse.Namespace) -> Any:
     return AsyncClient(config=config, field_manager="sanderling-agent")
 
 
+def _remembered_node(args: argparse.Namespace) -> Path:
+    return args.state_dir / args.node / "node.json"
+
+
 async def _own_node(args: argparse.Namespace) -> dict[str, Any]:
-    """This node's Node object once it has a spec.podCIDR; wait (logging why) until then."""
+    """This node's Node object once it has a spec.podCIDR; wait (logging why) until then.
+
+    What it said is remembered in the state directory: an agent restarted while the API is
+    unreachable starts from it (its node's pods keep working and CNI ADDs go on) instead of
+    waiting; its informers list when the API is back."""
+    import json
+
     from sanderling.kube.client import KubeApi
 
-    api = await asyncio.to_thread(KubeApi, args.kubeconfig)
+    remembered = _remembered_node(args)
+    api = await asyncio.to_thread(KubeApi, args.kubeconfig, 3)
     said = ""
     while True:
         try:
             node = await asyncio.to_thread(api.node, args.node)
             why = "no Node object yet" if node is None else "its Node has no spec.podCIDR yet"
             if node is not None and (node.get("spec") or {}).get("podCIDR"):
+                remembered.parent.mkdir(parents=True, exist_ok=True)
+                remembered.write_text(json.dumps({"spec": node["spec"], "status": {
+                    "addresses": (node.get("status") or {}).get("addresses") or []}}))
                 return node
         except Exception as exc:  # API not reachable yet: keep trying
             why = f"API not reachable ({exc})"
+            if remembered.exists():
+                log.warning("node %s: API not reachable (%s); starting from the pod CIDR remembered in %s",
+                            args.node, exc, remembered)
+                return dict(json.loads(remembered.read_text()))
         if why != said:
             log.info("node %s: waiting for its pod CIDR: %s", args.node, why)
             said = why
@@ -185,10 +204,22 @@ def start_proxy(client: Any, cfg: Any, controller: NodeController, args: argpars
     proxy.on_health = health_changed
     proxy.start()
     informers = [Informer(client, Service, proxy.service_changed), Informer(client, EndpointSlice, proxy.slice_changed)]
-    informers += policy_informers(client, controller, args)
     log.info("node %s: kube-proxy replacement on (service CIDR %s, masquerade address %s, node ports on %s)",
              cfg.node_name, cfg.service_cidr, cfg.masq_ip, ", ".join(map(str, cfg.node_port_ips)) or "nothing")
-    return [asyncio.create_task(i.run()) for i in informers]
+    return informers
+
+
+async def open_gate(informers: list[Any], controller: NodeController) -> None:
+    """The readiness gate: once every informer has listed, the controller may install the whole
+    desired state and sweep the previous generation (see agent/controller.py)."""
+    started = time.monotonic()
+    for informer in informers:
+        await informer.synced.wait()
+    assert controller.gate is not None
+    controller.gate.set()
+    controller.kick()
+    log.info("node %s: %d informers listed in %.2f s", controller.node.name, len(informers),
+             time.monotonic() - started)
 
 
 _STEERING = asyncio.Lock()
@@ -255,10 +286,14 @@ class RouteKeeper:
         self.netns = netns
         self.extra = extra or {}
         self._wanted: dict[str, str] | None = None
+        self._prune = False  # until the cluster has been listed, routes of a previous agent stay
         self._running = False
 
-    def update(self, remotes: list[Remote]) -> None:
-        self._wanted = {**self.extra, **{str(r.dst): str(r.via) for r in remotes}}
+    def update(self, remotes: list[Remote] | None) -> None:
+        """Other nodes' destinations from the cluster view; None before it has listed (only the
+        extra routes are ensured, nothing is removed)."""
+        self._wanted = {**self.extra, **{str(r.dst): str(r.via) for r in remotes or ()}}
+        self._prune = self._prune or remotes is not None
         if not self._running:
             self._running = True
             asyncio.ensure_future(self._drain())
@@ -268,7 +303,7 @@ class RouteKeeper:
             while self._wanted is not None:
                 wanted, self._wanted = self._wanted, None
                 try:
-                    await asyncio.to_thread(sync_routes, self.netns, wanted)
+                    await asyncio.to_thread(sync_routes, self.netns, wanted, self._prune)
                 except Exception as exc:
                     log.error("routes to other nodes not set: %s; retrying", exc)
                     self._wanted = self._wanted or wanted
@@ -338,7 +373,7 @@ async def serve(args: argparse.Namespace) -> int:
                         else {})
         routes = RouteKeeper(args.node_netns, extra_routes) if args.gateway else None
         if routes is not None:
-            routes.update([])
+            routes.update(None)
 
         def remotes_changed(remotes: list[Remote]) -> None:
             controller.set_remotes(remotes)
@@ -360,10 +395,16 @@ async def serve(args: argparse.Namespace) -> int:
         view = ClusterView(client, node.name, remotes_changed, ipaddress.IPv4Network(args.service_cidr),
                            node_refused)
         view.start()
+        informers: list[Any] = []
         if proxy_cfg is not None:
-            proxy_tasks = start_proxy(client, proxy_cfg, controller, args)
+            informers += start_proxy(client, proxy_cfg, controller, args)
             if args.gateway:
                 await steer_node_ports(proxy_cfg, controller, args)
+        if not args.no_policy:  # its own switch: --no-proxy does not turn policy off
+            informers += policy_informers(client, controller, args)
+        proxy_tasks = [asyncio.create_task(i.run()) for i in informers]
+        controller.gate = asyncio.Event()
+        proxy_tasks.append(asyncio.create_task(open_gate([*view.informers, *informers], controller)))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, controller.stop)

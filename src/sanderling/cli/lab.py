@@ -58,6 +58,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     logs.add_argument("--grep", default=None, help="only lines containing this text (e.g. policy-log)")
     logs.add_argument("--tail", type=int, default=0, help="only the last N lines (after --grep)")
     cmds.add_parser("kubeconfig", parents=[common], help="print the path of the lab's kubeconfig")
+    ra = cmds.add_parser("restart-agent", parents=[common],
+                         help="restart a node's agent (the node keeps forwarding on its installed flows)")
+    ra.add_argument("node", help="node name, e.g. node1")
     cmds.add_parser("restart-controlplane", parents=[common],
                     help="stop and start the control plane (objects persist; agents relist, traffic keeps flowing)")
     lab.set_defaults(func=run)
@@ -100,6 +103,10 @@ def run(args: argparse.Namespace) -> int:
         return check(lab)
     if cmd == "logs":
         return agent_logs(lab, args.node, args.grep, args.tail)
+    if cmd == "restart-agent":
+        lab.restart_agent(args.node)
+        print(f"agent of {args.node} restarted")
+        return 0
     if cmd == "restart-controlplane":
         lab.restart_controlplane()
         progress(f"control plane of lab {lab.name} restarted")

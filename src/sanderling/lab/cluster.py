@@ -106,9 +106,7 @@ class Lab:
         for rec in records:
             self.progress(f"node {rec['name']}: OVS (userspace datapath), agent ({mode}), pod CIDR {rec['pod_cidr']} "
                           f"(allocated), underlay {rec['underlay_ip']}")
-            node = LocalNode(rec["name"], rec["pod_cidr"], self.state_dir, prefix=self.name,
-                             kubeconfig=self.node_kubeconfig, gateway=True, agent_session=True, mode=mode,
-                             pod_cidr_from_api=True, agent_in_netns=True)
+            node = self._local_node(rec, mode)
             node.start(agent=False)  # the underlay first: the agents talk to the API and each other over it
             node.attach_underlay(self.fabric, BRIDGE, f"{rec['underlay_ip']}/{UNDERLAY.prefixlen}")
             lab_nodes.append(node)
@@ -145,6 +143,25 @@ class Lab:
         if cp.stdout.readline().strip() != b"ready":
             raise SystemExit(f"control plane did not start; see {self.state_dir / 'controlplane.log'}")
         return cp.pid
+
+    def _local_node(self, rec: dict[str, Any], mode: str) -> LocalNode:
+        return LocalNode(rec["name"], rec["pod_cidr"], self.state_dir, prefix=self.name,
+                         kubeconfig=self.node_kubeconfig, gateway=True, agent_session=True, mode=mode,
+                         pod_cidr_from_api=True, agent_in_netns=True)
+
+    def restart_agent(self, name: str) -> subprocess.Popen[bytes]:
+        """Stop a node's agent (if it still runs) and start it again; its flows stay in OVS meanwhile."""
+        state = self.state()
+        rec = next((n for n in state.get("nodes", []) if n["name"] == name), None)
+        if rec is None:
+            raise SystemExit(f"lab {self.name} has no node {name}")
+        _kill(rec.get("agent_pid", 0))
+        node = self._local_node(rec, state["mode"])
+        node.start_agent()
+        assert node.agent is not None
+        rec["agent_pid"] = node.agent.pid
+        (self.state_dir / "state.json").write_text(json.dumps(state, indent=2))
+        return node.agent
 
     def restart_controlplane(self, while_down: Callable[[], None] | None = None) -> None:
         """Stop and start the control plane (state is in SQLite; agents relist and carry on)."""

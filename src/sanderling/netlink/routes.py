@@ -17,8 +17,9 @@ RTPROT_SANDERLING = 83  # unassigned in /etc/iproute2/rt_protos
 MAIN_TABLE = 254
 
 
-def sync_routes(netns: str | None, wanted: dict[str, str]) -> tuple[int, int]:
-    """Make the node's Sanderling routes exactly `wanted` (dst CIDR -> gateway); return (set, removed)."""
+def sync_routes(netns: str | None, wanted: dict[str, str], prune: bool = True) -> tuple[int, int]:
+    """Make the node's Sanderling routes exactly `wanted` (dst CIDR -> gateway); return (set, removed).
+    prune=False only adds: routes a previous agent set stay until the cluster says otherwise."""
     changed = removed = 0
     with ipr(netns) as h:
         current: dict[str, str] = {}
@@ -29,7 +30,7 @@ def sync_routes(netns: str | None, wanted: dict[str, str]) -> tuple[int, int]:
             if current.get(dst) != via:
                 h.route("replace", dst=dst, gateway=via, proto=RTPROT_SANDERLING, table=MAIN_TABLE)
                 changed += 1
-        for dst in current.keys() - wanted.keys():
+        for dst in current.keys() - wanted.keys() if prune else ():
             h.route("del", dst=dst, proto=RTPROT_SANDERLING, table=MAIN_TABLE)
             removed += 1
     if changed or removed:

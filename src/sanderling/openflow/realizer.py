@@ -116,9 +116,10 @@ class Realizer:
 
     # ---- incremental sync -----------------------------------------------------------------
 
-    async def sync(self, switch: Switch) -> SyncResult:
-        """Send the pending changes as one bundle; on refusal isolate the objects at fault."""
-        keys = sorted(self._dirty)
+    async def sync(self, switch: Switch, only: Callable[[str], bool] | None = None) -> SyncResult:
+        """Send the pending changes as one bundle; on refusal isolate the objects at fault.
+        With `only`, just the pending objects it accepts (the others stay pending)."""
+        keys = sorted(k for k in self._dirty if only is None or only(k))
         result = SyncResult()
         if not keys:
             return result
@@ -239,19 +240,23 @@ class Realizer:
 
     # ---- full resync ----------------------------------------------------------------------
 
-    async def resync(self, switch: Switch) -> int:
+    async def resync(self, switch: Switch, sweep: bool = True, only: Callable[[str], bool] | None = None) -> int:
         """Make the switch equal to the whole desired state, atomically, with no traffic gap.
 
         Reads what the switch has, then in one bundle: (re)adds every group and flow of this
         generation, deletes flows of older generations by cookie/mask, and strict-deletes any
         flow of this generation that is not desired. Objects whose flows conflict or are
         refused are left out and reported in `errors`; everything else is installed.
+
+        `sweep=False` (and `only`, the objects to install): install without deleting anything,
+        while the agent does not yet know the whole desired state (its informers have not listed):
+        the previous generation keeps serving what this one cannot yet describe.
         """
         excluded: dict[str, str] = {}
         refusals = 0
         while True:
             try:
-                return await self._resync_once(switch, excluded)
+                return await self._resync_once(switch, excluded, sweep, only)
             except _Unencodable:
                 continue  # that object is in `excluded` now: build the bundle again without it
             except OpenFlowError as exc:
@@ -263,10 +268,11 @@ class Realizer:
                     excluded[key] = str(exc)
                     log.error("object %s: flows refused by the switch during resync:\n%s", key, exc)
 
-    async def _resync_once(self, switch: Switch, excluded: dict[str, str]) -> int:
-        existing = await switch.flow_stats()
+    async def _resync_once(self, switch: Switch, excluded: dict[str, str], sweep: bool = True,
+                           only: Callable[[str], bool] | None = None) -> int:
+        existing = await switch.flow_stats() if sweep else []
         existing_groups = {g.group_id for g in await switch.group_stats()}
-        keys = [k for k in sorted(self._desired) if k not in excluded]
+        keys = [k for k in sorted(self._desired) if k not in excluded and (only is None or only(k))]
         flow_claims, group_claims, conflicts = self._claim_all(keys)
         keys = [k for k in keys if k not in conflicts]
         snapshot = {k: self._desired[k] for k in keys}  # changes during the bundle stay dirty
@@ -305,7 +311,7 @@ class Realizer:
             messages.append((xid, E.flow_delete(xid, cookie=stale << cookies.GENERATION_SHIFT,
                                                 cookie_mask=cookies.GENERATION_MASK)))
             described[xid] = (f"sweep generation {stale}", None, "")
-        for gid in sorted(existing_groups - set(group_claims)):
+        for gid in sorted(existing_groups - set(group_claims) if sweep else ()):
             xid = switch.next_xid()
             messages.append((xid, E.group_mod(ir.Group(gid), xid, E.OFPGC_DELETE)))
             described[xid] = (f"delete stray group {gid}", None, "")
@@ -316,8 +322,9 @@ class Realizer:
         self._dirty = {k for k in set(self._desired) | set(snapshot)
                        if k not in excluded and k not in conflicts and self._desired.get(k) is not snapshot.get(k)}
         self.errors = {**excluded, **conflicts}
-        log.info("resync: %d flows and %d groups of generation %d installed, %d older generation(s) swept",
-                 len(flow_claims), len(group_claims), gen, len(stale_generations))
+        log.info("resync: %d flows and %d groups of generation %d installed, %s", len(flow_claims), len(group_claims),
+                 gen, f"{len(stale_generations)} older generation(s) swept" if sweep
+                 else "nothing swept (the desired state is not complete yet)")
         return len(messages)
 
     @staticmethod
