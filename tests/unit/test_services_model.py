@@ -139,3 +139,21 @@ def test_a_service_with_many_ports_compiles_in_linear_time_up_to_the_cap():
     raw["spec"]["ports"].append({"name": "one-too-many", "port": 65000})
     with pytest.raises(ModelError, match=f"at most {n} per Service"):
         service_from(raw)
+
+
+def test_lb_source_ranges_let_the_lb_address_itself_in():
+    """As kube-proxy: a request from the load-balancer IP itself (a node holding it loops it back)
+    is accepted even when loadBalancerSourceRanges leave it out; other sources outside are dropped."""
+    svc = service_from({"metadata": {"namespace": "a", "name": "lb"},
+                        "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.5",
+                                 "loadBalancerSourceRanges": ["198.51.100.0/24"],
+                                 "ports": [{"name": "http", "port": 80, "nodePort": 30001}]},
+                        "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.10"}]}}})
+    assert svc is not None
+    flows, _ = compiler.service_flows(CFG, svc, {svc.ports[0]: endpoints_from([SLICE], HTTP)},
+                                      lambda k, ids={}: ids.setdefault(k, len(ids) + 1))
+    to_lb = [f.text() for f in flows if "nw_dst=203.0.113.10" in f.text() and "ct_state=+new" in f.text()]
+    accepted = [t for t in to_lb if f"priority={compiler.PRIO_RANGE}," in t]
+    assert any("nw_src=198.51.100.0/24" in t for t in accepted)
+    assert any("nw_src=203.0.113.10," in t for t in accepted), accepted
+    assert any(f"priority={compiler.PRIO_RANGE_DROP}," in t for t in to_lb)  # everyone else

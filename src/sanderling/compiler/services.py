@@ -365,8 +365,11 @@ def service_flows(cfg: ProxyConfig, svc: Service, endpoints: Mapping[ServicePort
             else:
                 outside = to("cluster", True)
             if is_lb and svc.lb_source_ranges:
+                # as kube-proxy: a node that holds the LB address reaches it with that address as
+                # source (the request loops back), whatever the source ranges say
+                allowed = [*svc.lb_source_ranges, *(ipaddress.IPv4Network(lb_ip) for lb_ip in svc.lb_ips)]
                 flows += [ir.Flow(lb, PRIO_RANGE, _fast_match(**m, nw_src=r), outside, cookie)
-                          for r in svc.lb_source_ranges]
+                          for r in dict.fromkeys(allowed)]
                 flows.append(ir.Flow(lb, PRIO_RANGE_DROP, _fast_match(**m), (), cookie))
             else:
                 flows.append(ir.Flow(lb, PRIO_ANY, _fast_match(**m), outside, cookie))
