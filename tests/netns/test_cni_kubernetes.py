@@ -194,3 +194,49 @@ def test_restart_reconciles_against_the_api(two_nodes):
         time.sleep(0.1)
     assert {a.container_id for a in n1.allocations()} == {"r2"}
     assert not (api.pool("green").get("status") or {}).get("allocations")
+
+
+@pytest.mark.parametrize("flags", [("--no-proxy",), ("--no-policy",)])
+def test_proxy_and_policy_are_switched_separately(api, tmp_path, flags):
+    """Issue 17: --no-proxy once also switched NetworkPolicy off (its informers started inside the
+    proxy's start-up); each feature has its own switch."""
+    from lightkube.resources.networking_v1 import NetworkPolicy
+
+    from sanderling.openflow.pipeline import PIPELINE
+
+    require_root()
+    require_ovs()
+    client, kubeconfig = api
+    teardown_prefix("slsw-n1")
+    node = LocalNode("n1", "10.244.23.0/24", tmp_path / "sw", prefix="slsw", kubeconfig=kubeconfig, agent_args=flags)
+    try:
+        node.start()
+        node.wait_ready()
+        pod(client, "default", "guarded", "n1", labels={"app": "guarded"})
+        code, out = add(node, "default", "guarded", "g1")
+        assert code == 0, out
+        from lightkube.resources.core_v1 import Pod
+        from lightkube.types import PatchType
+
+        ip = out["ips"][0]["address"].split("/")[0]  # what a kubelet would report
+        client.client.patch(Pod.Status, "guarded", {"status": {"podIP": ip, "phase": "Running"}},
+                            namespace="default", patch_type=PatchType.MERGE)
+        client.client.create(NetworkPolicy.from_dict({"metadata": {"name": "deny", "namespace": "default"},
+                                                      "spec": {"podSelector": {"matchLabels": {"app": "guarded"}}}}))
+        deadline = time.monotonic() + 20
+        while "informers listed" not in node.agent_log.read_text():  # the readiness gate opened
+            assert time.monotonic() < deadline, "the agent's informers never listed"
+            time.sleep(0.1)
+        state = node.ovs.ofctl(node.bridge, "dump-flows", f"table={PIPELINE['PolicyState']}")
+        reject = node.ovs.ofctl(node.bridge, "dump-flows", f"table={PIPELINE['Reject']}")
+        assert ("ct_state=+inv+trk" in state) == ("--no-policy" not in flags), state  # policy's own flows
+        assert ("controller(" in reject) == ("--no-proxy" not in flags), reject  # the proxy's refusals
+        if "--no-policy" not in flags:  # and policy really works without the proxy
+            while True:
+                rules = node.ovs.ofctl(node.bridge, "dump-flows", f"table={PIPELINE['IngressRule']}")
+                if "nw_dst=10.244.23." in rules and "actions=drop" in rules:
+                    break
+                assert time.monotonic() < deadline, rules
+                time.sleep(0.1)
+    finally:
+        node.teardown()

@@ -52,11 +52,12 @@ class LocalNode:
     def __init__(self, name: str, pod_cidr: str, base_dir: Path, prefix: str = "sl", bridge: str = "br-int",
                  cni_conf_version: str = "1.1.0", kubeconfig: Path | None = None, gateway: bool = False,
                  agent_session: bool = False, mode: str = "routed", pod_cidr_from_api: bool = False,
-                 agent_in_netns: bool = False) -> None:
+                 agent_in_netns: bool = False, agent_args: tuple[str, ...] = ()) -> None:
         # the lab's agents live in their node's namespace, as a real one lives on its host: their
         # API connections leave through the node's own interfaces (tests with an API on the
         # host's loopback keep the agent outside)
         self.agent_in_netns = agent_in_netns
+        self.agent_args = agent_args  # more sanderling-agent flags (e.g. --no-proxy)
         self.gateway = gateway
         self.mode = mode
         self.mtu = 1450 if mode == "overlay" else 1500  # VXLAN adds 50 bytes on a 1500-byte underlay
@@ -116,7 +117,7 @@ class LocalNode:
              "--cni-conf-dir", str(self.dir / "cni" / "net.d"), "--cni-bin-dir", str(self.dir / "cni" / "bin"),
              "--cni-network", self.cni_network, "--cni-conf-version", self.cni_conf_version,
              *(["--kubeconfig", str(self.kubeconfig)] if self.kubeconfig else []),
-             *(["--gateway"] if self.gateway else [])],
+             *(["--gateway"] if self.gateway else []), *self.agent_args],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=self.agent_session)
         log.close()
 
