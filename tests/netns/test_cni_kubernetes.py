@@ -200,7 +200,9 @@ def test_restart_reconciles_against_the_api(two_nodes):
 def test_proxy_and_policy_are_switched_separately(api, tmp_path, flags):
     """Issue 17: --no-proxy once also switched NetworkPolicy off (its informers started inside the
     proxy's start-up); each feature has its own switch."""
+    from lightkube.resources.core_v1 import Pod
     from lightkube.resources.networking_v1 import NetworkPolicy
+    from lightkube.types import PatchType
 
     from sanderling.openflow.pipeline import PIPELINE
 
@@ -215,9 +217,6 @@ def test_proxy_and_policy_are_switched_separately(api, tmp_path, flags):
         pod(client, "default", "guarded", "n1", labels={"app": "guarded"})
         code, out = add(node, "default", "guarded", "g1")
         assert code == 0, out
-        from lightkube.resources.core_v1 import Pod
-        from lightkube.types import PatchType
-
         ip = out["ips"][0]["address"].split("/")[0]  # what a kubelet would report
         client.client.patch(Pod.Status, "guarded", {"status": {"podIP": ip, "phase": "Running"}},
                             namespace="default", patch_type=PatchType.MERGE)
