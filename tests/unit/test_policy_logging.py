@@ -69,3 +69,26 @@ def test_packet_in_becomes_a_structured_line(caplog):
     assert lines[0] == ("policy-log verdict=allow policy=x/allow-client rule=ingress/0/all src=x/client(10.244.0.11) "
                         "dst=x/server(10.244.0.10) proto=TCP port=80")
     assert "verdict=deny" in lines[1] and "src=-(10.244.0.99)" in lines[1] and "port=81" in lines[1]
+
+
+def test_updates_that_change_no_flow_recompile_nothing():
+    """Issue 17: a running pod's status updates (conditions, phase) and a namespace's unrelated
+    annotations must not recompile every policy."""
+    from sanderling.agent.policy_agent import PolicyAgent
+    from sanderling.openflow.realizer import Realizer
+
+    flushes = []
+    agent = PolicyAgent("n1", Realizer(1), lambda: flushes.append(1))
+    agent.start()
+    pod = {"metadata": {"namespace": "a", "name": "p", "labels": {"app": "x"}}, "spec": {"nodeName": "n1"},
+           "status": {"podIP": "10.244.1.5", "phase": "Running"}}
+    ns = {"metadata": {"name": "a", "labels": {"team": "red"}}}
+    agent.namespace_changed("a", ns)
+    agent.pod_changed("a/p", pod)
+    before = len(flushes)
+    agent.pod_changed("a/p", {**pod, "status": {**pod["status"], "conditions": [{"type": "Ready"}]}})
+    agent.namespace_changed("a", {"metadata": {**ns["metadata"], "annotations": {"unrelated": "1"}}})
+    assert len(flushes) == before
+    agent.pod_changed("a/p", {**pod, "metadata": {**pod["metadata"], "labels": {"app": "y"}}})
+    agent.namespace_changed("a", {"metadata": {**ns["metadata"], "annotations": {"policy.sanderling.io/log": "true"}}})
+    assert len(flushes) == before + 2

@@ -76,20 +76,38 @@ class PolicyAgent:
         self._mark(key)
 
     def pod_changed(self, key: str, obj: dict[str, Any] | None) -> None:
+        """A pod's labels, address, node or ports changed: recompile. Anything else (status
+        conditions, annotations: most updates of a running pod) changes no flow and is ignored."""
         if obj is None:
-            self.pods.pop(key, None)
+            if self.pods.pop(key, None) is None:
+                return
         else:
-            self.pods[key] = pod_info(obj)
+            try:
+                info = pod_info(obj)
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                log.error("pod/%s: unreadable for policy (%s); its previous state is kept", key, exc)
+                return
+            if self.pods.get(key) == info:
+                return
+            self.pods[key] = info
         self._mark()
 
     def namespace_changed(self, key: str, obj: dict[str, Any] | None) -> None:
+        """Only a namespace's labels and its logging annotation matter to policy."""
+        labels: dict[str, str] | None = None
+        logged = False
+        if obj is not None:
+            meta = obj.get("metadata") or {}
+            labels = dict(meta.get("labels") or {})
+            logged = str((meta.get("annotations") or {}).get(LOG_ANNOTATION, "")).lower() == "true"
+        if self.namespace_labels.get(key) == labels and (key in self.logged_namespaces) == logged:
+            return
         self.logged_namespaces.discard(key)
-        if obj is None:
+        if labels is None:
             self.namespace_labels.pop(key, None)
         else:
-            meta = obj.get("metadata") or {}
-            self.namespace_labels[key] = dict(meta.get("labels") or {})
-            if str((meta.get("annotations") or {}).get(LOG_ANNOTATION, "")).lower() == "true":
+            self.namespace_labels[key] = labels
+            if logged:
                 self.logged_namespaces.add(key)
         self._mark()
 
