@@ -58,3 +58,14 @@ def test_cni_shim_answers_version_and_refuses_the_rest_with_a_spec_error():
     bad = subprocess.run([sys.executable, "-m", "sanderling.cni.shim"], env={"CNI_COMMAND": "ADD"},
                          capture_output=True, text=True)
     assert bad.returncode == 1 and json.loads(bad.stdout)["code"] > 0
+
+
+def test_cni_conformance_runner_fails_what_it_does_not_understand():
+    """Issue 17: an expectation or side effect the runner cannot check is a FAIL, never a silent PASS."""
+    from sanderling.conformance.cni import CniRunner
+
+    runner = CniRunner.__new__(CniRunner)  # these checks need no node
+    prose = runner.evaluate_prose("the plugin hums a tune", [])
+    assert prose.status == "FAIL" and "not understood" in prose.why
+    assert "not understood" in (runner.side_effect("the moon is full", None, []) or "")  # type: ignore[arg-type]
+    assert runner.evaluate_prose("all succeed", []).status == "PASS"

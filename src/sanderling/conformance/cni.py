@@ -412,6 +412,8 @@ class CniRunner:
 
     def evaluate_prose(self, prose: str, results: list[Execution]) -> Outcome:
         text = prose.lower()
+        if "all succeed" not in text and "distinct" not in text:
+            return Outcome("FAIL", f"expectation not understood by this runner: {prose!r}")
         problems = []
         if "all succeed" in text:
             problems += [f"ADD failed: {e.stdout[:200]}" for e in results if e.exit != 0]
@@ -480,7 +482,10 @@ class CniRunner:
             flows = self.node.ovs.ofctl(self.node.bridge, "dump-flows", "table=0")
             ports = [p for p in re.findall(r"in_port=(\d+)", flows)]
             return f"classifier flows left for ports {ports}" if ports else None
-        return None
+        if ("exists inside" in text or "routes present" in text) and not adds:
+            return f"side effect {effect!r} needs a successful ADD, and none succeeded"
+        # a phrase this runner cannot check is a failure, never a silent pass
+        return f"side effect not understood by this runner: {effect!r}"
 
 
 def split_alternatives(words: str) -> list[str]:
