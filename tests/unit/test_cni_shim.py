@@ -73,3 +73,13 @@ def _timed(env: dict) -> float:
     start = time.perf_counter()
     run(env, "{}")
     return time.perf_counter() - start
+
+
+def test_the_shims_error_codes_are_the_agents():
+    """The shim is standard library only and keeps its own copy of the codes: one definition
+    (sanderling.cni.errors), and this test keeps the copy equal to it."""
+    from sanderling.cni import errors
+
+    shim_codes = {k: v for k, v in vars(shim).items() if k.startswith("E_") and isinstance(v, int)}
+    agent_codes = {k: v for k, v in vars(errors).items() if k.startswith("E_") and isinstance(v, int)}
+    assert shim_codes and all(agent_codes.get(k) == v for k, v in shim_codes.items()), (shim_codes, agent_codes)

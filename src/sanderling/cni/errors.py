@@ -9,6 +9,7 @@ E_BAD_ENV = 4
 E_IO = 5
 E_DECODE = 6
 E_BAD_CONFIG = 7
+E_BAD_NETNS = 8
 E_TRY_LATER = 11
 E_NOT_AVAILABLE = 50
 E_LIMITED_CONNECTIVITY = 51
@@ -19,6 +20,7 @@ E_POOL_EXHAUSTED = 102
 E_INTERFACE_EXISTS = 103
 E_PLUMBING = 104
 E_CHECK_FAILED = 105
+E_INTERNAL = 199  # the shim itself failed unexpectedly
 
 
 class CniFailure(Exception):
