@@ -35,13 +35,13 @@ from sanderling.openflow.realizer import Realizer
 log = logging.getLogger(__name__)
 
 STATIC_KEY = "pipeline/static"
+GATEWAY_KEY = "node/gateway"
+TUNNEL_KEY = "node/tunnel"
 GATED_PREFIXES = ("service", "policy")  # objects fed by the API: installed only once it has been listed
 
 
 def ungated(key: str) -> bool:
     return not key.startswith(GATED_PREFIXES)
-GATEWAY_KEY = "node/gateway"
-TUNNEL_KEY = "node/tunnel"
 
 
 class NodeController:
