@@ -105,3 +105,9 @@ def test_cookie_layout():
     assert cookies.category_of(c) == cookies.Category.SERVICE
     assert c & cookies.OBJECT_MASK == cookies.object_id("svc/x")
     assert cookies.next_generation(0xFFFF) == 1 and cookies.next_generation(0) == 1
+
+
+def test_one_mac_helper():
+    from sanderling.model.network import mac_for_ip
+
+    assert mac_for_ip("10.244.1.10") == "0a:58:0a:f4:01:0a" == POD.mac

@@ -26,7 +26,7 @@ from sanderling.ipam.cluster import ClusterIpam, outside_error
 from sanderling.ipam.store import Allocation
 from sanderling.model.errors import ModelError
 from sanderling.model.ippool import ANNOTATION_IPS, ANNOTATION_MAC, ANNOTATION_POOL, IPPool, parse_ips_annotation
-from sanderling.model.network import NodeNetwork, PodPort, parse_mac
+from sanderling.model.network import NodeNetwork, PodPort, mac_for_ip, parse_mac
 from sanderling.netlink import veth
 from sanderling.ovs import ovsdb
 from sanderling.ovs.ovsdb import Ovsdb, PortChange
@@ -34,12 +34,6 @@ from sanderling.ovs.port_batcher import PortBatcher
 from sanderling.ovs.runtime import OvsError
 
 log = logging.getLogger(__name__)
-
-
-def mac_from_ip(ip: str) -> str:
-    """0a:58 + the IPv4 bytes: stable across restarts of the same pod address."""
-    parts = [int(x) for x in ip.split(".")]
-    return "0a:58:" + ":".join(f"{b:02x}" for b in parts)
 
 
 @dataclass(frozen=True)
@@ -151,7 +145,7 @@ class CniHandler:
             raise CniFailure(E.E_TRY_LATER, f"pod {who.namespace}/{who.name}: Kubernetes API: {exc}") from None
         host_if = veth.host_veth_name(cid, ifname)
         try:
-            return await self._plumb(req, who, alloc, mac or alloc.mac or mac_from_ip(alloc.ip), host_if)
+            return await self._plumb(req, who, alloc, mac or alloc.mac or mac_for_ip(alloc.ip), host_if)
         except BaseException:
             await self._undo(cid, ifname, host_if, release=True)
             raise

@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from sanderling.lab.cluster import Lab
+from sanderling.model.network import mac_for_ip
 from sanderling.ovs.runtime import OvsRuntime
 
 NAME = "slnetpol"
@@ -241,7 +242,7 @@ class Runner:
 
     def _sctp_allowed(self, src: str, dst: str, port: int) -> bool:
         s, d = self.pods[src], self.pods[dst]
-        first = self._trace(s["node"], f"in_port={self._ofport(s['node'], src)},dl_src={_mac(s['ip'])},"
+        first = self._trace(s["node"], f"in_port={self._ofport(s['node'], src)},dl_src={mac_for_ip(s['ip'])},"
                                        f"dl_dst=0a:58:0a:f4:00:01,sctp,nw_src={s['ip']},nw_dst={d['ip']},nw_ttl=64,"
                                        f"sctp_src=40000,sctp_dst={port}")
         if first.endswith("drop"):
@@ -267,10 +268,6 @@ class Runner:
         out = self._runtime(node).appctl("ofproto/trace", *(["--ct-next", "trk,new"] * 6), "br-int", flow)
         actions = [line for line in out.splitlines() if line.startswith("Datapath actions:")]
         return actions[-1] if actions else "drop"
-
-
-def _mac(ip: str) -> str:
-    return "0a:58:" + ":".join(f"{b:02x}" for b in ipaddress.IPv4Address(ip).packed)
 
 
 def _replace_labels(current: dict[str, str] | None, wanted: dict[str, str]) -> dict[str, Any]:

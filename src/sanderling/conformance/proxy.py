@@ -28,7 +28,7 @@ from sanderling.compiler import gateway as gateway_compiler
 from sanderling.compiler import nodes as node_compiler
 from sanderling.compiler import pods as pod_compiler
 from sanderling.compiler import services as svc_compiler
-from sanderling.model.network import NodeNetwork, PodPort
+from sanderling.model.network import NodeNetwork, PodPort, mac_for_ip
 from sanderling.model.services import SERVICE_NAME_LABEL, endpoints_by_port, service_from
 from sanderling.openflow import cookies
 from sanderling.openflow.connection import Connection
@@ -68,10 +68,6 @@ def _load(path: Path) -> Case:
                 raw.get("flows") or [])
 
 
-def _mac(ip: ipaddress.IPv4Address) -> str:
-    return "0a:58:" + ":".join(f"{b:02x}" for b in ip.packed)
-
-
 def build_node(case: Case) -> NodeUnderTest:
     node = case.node
     ips = tuple(ipaddress.IPv4Address(ip) for ip in node.get("ips") or [])
@@ -91,7 +87,7 @@ def build_node(case: Case) -> NodeUnderTest:
         src = ipaddress.IPv4Address(flow["src"])
         if src in pod_cidr and src not in ips and str(src) not in nut.pods:
             ofport = len(nut.pods) + 1
-            nut.pods[str(src)] = PodPort.build("conformance", f"pod-{src}", ofport, _mac(src), str(src))
+            nut.pods[str(src)] = PodPort.build("conformance", f"pod-{src}", ofport, mac_for_ip(src), str(src))
     return nut
 
 

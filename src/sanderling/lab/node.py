@@ -22,7 +22,7 @@ from pathlib import Path
 from pyroute2 import netns
 
 from sanderling.ipam.store import Allocation, AllocationStore
-from sanderling.model.network import NodeNetwork
+from sanderling.model.network import NodeNetwork, mac_for_ip
 from sanderling.netlink import veth
 from sanderling.netlink.netns import drop_cached, ipr
 from sanderling.ovs import ovsdb
@@ -30,12 +30,6 @@ from sanderling.ovs.ovsdb import Ovsdb
 from sanderling.ovs.runtime import OvsRuntime
 
 UNDERLAY_BRIDGE = "br-ex"
-
-
-def mac_for(ip: str) -> str:
-    """Kubernetes-style MAC from the IPv4 address: 0a:58 + the four address bytes."""
-    b = ipaddress.IPv4Address(ip).packed
-    return "0a:58:" + ":".join(f"{x:02x}" for x in b)
 
 
 @dataclass(frozen=True)
@@ -171,7 +165,7 @@ class LocalNode:
     def add_pod(self, namespace: str, name: str, ip: str) -> Pod:
         assert self.db is not None
         index = len(self.pods) + 1
-        pod = Pod(namespace, name, ip, mac_for(ip), f"{self.netns}-{namespace}-{name}"[:40],
+        pod = Pod(namespace, name, ip, mac_for_ip(ip), f"{self.netns}-{namespace}-{name}"[:40],
                   f"{self.prefix}{self.name[-4:]}p{index}"[:15])
         prefix = self.network.pod_cidr.prefixlen
         veth.plumb(veth.PodInterface(pod.netns, pod.host_ifname, f"{ip}/{prefix}", pod.mac,

@@ -11,6 +11,12 @@ from sanderling.model.errors import ModelError
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
+def mac_for_ip(ip: str | ipaddress.IPv4Address) -> str:
+    """A pod's MAC from its IPv4 address, as Kubernetes CNIs make it: 0a:58 + the four address
+    bytes (stable across restarts of the same pod address). The one place it is built."""
+    return "0a:58:" + ":".join(f"{b:02x}" for b in ipaddress.IPv4Address(ip).packed)
+
+
 def parse_mac(obj: str, field: str, value: str) -> str:
     mac = value.strip().lower()
     if not _MAC.match(mac):
