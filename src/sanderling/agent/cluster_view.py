@@ -92,7 +92,8 @@ class ClusterView:
     def _pool_changed(self, key: str, obj: dict[str, Any] | None) -> None:
         allocations = ((obj or {}).get("status") or {}).get("allocations") or {}
         holders = {}
-        if isinstance(allocations, dict):
+        if isinstance(allocations, dict) and not ((obj or {}).get("spec") or {}).get("network"):
+            # a secondary network's addresses are never routed on the pod network
             holders = {str(ip): str(a.get("node") or "") for ip, a in allocations.items() if isinstance(a, dict)}
         if holders:
             self.pool_holders[key] = holders

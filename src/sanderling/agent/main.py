@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "are ignored, as CVE-2020-8554 advises; 0.0.0.0/0 honours every one)")
     p.add_argument("--no-proxy", action="store_true", help="do not replace kube-proxy (no Service flows)")
     p.add_argument("--no-policy", action="store_true", help="do not enforce NetworkPolicies")
+    p.add_argument("--provider-network", action="append", default=[], metavar="PHYSNET=INTERFACE",
+                   help="a physical network for VLAN secondary networks and the node interface that reaches it")
+    p.add_argument("--layer2-port", type=int, default=8472, help="UDP port of layer2 networks' VXLAN tunnels")
+    p.add_argument("--underlay-mtu", type=int, default=1500, help="MTU of the node's underlay interfaces")
+    p.add_argument("--cni-path", default="/opt/cni/bin:/usr/lib/cni",
+                   help="where delegated plugins of secondary networks are looked up")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -363,6 +370,7 @@ async def serve(args: argparse.Namespace) -> int:
                                 lambda: pods_from_ports(db.ports(args.bridge), port_errors), gateway=args.gateway,
                                 mode=args.mode)
     view = None
+    remote_hooks: list[Callable[[list[Remote]], None]] = []  # more listeners to the other nodes
     proxy_tasks: list[asyncio.Task[None]] = []
     if _kube_enabled(args):
         from sanderling.agent.cluster_view import ClusterView
@@ -377,6 +385,8 @@ async def serve(args: argparse.Namespace) -> int:
 
         def remotes_changed(remotes: list[Remote]) -> None:
             controller.set_remotes(remotes)
+            for hook in remote_hooks:
+                hook(remotes)
             if routes is not None:
                 routes.update(remotes if args.mode == "routed" else [])
             log.info("node %s: %d remote destinations (%s)", node.name, len(remotes),
@@ -421,8 +431,19 @@ async def serve(args: argparse.Namespace) -> int:
             from sanderling.kube.client import KubeApi
 
             cluster = ClusterIpam(KubeApi(args.kubeconfig), node.name, store)
+        multinet = None
+        if cluster is not None:
+            multinet = secondary_networks(args, db, runtime, cluster, store, node.name)
+            bridges = multinet.bridges
+
+            def vteps_changed(remotes: list[Remote]) -> None:  # off the loop: netlink calls block
+                loop.run_in_executor(None, bridges.set_vteps, {str(r.via) for r in remotes})
+
+            remote_hooks.append(vteps_changed)
+            if view is not None and view.remotes:
+                vteps_changed(view.remotes)
         handler = CniHandler(node, db, args.bridge, allocator, controller, args.node_netns, args.mtu, cluster,
-                             tunnel=args.mode == "overlay")
+                             tunnel=args.mode == "overlay", multinet=multinet, network_name=args.cni_network)
         if corrupt is not None:
             restored = await handler.restore_from_ovsdb()
             log.error("node %s: the IPAM database was not readable: moved to %s, %d allocation(s) rebuilt from "
@@ -448,6 +469,26 @@ async def serve(args: argparse.Namespace) -> int:
             store.close()
         db.close()
     return 0
+
+
+def secondary_networks(args: argparse.Namespace, db: Ovsdb, runtime: OvsRuntime, cluster: Any, store: Any,
+                       node: str) -> Any:
+    """The node's secondary-network bridges and the attacher the CNI handler calls."""
+    from sanderling.cni.attachments import MultiNetwork, Records
+    from sanderling.ovs.secondary import SecondaryBridges
+
+    providers = {}
+    for item in args.provider_network:
+        physnet, _, iface = item.partition("=")
+        if not physnet or not iface:
+            raise ModelError(f"node/{node}", "--provider-network", f"{item!r}: want PHYSNET=INTERFACE")
+        providers[physnet] = iface
+    checksum_off = args.mode == "overlay" or not db.userspace_tso_enabled()
+    bridges = SecondaryBridges(db, runtime, args.node_netns, providers, args.layer2_port, args.datapath,
+                               args.underlay_mtu, tx_checksum_off=checksum_off)
+    bridges.setup()
+    return MultiNetwork(cluster.api, cluster, store, bridges, Records(args.state_dir / node / "attachments"),
+                        tuple(p for p in args.cni_path.split(":") if p), node, args.node_netns)
 
 
 class AgentLockError(RuntimeError):

@@ -18,6 +18,7 @@ from typing import Any
 
 from sanderling.agent.controller import NodeController
 from sanderling.cni import errors as E
+from sanderling.cni.attachments import MultiNetwork, PodCall, Primary, from_result
 from sanderling.cni.errors import CniFailure
 from sanderling.cni.result import add_result
 from sanderling.ipam.allocator import E_OUTSIDE_POOLS, Allocator, IpamError, Request
@@ -49,8 +50,11 @@ class PodIdentity:
 class CniHandler:
     def __init__(self, node: NodeNetwork, db: Ovsdb, bridge: str, allocator: Allocator,
                  controller: NodeController, node_netns: str | None = None, mtu: int = 1500,
-                 cluster: ClusterIpam | None = None, tunnel: bool = False) -> None:
+                 cluster: ClusterIpam | None = None, tunnel: bool = False, multinet: MultiNetwork | None = None,
+                 network_name: str = "sanderling") -> None:
         self.cluster = cluster
+        self.multinet = multinet  # secondary networks (needs the Kubernetes API)
+        self.network_name = network_name
         self.node = node
         self.db = db
         self.bridge = bridge
@@ -145,7 +149,13 @@ class CniHandler:
             raise CniFailure(E.E_TRY_LATER, f"pod {who.namespace}/{who.name}: Kubernetes API: {exc}") from None
         host_if = veth.host_veth_name(cid, ifname)
         try:
-            return await self._plumb(req, who, alloc, mac or alloc.mac or mac_for_ip(alloc.ip), host_if)
+            result = await self._plumb(req, who, alloc, mac or alloc.mac or mac_for_ip(alloc.ip), host_if)
+            if self.multinet is not None and k8s_pod:
+                ips, pod_mac = from_result(result, ifname)
+                args = ";".join(f"{k}={v}" for k, v in (req.get("args") or {}).items())
+                await asyncio.to_thread(self.multinet.add, PodCall(who.namespace, who.name, cid, netns, args),
+                                        Primary(self.network_name, ifname, tuple(ips), pod_mac))
+            return result
         except BaseException:
             await self._undo(cid, ifname, host_if, release=True)
             raise
@@ -229,11 +239,16 @@ class CniHandler:
     # ---- DEL, CHECK, GC, STATUS -----------------------------------------------------------
 
     async def delete(self, cid: str, ifname: str) -> None:
+        """Secondary networks first, then the default one; every step runs, problems come back together."""
+        problems = await asyncio.to_thread(self.multinet.delete, cid) if self.multinet is not None else []
         host_if = veth.host_veth_name(cid, ifname)
         alloc = await asyncio.to_thread(self.allocator.store.find, cid, ifname)
         await self._undo(cid, ifname, host_if, release=True)
         if alloc:
             log.info("pod %s: released %s (container %s/%s)", alloc.pod, alloc.ip, cid[:12], ifname)
+        if problems:
+            raise CniFailure(E.E_PLUMBING, f"DEL of container {cid}: secondary networks not fully removed: "
+                                           + "; ".join(problems))
 
     async def check(self, req: dict[str, Any]) -> None:
         cid, ifname, netns = req["containerID"], req["ifname"], req["netns"]
@@ -279,6 +294,19 @@ class CniHandler:
             if cid and (cid, record.external_ids.get(ovsdb.EXT_INTERFACE, "eth0")) not in valid:
                 await self._undo(cid, record.external_ids.get(ovsdb.EXT_INTERFACE, "eth0"), record.name,
                                  release=False)
+        if self.multinet is not None:
+            live = {cid for cid, _ in valid}
+            for cid in await asyncio.to_thread(self._secondary_containers):
+                if cid not in live:
+                    problems = await asyncio.to_thread(self.multinet.delete, cid)
+                    log.info("GC: container %s is not valid; its secondary networks removed%s", cid[:12],
+                             f" with problems: {'; '.join(problems)}" if problems else "")
+
+    def _secondary_containers(self) -> set[str]:
+        """Containers with a secondary attachment record or port on this node."""
+        assert self.multinet is not None
+        ports = {p.external_ids.get(ovsdb.EXT_CONTAINER_ID, "") for _, p in self.multinet.bridges.pod_ports()}
+        return (set(self.multinet.records.containers()) | ports) - {""}
 
     def _decide(self, who: PodIdentity, requested: str | None, mac: str) -> tuple[str | None, str, IPPool | None]:
         """Address, MAC and pool for a Kubernetes pod, from its annotations and the IPPools."""
@@ -376,6 +404,17 @@ class CniHandler:
         if self.cluster is not None:
             await self._reconcile_with_api()
         names = await asyncio.to_thread(self.db.port_names, self.bridge)
+        if self.multinet is not None:
+            # secondary networks of a container whose default network is gone (killed mid-ADD or
+            # mid-DEL): all of them go; a live pod has its br-int port, so nothing live is touched
+            with_primary = {a.container_id for a in await asyncio.to_thread(self.allocator.store.all)
+                            if veth.host_veth_name(a.container_id, a.ifname) in names}
+            for cid in await asyncio.to_thread(self._secondary_containers):
+                if cid not in with_primary:
+                    problems = await asyncio.to_thread(self.multinet.delete, cid)
+                    log.warning("reconcile: container %s has no default network here; its secondary networks "
+                                "removed%s", cid[:12], f" with problems: {'; '.join(problems)}" if problems else "")
+            names |= {p.name for _, p in await asyncio.to_thread(self.multinet.bridges.pod_ports)}
         allocated = set()
         for alloc in await asyncio.to_thread(self.allocator.store.all):
             host_if = veth.host_veth_name(alloc.container_id, alloc.ifname)
@@ -384,7 +423,12 @@ class CniHandler:
                 log.warning("reconcile: %s holds %s but has no port on %s; releasing", alloc.pod, alloc.ip,
                             self.bridge)
                 await asyncio.to_thread(veth.unplumb, host_if, self.node_netns)
-                await asyncio.to_thread(self.allocator.release, alloc.container_id, alloc.ifname)
+                released = await asyncio.to_thread(self.allocator.release, alloc.container_id, alloc.ifname)
+                if released is not None and released.pool.startswith(POOL_PREFIX) and self.cluster is not None:
+                    try:
+                        await asyncio.to_thread(self.cluster.release, released)
+                    except Exception as exc:  # the pool's own reconcile returns it at the next start
+                        log.warning("IPPool release of %s deferred: %s", released.ip, exc)
         for link in await asyncio.to_thread(veth.sanderling_links, self.node_netns):
             if link not in names and link not in allocated:
                 log.warning("reconcile: removing orphan veth %s", link)

@@ -28,11 +28,14 @@ class ClusterIpam:
         self.node = node
         self.store = store
 
-    def pools(self) -> list[IPPool]:
+    def pools(self, network: str = "") -> list[IPPool]:
+        """The pod network's pools, or the pool of one secondary network."""
         out = []
         for obj in self.api.pools():
             try:
-                out.append(IPPool.from_object(obj))
+                pool = IPPool.from_object(obj)
+                if pool.network == network:
+                    out.append(pool)
             except ModelError as exc:
                 log.error("%s", exc)  # one bad pool does not hide the others
         return sorted(out, key=lambda p: p.name)

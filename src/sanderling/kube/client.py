@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lightkube import ApiError, Client, KubeConfig
-from lightkube.generic_resource import create_global_resource
+from lightkube.generic_resource import create_global_resource, create_namespaced_resource
 from lightkube.models.core_v1 import EventSource, ObjectReference
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import Event, Namespace, Node, Pod
@@ -22,6 +22,8 @@ from lightkube.resources.core_v1 import Event, Namespace, Node, Pod
 log = logging.getLogger(__name__)
 
 IPPoolResource = create_global_resource("ipam.sanderling.io", "v1alpha1", "IPPool", "ippools")
+NadResource = create_namespaced_resource("k8s.cni.cncf.io", "v1", "NetworkAttachmentDefinition",
+                                         "network-attachment-definitions")
 
 
 def httpx_timeout(seconds: float) -> Any:
@@ -79,6 +81,34 @@ class KubeApi:
             if pod.metadata is not None:
                 out.add((pod.metadata.namespace or "", pod.metadata.name or ""))
         return out
+
+    def nad(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return dict(self.client.get(NadResource, name, namespace=namespace))
+        except ApiError as exc:
+            if exc.status.code == 404:
+                return None
+            raise
+
+    def nads(self) -> list[dict[str, Any]]:
+        return [dict(n) for n in self.client.list(NadResource, namespace="*")]
+
+    def annotate_pod(self, namespace: str, name: str, annotations: dict[str, str | None]) -> None:
+        """Merge-patch the pod's annotations (None removes one)."""
+        from lightkube.types import PatchType
+
+        self.client.patch(Pod, name, {"metadata": {"annotations": annotations}}, namespace=namespace,
+                          patch_type=PatchType.MERGE)
+
+    def ensure_pool(self, name: str, spec: dict[str, Any]) -> None:
+        """Create the IPPool if it does not exist (a secondary network's pool, created on first use)."""
+        if self.pool(name) is not None:
+            return
+        try:
+            self.client.create(IPPoolResource(metadata=ObjectMeta(name=name), spec=spec))
+        except ApiError as exc:
+            if exc.status.code != 409:  # another node created it first
+                raise
 
     def pools(self) -> list[dict[str, Any]]:
         return [dict(p) for p in self.client.list(IPPoolResource)]

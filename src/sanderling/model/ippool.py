@@ -5,6 +5,7 @@ spec:
   excludes: ["10.50.0.1", "10.50.0.8/29"]
   namespaceSelector: {matchLabels: {tier: telco}}   # optional: which pods get it by default
   podSelector: {matchLabels: {app: upf}}
+  network: ns/name                     # set on the pools of secondary networks (created by the agent)
 status:
   allocations: {"10.50.0.7": {pod: ns/name, node: n1, containerID: ..., ifname: eth0}}
 """
@@ -30,6 +31,7 @@ class IPPool:
     excludes: tuple[ipaddress.IPv4Network, ...]
     namespace_labels: tuple[tuple[str, str], ...] | None
     pod_labels: tuple[tuple[str, str], ...] | None
+    network: str = ""  # "namespace/name" of the secondary network it serves; "" for the pod network
 
     @property
     def size(self) -> int:
@@ -89,8 +91,11 @@ class IPPool:
             excludes = tuple(ipaddress.IPv4Network(e, strict=False) for e in spec.get("excludes") or [])
         except (ValueError, TypeError) as exc:
             raise ModelError(where, "spec.excludes", str(exc)) from None
+        network = spec.get("network") or ""
+        if not isinstance(network, str):
+            raise ModelError(where, "spec.network", "must be namespace/name of a NetworkAttachmentDefinition")
         return IPPool(name, cidrs, excludes, _labels(spec.get("namespaceSelector"), where, "spec.namespaceSelector"),
-                      _labels(spec.get("podSelector"), where, "spec.podSelector"))
+                      _labels(spec.get("podSelector"), where, "spec.podSelector"), network)
 
 
 def _labels(selector: Any, where: str, field: str) -> tuple[tuple[str, str], ...] | None:

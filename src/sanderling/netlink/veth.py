@@ -32,6 +32,7 @@ class PodInterface:
     gateway: str
     ifname: str = "eth0"
     mtu: int = 1500
+    extra_cidrs: tuple[str, ...] = ()  # more addresses (secondary networks); ip_cidr "" and gateway "": none
 
 
 def ensure_netns(name: str) -> None:
@@ -127,15 +128,18 @@ def plumb(pod: PodInterface, node_netns: str | None = None, tx_checksum_off: boo
                     raise PlumbingError(f"veth peer of {pod.host_ifname} is missing in netns {pod.netns}")
                 inner.link("set", index=idx, address=pod.mac, mtu=pod.mtu)
             inner.link("set", index=idx, state="up")
-            iface = ipaddress.IPv4Interface(pod.ip_cidr)
-            try:
-                inner.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
-            except NetlinkError as exc:
-                if exc.code != errno.EEXIST:
-                    raise
-            if iface.network.prefixlen == 32:  # a pool address: the gateway is on-link, not in a subnet
-                inner.route("replace", dst=f"{pod.gateway}/32", oif=idx, scope=253)
-            inner.route("replace", dst="0.0.0.0/0", gateway=pod.gateway, oif=idx)
+            for cidr in (c for c in (pod.ip_cidr, *pod.extra_cidrs) if c):
+                iface = ipaddress.IPv4Interface(cidr)
+                try:
+                    inner.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+                except NetlinkError as exc:
+                    if exc.code != errno.EEXIST:
+                        raise
+            if pod.gateway:
+                if ipaddress.IPv4Interface(pod.ip_cidr).network.prefixlen == 32:
+                    # a pool address: the gateway is on-link, not in a subnet
+                    inner.route("replace", dst=f"{pod.gateway}/32", oif=idx, scope=253)
+                inner.route("replace", dst="0.0.0.0/0", gateway=pod.gateway, oif=idx)
     except PlumbingError:
         raise
     except Exception as exc:

@@ -17,6 +17,8 @@ EXT_CONTAINER_ID = "sanderling.io/container-id"
 EXT_INTERFACE = "sanderling.io/interface"
 EXT_IP = "sanderling.io/ip"
 EXT_MAC = "sanderling.io/mac"
+EXT_NETWORK = "sanderling.io/network"      # secondary networks: the NAD, namespace/name
+EXT_VNI = "sanderling.io/vni"              # the layer2 bridge's tunnel device of a network
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,7 @@ class PortRecord:
     ofport: int
     external_ids: dict[str, str]
     ofport_request: int = 0
+    tag: int = 0
 
     @property
     def effective_ofport(self) -> int:
@@ -41,6 +44,9 @@ class PortChange:
     external_ids: tuple[tuple[str, str], ...] = ()
     ofport_request: int = 0
     iface_type: str = ""
+    tag: int = 0                      # access VLAN of the port (secondary networks)
+    trunks: tuple[int, ...] = ()      # VLANs a trunk port carries tagged
+    mtu_request: int = 0
 
 
 NOISY_INTERFACE_COLUMNS = frozenset({
@@ -150,7 +156,13 @@ class Ovsdb:
                 cols.append(("external_ids", dict(ch.external_ids)))
             if ch.ofport_request:
                 cols.append(("ofport_request", ch.ofport_request))
+            if ch.mtu_request:
+                cols.append(("mtu_request", ch.mtu_request))
             cmds += [self.api.add_port(bridge, ch.name, may_exist=True), self.api.db_set("Interface", ch.name, *cols)]
+            if ch.tag:
+                cmds.append(self.api.db_set("Port", ch.name, ("tag", ch.tag), ("vlan_mode", "access")))
+            elif ch.trunks:
+                cmds.append(self.api.db_set("Port", ch.name, ("trunks", list(ch.trunks)), ("vlan_mode", "trunk")))
         if cmds:
             self._run(*cmds)
 
@@ -192,7 +204,8 @@ class Ovsdb:
                     continue  # a row still being filled in by an update
                 out.append(PortRecord(name, _optional_int(getattr(iface, "ofport", []), -1),
                                       dict(getattr(iface, "external_ids", {})),
-                                      _optional_int(getattr(iface, "ofport_request", []), 0)))
+                                      _optional_int(getattr(iface, "ofport_request", []), 0),
+                                      _optional_int(getattr(port, "tag", []), 0)))
         return out
 
     def userspace_tso_enabled(self) -> bool:

@@ -1,0 +1,216 @@
+"""The bridges of Sanderling's secondary networks on one node, and the pod ports on them.
+
+- a provider bridge `br-<physnet>` per physical network given to the agent
+  (`--provider-network physnet1=eth1`): the uplink is a trunk port, each pod port an access port
+  of its network's VLAN or a trunk of its allowed VLANs, so the fabric sees 802.1Q frames;
+- the layer2 bridge `br-l2`: one kernel VXLAN device per layer2 network (its own VNI), each
+  network on its own local VLAN tag, so networks share the bridge and never each other's frames.
+
+Neither bridge is joined to br-int: a secondary network is isolated from the pod network by
+construction. Flows (NORMAL switching plus a spoof guard on ports with IPAM) come from
+`compiler.secondary` and are replaced as a whole (`ovs-ofctl replace-flows` sends only the
+difference) after every port change. Every port carries its pod, container, interface, network
+and addresses in external_ids: that is what DEL, the restart reconcile and GC go by.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+from dataclasses import dataclass
+
+from sanderling.compiler.secondary import GuardedPort, compile_bridge
+from sanderling.model.attachments import Network
+from sanderling.netlink import veth, vxlan
+from sanderling.ovs import ovsdb
+from sanderling.ovs.ovsdb import Ovsdb, PortChange, PortRecord
+from sanderling.ovs.runtime import OvsError, OvsRuntime
+
+log = logging.getLogger(__name__)
+
+L2_BRIDGE = "br-l2"
+VXLAN_OVERHEAD = 50
+
+
+class SecondaryError(RuntimeError):
+    """The node cannot carry this network (not configured here, no VLAN tag left, ...)."""
+
+
+@dataclass(frozen=True)
+class SecondaryPort:
+    """One pod interface on a Sanderling secondary network."""
+
+    network: Network
+    container_id: str
+    ifname: str
+    netns: str
+    pod_namespace: str
+    pod_name: str
+    cidrs: tuple[str, ...]   # addresses with prefix; empty for pure L2
+    mac: str
+    mtu: int
+    guarded: bool            # the addresses came from Sanderling (annotation or pool): guard them
+
+
+def provider_bridge(physnet: str) -> str:
+    return f"br-{physnet}"[:15]
+
+
+class SecondaryBridges:
+    def __init__(self, db: Ovsdb, runtime: OvsRuntime, node_netns: str | None, providers: dict[str, str],
+                 vxlan_port: int = 8472, datapath: str = "netdev", underlay_mtu: int = 1500,
+                 tx_checksum_off: bool = False) -> None:
+        self.db = db
+        self.runtime = runtime
+        self.node_netns = node_netns
+        self.providers = providers
+        self.vxlan_port = vxlan_port
+        self.datapath = datapath
+        self.underlay_mtu = underlay_mtu
+        self.tx_checksum_off = tx_checksum_off
+        self._lock = threading.Lock()
+        self._vteps: set[str] = set()
+
+    # ---- set-up ---------------------------------------------------------------------------
+
+    def bridges(self) -> list[str]:
+        return [provider_bridge(p) for p in sorted(self.providers)] + [L2_BRIDGE]
+
+    def setup(self) -> None:
+        """Provider bridges with their uplinks, the layer2 bridge; flows from the ports there are."""
+        for physnet, uplink in sorted(self.providers.items()):
+            bridge = provider_bridge(physnet)
+            self.db.ensure_bridge(bridge, self.datapath)
+            self.db.add_port(bridge, uplink, external_ids={"sanderling.io/uplink": physnet})
+            self.sync_flows(bridge)
+            log.info("provider network %s: bridge %s, uplink %s", physnet, bridge, uplink)
+        self.db.ensure_bridge(L2_BRIDGE, self.datapath)
+        self.sync_flows(L2_BRIDGE)
+
+    def bridge_for(self, network: Network) -> str:
+        if network.topology == "layer2":
+            return L2_BRIDGE
+        if network.physical_network not in self.providers:
+            known = ", ".join(sorted(self.providers)) or "none"
+            raise SecondaryError(f"physical network {network.physical_network!r} of {network.key} is not configured "
+                                 f"on this node (configured: {known}); start the agent with --provider-network "
+                                 f"{network.physical_network}=INTERFACE")
+        return provider_bridge(network.physical_network)
+
+    def default_mtu(self, network: Network) -> int:
+        if network.mtu:
+            return network.mtu
+        return self.underlay_mtu - VXLAN_OVERHEAD if network.topology == "layer2" else self.underlay_mtu
+
+    # ---- pod ports ------------------------------------------------------------------------
+
+    def attach(self, port: SecondaryPort) -> str:
+        """Plumb the pod's interface and add its port; returns the host-side veth name."""
+        bridge = self.bridge_for(port.network)
+        host_if = veth.host_veth_name(port.container_id, port.ifname)
+        veth.plumb(veth.PodInterface(port.netns, host_if, port.cidrs[0] if port.cidrs else "", port.mac, "",
+                                     port.ifname, port.mtu, port.cidrs[1:]),
+                   self.node_netns, self.tx_checksum_off)
+        ext = {ovsdb.EXT_POD_NAMESPACE: port.pod_namespace, ovsdb.EXT_POD_NAME: port.pod_name,
+               ovsdb.EXT_CONTAINER_ID: port.container_id, ovsdb.EXT_INTERFACE: port.ifname,
+               ovsdb.EXT_NETWORK: port.network.key, ovsdb.EXT_MAC: port.mac,
+               ovsdb.EXT_IP: ",".join(c.split("/")[0] for c in port.cidrs) if port.guarded else ""}
+        with self._lock:
+            tag, trunks = port.network.vlan, tuple(port.network.trunk_ids())
+            if port.network.topology == "layer2":
+                tag = self._ensure_layer2(port.network)
+            self.db.apply_port_changes(bridge, [PortChange(host_if, external_ids=tuple(sorted(ext.items())),
+                                                           ofport_request=self._free_ofport(bridge, host_if),
+                                                           tag=tag, trunks=trunks)])
+            self.sync_flows(bridge)
+        return host_if
+
+    def detach(self, container_id: str, ifname: str) -> str | None:
+        """Remove the port and the veth; the bridge it was on, or None if there was none."""
+        host_if = veth.host_veth_name(container_id, ifname)
+        found = None
+        with self._lock:
+            for bridge in self.bridges():
+                records = self.db.ports(bridge)
+                if any(r.name == host_if for r in records):
+                    self.db.apply_port_changes(bridge, [PortChange(host_if, delete=True)])
+                    self.sync_flows(bridge)
+                    found = bridge
+                    if bridge == L2_BRIDGE:
+                        self._prune_layer2()
+        veth.unplumb(host_if, self.node_netns)
+        return found
+
+    def pod_ports(self) -> list[tuple[str, PortRecord]]:
+        """(bridge, port) of every pod interface on a secondary network of this node."""
+        return [(b, r) for b in self.bridges() for r in self.db.ports(b)
+                if r.external_ids.get(ovsdb.EXT_CONTAINER_ID)]
+
+    def _free_ofport(self, bridge: str, host_if: str) -> int:
+        records = self.db.ports(bridge)
+        existing = next((r for r in records if r.name == host_if), None)
+        if existing is not None and existing.effective_ofport > 0:
+            return existing.effective_ofport
+        taken = {r.ofport for r in records} | {r.ofport_request for r in records}
+        return next(n for n in range(1, 0xFF00) if n not in taken)
+
+    # ---- layer2 tunnels -------------------------------------------------------------------
+
+    def _ensure_layer2(self, network: Network) -> int:
+        """The network's VXLAN device on br-l2 and its local VLAN tag (allocated on first use)."""
+        records = self.db.ports(L2_BRIDGE)
+        vni = str(network.vni)
+        for r in records:
+            if r.external_ids.get(ovsdb.EXT_VNI) == vni and r.tag:
+                return r.tag
+        used = {r.tag for r in records if r.tag}
+        tag = next((t for t in range(1, 4095) if t not in used), 0)
+        if not tag:
+            raise SecondaryError(f"node has 4094 layer2 networks in use; {network.key} cannot be added")
+        device = vxlan.ensure(self.node_netns, network.vni, self.vxlan_port, self.underlay_mtu - VXLAN_OVERHEAD)
+        vxlan.set_flood(self.node_netns, network.vni, self._vteps)
+        self.db.apply_port_changes(L2_BRIDGE, [PortChange(
+            device, external_ids=((ovsdb.EXT_NETWORK, network.key), (ovsdb.EXT_VNI, vni)),
+            ofport_request=self._free_ofport(L2_BRIDGE, device), tag=tag)])
+        log.info("layer2 network %s: VNI %d, device %s, local tag %d", network.key, network.vni, device, tag)
+        return tag
+
+    def _prune_layer2(self) -> None:
+        """A layer2 network no pod of this node uses any more loses its tunnel device here."""
+        records = self.db.ports(L2_BRIDGE)
+        in_use = {r.tag for r in records if r.external_ids.get(ovsdb.EXT_CONTAINER_ID)}
+        for r in records:
+            vni = r.external_ids.get(ovsdb.EXT_VNI)
+            if vni and r.tag not in in_use:
+                self.db.apply_port_changes(L2_BRIDGE, [PortChange(r.name, delete=True)])
+                vxlan.remove(self.node_netns, int(vni))
+                log.info("layer2 network %s: no pod here any more; device %s removed",
+                         r.external_ids.get(ovsdb.EXT_NETWORK), r.name)
+
+    def set_vteps(self, vteps: set[str]) -> None:
+        """The other nodes' underlay addresses: where layer2 floods go."""
+        with self._lock:
+            self._vteps = set(vteps)
+            for r in self.db.ports(L2_BRIDGE):
+                vni = r.external_ids.get(ovsdb.EXT_VNI)
+                if vni:
+                    vxlan.set_flood(self.node_netns, int(vni), self._vteps)
+
+    # ---- flows ----------------------------------------------------------------------------
+
+    def sync_flows(self, bridge: str) -> None:
+        guarded = []
+        for r in self.db.ports(bridge):
+            ips = tuple(i for i in r.external_ids.get(ovsdb.EXT_IP, "").split(",") if i)
+            mac = r.external_ids.get(ovsdb.EXT_MAC, "")
+            if ips and mac and r.effective_ofport > 0:
+                guarded.append(GuardedPort(r.effective_ofport, mac, ips))
+        flows = compile_bridge(guarded)
+        with tempfile.NamedTemporaryFile("w", suffix=".flows") as f:
+            f.write("\n".join(flows) + "\n")
+            f.flush()
+            try:
+                self.runtime.ofctl(bridge, "replace-flows", f.name)
+            except OvsError as exc:
+                raise SecondaryError(f"flows of {bridge} not replaced: {exc}") from exc
