@@ -3,7 +3,9 @@
 Topology: an underlay bridge in the `<name>-fabric` namespace; the control plane (API server,
 controllers, scheduler, kubelets; one process) in `<name>-cp` on the underlay, also answering on
 the host's loopback for the CLI and kubectl; every node a namespace `<name>-nodeN` with its own
-ovsdb-server/ovs-vswitchd (userspace datapath), br-int and agent, an `uplink` on the underlay.
+ovsdb-server/ovs-vswitchd (userspace datapath), br-int and agent, an `uplink` on the underlay,
+and two more cables to the fabric for secondary networks: `phys0` (the uplink of provider network
+`physnet1`: its VLANs cross the fabric tagged) and `data0` (a plain NIC, e.g. a macvlan master).
 Node objects are registered first; the control plane gives each a podCIDR and the agents read it
 (and every other node's) from the API. Routed mode: the bridge's LOCAL port is the pod gateway
 and the agents keep kernel routes to the other nodes' subnets. Overlay mode: the uplink is a port
@@ -34,6 +36,9 @@ from sanderling.netlink.netns import ipr
 from sanderling.ovs.runtime import OvsRuntime
 from sanderling.process import terminate
 
+PHYSNET = "physnet1"   # the lab's provider network: VLANs of the fabric, through each node's PROVIDER_NIC
+PROVIDER_NIC = "phys0"
+DATA_NIC = "data0"     # a plain second NIC per node (a macvlan master for delegated networks)
 STATE_ROOT = Path("/run/sanderling-lab")
 UNDERLAY = ipaddress.IPv4Network("172.30.0.0/24")
 OUTSIDE_IP = UNDERLAY.network_address + 1  # the fabric namespace's own address: a client outside the cluster
@@ -109,6 +114,8 @@ class Lab:
             node = self._local_node(rec, mode)
             node.start(agent=False)  # the underlay first: the agents talk to the API and each other over it
             node.attach_underlay(self.fabric, BRIDGE, f"{rec['underlay_ip']}/{UNDERLAY.prefixlen}")
+            for nic in (PROVIDER_NIC, DATA_NIC):  # secondary networks' cables: VLANs, and macvlan masters
+                node.attach_nic(self.fabric, BRIDGE, nic)
             lab_nodes.append(node)
         for node, rec in zip(lab_nodes, records, strict=True):
             node.start_agent()
@@ -147,7 +154,8 @@ class Lab:
     def _local_node(self, rec: dict[str, Any], mode: str) -> LocalNode:
         return LocalNode(rec["name"], rec["pod_cidr"], self.state_dir, prefix=self.name,
                          kubeconfig=self.node_kubeconfig, gateway=True, agent_session=True, mode=mode,
-                         pod_cidr_from_api=True, agent_in_netns=True)
+                         pod_cidr_from_api=True, agent_in_netns=True,
+                         agent_args=("--provider-network", f"{PHYSNET}={PROVIDER_NIC}"))
 
     def restart_agent(self, name: str) -> subprocess.Popen[bytes]:
         """Stop a node's agent (if it still runs) and start it again; its flows stay in OVS meanwhile."""

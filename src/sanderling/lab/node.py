@@ -125,21 +125,27 @@ class LocalNode:
                 self.agent.wait(10)
         self.agent = None
 
-    def attach_underlay(self, fabric_netns: str, fabric_bridge: str, ip_cidr: str) -> None:
-        """A veth from this node to the underlay bridge in the fabric namespace."""
-        # unique per lab and node within 15 characters, whatever the lengths of the names
-        host_end = "ul" + hashlib.sha1(f"{self.prefix}/{self.name}".encode()).hexdigest()[:12]
+    def attach_nic(self, fabric_netns: str, fabric_bridge: str, ifname: str) -> None:
+        """One more interface of this node, `ifname`, cabled to the fabric bridge (no address):
+        the uplink of a provider network, or a macvlan master."""
+        # unique per lab, node and interface within 15 characters, whatever the lengths of the names
+        tag = self.name if ifname == "uplink" else f"{self.name}/{ifname}"
+        host_end = "ul" + hashlib.sha1(f"{self.prefix}/{tag}".encode()).hexdigest()[:12]
         with ipr(fabric_netns) as fab:
             if not fab.link_lookup(ifname=host_end):
-                fab.link("add", ifname=host_end, kind="veth", peer={"ifname": "uplinktmp", "net_ns_fd": self.netns})
+                fab.link("add", ifname=host_end, kind="veth", peer={"ifname": "nictmp", "net_ns_fd": self.netns})
             idx = fab.link_lookup(ifname=host_end)[0]
             fab.link("set", index=idx, master=fab.link_lookup(ifname=fabric_bridge)[0], state="up")
         with ipr(self.netns) as h:
-            tmp = h.link_lookup(ifname="uplinktmp")
+            tmp = h.link_lookup(ifname="nictmp")
             if tmp:
-                h.link("set", index=tmp[0], ifname="uplink")
-            idx = h.link_lookup(ifname="uplink")[0]
+                h.link("set", index=tmp[0], ifname=ifname)
+            idx = h.link_lookup(ifname=ifname)[0]
             h.link("set", index=idx, state="up")
+
+    def attach_underlay(self, fabric_netns: str, fabric_bridge: str, ip_cidr: str) -> None:
+        """A veth from this node to the underlay bridge in the fabric namespace."""
+        self.attach_nic(fabric_netns, fabric_bridge, "uplink")
         iface = ipaddress.IPv4Interface(ip_cidr)
         address_on = "uplink"
         if self.mode == "overlay":
