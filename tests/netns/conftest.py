@@ -52,9 +52,11 @@ class LabCli:
     def __init__(self, name: str) -> None:
         self.name = name
 
+    def argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "sanderling.cli.main", "lab", "--name", self.name, *args]
+
     def __call__(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "sanderling.cli.main", "lab", "--name", self.name, *args],
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=timeout)
 
     def up_with(self, nodes: int, manifest: Path, pods: int, namespace: str | None = None) -> dict[str, str]:
         """A fresh lab with the manifest applied; pod name -> IP once `pods` pods have an address."""

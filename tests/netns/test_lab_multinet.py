@@ -1,0 +1,216 @@
+"""Several networks per pod on a 3-node lab: VLAN provider networks (access and trunk), layer2
+overlays, a macvlan delegate; reachability and isolation, 802.1Q on the wire, fixed ips/mac,
+network-status against the pod's real interfaces, and bad input refused for that pod alone."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from sanderling.model.attachments import ANNOTATION_STATUS
+
+from .conftest import LabCli
+
+NAME = "slmn"
+lab = LabCli(NAME)
+KUBECONFIG = Path("/run/sanderling-lab") / NAME / "kubeconfig"
+
+
+def nad(name: str, config: dict | str) -> str:
+    text = config if isinstance(config, str) else json.dumps(config)
+    return json.dumps({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+                       "metadata": {"name": name, "namespace": "default"}, "spec": {"config": text}})
+
+
+def sanderling(**kw: object) -> dict:
+    return {"cniVersion": "1.0.0", "type": "sanderling", **kw}
+
+
+def pod(name: str, node: str, networks: object) -> str:
+    value = networks if isinstance(networks, str) else json.dumps(networks)
+    return json.dumps({"apiVersion": "v1", "kind": "Pod", "metadata": {
+        "name": name, "namespace": "default", "annotations": {"k8s.v1.cni.cncf.io/networks": value}},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "x", "ports": [{"containerPort": 8080}]}]}})
+
+
+NADS = [
+    nad("vlan100", sanderling(topology="vlan", vlanID=100, subnet="10.100.0.0/24", gateway="10.100.0.1")),
+    nad("vlan200", sanderling(topology="vlan", vlanID=200)),  # no IPAM: the pod brings its address
+    nad("trunk", sanderling(topology="vlan", trunk=[{"id": 100}, {"minID": 300, "maxID": 310}])),
+    nad("l2a", sanderling(topology="layer2", subnet="10.50.0.0/24")),
+    nad("l2b", sanderling(topology="layer2")),
+    nad("mv", {"cniVersion": "1.0.0", "type": "macvlan", "master": "data0", "mode": "bridge",
+               "ipam": {"type": "static"}, "capabilities": {"ips": True}}),
+    # bad NADs
+    nad("badjson", "{\"type\": \"sanderling\", "),
+    nad("vlan4095", sanderling(topology="vlan", vlanID=4095)),
+    nad("overlap", sanderling(topology="vlan", trunk=[{"minID": 10, "maxID": 20}, {"id": 15}])),
+]
+GOOD = [
+    pod("a1", "node1", [{"name": "vlan100", "ips": ["10.100.0.10/24"], "mac": "02:00:00:00:01:0a"},
+                        {"name": "l2a"}, {"name": "mv", "ips": ["10.30.0.11/24"]}]),
+    pod("a2", "node2", [{"name": "vlan100"}, {"name": "l2a"}, {"name": "mv", "ips": ["10.30.0.12/24"]}]),
+    pod("a3", "node3", "vlan100,l2b@l2"),
+    pod("v2", "node3", [{"name": "vlan200", "ips": ["10.100.0.99/24"]}]),  # VLAN 200, VLAN 100's subnet
+    pod("t1", "node2", [{"name": "trunk", "interface": "trunk0"}]),
+]
+BAD = {  # pod -> what its failure must say
+    "bad-json-annotation": ("[{\"name\": \"vlan100\"", "not valid JSON"),
+    "bad-short-annotation": ("vlan100,,l2a", "entry 2"),
+    "bad-unknown-nad": ("nosuchnet", "NetworkAttachmentDefinition default/nosuchnet does not exist"),
+    "bad-nad-json": ("badjson", "spec.config: not valid JSON"),
+    "bad-vlan-4095": ("vlan4095", "4095 is not a VLAN ID"),
+    "bad-trunk-overlap": ("overlap", "overlap"),
+    "bad-long-ifname": ("vlan100@averyveryverylongname", "1 to 15 characters"),
+    "bad-dup-ip": (json.dumps([{"name": "vlan100", "ips": ["10.100.0.10/24"]}]), "already in use by default/a1"),
+}
+
+
+def kubectl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["kubectl", "--kubeconfig", str(KUBECONFIG), *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def pods() -> dict[str, dict]:
+    return {p["metadata"]["name"]: p for p in json.loads(lab("get", "pods", "-o", "json").stdout)}
+
+
+def wait_for(predicate, timeout: float = 60.0, what: str = ""):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def in_pod(name: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    return lab("exec", f"default/{name}", "--", *argv, timeout=60)
+
+
+def reaches(src: str, ip: str) -> bool:
+    return in_pod(src, "ping", "-c", "1", "-W", "1", ip).returncode == 0
+
+
+def status_of(p: dict) -> list[dict]:
+    return json.loads(p["metadata"].get("annotations", {}).get(ANNOTATION_STATUS, "[]"))
+
+
+@pytest.fixture(scope="module")
+def multinet_lab(tmp_path_factory):
+    manifest = tmp_path_factory.mktemp("multinet") / "all.json"
+    manifest.write_text("\n---\n".join(NADS + GOOD))
+    lab.up_with(3, manifest, len(GOOD))
+    yield
+    down = lab("down")
+    assert down.returncode == 0, down.stderr
+
+
+def test_every_pair_on_a_shared_network_reaches_each_other_on_it(multinet_lab):
+    everything = pods()
+    st = {name: {e["interface"]: e for e in status_of(p)} for name, p in everything.items()}
+    # fixed address and MAC honoured
+    assert st["a1"]["net1"]["ips"] == ["10.100.0.10"] and st["a1"]["net1"]["mac"] == "02:00:00:00:01:0a"
+    vlan100 = {n: st[n]["net1"]["ips"][0] for n in ("a1", "a2")} | {"a3": st["a3"]["net1"]["ips"][0]}
+    assert len(set(vlan100.values())) == 3 and "10.100.0.1" not in vlan100.values()  # the gateway is excluded
+    for src in vlan100:
+        for dst, ip in vlan100.items():
+            if src != dst:
+                assert reaches(src, ip), f"{src} -> {dst} {ip} on vlan100"
+    l2a = {n: st[n]["net2"]["ips"][0] for n in ("a1", "a2")}
+    assert reaches("a1", l2a["a2"]) and reaches("a2", l2a["a1"])
+    assert reaches("a1", "10.30.0.12") and reaches("a2", "10.30.0.11")  # the macvlan delegate, across nodes
+    tcp = in_pod("a1", "python3", "-c", "import socket; s=socket.create_connection(('%s', 8080), 3); "
+                                       "print(s.recv(64).decode())" % vlan100["a2"])
+    assert tcp.returncode == 0 and "a2" in tcp.stdout, tcp.stdout + tcp.stderr
+
+
+def test_networks_are_isolated(multinet_lab):
+    st = {name: {e["interface"]: e for e in status_of(p)} for name, p in pods().items()}
+    # VLAN 200 with an address in VLAN 100's subnet reaches nobody of VLAN 100
+    assert not reaches("v2", "10.100.0.10")
+    # layer2 networks: from each other and from the pod network
+    in_pod("a3", "ip", "addr", "add", "10.50.0.201/24", "dev", "l2")  # l2b has no IPAM: same subnet as l2a
+    assert not reaches("a3", st["a2"]["net2"]["ips"][0])
+    assert not reaches("v2", st["a2"]["net2"]["ips"][0])  # pod network only: no way onto l2a
+    assert not reaches("v2", "10.30.0.12")
+
+
+def test_vlan_frames_are_tagged_on_the_wire_and_trunks_carry_only_their_vlans(multinet_lab):
+    fabric = subprocess.Popen(["ip", "netns", "exec", f"{NAME}-fabric", "tcpdump", "-l", "-e", "-nn", "-i", "fabric0",
+                               "-c", "2", "vlan 100 and icmp"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    trunk = subprocess.Popen([*lab.argv("exec", "default/t1", "--"), "tcpdump", "-l", "-e", "-nn", "-i", "trunk0",
+                              "-c", "3", "vlan and arp"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for proc in (fabric, trunk):
+            assert proc.stderr is not None
+            assert "listening on" in proc.stderr.readline() + proc.stderr.readline()
+        in_pod("v2", "ping", "-c", "1", "-W", "1", "10.100.0.250")   # ARP on VLAN 200: not for the trunk
+        in_pod("a1", "ping", "-c", "1", "-W", "1", "10.100.0.251")   # ARP on VLAN 100: tagged to the trunk
+        in_pod("a3", "ping", "-c", "1", "-W", "1", "10.100.0.10")    # node3 -> node1 across the fabric
+        fabric_out = fabric.communicate(timeout=20)[0]
+        in_pod("a2", "ping", "-c", "1", "-W", "1", "10.100.0.252")   # two more VLAN 100 ARPs
+        in_pod("a3", "ping", "-c", "1", "-W", "1", "10.100.0.253")
+        trunk_out = trunk.communicate(timeout=20)[0]
+    finally:
+        for proc in (fabric, trunk):
+            if proc.poll() is None:
+                proc.kill()
+    assert "ethertype 802.1Q (0x8100)" in fabric_out and "vlan 100" in fabric_out, fabric_out
+    lines = trunk_out.splitlines()
+    assert len(lines) == 3 and all("vlan 100" in line for line in lines), trunk_out
+    assert "10.100.0.250" not in trunk_out
+
+
+def test_network_status_is_what_the_pod_has(multinet_lab):
+    for name, p in pods().items():
+        if name.startswith("bad-"):
+            continue
+        addrs = json.loads(in_pod(name, "ip", "-j", "addr").stdout)
+        have = {a["ifname"]: ([i["local"] for i in a.get("addr_info", []) if i["family"] == "inet"], a["address"])
+                for a in addrs if a["ifname"] != "lo"}
+        declared = {e["interface"]: (e["ips"], e["mac"]) for e in status_of(p)}
+        if name == "a3":  # the test above added an address to l2 by hand
+            have["l2"] = ([ip for ip in have["l2"][0] if ip != "10.50.0.201"], have["l2"][1])
+        assert declared == have, name
+        assert [e["default"] for e in status_of(p)].count(True) == 1
+
+
+def test_bad_input_fails_that_pod_only_with_a_message_and_an_event(multinet_lab, tmp_path):
+    manifest = tmp_path / "bad.json"
+    nodes = ["node1", "node2", "node3"]
+    manifest.write_text("\n---\n".join(pod(name, nodes[i % 3], value) for i, (name, (value, _)) in
+                                       enumerate(BAD.items())))
+    assert lab("apply", "-f", str(manifest)).returncode == 0
+
+    def all_failed() -> dict[str, str] | None:
+        found = {}
+        for name, p in pods().items():
+            for c in (p.get("status") or {}).get("conditions") or []:
+                if c.get("reason") == "NetworkSetupFailed":
+                    found[name] = c.get("message", "")
+        return found if set(BAD) <= set(found) else None
+
+    failed = wait_for(all_failed, what="every bad pod to fail its ADD")
+    for name, (_, problem) in BAD.items():
+        assert problem in failed[name], (name, failed[name])
+    events = json.loads(kubectl("get", "events", "-o", "json").stdout)["items"]
+    reasons = {(e["involvedObject"]["name"], e["reason"]) for e in events}
+    for name in BAD:
+        if name != "bad-dup-ip":
+            assert (name, "NetworkAttachmentFailed") in reasons, name
+    assert ("bad-dup-ip", "AddressNotAssigned") in reasons or ("bad-dup-ip", "NetworkAttachmentFailed") in reasons
+    # nothing of theirs is left on any node, and the good pods still work
+    for node in nodes:
+        db = f"/run/sanderling-lab/{NAME}/{node}/ovs/db.sock"
+        ports = subprocess.run(["ovs-vsctl", f"--db=unix:{db}", "--columns=external_ids", "list", "Interface"],
+                               capture_output=True, text=True).stdout
+        for name in BAD:
+            assert f'"{name}"' not in ports, (node, name)
+    assert reaches("a1", "10.30.0.12") and reaches("a2", "10.100.0.10")
