@@ -57,6 +57,7 @@ GOOD = [
     pod("a3", "node3", "vlan100,l2b@l2"),
     pod("v2", "node3", [{"name": "vlan200", "ips": ["10.100.0.99/24"]}]),  # VLAN 200, VLAN 100's subnet
     pod("t1", "node2", [{"name": "trunk", "interface": "trunk0"}]),
+    pod("r1", "node1", [{"name": "vlan100", "default-route": ["10.100.0.1"]}]),
 ]
 BAD = {  # pod -> what its failure must say
     "bad-json-annotation": ("[{\"name\": \"vlan100\"", "not valid JSON"),
@@ -125,8 +126,8 @@ def test_every_pair_on_a_shared_network_reaches_each_other_on_it(multinet_lab):
     l2a = {n: st[n]["net2"]["ips"][0] for n in ("a1", "a2")}
     assert reaches("a1", l2a["a2"]) and reaches("a2", l2a["a1"])
     assert reaches("a1", "10.30.0.12") and reaches("a2", "10.30.0.11")  # the macvlan delegate, across nodes
-    tcp = in_pod("a1", "python3", "-c", "import socket; s=socket.create_connection(('%s', 8080), 3); "
-                                       "print(s.recv(64).decode())" % vlan100["a2"])
+    tcp = in_pod("a1", "python3", "-c", f"import socket; s=socket.create_connection(('{vlan100['a2']}', 8080), 3); "
+                                       "print(s.recv(64).decode())")
     assert tcp.returncode == 0 and "a2" in tcp.stdout, tcp.stdout + tcp.stderr
 
 
@@ -166,6 +167,13 @@ def test_vlan_frames_are_tagged_on_the_wire_and_trunks_carry_only_their_vlans(mu
     lines = trunk_out.splitlines()
     assert len(lines) == 3 and all("vlan 100" in line for line in lines), trunk_out
     assert "10.100.0.250" not in trunk_out
+
+
+def test_default_route_moves_to_the_chosen_network(multinet_lab):
+    routes = json.loads(in_pod("r1", "ip", "-j", "route", "show", "default").stdout)
+    assert [(r["gateway"], r["dev"]) for r in routes] == [("10.100.0.1", "net1")], routes
+    declared = {e["interface"]: e["default"] for e in status_of(pods()["r1"])}
+    assert declared == {"eth0": False, "net1": True}
 
 
 def test_network_status_is_what_the_pod_has(multinet_lab):

@@ -110,7 +110,8 @@ def test_status_entry_drops_prefixes() -> None:
 
 
 def test_secondary_bridge_flows_golden() -> None:
-    flows = compile_bridge([GuardedPort(3, "0a:58:0a:0a:00:05", ("10.10.0.5",)), GuardedPort(2, "02:00:00:00:00:09", ())])
+    flows = compile_bridge([GuardedPort(3, "0a:58:0a:0a:00:05", ("10.10.0.5",)),
+                            GuardedPort(2, "02:00:00:00:00:09", ())])
     assert flows == [
         "table=0,priority=0,actions=NORMAL",
         "table=0,in_port=3,dl_src=0a:58:0a:0a:00:05,priority=100,ip,nw_src=10.10.0.5,actions=NORMAL",
