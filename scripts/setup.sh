@@ -36,3 +36,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt
     .venv/bin/pip install -q -c constraints.txt -e '.[test]'
     touch "$stamp"
 fi
+
+# upstream components built from their Go modules, once per machine, outside the repository
+bash scripts/build-upstream.sh

@@ -24,6 +24,7 @@ from sanderling.cni.server import CniServer
 from sanderling.compiler.nodes import TUNNEL_OFPORT, TUNNEL_PORT_NAME
 from sanderling.ipam.allocator import Allocator, Pool
 from sanderling.ipam.store import AllocationStore
+from sanderling.model.attachments import SANDERLING_TYPE
 from sanderling.model.errors import ModelError
 from sanderling.model.network import NodeNetwork
 from sanderling.model.nodes import Remote
@@ -91,6 +92,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-policy", action="store_true", help="do not enforce NetworkPolicies")
     p.add_argument("--provider-network", action="append", default=[], metavar="PHYSNET=INTERFACE",
                    help="a physical network for VLAN secondary networks and the node interface that reaches it")
+    p.add_argument("--multus", action="store_true",
+                   help="Multus is in front: leave the networks annotation and network-status to it, serve only "
+                        "the \"type\": \"sanderling\" networks it delegates")
     p.add_argument("--layer2-port", type=int, default=8472, help="UDP port of layer2 networks' VXLAN tunnels")
     p.add_argument("--underlay-mtu", type=int, default=1500, help="MTU of the node's underlay interfaces")
     p.add_argument("--cni-path", default="/opt/cni/bin:/usr/lib/cni",
@@ -443,7 +447,8 @@ async def serve(args: argparse.Namespace) -> int:
             if view is not None and view.remotes:
                 vteps_changed(view.remotes)
         handler = CniHandler(node, db, args.bridge, allocator, controller, args.node_netns, args.mtu, cluster,
-                             tunnel=args.mode == "overlay", multinet=multinet, network_name=args.cni_network)
+                             tunnel=args.mode == "overlay", multinet=multinet, network_name=args.cni_network,
+                             native_networks=not args.multus)
         if corrupt is not None:
             restored = await handler.restore_from_ovsdb()
             log.error("node %s: the IPAM database was not readable: moved to %s, %d allocation(s) rebuilt from "
@@ -451,7 +456,9 @@ async def serve(args: argparse.Namespace) -> int:
         await handler.reconcile()
         server = CniServer(handler, args.cni_socket)
         await server.start()
-        install_binary(args.cni_bin_dir)
+        install_binary(args.cni_bin_dir, socket=args.cni_socket)
+        if multinet is not None:  # the plugin of `"type": "sanderling"` networks (Multus calls it by that name)
+            install_binary(args.cni_bin_dir, SANDERLING_TYPE, socket=args.cni_socket)
         write_conflist(args.cni_conf_dir, args.cni_network, args.cni_socket, args.mtu, version=args.cni_conf_version)
         log.info("CNI: plugin in %s, conflist %s in %s", args.cni_bin_dir, args.cni_network, args.cni_conf_dir)
     try:

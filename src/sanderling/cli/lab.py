@@ -36,6 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--nodes", type=int, default=3)
     up.add_argument("--mode", choices=["routed", "overlay"], default="routed")
     up.add_argument("--demo", action="store_true", help="also deploy the demo workload and run lab check")
+    up.add_argument("--multus", action="store_true",
+                    help="Multus (built from its Go module by setup) in front of Sanderling on every node")
     up.add_argument("--allow-workload-commands", action="store_true",
                     help="kubelets run a Pod's command as root in its sandbox (off: such pods fail)")
     cmds.add_parser("down", parents=[common], help="remove every namespace, process, bridge and file of the lab")
@@ -74,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         print("sanderling lab: needs root (it creates network namespaces and OVS instances)", file=sys.stderr)
         return 1
     if cmd == "up":
-        lab.up(args.nodes, args.mode, allow_workload_commands=args.allow_workload_commands)
+        lab.up(args.nodes, args.mode, allow_workload_commands=args.allow_workload_commands,
+               multus=args.multus)
         if args.demo:
             apply(lab, Path(__file__).resolve().parents[1] / "lab" / "demo.yaml")
             wait_running(lab, 60)

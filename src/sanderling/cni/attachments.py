@@ -39,6 +39,7 @@ from sanderling.model.attachments import (
 )
 from sanderling.model.errors import ModelError
 from sanderling.model.network import mac_for_ip
+from sanderling.netlink import veth
 from sanderling.netlink.netns import ipr
 from sanderling.ovs import ovsdb
 from sanderling.ovs.runtime import OvsError
@@ -243,6 +244,8 @@ class MultiNetwork:
             raise self._refuse(call, E.E_BAD_CONFIG, f"pod {call.namespace}/{call.name}: {entry}: {exc}") from None
         except (OSError, OvsError) as exc:
             raise CniFailure(E.E_PLUMBING, f"pod {call.namespace}/{call.name}: {entry}: {exc}") from None
+        item.update(cidrs=list(cidrs), mac=mac)
+        self.records.save(call.container_id, record)
         log.info("pod %s/%s: %s on %s (%s%s): %s %s", call.namespace, call.name, sel.interface, network.key,
                  network.topology, f" VLAN {network.vlan}" if network.vlan else "", ",".join(cidrs) or "no address",
                  mac)
@@ -282,6 +285,48 @@ class MultiNetwork:
             raise CniFailure(E.E_TRY_LATER, f"pod {call.namespace}/{call.name}: network-status not written: "
                                             f"{exc}") from None
 
+    def add_one(self, call: PodCall, sel: NetworkSelection, network: Network, version: str) -> dict[str, Any]:
+        """One Sanderling network for one interface, called as a plugin (Multus in front): the
+        CNI result of that interface. Undoes itself on failure."""
+        record = self.records.load(call.container_id) or {"pod": f"{call.namespace}/{call.name}",
+                                                           "netns": call.netns, "cniArgs": call.cni_args,
+                                                           "attachments": []}
+        if any(i.get("ifname") == sel.interface for i in record["attachments"]):
+            raise CniFailure(E.E_INTERFACE_EXISTS, f"container {call.container_id} already has {sel.interface}")
+        mine: dict[str, Any] = {"attachments": []}
+        try:
+            self._attach(call, sel, network, record, f"network {network.name}@{sel.interface}")
+        except BaseException:
+            mine["attachments"] = [i for i in record["attachments"] if i.get("ifname") == sel.interface]
+            self._detach_all(call.container_id, {**record, **mine}, forget=False)
+            record["attachments"] = [i for i in record["attachments"] if i.get("ifname") != sel.interface]
+            self._save_or_remove(call.container_id, record)
+            raise
+        item = record["attachments"][-1]
+        ips = [{"address": c, "interface": 1, **({"version": "4"} if version == "0.4.0" else {})}
+               for c in item.get("cidrs") or []]
+        return {"cniVersion": version, "interfaces": [
+            {"name": veth.host_veth_name(call.container_id, sel.interface)},
+            {"name": sel.interface, "mac": item.get("mac", ""), "sandbox": call.netns}], "ips": ips, "dns": {}}
+
+    def delete_one(self, container_id: str, ifname: str) -> list[str]:
+        """Undo one interface's attachment (DEL as a plugin); the others of the container stay."""
+        record = self.records.load(container_id) or {"attachments": []}
+        mine = [i for i in record.get("attachments") or [] if i.get("ifname") == ifname]
+        if not mine:  # a lost record: the port still names its container and interface
+            mine = [{"ifname": ifname, "kind": "sanderling"}]
+        problems = self._detach_all(container_id, {**record, "attachments": mine}, forget=False)
+        if not problems:
+            record["attachments"] = [i for i in record.get("attachments") or [] if i.get("ifname") != ifname]
+            self._save_or_remove(container_id, record)
+        return problems
+
+    def _save_or_remove(self, container_id: str, record: dict[str, Any]) -> None:
+        if record.get("attachments"):
+            self.records.save(container_id, record)
+        else:
+            self.records.remove(container_id)
+
     # ---- DEL ------------------------------------------------------------------------------
 
     def delete(self, container_id: str) -> list[str]:
@@ -289,7 +334,9 @@ class MultiNetwork:
         record = self.records.load(container_id) or {"attachments": []}
         return self._detach_all(container_id, record)
 
-    def _detach_all(self, container_id: str, record: dict[str, Any]) -> list[str]:
+    def _detach_all(self, container_id: str, record: dict[str, Any], forget: bool = True) -> list[str]:
+        """Undo the record's attachments (all of the container's, unless `forget` is False: then
+        only those listed, and the record file is the caller's)."""
         problems: list[str] = []
         ifnames = {str(i.get("ifname", "")) for i in record.get("attachments") or []}
         for item in reversed(record.get("attachments") or []):
@@ -306,7 +353,8 @@ class MultiNetwork:
                 problems.append(f"{item.get('network')}@{ifname}: {exc}")
         # ports whose record was lost (unreadable file): OVS names their container
         for _bridge, port in self.bridges.pod_ports():
-            if port.external_ids.get(ovsdb.EXT_CONTAINER_ID) == container_id:
+            if port.external_ids.get(ovsdb.EXT_CONTAINER_ID) == container_id and \
+                    (forget or port.external_ids.get(ovsdb.EXT_INTERFACE) in ifnames):
                 ifname = port.external_ids.get(ovsdb.EXT_INTERFACE, "")
                 ifnames.add(ifname)
                 try:
@@ -322,7 +370,7 @@ class MultiNetwork:
                     self.cluster.release(released)
             except Exception as exc:
                 problems.append(f"address {alloc.ip} of {alloc.ifname}: {exc}")
-        if not problems:
+        if not problems and forget:
             self.records.remove(container_id)
         return problems
 

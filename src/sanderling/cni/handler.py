@@ -25,6 +25,14 @@ from sanderling.ipam.allocator import E_OUTSIDE_POOLS, Allocator, IpamError, Req
 from sanderling.ipam.cluster import PREFIX as POOL_PREFIX
 from sanderling.ipam.cluster import ClusterIpam, outside_error
 from sanderling.ipam.store import Allocation
+from sanderling.model.attachments import (
+    DELEGATED_NAMESPACE,
+    SANDERLING_TYPE,
+    Network,
+    NetworkSelection,
+    check_interface_name,
+    network_from_config,
+)
 from sanderling.model.errors import ModelError
 from sanderling.model.ippool import ANNOTATION_IPS, ANNOTATION_MAC, ANNOTATION_POOL, IPPool, parse_ips_annotation
 from sanderling.model.network import NodeNetwork, PodPort, mac_for_ip, parse_mac
@@ -51,9 +59,12 @@ class CniHandler:
     def __init__(self, node: NodeNetwork, db: Ovsdb, bridge: str, allocator: Allocator,
                  controller: NodeController, node_netns: str | None = None, mtu: int = 1500,
                  cluster: ClusterIpam | None = None, tunnel: bool = False, multinet: MultiNetwork | None = None,
-                 network_name: str = "sanderling") -> None:
+                 network_name: str = "sanderling", native_networks: bool = True) -> None:
         self.cluster = cluster
         self.multinet = multinet  # secondary networks (needs the Kubernetes API)
+        # False when Multus is in front: it reads the networks annotation and writes network-status,
+        # this agent only serves `"type": "sanderling"` networks Multus hands it
+        self.native_networks = native_networks
         self.network_name = network_name
         self.node = node
         self.db = db
@@ -75,10 +86,14 @@ class CniHandler:
         started = time.perf_counter()
         try:
             _check_request(request)
+            secondary = (request.get("config") or {}).get("type") == SANDERLING_TYPE
             if command == "ADD":
-                return {"result": await self.add(request)}
+                return {"result": await (self.add_secondary(request) if secondary else self.add(request))}
             if command == "DEL":
-                await self.delete(request.get("containerID", ""), request.get("ifname", ""))
+                if secondary:
+                    await self.delete_secondary(request)
+                else:
+                    await self.delete(request.get("containerID", ""), request.get("ifname", ""))
                 return {"result": None}
             if command == "CHECK":
                 await self.check(request)
@@ -150,7 +165,7 @@ class CniHandler:
         host_if = veth.host_veth_name(cid, ifname)
         try:
             result = await self._plumb(req, who, alloc, mac or alloc.mac or mac_for_ip(alloc.ip), host_if)
-            if self.multinet is not None and k8s_pod:
+            if self.multinet is not None and k8s_pod and self.native_networks:
                 ips, pod_mac = from_result(result, ifname)
                 args = ";".join(f"{k}={v}" for k, v in (req.get("args") or {}).items())
                 await asyncio.to_thread(self.multinet.add, PodCall(who.namespace, who.name, cid, netns, args),
@@ -159,6 +174,46 @@ class CniHandler:
         except BaseException:
             await self._undo(cid, ifname, host_if, release=True)
             raise
+
+    # ---- a secondary network, called as a plugin (Multus in front) ----------------------------
+
+    def _secondary_call(self, req: dict[str, Any]) -> tuple[MultiNetwork, PodCall, Network]:
+        if self.multinet is None:
+            raise CniFailure(E.E_NOT_AVAILABLE, f"agent of node {self.node.name} serves no secondary networks "
+                                                "(it runs without the Kubernetes API)")
+        args = req.get("args") or {}
+        who = PodIdentity.from_args(args, req["containerID"])
+        try:
+            network = network_from_config(req.get("config") or {})
+        except ModelError as exc:
+            raise CniFailure(E.E_BAD_CONFIG, str(exc)) from None
+        call = PodCall(who.namespace, who.name, req["containerID"], req.get("netns", ""),
+                       ";".join(f"{k}={v}" for k, v in args.items()))
+        return self.multinet, call, network
+
+    async def add_secondary(self, req: dict[str, Any]) -> dict[str, Any]:
+        multinet, call, network = self._secondary_call(req)
+        conf = req.get("config") or {}
+        runtime = conf.get("runtimeConfig") or {}
+        where = f"pod/{call.namespace}/{call.name}"
+        try:
+            check_interface_name(where, "CNI_IFNAME", req["ifname"])
+            ips = runtime.get("ips") or []
+            if not isinstance(ips, list) or not all(isinstance(i, str) for i in ips):
+                raise ModelError(where, "runtimeConfig.ips", "must be a list of addresses")
+            for ip in ips:
+                ipaddress.IPv4Interface(ip)
+            mac = parse_mac(where, "runtimeConfig.mac", runtime["mac"]) if runtime.get("mac") else ""
+        except (ModelError, ValueError) as exc:
+            raise CniFailure(E.E_BAD_CONFIG, str(exc)) from None
+        sel = NetworkSelection(DELEGATED_NAMESPACE, network.name, req["ifname"], tuple(ips), mac)
+        return await asyncio.to_thread(multinet.add_one, call, sel, network, str(conf.get("cniVersion", "1.1.0")))
+
+    async def delete_secondary(self, req: dict[str, Any]) -> None:
+        multinet, call, _network = self._secondary_call(req)
+        problems = await asyncio.to_thread(multinet.delete_one, call.container_id, req.get("ifname", ""))
+        if problems:
+            raise CniFailure(E.E_PLUMBING, f"DEL of {call.container_id}/{req.get('ifname')}: " + "; ".join(problems))
 
     async def _plumb(self, req: dict[str, Any], who: PodIdentity, alloc: Allocation, mac: str,
                      host_if: str) -> dict[str, Any]:

@@ -12,14 +12,20 @@ from sanderling.cni import shim
 CONFLIST_NAME = "10-sanderling.conflist"
 
 
-def install_binary(bin_dir: Path, name: str = "sanderling-cni") -> Path:
+def install_binary(bin_dir: Path, name: str = "sanderling-cni", socket: Path | None = None) -> Path:
     """Copy the shim with a shebang that runs the real interpreter, isolated and without site.
 
     A pyenv shim or a venv wrapper costs ~50 ms per exec; `-IS` on the real binary ~10 ms.
+    `socket` becomes the plugin's default agent socket: a config that names none (a
+    NetworkAttachmentDefinition's, the same on every node) reaches this node's agent.
     """
     bin_dir.mkdir(parents=True, exist_ok=True)
     interpreter = os.path.realpath(sys.executable)
     source = Path(shim.__file__).read_text()
+    if socket is not None:
+        line = f'DEFAULT_SOCKET = "{shim.DEFAULT_SOCKET}"'
+        assert line in source, "the shim's default socket line moved"
+        source = source.replace(line, f"DEFAULT_SOCKET = {str(socket)!r}", 1)
     target = bin_dir / name
     tmp = target.with_suffix(".tmp")
     tmp.write_text(f"#!{interpreter} -IS\n{source}")

@@ -29,7 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sanderling.cni.install import CONFLIST_NAME, conflist
 from sanderling.lab.fabric import BRIDGE, attach_host, make_fabric
+from sanderling.lab.multus import CONF_NAME as MULTUS_CONF
+from sanderling.lab.multus import binary as multus_binary
+from sanderling.lab.multus import install as install_multus
 from sanderling.lab.node import LocalNode, teardown_prefix
 from sanderling.lab.pki import Pki, ensure_pki
 from sanderling.netlink.netns import ipr
@@ -51,6 +55,7 @@ class Lab:
     name: str = "sanderling"
     progress: Callable[[str], None] = lambda _m: None
     allow_workload_commands: bool = False  # kubelets run Pod commands (a root shell for anyone with API access)
+    multus: bool = False  # Multus in front of Sanderling on every node (`lab up --multus`)
 
     @property
     def state_dir(self) -> Path:
@@ -79,7 +84,8 @@ class Lab:
         """The API's CA, certificate and bearer token (made at `up`, kept across restarts)."""
         return ensure_pki(self.state_dir / "pki", ("127.0.0.1", str(API_UNDERLAY_IP)))
 
-    def up(self, nodes: int = 3, mode: str = "routed", allow_workload_commands: bool = False) -> None:
+    def up(self, nodes: int = 3, mode: str = "routed", allow_workload_commands: bool = False,
+           multus: bool = False) -> None:
         if mode not in ("routed", "overlay"):
             raise SystemExit(f"sanderling lab: --mode {mode}: choose routed or overlay")
         if self.state():
@@ -99,6 +105,9 @@ class Lab:
                       f"{API_UNDERLAY_IP}:{API_PORT} (and 127.0.0.1:{port} for this host), controllers, scheduler, "
                       "kubelets")
         self.allow_workload_commands = allow_workload_commands
+        self.multus = multus
+        if multus:
+            multus_binary()  # missing: say so before anything starts
         pki = self.pki
         cp_pid = self._start_controlplane(port)
         from sanderling.lab.apiserver.__main__ import write_kubeconfig
@@ -112,6 +121,9 @@ class Lab:
             self.progress(f"node {rec['name']}: OVS (userspace datapath), agent ({mode}), pod CIDR {rec['pod_cidr']} "
                           f"(allocated), underlay {rec['underlay_ip']}")
             node = self._local_node(rec, mode)
+            if multus:
+                install_multus(node.dir, self.node_kubeconfig,
+                               conflist(node.cni_network, node.cni_socket, node.mtu, node.cni_conf_version))
             node.start(agent=False)  # the underlay first: the agents talk to the API and each other over it
             node.attach_underlay(self.fabric, BRIDGE, f"{rec['underlay_ip']}/{UNDERLAY.prefixlen}")
             for nic in (PROVIDER_NIC, DATA_NIC):  # secondary networks' cables: VLANs, and macvlan masters
@@ -121,7 +133,7 @@ class Lab:
             node.start_agent()
             rec["agent_pid"] = node.agent.pid if node.agent else 0
         state = {"name": self.name, "mode": mode, "api_port": port, "controlplane_pid": cp_pid, "nodes": records,
-                 "allow_workload_commands": allow_workload_commands}
+                 "allow_workload_commands": allow_workload_commands, "multus": multus}
         (self.state_dir / "state.json").write_text(json.dumps(state, indent=2))
         for node in lab_nodes:
             node.wait_ready(60)
@@ -155,7 +167,8 @@ class Lab:
         return LocalNode(rec["name"], rec["pod_cidr"], self.state_dir, prefix=self.name,
                          kubeconfig=self.node_kubeconfig, gateway=True, agent_session=True, mode=mode,
                          pod_cidr_from_api=True, agent_in_netns=True,
-                         agent_args=("--provider-network", f"{PHYSNET}={PROVIDER_NIC}"))
+                         agent_args=("--provider-network", f"{PHYSNET}={PROVIDER_NIC}",
+                                     *(["--multus"] if self.multus or self.state().get("multus") else [])))
 
     def restart_agent(self, name: str) -> subprocess.Popen[bytes]:
         """Stop a node's agent (if it still runs) and start it again; its flows stay in OVS meanwhile."""
@@ -191,9 +204,11 @@ class Lab:
         for i in range(1, count + 1):
             name = f"node{i}"
             node_dir = self.state_dir / name
+            # the runtime's plugin and config: Sanderling's, or Multus's with Sanderling as its default network
+            plugin, conf = ("multus", MULTUS_CONF) if self.multus else ("sanderling-cni", CONFLIST_NAME)
             rec = {"name": name, "underlay_ip": str(UNDERLAY.network_address + 10 + i), "netns": f"{self.name}-{name}",
-                   "dir": str(node_dir), "cni_bin": str(node_dir / "cni" / "bin" / "sanderling-cni"),
-                   "cni_conf": str(node_dir / "cni" / "net.d" / "10-sanderling.conflist")}
+                   "dir": str(node_dir), "cni_bin": str(node_dir / "cni" / "bin" / plugin),
+                   "cni_conf": str(node_dir / "cni" / "net.d" / conf)}
             api.client.create(Node.from_dict({  # type: ignore[call-overload]
                 "metadata": {"name": name, "annotations": {
                     "lab.sanderling.io/cni-bin": rec["cni_bin"], "lab.sanderling.io/cni-conf": rec["cni_conf"],

@@ -23,6 +23,7 @@ from typing import Any
 from sanderling.netlink import veth
 
 log = logging.getLogger(__name__)
+DELEGATE_PLUGINS = "/usr/lib/cni"  # Debian's containernetworking-plugins (macvlan, host-device, ...)
 
 
 @dataclass
@@ -54,14 +55,16 @@ class Kubelet:
 
     def _cni(self, command: str, namespace: str, name: str, cid: str, netns: str) -> tuple[int, dict[str, Any]]:
         conflist = json.loads(self.node.cni_conf.read_text())
-        plugin = conflist["plugins"][0]
+        plugin = conflist["plugins"][0] if "plugins" in conflist else conflist  # a conflist or a single config
         conf = {"cniVersion": conflist["cniVersion"], "name": conflist["name"], **plugin}
         env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": netns, "CNI_IFNAME": "eth0",
-               "CNI_PATH": str(self.node.cni_bin.parent),
+               "CNI_PATH": f"{self.node.cni_bin.parent}:{DELEGATE_PLUGINS}",
                "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};"
                            f"K8S_POD_INFRA_CONTAINER_ID={cid}"}
-        proc = subprocess.run([str(self.node.cni_bin)], input=json.dumps(conf), env=env, capture_output=True,
-                              text=True, timeout=120)
+        # a kubelet runs on its node: plugins run in the node's network namespace (a delegate such
+        # as macvlan finds its master interface there)
+        argv = ["nsenter", f"--net=/var/run/netns/{self.node.netns_prefix}", str(self.node.cni_bin)]
+        proc = subprocess.run(argv, input=json.dumps(conf), env=env, capture_output=True, text=True, timeout=120)
         try:
             out = json.loads(proc.stdout) if proc.stdout.strip() else {}
         except ValueError:

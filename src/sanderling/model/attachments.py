@@ -27,7 +27,9 @@ SANDERLING_TYPE = "sanderling"
 TOPOLOGIES = ("vlan", "layer2")
 SELECTION_KEYS = {"name", "namespace", "interface", "ips", "mac", "default-route", "cni-args"}
 SANDERLING_KEYS = {"cniVersion", "name", "type", "topology", "vlanID", "trunk", "physicalNetwork", "subnet",
-                   "excludeSubnets", "mtu", "vni", "gateway", "ipam"}
+                   "excludeSubnets", "mtu", "vni", "gateway", "ipam", "capabilities"}
+RUNTIME_KEYS = ("runtimeConfig", "prevResult", "args")  # what a runtime (or Multus) adds to a config
+DELEGATED_NAMESPACE = "cni"  # networks Multus hands over by config alone are keyed cni/<config name>
 _IFNAME = re.compile(r"^[A-Za-z0-9_.\-]{1,15}$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _SHORT = re.compile(r"^(?:(?P<ns>[^/@]+)/)?(?P<name>[^/@]+)(?:@(?P<ifname>.+))?$")
@@ -317,6 +319,18 @@ def parse_nad(obj: dict[str, Any]) -> Network:
         raise ModelError(where, "spec.config.mtu", f"{mtu!r}: want 576-9000")
     return Network(namespace, name, config, topology, vlan, trunk, physnet, vni, subnet, excludes, gateway, mtu,
                    str(resource))
+
+
+def network_from_config(conf: dict[str, Any]) -> Network:
+    """A `"type": "sanderling"` config as Multus (or any runtime) passes it, without its NAD:
+    the network is known by the config's name, the same on every node."""
+    name = conf.get("name")
+    if not isinstance(name, str) or not _DNS_LABEL.match(name):
+        raise ModelError("CNI config", "name", f"{name!r}: a sanderling network's config needs its network name "
+                                                "(lowercase letters, digits, '-')")
+    plain = {k: v for k, v in conf.items() if k not in RUNTIME_KEYS}
+    return parse_nad({"metadata": {"namespace": DELEGATED_NAMESPACE, "name": name},
+                      "spec": {"config": json.dumps(plain)}})
 
 
 # ---- network-status --------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from sanderling.lab.apiserver import protobuf
 from sanderling.lab.apiserver.admission import ServiceAllocator
 from sanderling.lab.apiserver.resources import BY_PATH, RESOURCES, Resource, matches_fields, matches_labels
 from sanderling.lab.apiserver.store import ApiError, Store, WatchEvent
@@ -182,6 +183,21 @@ class ApiServer:
             raise ApiError(400, "BadRequest", "request body is not a JSON object")
         return body
 
+    async def _protobuf_body(self, request: web.Request, resource: Resource, ns: str, name: str,
+                             sub: str | None) -> dict[str, Any]:
+        """A protobuf update of an object's metadata (Multus's pods/status write of network-status):
+        the stored object with the body's labels and annotations; anything else is refused."""
+        if not (resource.kind == "Pod" and sub == "status"):
+            raise ApiError(415, "UnsupportedMediaType", f"{protobuf.CONTENT_TYPE} is accepted only for pods/status "
+                                                        "metadata updates here; send application/json")
+        try:
+            _type, meta = protobuf.object_metadata(await request.read())
+        except protobuf.ProtobufError as exc:
+            raise ApiError(400, "BadRequest", f"protobuf body not readable: {exc}") from None
+        current = self.store.get(resource.key, ns, name)
+        log.info("pods/status %s/%s in protobuf: metadata applied, the body's status is not decoded (kept)", ns, name)
+        return {**current, "metadata": {**current["metadata"], **meta}}
+
     def _validate(self, resource: Resource, body: dict[str, Any]) -> None:
         if body.get("kind") not in (None, resource.kind):
             raise ApiError(400, "BadRequest", f"kind {body.get('kind')!r} posted to {resource.plural}")
@@ -231,7 +247,10 @@ class ApiServer:
             if request.method == "GET":
                 return jsonr(self._stamp(resource, self.store.get(resource.key, ns, name)))
             if request.method == "PUT":
-                body = await self._body(request)
+                if request.content_type == protobuf.CONTENT_TYPE:
+                    body = await self._protobuf_body(request, resource, ns, name, sub)
+                else:
+                    body = await self._body(request)
                 self._validate(resource, body)
                 if (body.get("metadata") or {}).get("name", name) != name:
                     raise ApiError(400, "BadRequest", "metadata.name does not match the URL")

@@ -165,6 +165,10 @@ class Store:
             new = copy.deepcopy(body)
             if subresource == "status":
                 new = {**current, "status": body.get("status", {})}
+                if resource == "/pods":  # pods/status may change labels and annotations (as in Kubernetes)
+                    meta = body.get("metadata") or {}
+                    new["metadata"] = {**current["metadata"], **{k: meta[k] for k in ("labels", "annotations")
+                                                                 if k in meta}}
             elif "status" in current and "status" not in new:
                 new["status"] = current["status"]
             meta = new.setdefault("metadata", {})
