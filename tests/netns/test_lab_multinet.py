@@ -45,6 +45,11 @@ NADS = [
     nad("l2b", sanderling(topology="layer2")),
     nad("mv", {"cniVersion": "1.0.0", "type": "macvlan", "master": "data0", "mode": "bridge",
                "ipam": {"type": "static"}, "capabilities": {"ips": True}}),
+    # a chain: tuning changes the MAC macvlan made, finding the interface in prevResult
+    nad("mvt", {"cniVersion": "1.0.0", "name": "mvt", "plugins": [
+        {"type": "macvlan", "master": "data0", "mode": "bridge", "ipam": {"type": "static"},
+         "capabilities": {"ips": True}},
+        {"type": "tuning", "mac": "02:00:00:00:aa:01"}]}),
     # bad NADs
     nad("badjson", "{\"type\": \"sanderling\", "),
     nad("vlan4095", sanderling(topology="vlan", vlanID=4095)),
@@ -58,6 +63,7 @@ GOOD = [
     pod("v2", "node3", [{"name": "vlan200", "ips": ["10.100.0.99/24"]}]),  # VLAN 200, VLAN 100's subnet
     pod("t1", "node2", [{"name": "trunk", "interface": "trunk0"}]),
     pod("r1", "node1", [{"name": "vlan100", "default-route": ["10.100.0.1"]}]),
+    pod("c2", "node2", [{"name": "mvt", "interface": "tun0", "ips": ["10.30.0.31/24"]}]),
 ]
 BAD = {  # pod -> what its failure must say
     "bad-json-annotation": ("[{\"name\": \"vlan100\"", "not valid JSON"),
@@ -176,9 +182,92 @@ def test_default_route_moves_to_the_chosen_network(multinet_lab):
     assert declared == {"eth0": False, "net1": True}
 
 
+def test_a_delegate_chain_runs_with_prev_result(multinet_lab):
+    link = json.loads(in_pod("c2", "ip", "-j", "link", "show", "tun0").stdout)[0]
+    assert link["address"] == "02:00:00:00:aa:01"  # tuning found tun0 in macvlan's result
+    assert {e["interface"]: e["mac"] for e in status_of(pods()["c2"])}["tun0"] == "02:00:00:00:aa:01"
+    assert reaches("c2", "10.30.0.11")
+
+
+def test_host_device_moves_a_node_interface_into_the_pod_and_back(multinet_lab, tmp_path):
+    """host-device stands in for an SR-IOV VF (no hardware here): a node interface handed to the
+    pod, the NAD's resourceName carried to the plugin's config as a device plugin flow does."""
+    node_ns = f"{NAME}-node1"
+    subprocess.run(["ip", "-n", node_ns, "link", "add", "vf0", "type", "veth", "peer", "name", "vf0peer"], check=True)
+    hostdev = json.loads(nad("hostdev", {"cniVersion": "1.0.0", "type": "host-device", "device": "vf0",
+                                         "ipam": {"type": "host-local", "subnet": "10.40.0.0/24"}}))
+    hostdev["metadata"]["annotations"] = {"k8s.v1.cni.cncf.io/resourceName": "example.com/vf"}
+    manifest = tmp_path / "hostdev.json"
+    manifest.write_text(json.dumps(hostdev) + "\n---\n" + pod("h1", "node1", "hostdev@vf"))
+    assert lab("apply", "-f", str(manifest)).returncode == 0
+    found = wait_for(lambda: (pods().get("h1", {}).get("status") or {}).get("podIP"), what="h1 running")
+    assert found
+    inside = json.loads(in_pod("h1", "ip", "-j", "addr", "show", "vf").stdout)[0]
+    assert [a["local"] for a in inside["addr_info"] if a["family"] == "inet"][0].startswith("10.40.0.")
+    gone = subprocess.run(["ip", "-n", node_ns, "link", "show", "vf0"], capture_output=True)
+    assert gone.returncode != 0  # the device left the node for the pod
+    records = list((Path("/run/sanderling-lab") / NAME / "node1" / "state" / "node1" / "attachments").glob("*.json"))
+    confs = [c for r in records for a in json.loads(r.read_text())["attachments"] for c in a.get("confs", [])
+             if c.get("type") == "host-device"]
+    assert confs and confs[0]["resourceName"] == "example.com/vf"
+    assert lab("delete", "-f", str(manifest)).returncode == 0
+    wait_for(lambda: subprocess.run(["ip", "-n", node_ns, "link", "show", "vf0"], capture_output=True).returncode == 0,
+             what="vf0 back on node1")
+
+
+FLAKY = """#!/bin/sh
+# a delegate whose DEL fails while /tmp/{name}-del-fails exists
+read -r conf
+case "$CNI_COMMAND" in
+ADD) echo '{{"cniVersion": "1.0.0", "interfaces": [], "ips": []}}' ;;
+DEL) if [ -e /tmp/{name}-del-fails ]; then
+       echo '{{"code": 11, "msg": "flaky: DEL refused on purpose"}}'; exit 1; fi ;;
+VERSION) echo '{{"cniVersion": "1.0.0", "supportedVersions": ["1.0.0"]}}' ;;
+esac
+"""
+
+
+def test_del_goes_on_past_a_failing_delegate_and_reports_it(multinet_lab, tmp_path):
+    node = Path("/run/sanderling-lab") / NAME / "node3"
+    plugin = node / "cni" / "bin" / "flaky"
+    plugin.write_text(FLAKY.format(name=NAME))
+    plugin.chmod(0o755)
+    marker = Path(f"/tmp/{NAME}-del-fails")
+    marker.touch()
+    manifest = tmp_path / "flaky.json"
+    manifest.write_text(nad("flaky", {"cniVersion": "1.0.0", "type": "flaky"}) + "\n---\n" +
+                        pod("f1", "node3", "vlan100,flaky"))
+    try:
+        assert lab("apply", "-f", str(manifest)).returncode == 0
+        wait_for(lambda: (pods().get("f1", {}).get("status") or {}).get("podIP"), what="f1 running")
+        records = node / "state" / "node3" / "attachments"
+        cid = next(r.stem for r in records.glob("*.json") if json.loads(r.read_text())["pod"] == "default/f1")
+        conf = {"cniVersion": "1.1.0", "name": f"{NAME}-node3", "type": "sanderling-cni",
+                "agentSocket": str(node / "cni.sock")}
+        env = {"CNI_COMMAND": "DEL", "CNI_CONTAINERID": cid, "CNI_IFNAME": "eth0", "CNI_PATH": str(plugin.parent),
+               "CNI_NETNS": "", "CNI_ARGS": "K8S_POD_NAMESPACE=default;K8S_POD_NAME=f1"}
+        first = subprocess.run([str(node / "cni" / "bin" / "sanderling-cni")], input=json.dumps(conf), env=env,
+                               capture_output=True, text=True)
+        assert first.returncode != 0 and "flaky: DEL refused on purpose" in first.stdout, first.stdout
+        db = f"--db=unix:{node / 'ovs' / 'db.sock'}"
+        ports = subprocess.run(["ovs-vsctl", db, "--columns=name", "find", "Interface",
+                                'external_ids:"sanderling.io/pod-name"=f1'], capture_output=True, text=True)
+        assert ports.returncode == 0 and ports.stdout.strip() == ""  # the VLAN port went, past the failing delegate
+        assert (records / f"{cid}.json").exists()  # kept: the failed DEL is retried from it
+        marker.unlink()
+        again = subprocess.run([str(node / "cni" / "bin" / "sanderling-cni")], input=json.dumps(conf), env=env,
+                               capture_output=True, text=True)
+        assert again.returncode == 0, again.stdout
+        assert not (records / f"{cid}.json").exists()
+    finally:
+        marker.unlink(missing_ok=True)
+        lab("delete", "-f", str(manifest))
+
+
 def test_network_status_is_what_the_pod_has(multinet_lab):
+    good = {json.loads(p)["metadata"]["name"] for p in GOOD}
     for name, p in pods().items():
-        if name.startswith("bad-"):
+        if name not in good:
             continue
         addrs = json.loads(in_pod(name, "ip", "-j", "addr").stdout)
         have = {a["ifname"]: ([i["local"] for i in a.get("addr_info", []) if i["family"] == "inet"], a["address"])

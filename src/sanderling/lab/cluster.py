@@ -31,6 +31,7 @@ from typing import Any
 
 from sanderling.cni.install import CONFLIST_NAME, conflist
 from sanderling.lab.fabric import BRIDGE, attach_host, make_fabric
+from sanderling.lab.kubelet import DELEGATE_PLUGINS
 from sanderling.lab.multus import CONF_NAME as MULTUS_CONF
 from sanderling.lab.multus import binary as multus_binary
 from sanderling.lab.multus import install as install_multus
@@ -168,6 +169,8 @@ class Lab:
                          kubeconfig=self.node_kubeconfig, gateway=True, agent_session=True, mode=mode,
                          pod_cidr_from_api=True, agent_in_netns=True,
                          agent_args=("--provider-network", f"{PHYSNET}={PROVIDER_NIC}",
+                                     # delegates: the node's own plugin directory first, then Debian's
+                                     "--cni-path", f"{self.state_dir / rec['name'] / 'cni' / 'bin'}:{DELEGATE_PLUGINS}",
                                      *(["--multus"] if self.multus or self.state().get("multus") else [])))
 
     def restart_agent(self, name: str) -> subprocess.Popen[bytes]:

@@ -49,6 +49,7 @@ class ControlPlane:
         self.kubelets: dict[str, Kubelet] = {}
         self.queue: asyncio.Queue[WatchEvent] = asyncio.Queue()
         self._busy: set[str] = set()
+        self._attempts: dict[str, int] = {}  # pod -> ADDs retried so far (for the backoff)
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -175,8 +176,29 @@ class ControlPlane:
                 self.store.patch(PODS, meta["namespace"], meta["name"], {"status": status}, "status")
             except ApiError as exc:  # deleted meanwhile
                 log.info("pod %s: status not recorded: %s", key, exc.message)
+            if key in kubelet.retry_later:
+                self._retry(pod, key)
+            else:
+                self._attempts.pop(key, None)
         finally:
             self._busy.discard(key)
+
+    def _retry(self, pod: dict[str, Any], key: str) -> None:
+        """ADD again after a backoff (0.2 s doubling to 5 s), if the pod is still there and not running."""
+        attempt = self._attempts.get(key, 0)
+        self._attempts[key] = attempt + 1
+        meta = pod["metadata"]
+
+        def again() -> None:
+            try:
+                current = self.store.get(PODS, meta["namespace"], meta["name"])
+            except ApiError:
+                self._attempts.pop(key, None)
+                return
+            if current["metadata"].get("uid") == meta.get("uid"):
+                self.queue.put_nowait(WatchEvent(0, PODS, meta["namespace"], "MODIFIED", current))
+
+        asyncio.get_running_loop().call_later(min(0.2 * 2 ** attempt, 5.0), again)
 
     def _schedule(self, pod: dict[str, Any]) -> None:
         if not self.kubelets:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sanderling.cni.errors import E_TRY_LATER
 from sanderling.netlink import veth
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,9 @@ class Kubelet:
     node: NodeRuntime
     pods: dict[str, RunningPod] = field(default_factory=dict)
     allow_commands: bool = False
+    # pods whose last ADD failed with "try again later" (the agent is down or restarting): the
+    # control plane starts them again with backoff, as a kubelet retries sandbox creation
+    retry_later: set[str] = field(default_factory=set)
 
     def sandbox_name(self, namespace: str, name: str) -> str:
         return f"{self.node.netns_prefix}-{namespace}-{name}"[:60]
@@ -85,6 +89,8 @@ class Kubelet:
         veth.ensure_netns(netns_name)
         code, out = self._cni("ADD", meta["namespace"], meta["name"], cid, f"/var/run/netns/{netns_name}")
         if code != 0:
+            if out.get("code") == E_TRY_LATER or "try again" in str(out.get("msg", "")).lower():
+                self.retry_later.add(key)
             self._cni("DEL", meta["namespace"], meta["name"], cid, f"/var/run/netns/{netns_name}")
             veth.delete_netns(netns_name)
             log.warning("pod %s: CNI ADD failed: %s", key, out.get("msg"))
@@ -92,6 +98,7 @@ class Kubelet:
                                                        {"type": "Ready", "status": "False",
                                                         "reason": "NetworkSetupFailed",
                                                         "message": str(out.get("msg", out))}]}
+        self.retry_later.discard(key)
         ip = out["ips"][0]["address"].split("/")[0]
         running = RunningPod(netns_name, cid)
         running.workload = self._workload(pod, netns_name)
