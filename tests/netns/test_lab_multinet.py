@@ -182,6 +182,19 @@ def test_default_route_moves_to_the_chosen_network(multinet_lab):
     assert declared == {"eth0": False, "net1": True}
 
 
+def test_spoof_guard_and_mtu_on_secondary_ports(multinet_lab):
+    vlan_a1 = "10.100.0.10"
+    assert reaches("a2", vlan_a1)
+    in_pod("a2", "ip", "addr", "add", "10.100.0.77/24", "dev", "net1")
+    try:  # an address the IPAM did not give it: dropped at its port (IP and ARP)
+        spoofed = in_pod("a2", "ping", "-c", "1", "-W", "1", "-I", "10.100.0.77", vlan_a1)
+        assert spoofed.returncode != 0, spoofed.stdout
+    finally:
+        in_pod("a2", "ip", "addr", "del", "10.100.0.77/24", "dev", "net1")
+    mtus = {link["ifname"]: link["mtu"] for link in json.loads(in_pod("a1", "ip", "-j", "link").stdout)}
+    assert mtus["net1"] == 1500 and mtus["net2"] == 1450  # layer2: the underlay's MTU less VXLAN's 50 bytes
+
+
 def test_a_delegate_chain_runs_with_prev_result(multinet_lab):
     link = json.loads(in_pod("c2", "ip", "-j", "link", "show", "tun0").stdout)[0]
     assert link["address"] == "02:00:00:00:aa:01"  # tuning found tun0 in macvlan's result

@@ -83,3 +83,29 @@ def test_the_shims_error_codes_are_the_agents():
     shim_codes = {k: v for k, v in vars(shim).items() if k.startswith("E_") and isinstance(v, int)}
     agent_codes = {k: v for k, v in vars(errors).items() if k.startswith("E_") and isinstance(v, int)}
     assert shim_codes and all(agent_codes.get(k) == v for k, v in shim_codes.items()), (shim_codes, agent_codes)
+
+
+def test_an_agent_dying_mid_request_is_try_again_later(tmp_path):
+    """The agent killed between accepting and answering: the runtime must retry, not give up."""
+    import socket
+    import threading
+
+    path = tmp_path / "agent.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def accept_and_vanish() -> None:
+        conn, _ = server.accept()
+        conn.recv(65536)
+        conn.close()
+
+    thread = threading.Thread(target=accept_and_vanish)
+    thread.start()
+    try:
+        code, out = run({**BASE_ENV, "CNI_COMMAND": "DEL"}, json.dumps({**CONF, "agentSocket": str(path)}))
+    finally:
+        thread.join(10)
+        server.close()
+    assert code == 1 and out is not None and out["code"] == 11, out
+    assert "closed the connection before answering" in out["msg"]

@@ -211,6 +211,8 @@ def call_agent(path, request, timeout=60.0):
                 break
     finally:
         sock.close()
+    if not chunks:  # the agent went away mid-request (killed, restarting): the runtime retries
+        raise ConnectionResetError("the agent closed the connection before answering")
     return loads(b"".join(chunks).decode())
 
 
