@@ -22,6 +22,7 @@ from sanderling.openflow.registers import (
     CT_MARK_DIRECT,
     CT_MARK_MASQ,
     DNAT_ZONE,
+    ORIGIN_ZONE,
     POLICY_ZONE,
     REG_FIELDS,
     REG_MARKS,
@@ -95,13 +96,14 @@ def render() -> str:
     out += [
         "", "## Conntrack zones and marks", "",
         "| name | value | meaning |", "|---|---|---|",
-        f"| DNAT zone | {DNAT_ZONE} | service connections (DNAT to the endpoint), and local pods' direct "
-        "connections to service target ports (null SNAT) |",
+        f"| DNAT zone | {DNAT_ZONE} | service connections (DNAT to the endpoint) |",
         f"| SNAT zone | {SNAT_ZONE} | masqueraded service connections |",
         f"| policy zone | {POLICY_ZONE} | connections of pods a NetworkPolicy isolates |",
+        f"| origin zone | {ORIGIN_ZONE} | local pods' connections to service target ports, by endpoint tuple: the "
+        "latest one, direct or through a service, decides how replies from the target port are handled |",
         f"| ct_mark {CT_MARK_MASQ:#x} | bit | the connection is masqueraded: later request packets are SNATed too |",
-        f"| ct_mark {CT_MARK_DIRECT:#x} | bit | a direct (not service) connection in the DNAT zone: its replies "
-        "go through policy |",
+        f"| ct_mark {CT_MARK_DIRECT:#x} | bit | in the origin zone: the tuple's latest connection is direct, its "
+        "replies are pod-to-pod traffic (through policy, no translation) |",
     ]
     out += [
         "", "## Cookies", "",

@@ -14,11 +14,22 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 from .conftest import LabCli
 
 NAME = "sltestreuse"
 lab = LabCli(NAME)
+STATE = Path("/run/sanderling-lab") / NAME
+BURST = """
+import socket
+ok = 0
+for _ in range(6000):
+    s = socket.create_connection(("{ip}", 8080), timeout=3)
+    ok += bool(s.recv(64))
+    s.close()
+print(ok, "ok")
+"""
 
 
 def _pod(name: str, node: str, ports: str) -> str:
@@ -82,5 +93,12 @@ def test_direct_connection_reusing_a_service_connections_ports(tmp_path):
                         outcomes[(server, proto, order, what)] = _connect(proto, host, port, source_port)
         wrong = {k: v for k, v in outcomes.items() if v != k[0]}
         assert not wrong, f"{len(wrong)} of {len(outcomes)} connections failed: {wrong}"
+        # sustained direct traffic to a target port: the null SNAT this used to be tracked with
+        # crashed OVS 3.1's userspace conntrack (conn_update_state assertion) after ~3,000 of these
+        burst = lab("exec", "reuse/client", "--", sys.executable, "-c", BURST.format(ip=ips["near"]), timeout=120)
+        assert burst.returncode == 0 and burst.stdout.strip() == "6000 ok", burst.stdout + burst.stderr
+        log = (STATE / "node1" / "ovs" / "ovs-vswitchd.log").read_text()
+        assert "EMER" not in log and "assertion" not in log
+        assert _connect("tcp", ips["near"], 8080, 43999) == "near"
     finally:
         lab("down")

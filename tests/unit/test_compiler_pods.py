@@ -28,12 +28,12 @@ def test_pod_flows_golden():
         "table=1,priority=200,arp,in_port=3,dl_src=0a:58:0a:f4:01:0a,arp_spa=10.244.1.10,"
         "arp_sha=0a:58:0a:f4:01:0a actions=goto_table:2",
         "table=2,priority=200,arp,arp_op=1,arp_tpa=10.244.1.10 actions=" + ARP_REPLY.format(ip="10.244.1.10"),
-        "table=15,priority=200,ip,dl_dst=0a:58:0a:f4:00:01,nw_dst=10.244.1.10 actions=set_field:0a:58:0a:f4:00:01"
-        "->dl_src,set_field:0a:58:0a:f4:01:0a->dl_dst,dec_ttl,load:0x3->NXM_NX_REG1[],goto_table:16",
-        "table=16,priority=210,reg1=0x3,in_port=3 actions=IN_PORT",
-        # a new direct connection to a service target port: tracked in the DNAT zone with a null SNAT
-        "table=5,priority=4,ip,reg0=0x40/0x40,ct_state=+new+trk,nw_src=10.244.1.10 actions=ct(commit,zone=65520,"
-        "table=9,nat(src=10.244.1.10),exec(load:0x1->NXM_NX_CT_MARK[1]))",
+        "table=17,priority=200,ip,dl_dst=0a:58:0a:f4:00:01,nw_dst=10.244.1.10 actions=set_field:0a:58:0a:f4:00:01"
+        "->dl_src,set_field:0a:58:0a:f4:01:0a->dl_dst,dec_ttl,load:0x3->NXM_NX_REG1[],goto_table:18",
+        "table=18,priority=210,reg1=0x3,in_port=3 actions=IN_PORT",
+        # a direct request to a service target port: committed to the origin zone, marked direct
+        "table=6,priority=4,ip,reg0=0x40/0x40,ct_state=+new+trk,nw_src=10.244.1.10 actions=ct(commit,zone=65523,"
+        "table=11,exec(load:0x1->NXM_NX_CT_MARK[1]))",
     ])
 
 
@@ -43,23 +43,25 @@ def test_static_flows_golden():
         "table=1,priority=0 actions=drop",
         "table=2,priority=0 actions=goto_table:3",
         "table=3,priority=0 actions=goto_table:4",  # UnSNAT
-        "table=4,priority=0 actions=goto_table:5",  # Conntrack
-        "table=5,priority=0 actions=goto_table:9",  # ServiceLB: the rest skips to PolicyConntrack
-        "table=6,priority=0 actions=drop",  # SessionAffinity (entered by resubmit only)
-        "table=7,priority=0 actions=drop",  # AffinitySelect (entered by resubmit only)
-        "table=8,priority=0 actions=drop",  # EndpointDNAT (entered by resubmit only)
-        "table=9,priority=0 actions=goto_table:14",  # PolicyConntrack: not isolated, skip to ServiceMasq
-        "table=10,priority=0 actions=goto_table:11",  # PolicyState
-        "table=11,priority=0 actions=goto_table:12",  # EgressRule
-        "table=12,priority=0 actions=goto_table:13",  # IngressRule
-        "table=13,priority=0 actions=goto_table:14",  # PolicyCommit
-        "table=14,priority=0 actions=goto_table:15",  # ServiceMasq
-        "table=15,priority=0 actions=drop",  # L3Forwarding
-        "table=16,priority=0 actions=drop",  # Output
-        "table=17,priority=0 actions=drop",  # Reject
+        "table=4,priority=0 actions=goto_table:6",  # Conntrack: the rest skips ReplyOrigin
+        "table=5,priority=0 actions=drop",  # ReplyOrigin (entered from Conntrack only)
+        "table=6,priority=0 actions=goto_table:10",  # ServiceLB: the rest skips to RequestOrigin
+        "table=7,priority=0 actions=drop",  # SessionAffinity (entered by resubmit only)
+        "table=8,priority=0 actions=drop",  # AffinitySelect (entered by resubmit only)
+        "table=9,priority=0 actions=drop",  # EndpointDNAT (entered by resubmit only)
+        "table=10,priority=0 actions=goto_table:11",  # RequestOrigin
+        "table=11,priority=0 actions=goto_table:16",  # PolicyConntrack: not isolated, skip to ServiceMasq
+        "table=12,priority=0 actions=goto_table:13",  # PolicyState
+        "table=13,priority=0 actions=goto_table:14",  # EgressRule
+        "table=14,priority=0 actions=goto_table:15",  # IngressRule
+        "table=15,priority=0 actions=goto_table:16",  # PolicyCommit
+        "table=16,priority=0 actions=goto_table:17",  # ServiceMasq
+        "table=17,priority=0 actions=drop",  # L3Forwarding
+        "table=18,priority=0 actions=drop",  # Output
+        "table=19,priority=0 actions=drop",  # Reject
         "table=2,priority=200,arp,arp_op=1,arp_tpa=10.244.1.1 actions=" + ARP_REPLY.format(ip="10.244.1.1"),
         "table=2,priority=190,arp actions=drop",
-        "table=16,priority=200 actions=output:NXM_NX_REG1[]",
+        "table=18,priority=200 actions=output:NXM_NX_REG1[]",
     ])
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from sanderling.model.network import NodeNetwork, PodPort
 from sanderling.openflow import cookies, ir
 from sanderling.openflow.pipeline import PIPELINE, Pipeline
-from sanderling.openflow.registers import CT_MARK_DIRECT, DNAT_ZONE, FROM_POD, TARGET_OFPORT, TO_TARGET_PORT
+from sanderling.openflow.registers import CT_MARK_DIRECT, FROM_POD, ORIGIN_ZONE, TARGET_OFPORT, TO_TARGET_PORT
 
 ARP_REQUEST = 1
 ARP_REPLY = 2
@@ -74,19 +74,20 @@ def pod_flows(node: NodeNetwork, pod: PodPort, pipeline: Pipeline = PIPELINE) ->
 
 
 def direct_commit_flow(pod: PodPort, cookie: int, pipeline: Pipeline = PIPELINE) -> ir.Flow:
-    """A new direct connection of this pod to a service target port (not to a service address) is
-    committed in the DNAT zone with a null SNAT to the pod's own address.
+    """Every request of this pod to a service target port that is not a service connection is
+    committed to the origin zone, marked direct.
 
-    Why: replies from target ports go through the DNAT zone (they may belong to service
-    connections). Without its own entry there, a direct connection that reuses the 5-tuple of a
-    recent service connection to the same endpoint had its replies taken for that connection's
-    and rewritten to the service address (a pod-IP TCP path lost while the entry lived). With it,
-    conntrack sees both and, as Linux conntrack's NAT clash handling does, gives the newcomer
-    another source port when the reply tuples would collide, in either order.
+    Why: replies from target ports may belong to service connections, which are translated back
+    in the DNAT zone. A direct connection reusing the tuple of a recent service connection to the
+    same endpoint had its replies taken for that connection's and rewritten to the service
+    address (a pod-IP TCP path lost while the entry lived). The origin zone tracks both kinds by
+    the endpoint tuple, so there is one entry per tuple and the latest connection's mark decides
+    (ReplyOrigin). A null SNAT in the DNAT zone did the same and crashed OVS 3.1's userspace
+    conntrack (`conn_update_state` assertion) after a few thousand connections.
     """
     ip = int(pod.ip)
     bit = CT_MARK_DIRECT.bit_length() - 1
-    commit = ir.CT(commit=True, zone=DNAT_ZONE, table=pipeline["PolicyConntrack"], nat=ir.Nat("src", ip, ip),
+    commit = ir.CT(commit=True, zone=ORIGIN_ZONE, table=pipeline["PolicyConntrack"],
                    exec_=(ir.Load(ir.FieldRef("ct_mark", bit, bit), 1),))
     return ir.Flow(pipeline["ServiceLB"], PRIO_DIRECT_COMMIT,
                    ir.match(TO_TARGET_PORT, proto="ip", ct_state="+new+trk", nw_src=ip), (commit,), cookie)

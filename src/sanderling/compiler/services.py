@@ -41,6 +41,7 @@ from sanderling.openflow.registers import (
     FROM_GATEWAY,
     FROM_POD,
     MASQUERADE,
+    ORIGIN_ZONE,
     REMEMBERED,
     SERVICE_GROUP,
     SERVICE_MASQ,
@@ -99,11 +100,16 @@ def static_flows(cfg: ProxyConfig, pipeline: Pipeline = PIPELINE) -> list[ir.Flo
                 (ir.Controller(max_len=256, reason=REJECT_REASON_ACTION, meter_id=REJECT_METER),), cookie),
         ir.Flow(pipeline["AffinitySelect"], PRIO_ANY, ir.match(REMEMBERED), (ir.Goto(pipeline["EndpointDNAT"]),),
                 cookie),
-        # replies of direct connections tracked in the DNAT zone (see pods.direct_commit_flow) are
-        # pod-to-pod traffic: they go through policy like any other
-        ir.Flow(pipeline["ServiceLB"], 7, ir.match(proto="ip", ct_state="+trk+rpl",
-                                                   ct_mark=(CT_MARK_DIRECT, CT_MARK_DIRECT)),
+        # a reply from a target port whose tuple was last used by a local pod's direct connection
+        # (see pods.direct_commit_flow) is pod-to-pod traffic: through policy like any other
+        ir.Flow(pipeline["ReplyOrigin"], PRIO_ANY, ir.match(proto="ip", ct_state="+trk+rpl",
+                                                            ct_mark=(CT_MARK_DIRECT, CT_MARK_DIRECT)),
                 (ir.Goto(pipeline["PolicyConntrack"]),), cookie),
+        ir.Flow(pipeline["ReplyOrigin"], 1, ir.match(proto="ip"), _TRACK(pipeline), cookie),
+        # a local pod's service connection, translated: its endpoint tuple's latest use is a service's
+        ir.Flow(pipeline["RequestOrigin"], PRIO_ANY, ir.match(FROM_POD, proto="ip", ct_state="+trk+dnat-rpl"),
+                (ir.CT(commit=True, zone=ORIGIN_ZONE, table=pipeline["PolicyConntrack"],
+                       exec_=(ir.Load(ir.FieldRef("ct_mark", _DIRECT_BIT, _DIRECT_BIT), 0),)),), cookie),
         # replies of service connections: their request passed policy (checked after DNAT, on the
         # translated tuple, which the reply no longer has here): past policy, straight to ServiceMasq
         ir.Flow(pipeline["ServiceLB"], 6, ir.match(proto="ip", ct_state="+trk+rpl"),
@@ -111,7 +117,7 @@ def static_flows(cfg: ProxyConfig, pipeline: Pipeline = PIPELINE) -> list[ir.Flo
         # later request packets of a masqueraded connection: carry its mark past the policy zone
         ir.Flow(pipeline["ServiceLB"], 5, ir.match(proto="ip", ct_state="-new+trk-rpl",
                                                    ct_mark=(CT_MARK_MASQ, CT_MARK_MASQ)),
-                (MASQUERADE.load(), ir.Goto(pipeline["PolicyConntrack"])), cookie),
+                (MASQUERADE.load(), ir.Goto(pipeline["RequestOrigin"])), cookie),
     ]
     flows += [ir.Flow(pipeline["Conntrack"], PRIO_ANY, ir.match(proto="ip", nw_dst=int(ip)), _TRACK(pipeline), cookie)
               for ip in cfg.node_port_ips]
@@ -159,6 +165,9 @@ def _fast_match(*contributors: ir.MatchContributor, proto: str | None = None, **
     return ir.Match.from_items(items)
 
 
+_DIRECT_BIT = CT_MARK_DIRECT.bit_length() - 1
+
+
 def _TRACK(pipeline: Pipeline) -> tuple[ir.Action, ...]:  # noqa: N802 - reads as a constant
     """Through the DNAT zone with nat, then on to ServiceLB."""
     return (ir.CT(zone=DNAT_ZONE, table=pipeline["ServiceLB"], nat=ir.Nat()),)
@@ -192,7 +201,7 @@ def shared_flows(cfg: ProxyConfig, key: str, pipeline: Pipeline = PIPELINE) -> l
     if kind == "service-reply":
         proto, port = rest.split("/")
         return [ir.Flow(pipeline["Conntrack"], PRIO_POD, _fast_match(proto=proto, tp_src=int(port)),
-                        _TRACK(pipeline), cookie),
+                        (ir.CT(zone=ORIGIN_ZONE, table=pipeline["ReplyOrigin"]),), cookie),
                 ir.Flow(pipeline["Conntrack"], PRIO_DIRECT_REQUEST,
                         _fast_match(FROM_POD, proto=proto, tp_dst=int(port)),
                         (TO_TARGET_PORT.load(), *_TRACK(pipeline)), cookie)]
@@ -219,7 +228,7 @@ def _group(gid: int, endpoints: tuple[Endpoint, ...], pipeline: Pipeline, direct
         return ir.Group(gid, "select", tuple(
             ir.Bucket((ir.Load(_EP_IP, int(e.ip)), ir.Load(_EP_PORT, e.port), *tail), weight=100)
             for e in endpoints))
-    after = pipeline["PolicyConntrack"]  # policy is enforced after service translation
+    after = pipeline["RequestOrigin"]  # policy is enforced after service translation
     return ir.Group(gid, "select", tuple(
         ir.Bucket((ir.CT(commit=True, zone=DNAT_ZONE, table=after, exec_=_MARK_MASQ,
                          nat=ir.Nat("dst", int(e.ip), int(e.ip), e.port, e.port)),), weight=100) for e in endpoints))
@@ -281,7 +290,7 @@ def _dnat_flows(gid: int, proto: str, endpoints: tuple[Endpoint, ...], cookie: i
     for e in endpoints:
         ip = int(e.ip)
         nat = ir.Nat("dst", ip, ip, e.port, e.port)
-        commit = ir.CT(commit=True, zone=DNAT_ZONE, table=pipeline["PolicyConntrack"], nat=nat, exec_=_MARK_MASQ)
+        commit = ir.CT(commit=True, zone=DNAT_ZONE, table=pipeline["RequestOrigin"], nat=nat, exec_=_MARK_MASQ)
         base = (SERVICE_GROUP.equals(gid), ENDPOINT_IP.equals(ip), ENDPOINT_PORT.equals(e.port))
         if e.node in (node_name, ""):  # only a pod on this node can be its own client (unknown: maybe)
             # hairpin: the endpoint is the client; without SNAT its reply would skip the translation

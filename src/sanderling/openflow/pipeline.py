@@ -43,17 +43,19 @@ TABLES: tuple[Table, ...] = (
     Table("Conntrack", "conntrack", Miss.NEXT,
           "Service traffic goes through the DNAT zone with nat: requests by their destination (service "
           "CIDR, node ports, external and LoadBalancer IPs), replies by their source (an endpoint's "
-          "address and port); existing connections are translated there. A local pod's request to a "
-          "service target port goes through the same zone, so a direct connection has an entry of its own "
-          "there (committed in ServiceLB) and its replies are never taken for a service connection's. "
-          "Other traffic skips conntrack."),
+          "address and port); existing connections are translated there. Replies from a target port ask "
+          "the origin zone first (ReplyOrigin). Other traffic skips conntrack.", miss_to="ServiceLB"),
+    Table("ReplyOrigin", "conntrack", Miss.DROP,
+          "A reply from a service target port: if the origin zone says the latest connection with this "
+          "tuple was a local pod's direct one, it is pod-to-pod traffic (on to policy); otherwise it goes "
+          "through the DNAT zone with nat, to be translated back if it belongs to a service connection. "
+          "Only entered from Conntrack."),
     Table("ServiceLB", "services", Miss.NEXT,
           "New connections to a service address and port go to the service's select group (one "
           "bucket per endpoint), or first to SessionAffinity for ClientIP affinity; a service with no "
-          "usable endpoint is rejected, an unused address of the service CIDR dropped. A new direct "
-          "connection of a local pod to a target port is committed with a null SNAT (conntrack moves its "
-          "source port if its reply tuple would collide with a service connection's, as Linux does). Other "
-          "traffic continues at PolicyConntrack.", miss_to="PolicyConntrack"),
+          "usable endpoint is rejected, an unused address of the service CIDR dropped. A local pod's "
+          "direct request to a target port is committed to the origin zone, marked direct. Other "
+          "traffic continues at RequestOrigin.", miss_to="RequestOrigin"),
     Table("SessionAffinity", "services", Miss.DROP,
           "Learned flows (one per client, service and port, idle timeout = the affinity timeout) "
           "that set the endpoint the client had last time. Only entered by resubmit."),
@@ -64,6 +66,12 @@ TABLES: tuple[Table, ...] = (
           "Commits the connection with DNAT to the endpoint the bucket chose; hairpin and "
           "masqueraded connections are marked in ct_mark; with affinity, learns the choice. Only "
           "entered by resubmit."),
+    Table("RequestOrigin", "services", Miss.NEXT,
+          "A local pod's request of a service connection, after DNAT, is committed to the origin zone "
+          "marked as a service connection: the origin zone holds one entry per endpoint tuple, so whichever "
+          "connection used the tuple last, direct or through a service, decides how its replies are "
+          "handled (no address translation of direct connections, whatever OVS's conntrack does with a "
+          "null NAT)."),
     Table("PolicyConntrack", "policy", Miss.NEXT,
           "Traffic of pods a NetworkPolicy isolates (from an egress-isolated, to an ingress-isolated pod) "
           "goes through the policy conntrack zone; everything else skips policy.", miss_to="ServiceMasq"),

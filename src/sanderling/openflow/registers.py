@@ -98,8 +98,8 @@ FROM_UPLINK = RegMark("FROM_UPLINK", PORT_CLASS, 3, "the packet came from the up
 REMEMBERED = RegMark("REMEMBERED", AFFINITY_HIT, 1, "the client's endpoint comes from session affinity")
 MASQUERADE = RegMark("MASQUERADE", SERVICE_MASQ, 1, "rewrite the source to the node's masquerade address")
 TO_TARGET_PORT = RegMark("TO_TARGET_PORT", DIRECT_TARGET, 1,
-                         "a local pod's request to a service target port (a new one not to a service address is "
-                         "committed with a null SNAT, so its reply tuple never collides with a service connection's)")
+                         "a local pod's request to a service target port (one that is not to a service address is "
+                         "committed to the origin zone as direct)")
 
 REG_MARKS: tuple[RegMark, ...] = (FROM_POD, FROM_GATEWAY, FROM_UPLINK, MASQUERADE, REMEMBERED, TO_TARGET_PORT)
 
@@ -108,7 +108,8 @@ DNAT_ZONE = 0xFFF0  # service DNAT (and, later, policy) connections
 SNAT_ZONE = 0xFFF1  # masqueraded service connections
 POLICY_ZONE = 0xFFF2  # connections of pods isolated by a NetworkPolicy
 CT_MARK_MASQ = 0x1  # ct_mark bit: the connection was masqueraded, re-SNAT its later packets
-CT_MARK_DIRECT = 0x2  # ct_mark bit: a direct (not service) connection tracked in the DNAT zone; replies see policy
+ORIGIN_ZONE = 0xFFF3  # local pods' connections to target ports, by their endpoint tuple: direct or service?
+CT_MARK_DIRECT = 0x2  # ct_mark bit in the origin zone: the tuple's latest connection was direct (not a service's)
 
 
 def check_no_overlap() -> None:
