@@ -70,3 +70,9 @@ def test_cni_conformance_runner_fails_what_it_does_not_understand():
     assert prose.status == "FAIL" and "not understood" in prose.why
     assert "not understood" in (runner.side_effect("the moon is full", None, []) or "")  # type: ignore[arg-type]
     assert runner.evaluate_prose("all succeed", []).status == "PASS"
+
+
+def test_conformance_names_a_missing_file_instead_of_a_traceback(tmp_path):
+    proc = run("sanderling.cli.main", "conformance", "proxy", str(tmp_path / "nope.yaml"))
+    assert proc.returncode == 2
+    assert "no such file" in proc.stderr and "nope.yaml" in proc.stderr and "Traceback" not in proc.stderr

@@ -47,6 +47,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _conformance(args: argparse.Namespace) -> int:
+    missing = [str(f) for f in args.files if not Path(f).is_file()]
+    if missing:
+        print(f"sanderling conformance {args.suite}: no such file: {', '.join(missing)} (the suites' files are in "
+              f"../shared/conformance/{args.suite}/)", file=sys.stderr)
+        return 2
     if args.repeat != 1 and args.suite != "netpol":
         print(f"--repeat applies to the netpol suite (real traffic on a lab), not to {args.suite}", file=sys.stderr)
         return 2
