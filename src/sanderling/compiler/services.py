@@ -182,7 +182,8 @@ def shared_keys(cfg: ProxyConfig, svc: Service, endpoints: Mapping[ServicePort, 
       IPs), replies by their source port being a service's target port; pod-to-pod traffic on
       other ports never leaves the fast path. A local pod's request to a target port goes through
       the same zone (marked TO_TARGET_PORT): if it is not a service connection, the pod's
-      direct-commit flow tracks it, so its replies are never mistaken for a service connection's.
+      direct-commit flow records it in the origin zone, which replies from the port ask first, so
+      they are never mistaken for a service connection's.
     - `service-hairpin/<address>`: a local endpoint reaching itself through a service is SNATed.
     """
     keys: set[str] = set()
