@@ -34,6 +34,9 @@ def test_pod_flows_golden():
         # a direct request to a service target port: committed to the origin zone, marked direct
         "table=6,priority=4,ip,reg0=0x40/0x40,ct_state=+new+trk,nw_src=10.244.1.10 actions=ct(commit,zone=65523,"
         "table=11,exec(load:0x1->NXM_NX_CT_MARK[1]))",
+        # later segments of a direct TCP connection are tracked there, the mark left alone
+        "table=6,priority=5,tcp,reg0=0x40/0x40,ct_state=+new+trk,nw_src=10.244.1.10,tcp_flags=-syn "
+        "actions=ct(commit,zone=65523,table=11)",
     ])
 
 

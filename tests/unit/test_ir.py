@@ -39,6 +39,17 @@ def test_ct_state_flags():
         ir.match(ct_state="+trk+bogus")
 
 
+def test_tcp_flags_are_written_after_their_prerequisite():
+    m = ir.match(proto="tcp", tcp_flags="+syn-ack")
+    assert m.get("tcp_flags") == (0x002, 0x012)
+    assert m.text() == "tcp,tcp_flags=+syn-ack"
+    # OVS checks prerequisites in wire order: nw_proto must come before the NXM tcp_flags
+    names = [name for name, _, _ in m.items]
+    assert names.index("nw_proto") < names.index("tcp_flags")
+    with pytest.raises(F.FieldError, match="tcp_flags"):
+        ir.match(proto="tcp", tcp_flags="+syn+bogus")
+
+
 def test_register_marks_merge_into_one_field():
     m = ir.match(FROM_POD, TARGET_OFPORT.equals(7))
     assert m.get("reg0") == (1, 0xF)

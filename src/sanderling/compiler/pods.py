@@ -69,25 +69,31 @@ def pod_flows(node: NodeNetwork, pod: PodPort, pipeline: Pipeline = PIPELINE) ->
         # port unless told to with IN_PORT
         ir.Flow(pipeline["Output"], PRIO_HIGH + 10, ir.match(TARGET_OFPORT.equals(port), in_port=port),
                 (ir.Output(ir.IN_PORT),), cookie),
-        direct_commit_flow(pod, cookie, pipeline),
+        *direct_commit_flows(pod, cookie, pipeline),
     ]
 
 
-def direct_commit_flow(pod: PodPort, cookie: int, pipeline: Pipeline = PIPELINE) -> ir.Flow:
+def direct_commit_flows(pod: PodPort, cookie: int, pipeline: Pipeline = PIPELINE) -> tuple[ir.Flow, ir.Flow]:
     """Every request of this pod to a service target port that is not a service connection is
-    committed to the origin zone, marked direct.
+    committed to the origin zone; a connection's first packet marks it direct.
 
     Why: replies from target ports may belong to service connections, which are translated back
     in the DNAT zone. A direct connection reusing the tuple of a recent service connection to the
     same endpoint had its replies taken for that connection's and rewritten to the service
     address (a pod-IP TCP path lost while the entry lived). The origin zone tracks both kinds by
-    the endpoint tuple, so there is one entry per tuple and the latest connection's mark decides
-    (ReplyOrigin). A null SNAT in the DNAT zone did the same and crashed OVS 3.1's userspace
-    conntrack (`conn_update_state` assertion) after a few thousand connections.
+    the endpoint tuple, so there is one entry per tuple and the connection started last decides
+    (ReplyOrigin). Only a start sets the mark (a TCP SYN; any UDP or SCTP packet): a late segment
+    of the older connection, reordered behind the new SYN, must not take the tuple back. A null
+    SNAT in the DNAT zone did the same and crashed OVS 3.1's userspace conntrack
+    (`conn_update_state` assertion) after a few thousand connections.
     """
     ip = int(pod.ip)
     bit = CT_MARK_DIRECT.bit_length() - 1
-    commit = ir.CT(commit=True, zone=ORIGIN_ZONE, table=pipeline["PolicyConntrack"],
-                   exec_=(ir.Load(ir.FieldRef("ct_mark", bit, bit), 1),))
-    return ir.Flow(pipeline["ServiceLB"], PRIO_DIRECT_COMMIT,
-                   ir.match(TO_TARGET_PORT, proto="ip", ct_state="+new+trk", nw_src=ip), (commit,), cookie)
+    mark = ir.CT(commit=True, zone=ORIGIN_ZONE, table=pipeline["PolicyConntrack"],
+                 exec_=(ir.Load(ir.FieldRef("ct_mark", bit, bit), 1),))
+    track = ir.CT(commit=True, zone=ORIGIN_ZONE, table=pipeline["PolicyConntrack"])
+    return (ir.Flow(pipeline["ServiceLB"], PRIO_DIRECT_COMMIT,
+                    ir.match(TO_TARGET_PORT, proto="ip", ct_state="+new+trk", nw_src=ip), (mark,), cookie),
+            ir.Flow(pipeline["ServiceLB"], PRIO_DIRECT_COMMIT + 1,
+                    ir.match(TO_TARGET_PORT, proto="tcp", ct_state="+new+trk", nw_src=ip, tcp_flags="-syn"),
+                    (track,), cookie))

@@ -106,10 +106,15 @@ def static_flows(cfg: ProxyConfig, pipeline: Pipeline = PIPELINE) -> list[ir.Flo
                                                             ct_mark=(CT_MARK_DIRECT, CT_MARK_DIRECT)),
                 (ir.Goto(pipeline["PolicyConntrack"]),), cookie),
         ir.Flow(pipeline["ReplyOrigin"], 1, ir.match(proto="ip"), _TRACK(pipeline), cookie),
-        # a local pod's service connection, translated: its endpoint tuple's latest use is a service's
-        ir.Flow(pipeline["RequestOrigin"], PRIO_ANY, ir.match(FROM_POD, proto="ip", ct_state="+trk+dnat-rpl"),
+        # a local pod's new service connection, translated: the last connection started with its
+        # endpoint tuple is a service's. Later packets are tracked there without touching the mark:
+        # a late FIN of an earlier service connection, reordered behind a direct SYN with the same
+        # tuple (OVS batches packets per flow), must not take the tuple back from the direct one
+        ir.Flow(pipeline["RequestOrigin"], PRIO_ANY, ir.match(FROM_POD, proto="ip", ct_state="+new+trk+dnat-rpl"),
                 (ir.CT(commit=True, zone=ORIGIN_ZONE, table=pipeline["PolicyConntrack"],
                        exec_=(ir.Load(ir.FieldRef("ct_mark", _DIRECT_BIT, _DIRECT_BIT), 0),)),), cookie),
+        ir.Flow(pipeline["RequestOrigin"], PRIO_ANY - 1, ir.match(FROM_POD, proto="ip", ct_state="+trk+dnat-rpl"),
+                (ir.CT(commit=True, zone=ORIGIN_ZONE, table=pipeline["PolicyConntrack"]),), cookie),
         # replies of service connections: their request passed policy (checked after DNAT, on the
         # translated tuple, which the reply no longer has here): past policy, straight to ServiceMasq
         ir.Flow(pipeline["ServiceLB"], 6, ir.match(proto="ip", ct_state="+trk+rpl"),

@@ -148,6 +148,10 @@ def parse_oxm(data: bytes, offset: int) -> tuple[ir.Match, int]:
         if pos + ln > end:
             raise DecodeError(f"match field at offset {pos - 4} runs past its match")
         spec = F.FIELDS_BY_HEADER.get((cls, fld))
+        if cls == F.OXM_CLASS_EXPERIMENTER and ln >= 4:
+            name = F.EXPERIMENTER_FIELDS.get((struct.unpack_from("!I", data, pos)[0], fld))
+            spec = F.FIELDS[name] if name else None
+            pos, ln = pos + 4, ln - 4
         if spec is None:
             pos += ln
             continue

@@ -24,6 +24,7 @@ class Kind(Enum):
     IPV4 = "ipv4"
     IPV6 = "ipv6"
     CT_STATE = "ct_state"
+    TCP_FLAGS = "tcp_flags"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +43,7 @@ class FieldSpec:
     nbytes: int
     kind: Kind
     maskable: bool = True
+    needs_l4: bool = False  # an NXM field whose prerequisite (nw_proto) is an OXM basic field
 
     @property
     def nbits(self) -> int:
@@ -53,7 +55,8 @@ class FieldSpec:
 
     @property
     def sort_key(self) -> tuple[int, int]:
-        return (self.oxm_class, self.field)
+        # OVS checks a field's prerequisites against the fields before it on the wire
+        return (OXM_CLASS_BASIC + 1 if self.needs_l4 else self.oxm_class, self.field)
 
 
 def _basic(name: str, nxm: str, field: int, nbytes: int, kind: Kind, maskable: bool = True) -> FieldSpec:
@@ -81,6 +84,7 @@ _SPECS: list[FieldSpec] = [
     _basic("udp_dst", "NXM_OF_UDP_DST", 16, 2, Kind.INT),
     _basic("sctp_src", "OXM_OF_SCTP_SRC", 17, 2, Kind.INT),
     _basic("sctp_dst", "OXM_OF_SCTP_DST", 18, 2, Kind.INT),
+    FieldSpec("tcp_flags", "NXM_NX_TCP_FLAGS", NXM_CLASS_1, 34, 2, Kind.TCP_FLAGS, needs_l4=True),
     _basic("icmp_type", "NXM_OF_ICMP_TYPE", 19, 1, Kind.INT, maskable=False),
     _basic("icmp_code", "NXM_OF_ICMP_CODE", 20, 1, Kind.INT, maskable=False),
     _basic("arp_op", "NXM_OF_ARP_OP", 21, 2, Kind.INT, maskable=False),
@@ -103,11 +107,23 @@ _SPECS: list[FieldSpec] = [
 
 FIELDS: dict[str, FieldSpec] = {spec.name: spec for spec in _SPECS}
 FIELDS_BY_HEADER: dict[tuple[int, int], FieldSpec] = {(s.oxm_class, s.field): s for s in _SPECS}
+OXM_CLASS_EXPERIMENTER = 0xFFFF
+ONF_EXPERIMENTER = 0x4F4E4600
+# Fields OVS writes as experimenter OXMs in OpenFlow 1.3 replies though we send their NXM form:
+# (experimenter id, field) -> field name (tcp_flags is ONFOXM_ET_TCP_FLAGS before OpenFlow 1.5)
+EXPERIMENTER_FIELDS: dict[tuple[int, int], str] = {(ONF_EXPERIMENTER, 42): "tcp_flags"}
 
 CT_STATE_BITS: dict[str, int] = {
     "new": 0x01, "est": 0x02, "rel": 0x04, "rpl": 0x08,
     "inv": 0x10, "trk": 0x20, "snat": 0x40, "dnat": 0x80,
 }
+
+# TCP header flags as ovs-ofctl names them in `tcp_flags=+syn-ack`
+TCP_FLAG_BITS: dict[str, int] = {
+    "fin": 0x001, "syn": 0x002, "rst": 0x004, "psh": 0x008,
+    "ack": 0x010, "urg": 0x020, "ece": 0x040, "cwr": 0x080, "ns": 0x100,
+}
+FLAG_BITS: dict[Kind, dict[str, int]] = {Kind.CT_STATE: CT_STATE_BITS, Kind.TCP_FLAGS: TCP_FLAG_BITS}
 
 ETH_TYPE_IP = 0x0800
 ETH_TYPE_ARP = 0x0806
@@ -173,17 +189,18 @@ def parse_value(spec: FieldSpec, value: object) -> int:
     return result
 
 
-def parse_ct_state(text: str) -> tuple[int, int]:
-    """'+trk+new-est' -> (value, mask)."""
+def parse_flags(kind: Kind, text: str) -> tuple[int, int]:
+    """'+trk+new-est' (ct_state) or '+syn-ack' (tcp_flags) -> (value, mask)."""
+    bits = FLAG_BITS[kind]
     value = mask = 0
     token = ""
     sign = ""
     for ch in text + "+":
         if ch in "+-":
             if token:
-                if token not in CT_STATE_BITS or not sign:
-                    raise FieldError(f"ct_state: bad flag {sign}{token!r} in {text!r}")
-                bit = CT_STATE_BITS[token]
+                if token not in bits or not sign:
+                    raise FieldError(f"{kind.value}: bad flag {sign}{token!r} in {text!r}")
+                bit = bits[token]
                 mask |= bit
                 if sign == "+":
                     value |= bit
@@ -191,6 +208,11 @@ def parse_ct_state(text: str) -> tuple[int, int]:
         else:
             token += ch
     return value, mask
+
+
+def parse_ct_state(text: str) -> tuple[int, int]:
+    """'+trk+new-est' -> (value, mask)."""
+    return parse_flags(Kind.CT_STATE, text)
 
 
 def format_value(spec: FieldSpec, value: int) -> str:
@@ -206,17 +228,13 @@ def format_value(spec: FieldSpec, value: int) -> str:
     return hex(value)
 
 
-def format_ct_state(value: int, mask: int) -> str:
-    out = []
-    for name, bit in CT_STATE_BITS.items():
-        if mask & bit:
-            out.append(("+" if value & bit else "-") + name)
-    return "".join(out)
+def format_flags(kind: Kind, value: int, mask: int) -> str:
+    return "".join(("+" if value & bit else "-") + name for name, bit in FLAG_BITS[kind].items() if mask & bit)
 
 
 def format_match_value(spec: FieldSpec, value: int, mask: int | None) -> str:
-    if spec.kind is Kind.CT_STATE:
-        return format_ct_state(value, mask if mask is not None else 0xFFFFFFFF)
+    if spec.kind in FLAG_BITS:
+        return format_flags(spec.kind, value, mask if mask is not None else (1 << spec.nbits) - 1)
     if mask is None:
         return format_value(spec, value)
     if spec.kind is Kind.IPV4:

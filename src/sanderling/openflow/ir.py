@@ -114,8 +114,8 @@ class Match:
                 name = F.TRANSPORT_FIELDS[nw_proto][0 if name == "tp_src" else 1]
             spec = F.field(name)
             mask = None
-            if spec.kind is F.Kind.CT_STATE and isinstance(raw, str):
-                value, mask = F.parse_ct_state(raw)
+            if spec.kind in F.FLAG_BITS and isinstance(raw, str):
+                value, mask = F.parse_flags(spec.kind, raw)
             elif isinstance(raw, tuple):
                 value, mask = F.parse_value(spec, raw[0]), F.parse_value(spec, raw[1])
             elif isinstance(raw, str) and "/" in raw and spec.kind is F.Kind.IPV4:

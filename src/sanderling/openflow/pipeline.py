@@ -67,9 +67,9 @@ TABLES: tuple[Table, ...] = (
           "masqueraded connections are marked in ct_mark; with affinity, learns the choice. Only "
           "entered by resubmit."),
     Table("RequestOrigin", "services", Miss.NEXT,
-          "A local pod's request of a service connection, after DNAT, is committed to the origin zone "
-          "marked as a service connection: the origin zone holds one entry per endpoint tuple, so whichever "
-          "connection used the tuple last, direct or through a service, decides how its replies are "
+          "The first request of a local pod's service connection, after DNAT, is committed to the origin "
+          "zone marked as a service connection: the origin zone holds one entry per endpoint tuple, so "
+          "whichever connection started last with the tuple, direct or through a service, decides how its replies are "
           "handled (no address translation of direct connections, whatever OVS's conntrack does with a "
           "null NAT)."),
     Table("PolicyConntrack", "policy", Miss.NEXT,
