@@ -58,12 +58,13 @@ class LabCli:
     def __call__(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         return subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=timeout)
 
-    def up_with(self, nodes: int, manifest: Path, pods: int, namespace: str | None = None) -> dict[str, str]:
+    def up_with(self, nodes: int, manifest: Path, pods: int, namespace: str | None = None,
+                control_plane: str = "sanderling") -> dict[str, str]:
         """A fresh lab with the manifest applied; pod name -> IP once `pods` pods have an address."""
         require_root()
         require_ovs()
         self("down")
-        up = self("up", "--nodes", str(nodes))
+        up = self("up", "--nodes", str(nodes), "--control-plane", control_plane)
         assert up.returncode == 0, up.stdout + up.stderr
         applied = self("apply", "-f", str(manifest))
         assert applied.returncode == 0, applied.stdout + applied.stderr

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from .conftest import LabCli
 
 NAME = "sltestsvc"
@@ -88,11 +90,12 @@ def spread(vip: str, count: int, client: str = "client") -> dict[str, int]:
     return json.loads(out.stdout)
 
 
-def test_service_spread_affinity_and_reject(tmp_path):
+@pytest.mark.parametrize("control_plane", ["sanderling", "kubernetes"])
+def test_service_spread_affinity_and_reject(tmp_path, control_plane):
     manifest = tmp_path / "svc.yaml"
     manifest.write_text(OBJECTS + "".join(backend(i) for i in (1, 2, 3)))
     try:
-        lab.up_with(3, manifest, pods=4, namespace="svc")
+        lab.up_with(3, manifest, pods=4, namespace="svc", control_plane=control_plane)
         services = {s["metadata"]["name"]: s for s in json.loads(lab("get", "svc", "-n", "svc", "-o", "json").stdout)}
         vip = services["be"]["spec"]["clusterIP"]
         time.sleep(1.0)  # the agents see the EndpointSlice

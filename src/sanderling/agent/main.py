@@ -153,6 +153,20 @@ async def _own_node(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(0.5)
 
 
+def _check_permissions(args: argparse.Namespace) -> None:
+    """Stop at once, naming it, if the API denies a permission the agent needs; an API that does
+    not answer now is not a reason to stop (the node keeps working on what it remembers)."""
+    from sanderling.agent import permissions
+    from sanderling.kube.client import KubeApi
+
+    try:
+        permissions.check(KubeApi(args.kubeconfig, timeout=3).client)
+    except permissions.MissingPermission:
+        raise
+    except Exception as exc:
+        log.warning("node %s: permissions not checked, the API did not answer (%s)", args.node, exc)
+
+
 def masquerade_ip(node: NodeNetwork) -> ipaddress.IPv4Address:
     """The node's masquerade address for services: the last usable one of its pod subnet (kept out
     of IPAM), so replies to it route into br-int on every node like any pod address."""
@@ -328,6 +342,8 @@ async def serve(args: argparse.Namespace) -> int:
     # netlink and OVSDB calls block: give concurrent CNI requests enough threads to not queue
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=64,
                                                                        thread_name_prefix="blocking"))
+    if _kube_enabled(args):  # before anything else: a missing permission is named, not discovered later
+        await asyncio.to_thread(_check_permissions, args)
     runtime = OvsRuntime(args.ovs_run_dir, private=args.ovs_run_dir != SYSTEM_RUNDIR, datapath=args.datapath)
     runtime.check()
     node_ips: list[str] = list(args.node_ip or [])

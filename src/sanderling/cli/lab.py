@@ -38,6 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--demo", action="store_true", help="also deploy the demo workload and run lab check")
     up.add_argument("--multus", action="store_true",
                     help="Multus (built from its Go module by setup) in front of Sanderling on every node")
+    up.add_argument("--control-plane", choices=["sanderling", "kubernetes"], default="sanderling",
+                    help="the embedded API server (default, fast) or upstream etcd, kube-apiserver, "
+                         "kube-controller-manager and kube-scheduler (built by setup)")
     up.add_argument("--allow-workload-commands", action="store_true",
                     help="kubelets run a Pod's command as root in its sandbox (off: such pods fail)")
     cmds.add_parser("down", parents=[common], help="remove every namespace, process, bridge and file of the lab")
@@ -77,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if cmd == "up":
         lab.up(args.nodes, args.mode, allow_workload_commands=args.allow_workload_commands,
-               multus=args.multus)
+               multus=args.multus, control_plane=args.control_plane)
         if args.demo:
             apply(lab, Path(__file__).resolve().parents[1] / "lab" / "demo.yaml")
             wait_running(lab, 60)
@@ -164,6 +167,8 @@ def apply(lab: Lab, path: Path) -> int:
     """Create or update every document; a refused one is reported and the others still go in."""
     from lightkube import ApiError, codecs
 
+    from sanderling.kube.apply import create_or_replace
+
     client = _api(lab)
     failed = 0
     for doc in _documents(path):
@@ -175,24 +180,11 @@ def apply(lab: Lab, path: Path) -> int:
             failed += 1
             continue
         try:
-            try:
-                client.create(obj)
-                print(f"{name} created")
-            except ApiError as exc:
-                if exc.status.code != 409:
-                    raise
-                client.replace(_with_rv(client, obj))
-                print(f"{name} configured")
+            print(f"{name} {create_or_replace(client, obj)}")
         except ApiError as exc:
             print(f"sanderling lab: {name}: {exc.status.message}", file=sys.stderr)
             failed += 1
     return 1 if failed else 0
-
-
-def _with_rv(client: Any, obj: Any) -> Any:
-    current = client.get(type(obj), obj.metadata.name, namespace=obj.metadata.namespace)
-    obj.metadata.resourceVersion = current.metadata.resourceVersion
-    return obj
 
 
 def delete(lab: Lab, path: Path) -> int:

@@ -62,7 +62,7 @@ def _conformance(args: argparse.Namespace) -> int:
     if args.suite == "netpol":
         from sanderling.conformance import netpol
 
-        return netpol.run(args.files, repeat=args.repeat)
+        return netpol.run(args.files, repeat=args.repeat, control_plane=args.control_plane)
     from sanderling.conformance import cni
 
     return cni.run(args.files, args.only)
@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("conformance", help="run a conformance suite from ../shared/conformance")
     p.add_argument("suite", choices=["cni", "proxy", "netpol"])
+    p.add_argument("--control-plane", choices=["sanderling", "kubernetes"], default="sanderling",
+                   help="netpol: the lab's API server, embedded (default) or upstream (built by setup)")
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("--only", action="append", help="run only the case with this id (repeatable)")
     p.add_argument("--repeat", type=int, default=1, metavar="N",

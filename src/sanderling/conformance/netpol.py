@@ -88,16 +88,9 @@ class Runner:
         self._wait_running()
 
     def _apply(self, obj: Any) -> None:
-        from lightkube import ApiError
+        from sanderling.kube.apply import create_or_replace
 
-        try:
-            self.api.create(obj)
-        except ApiError as exc:
-            if exc.status.code != 409:
-                raise
-            current = self.api.get(type(obj), obj.metadata.name, namespace=obj.metadata.namespace)
-            obj.metadata.resourceVersion = current.metadata.resourceVersion
-            self.api.replace(obj)
+        create_or_replace(self.api, obj)
 
     def _wait_running(self, timeout: float = 120) -> None:
         from lightkube.resources.core_v1 import Pod, Service
@@ -154,12 +147,33 @@ class Runner:
                     self.api.delete(kind, obj_name, namespace=ns)
                 except Exception:  # already gone
                     pass
-        for ns in {k.split("/")[0] for k in self.order}:
+        namespaces = {k.split("/")[0] for k in self.order}
+        for ns in namespaces:
             try:
                 self.api.delete(Namespace, ns)
             except Exception:
                 pass
+        self._wait_gone(namespaces)
         self.order, self.pods, self.topology = [], {}, None
+
+    def _wait_gone(self, namespaces: set[str], timeout: float = 180.0) -> None:
+        """kube-apiserver deletes a namespace asynchronously (its content first): the next file may
+        use the same names, so wait until they are gone (the embedded server is immediate)."""
+        from lightkube import ApiError
+        from lightkube.resources.core_v1 import Namespace
+
+        deadline = time.monotonic() + timeout
+        for ns in sorted(namespaces):
+            while time.monotonic() < deadline:
+                try:
+                    self.api.get(Namespace, ns)
+                except ApiError as exc:
+                    if exc.status.code == 404:
+                        break
+                    raise
+                time.sleep(0.2)
+            else:
+                raise RuntimeError(f"namespace {ns} still terminating after {timeout:.0f}s")
 
     # ---- steps ---------------------------------------------------------------------------
 
@@ -308,7 +322,7 @@ def check_step(runner: Runner, case_id: str, step: dict[str, Any], order: list[s
     return passed, failures
 
 
-def run(paths: list[Path], keep: bool = False, repeat: int = 1) -> int:
+def run(paths: list[Path], keep: bool = False, repeat: int = 1, control_plane: str = "sanderling") -> int:
     """Every file's steps on one 3-node lab; with repeat > 1 (soak), all files again, `repeat` times
     on the same lab, and every failed matrix reported with its round at the end."""
     if repeat < 1:
@@ -317,7 +331,7 @@ def run(paths: list[Path], keep: bool = False, repeat: int = 1) -> int:
     lab.down(quiet=True)
     rounds: list[tuple[int, list[str]]] = []
     try:
-        lab.up(3, "routed")
+        lab.up(3, "routed", control_plane=control_plane)
         runner = Runner(lab)
         for round_no in range(1, repeat + 1):
             if repeat > 1:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -86,9 +87,15 @@ class Lab:
         return ensure_pki(self.state_dir / "pki", ("127.0.0.1", str(API_UNDERLAY_IP)))
 
     def up(self, nodes: int = 3, mode: str = "routed", allow_workload_commands: bool = False,
-           multus: bool = False) -> None:
+           multus: bool = False, control_plane: str = "sanderling") -> None:
         if mode not in ("routed", "overlay"):
             raise SystemExit(f"sanderling lab: --mode {mode}: choose routed or overlay")
+        if control_plane not in ("sanderling", "kubernetes"):
+            raise SystemExit(f"sanderling lab: --control-plane {control_plane}: choose sanderling or kubernetes")
+        if control_plane == "kubernetes":
+            from sanderling.lab.kubernetes import binaries
+
+            binaries()  # missing: say which and how to build them, before anything starts
         if self.state():
             raise SystemExit(f"lab {self.name} is already up; `sanderling lab down --name {self.name}` first")
         self.down(quiet=True)
@@ -102,21 +109,32 @@ class Lab:
                      prefixlen=UNDERLAY.prefixlen)
         attach_host(self.fabric, self.controlplane_netns, "cp" + hashlib.sha1(self.name.encode()).hexdigest()[:12],
                     f"{API_UNDERLAY_IP}/{UNDERLAY.prefixlen}")
-        self.progress(f"control plane in namespace {self.controlplane_netns}: API server on "
-                      f"{API_UNDERLAY_IP}:{API_PORT} (and 127.0.0.1:{port} for this host), controllers, scheduler, "
-                      "kubelets")
         self.allow_workload_commands = allow_workload_commands
         self.multus = multus
         if multus:
             multus_binary()  # missing: say so before anything starts
         pki = self.pki
-        cp_pid = self._start_controlplane(port)
         from sanderling.lab.apiserver.__main__ import write_kubeconfig
 
-        write_kubeconfig(self.kubeconfig, f"https://127.0.0.1:{port}", ca_cert=pki.ca_cert, token=pki.token)
-        write_kubeconfig(self.node_kubeconfig, f"https://{API_UNDERLAY_IP}:{API_PORT}", ca_cert=pki.ca_cert,
-                         token=pki.token)
+        extra: dict[str, Any] = {}
+        if control_plane == "kubernetes":
+            self.progress(f"control plane in namespace {self.controlplane_netns}: etcd, kube-apiserver on "
+                          f"{API_UNDERLAY_IP}:{API_PORT} (and 127.0.0.1:{port} for this host), "
+                          "kube-controller-manager, kube-scheduler")
+            extra = self._start_kubernetes(port, [f"node{i}" for i in range(1, nodes + 1)])
+            cp_pid = 0
+        else:
+            self.progress(f"control plane in namespace {self.controlplane_netns}: API server on "
+                          f"{API_UNDERLAY_IP}:{API_PORT} (and 127.0.0.1:{port} for this host), controllers, "
+                          "scheduler, kubelets")
+            cp_pid = self._start_controlplane(port)
+            write_kubeconfig(self.kubeconfig, f"https://127.0.0.1:{port}", ca_cert=pki.ca_cert, token=pki.token)
+            write_kubeconfig(self.node_kubeconfig, f"https://{API_UNDERLAY_IP}:{API_PORT}", ca_cert=pki.ca_cert,
+                             token=pki.token)
         records = self._register_nodes(nodes)
+        if control_plane == "kubernetes":
+            extra["pids"]["lab-kubelets"] = self._start_kubelets(records, extra["node_tokens"])
+            self._save_partial(port, extra)
         lab_nodes: list[LocalNode] = []
         for rec in records:
             self.progress(f"node {rec['name']}: OVS (userspace datapath), agent ({mode}), pod CIDR {rec['pod_cidr']} "
@@ -134,11 +152,75 @@ class Lab:
             node.start_agent()
             rec["agent_pid"] = node.agent.pid if node.agent else 0
         state = {"name": self.name, "mode": mode, "api_port": port, "controlplane_pid": cp_pid, "nodes": records,
-                 "allow_workload_commands": allow_workload_commands, "multus": multus}
+                 "allow_workload_commands": allow_workload_commands, "multus": multus,
+                 "control_plane": control_plane, **extra}
         (self.state_dir / "state.json").write_text(json.dumps(state, indent=2))
         for node in lab_nodes:
             node.wait_ready(60)
         self.progress(f"lab {self.name} up in {time.monotonic() - started:.1f}s")
+
+    def _start_kubernetes(self, port: int, nodes: list[str]) -> dict[str, Any]:
+        """Relay, etcd, kube-apiserver, controller manager, scheduler; CRDs and RBAC; the admin
+        kubeconfig (the lab's token, as with the embedded server) and the agents' (their
+        ServiceAccount's token). The pids go to state.json at once, so `down` finds them if
+        anything later fails."""
+        from sanderling.lab.apiserver.__main__ import write_kubeconfig
+        from sanderling.lab.kubernetes import KubernetesControlPlane, agent_token, binaries, bootstrap_objects
+
+        pki = self.pki
+        pids: dict[str, int] = {}
+        extra: dict[str, Any] = {"pids": pids}
+        self._save_partial(port, extra)
+        pids["relay"] = self._start_relay(port)
+        kcp = KubernetesControlPlane(self.state_dir, self.controlplane_netns, pki, str(API_UNDERLAY_IP), API_PORT,
+                                     port)
+        try:
+            pids.update(kcp.start(nodes))
+        finally:
+            self._save_partial(port, extra)
+        write_kubeconfig(self.kubeconfig, f"https://127.0.0.1:{port}", ca_cert=pki.ca_cert, token=pki.token)
+        self.progress("CRDs (IPPool, NetworkAttachmentDefinition) and the agents' RBAC (deploy/)")
+        _create_and_wait(self.kubeconfig, bootstrap_objects())
+        token = agent_token(binaries()["kubectl"], self.kubeconfig)
+        write_kubeconfig(self.node_kubeconfig, f"https://{API_UNDERLAY_IP}:{API_PORT}", ca_cert=pki.ca_cert,
+                         token=token)
+        extra["node_tokens"] = {n: kcp.node_token(n) for n in nodes}
+        return extra
+
+    def _save_partial(self, port: int, extra: dict[str, Any]) -> None:
+        (self.state_dir / "state.json").write_text(json.dumps({"name": self.name, "api_port": port, "partial": True,
+                                                                "nodes": [], **extra}, indent=2))
+
+    def _start_relay(self, port: int) -> int:
+        log = open(self.state_dir / "relay.log", "ab")
+        proc = subprocess.Popen([sys.executable, "-m", "sanderling.lab.relay", "--listen", f"127.0.0.1:{port}",
+                                 "--netns", self.controlplane_netns, "--to", f"{API_UNDERLAY_IP}:{API_PORT}"],
+                                stdout=subprocess.PIPE, stderr=log, start_new_session=True)
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != b"ready":
+            raise SystemExit(f"API relay did not start; see {self.state_dir / 'relay.log'}")
+        return proc.pid
+
+    def _start_kubelets(self, records: list[dict[str, Any]], tokens: dict[str, str]) -> int:
+        """The lab kubelets (one process, each node with its own credentials) on the real API."""
+        state = self.state()
+        config = {"server": f"https://{API_UNDERLAY_IP}:{API_PORT}", "ca": str(self.pki.ca_cert),
+                  "allow_commands": self.allow_workload_commands or state.get("allow_workload_commands", False),
+                  "nodes": [{"name": r["name"], "token": tokens[r["name"]], "netns": r["netns"],
+                             "cni_bin": r["cni_bin"], "cni_conf": r["cni_conf"], "host_ip": r["underlay_ip"]}
+                            for r in records]}
+        path = self.state_dir / "kubelets.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the node tokens
+        with os.fdopen(fd, "w") as f:
+            json.dump(config, f)
+        log = open(self.state_dir / "kubelets.log", "ab")
+        proc = subprocess.Popen([sys.executable, "-m", "sanderling.lab.kubelets", "--config", str(path),
+                                 "--netns", self.controlplane_netns],
+                                stdout=subprocess.PIPE, stderr=log, start_new_session=True)
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != b"ready":
+            raise SystemExit(f"lab kubelets did not start; see {self.state_dir / 'kubelets.log'}")
+        return proc.pid
 
     def agent_log(self, node: str) -> Path:
         """Where a node's agent writes (LocalNode.agent_log of that node)."""
@@ -188,8 +270,22 @@ class Lab:
         return node.agent
 
     def restart_controlplane(self, while_down: Callable[[], None] | None = None) -> None:
-        """Stop and start the control plane (state is in SQLite; agents relist and carry on)."""
+        """Stop and start the control plane (state is in SQLite, or etcd; agents relist and carry
+        on). On the upstream control plane this restarts kube-apiserver, whose new watch cache
+        answers the agents' old resourceVersions with 410."""
         state = self.state()
+        if state.get("control_plane") == "kubernetes":  # kube-apiserver; etcd keeps the state
+            from sanderling.lab.kubernetes import KubernetesControlPlane
+
+            _kill(state["pids"]["kube-apiserver"])
+            if while_down is not None:
+                while_down()
+            kcp = KubernetesControlPlane(self.state_dir, self.controlplane_netns, self.pki, str(API_UNDERLAY_IP),
+                                         API_PORT, state["api_port"])
+            state["pids"]["kube-apiserver"] = kcp.start_apiserver()
+            (self.state_dir / "state.json").write_text(json.dumps(state, indent=2))
+            kcp.wait_ready(90)
+            return
         _kill(state.get("controlplane_pid", 0))
         if while_down is not None:
             while_down()
@@ -236,6 +332,7 @@ class Lab:
     def down(self, quiet: bool = False) -> None:
         state = self.state()
         pids = [state.get("controlplane_pid", 0)] + [n.get("agent_pid", 0) for n in state.get("nodes", [])]
+        pids += list((state.get("pids") or {}).values())  # the upstream control plane's processes
         for pid in pids:
             _kill(pid)
         if self.state_dir.exists():
@@ -261,3 +358,35 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _create_and_wait(kubeconfig: Path, files: list[Path], timeout: float = 60.0) -> None:
+    """Create the objects of `files` (admin) and wait until every CRD among them is Established."""
+    import yaml
+    from lightkube import ApiError, Client, KubeConfig, codecs
+    from lightkube.resources.apiextensions_v1 import CustomResourceDefinition
+
+    client = Client(config=KubeConfig.from_file(str(kubeconfig)), field_manager="sanderling-lab")
+    crds = []
+    for path in files:
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc:
+                continue
+            try:
+                client.create(codecs.from_dict(doc))
+            except ApiError as exc:
+                if exc.status.code != 409:
+                    raise SystemExit(f"sanderling lab: {path.name}: {doc['kind']} {doc['metadata']['name']}: "
+                                     f"{exc.status.message}") from None
+            if doc["kind"] == "CustomResourceDefinition":
+                crds.append(doc["metadata"]["name"])
+    deadline = time.monotonic() + timeout
+    for name in crds:
+        while True:
+            crd = client.get(CustomResourceDefinition, name)
+            conditions = (crd.status.conditions if crd.status else None) or []
+            if any(c.type == "Established" and c.status == "True" for c in conditions):
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"sanderling lab: CRD {name} not established after {timeout:.0f}s")
+            time.sleep(0.1)

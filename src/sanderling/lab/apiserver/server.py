@@ -89,6 +89,7 @@ class ApiServer:
         self.app.router.add_get("/openapi/v2", self.openapi)
         self.app.router.add_get("/api", self.api_versions)
         self.app.router.add_get("/apis", self.api_groups)
+        self.app.router.add_post("/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", self.access_review)
         self.app.router.add_get("/api/{version}", self.resource_list)
         self.app.router.add_get("/apis/{group}/{version}", self.resource_list)
         for prefix in ("/api/{version}", "/apis/{group}/{version}"):
@@ -104,6 +105,13 @@ class ApiServer:
     async def version(self, request: web.Request) -> web.Response:
         return jsonr({"major": "1", "minor": "30", "gitVersion": "v1.30.0-sanderling-lab",
                                   "platform": "linux/amd64"})
+
+    async def access_review(self, request: web.Request) -> web.Response:
+        """SelfSubjectAccessReview: this server has one token and it may do everything; the
+        answer says so (kube-apiserver judges RBAC for real in `lab up --control-plane kubernetes`)."""
+        body = await request.json()
+        body["status"] = {"allowed": True, "reason": "the lab's embedded API server grants its one token everything"}
+        return jsonr(body, status=201)
 
     async def _end_watches(self, _app: web.Application) -> None:
         """Watches are endless streams: end them so a shutdown does not wait for their timeout."""
