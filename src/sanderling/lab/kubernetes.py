@@ -55,7 +55,8 @@ class Tokens:
     def ensure(self, admin: str, nodes: list[str]) -> None:
         known = self.users()
         lines = [f"{admin},sanderling-admin,sanderling-admin,system:masters"]
-        for user in ["system:kube-controller-manager", "system:kube-scheduler"]:
+        # kube-proxy's user is bound to system:node-proxier by default RBAC (bench proxy-peer runs it)
+        for user in ["system:kube-controller-manager", "system:kube-scheduler", "system:kube-proxy"]:
             lines.append(f"{known.get(user) or secrets.token_urlsafe(24)},{user},{user}")
         for node in nodes:
             user = f"system:node:{node}"
@@ -100,7 +101,8 @@ class KubernetesControlPlane:
             key.chmod(0o600)
         return key
 
-    def _kubeconfig(self, user: str) -> Path:
+    def kubeconfig_for(self, user: str) -> Path:
+        """A kubeconfig with one of the static identities (the controllers', a node's, kube-proxy's)."""
         from sanderling.lab.apiserver.__main__ import write_kubeconfig
 
         path = self.state_dir / "kubeconfigs" / f"{user.replace(':', '-')}.yaml"
@@ -121,16 +123,16 @@ class KubernetesControlPlane:
         pids["kube-apiserver"] = self.start_apiserver()
         self.wait_ready(90)
         common = ["--leader-elect=false", "--profiling=false", "--v", "1"]
-        kcm_kubeconfig = self._kubeconfig("system:kube-controller-manager")
+        kcm_kubeconfig = self.kubeconfig_for("system:kube-controller-manager")
         pids["kube-controller-manager"] = self._run("kube-controller-manager", [
             str(bins["kube-controller-manager"]), "--kubeconfig", str(kcm_kubeconfig),
             "--allocate-node-cidrs", "--cluster-cidr", CLUSTER_CIDR, "--node-cidr-mask-size", "24",
             "--service-cluster-ip-range", SERVICE_CIDR, "--service-account-private-key-file", str(sa_key),
             "--root-ca-file", str(self.pki.ca_cert), "--use-service-account-credentials",
-            "--controllers", "*,-cloud-node-lifecycle,-service-lb-controller,-node-route-controller",
+            "--controllers", "*",  # the cloud controllers stay off without --cloud-provider
             "--secure-port", "0", *common])
         pids["kube-scheduler"] = self._run("kube-scheduler", [
-            str(bins["kube-scheduler"]), "--kubeconfig", str(self._kubeconfig("system:kube-scheduler")),
+            str(bins["kube-scheduler"]), "--kubeconfig", str(self.kubeconfig_for("system:kube-scheduler")),
             "--secure-port", "0", *common])
         return pids
 
