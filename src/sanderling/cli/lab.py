@@ -274,8 +274,11 @@ def status(lab: Lab) -> int:
         alive = _alive(n["agent_pid"])
         count = sum(1 for p in pods if p.spec and p.spec.nodeName == n["name"])
         rows.append((n["name"], n["pod_cidr"], n["underlay_ip"], "running" if alive else "DOWN", count))
-    print(f"lab {lab.name}: mode {state['mode']}, API https://127.0.0.1:{state['api_port']} "
-          f"(control plane {'running' if _alive(state['controlplane_pid']) else 'DOWN'})")
+    if state.get("control_plane") == "kubernetes":
+        plane = ", ".join(f"{name} {'running' if _alive(pid) else 'DOWN'}" for name, pid in state["pids"].items())
+    else:
+        plane = f"control plane {'running' if _alive(state['controlplane_pid']) else 'DOWN'}"
+    print(f"lab {lab.name}: mode {state['mode']}, API https://127.0.0.1:{state['api_port']} ({plane})")
     print(table(["node", "pod CIDR", "underlay", "agent", "pods"], rows))
     return 0
 

@@ -198,6 +198,12 @@ class NodeKubelet:
             if status.get("phase") == "Running":
                 with self.lock:
                     self.uids[key] = meta["uid"]
+                running = self.kubelet.pods.get(key)
+                status["containerStatuses"] = [  # what `kubectl get pods` counts as READY
+                    {"name": c["name"], "image": c.get("image", ""), "imageID": "", "ready": True, "started": True,
+                     "restartCount": 0, "containerID": f"lab://{running.container_id if running else ''}",
+                     "state": {"running": {"startedAt": now}}}
+                    for c in (pod.get("spec") or {}).get("containers") or []]
             try:
                 self.client.patch(Pod.Status, meta["name"], {"status": status}, namespace=meta["namespace"],
                                   patch_type=PatchType.MERGE)
@@ -292,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpx2", "httpcore"):  # one line per request otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     return asyncio.run(main_async(args))
 
 
