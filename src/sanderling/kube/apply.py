@@ -23,16 +23,23 @@ def create_or_replace(client: Any, obj: Any, wait_s: float = 60.0) -> str:
     deadline = time.monotonic() + wait_s
     while True:
         try:
+            # look first: kube-apiserver allocates before it notices a name is taken, so creating
+            # a Service that exists says "IP already allocated", not 409
             try:
-                client.create(obj)
-                return "created"
-            except ApiError as exc:
-                if exc.status.code != 409:
-                    raise
                 current = client.get(type(obj), obj.metadata.name, namespace=obj.metadata.namespace)
-                obj.metadata.resourceVersion = current.metadata.resourceVersion
-                client.replace(obj)
-                return "configured"
+            except ApiError as exc:
+                if exc.status.code != 404:
+                    raise
+                try:
+                    client.create(obj)
+                    return "created"
+                except ApiError as exc:
+                    if exc.status.code != 409:  # created meanwhile: replace it
+                        raise
+                    current = client.get(type(obj), obj.metadata.name, namespace=obj.metadata.namespace)
+            obj.metadata.resourceVersion = current.metadata.resourceVersion
+            client.replace(obj)
+            return "configured"
         except ApiError as exc:
             message = (exc.status.message or "").lower()
             if exc.status.code != 403 or not any(t in message for t in TRANSIENT) or time.monotonic() > deadline:
