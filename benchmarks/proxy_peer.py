@@ -15,21 +15,26 @@ One definition for both, each observed from outside the process:
 - change: one EndpointSlice write (an endpoint address replaced) to the dataplane holding it.
   Sanderling: the Service's group lists the new address (`ovs-ofctl dump-groups`, polled).
   kube-proxy: a sync ended after the write with nothing pending (polled on its metrics from
-  node2's namespace). Changes go one at a time, each waited for, alternating between the two.
+  node2's namespace). Changes go one at a time, each waited for; `changes` of them timed on
+  Sanderling while kube-proxy is stopped (SIGSTOP), then as many on kube-proxy while the agent
+  is stopped, so neither's work takes the 2 cores from the other's measurement.
 - RSS of each process at the end.
 Ratios are Sanderling / kube-proxy: below 1 means Sanderling is ahead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -251,7 +256,7 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def run(progress: Callable[[str], None] = lambda _m: None, services: int = 10000, endpoints: int = 10,
-        changes: int = 100, **_: Any) -> dict[str, Any]:
+        changes: int = 50, **_: Any) -> dict[str, Any]:
     peer = Peer(progress)
     result: dict[str, Any] = {"bench": "proxy-peer", "services": services, "endpoints": endpoints,
                               "changes": changes}
@@ -280,21 +285,32 @@ def run(progress: Callable[[str], None] = lambda _m: None, services: int = 10000
         result["kube_proxy_sync_s"] = round(max(0.0, both["kube_proxy"] - written), 3)
         result["sync_ratio"] = round(result["sanderling_sync_s"] / max(result["kube_proxy_sync_s"], 1e-3), 3)
 
-        progress(f"{changes} single-endpoint changes, each waited for on both")
-        s_ms: list[float] = []
-        k_ms: list[float] = []
-        for n in range(changes):
+        assert peer.kube_proxy is not None
+        vips = {}
+
+        def target(n: int) -> int:
             service = (n * 97) % services
-            group = peer.group_of(str(peer.client.get(_service_res(), f"s{service}",
-                                                      namespace=NAMESPACE).spec.clusterIP))
-            t_write, ip = peer.change(service, endpoints, n + 1)
-            s_done: dict[str, float] = {}
-            thread = threading.Thread(target=_into, args=(s_done, peer.sanderling_has, group, ip))
-            thread.start()
-            k_done = peer.kube_proxy_synced_after(t_write)
-            thread.join()
-            s_ms.append((s_done["t"] - t_write) * 1000)
-            k_ms.append((k_done - t_write) * 1000)
+            if service not in vips:
+                vips[service] = str(peer.client.get(_service_res(), f"s{service}", namespace=NAMESPACE).spec.clusterIP)
+            return service
+
+        # each measured alone: the other process is stopped (SIGSTOP) while one is timed, so one's
+        # sync does not take the CPU from the other's (2 cores); it catches up afterwards
+        progress(f"{changes} single-endpoint changes timed on Sanderling (kube-proxy paused)")
+        s_ms: list[float] = []
+        with _paused(peer.kube_proxy.pid):
+            for n in range(changes):
+                service = target(n)
+                group = peer.group_of(vips[service])
+                t_write, ip = peer.change(service, endpoints, n + 1)
+                s_ms.append((peer.sanderling_has(group, ip) - t_write) * 1000)
+        peer.kube_proxy_synced_after(time.time())
+        progress(f"{changes} single-endpoint changes timed on kube-proxy (Sanderling's agent paused)")
+        k_ms: list[float] = []
+        with _paused(peer.agent_pid):
+            for n in range(changes):
+                t_write, _ = peer.change(target(n), endpoints, changes + n + 1)
+                k_ms.append((peer.kube_proxy_synced_after(t_write) - t_write) * 1000)
         result["sanderling_change_p50_ms"] = round(statistics.median(s_ms), 1)
         result["sanderling_change_p99_ms"] = round(_pct(s_ms, 0.99), 1)
         result["kube_proxy_change_p50_ms"] = round(statistics.median(k_ms), 1)
@@ -310,8 +326,13 @@ def run(progress: Callable[[str], None] = lambda _m: None, services: int = 10000
     return result
 
 
-def _into(out: dict[str, float], fn: Callable[[str, str], float], group: str, ip: str) -> None:
-    out["t"] = fn(group, ip)
+@contextlib.contextmanager
+def _paused(pid: int) -> Iterator[None]:
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 def _service_res() -> Any:
