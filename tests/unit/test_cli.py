@@ -76,3 +76,19 @@ def test_conformance_names_a_missing_file_instead_of_a_traceback(tmp_path):
     proc = run("sanderling.cli.main", "conformance", "proxy", str(tmp_path / "nope.yaml"))
     assert proc.returncode == 2
     assert "no such file" in proc.stderr and "nope.yaml" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_lab_on_the_upstream_control_plane_names_missing_binaries_and_how_to_build_them(tmp_path):
+    import os
+
+    if os.geteuid() != 0:
+        raise AssertionError("lab commands need root; run the tests as root")
+    proc = subprocess.run([sys.executable, "-m", "sanderling.cli.main", "lab", "--name", "slmissing", "up",
+                           "--control-plane", "kubernetes"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "SANDERLING_UPSTREAM_BIN": str(tmp_path)})
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "kube-apiserver" in lines[0] and "etcd" in lines[0] and str(tmp_path) in lines[0]
+    assert "scripts/build-upstream.sh" in lines[0]
+    assert not os.path.exists("/run/sanderling-lab/slmissing"), "nothing may start before the check"
