@@ -80,7 +80,7 @@ build_kubernetes() {
     if have "$stamp" "${KUBERNETES_BINARIES[@]}"; then
         return
     fi
-    echo "build-upstream: building ${KUBERNETES_BINARIES[*]} from k8s.io/kubernetes@$KUBERNETES_VERSION (once per machine; 15-30 min on 2 cores)"
+    echo "build-upstream: building ${KUBERNETES_BINARIES[*]} from k8s.io/kubernetes@$KUBERNETES_VERSION (once per machine; about 9 min on 2 cores)"
     local work started=$SECONDS
     work=$(mktemp -d)
     trap 'rm -rf "$work"' RETURN

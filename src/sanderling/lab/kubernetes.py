@@ -42,7 +42,7 @@ def binaries() -> dict[str, Path]:
     missing = [name for name, path in found.items() if not os.access(path, os.X_OK)]
     if missing:
         raise SystemExit(f"sanderling lab: --control-plane kubernetes needs {', '.join(missing)} in {UPSTREAM_BIN}; "
-                         "build them once with `bash scripts/build-upstream.sh` (about 20 minutes on 2 cores)")
+                         "build them once with `bash scripts/build-upstream.sh` (about 12 minutes on 2 cores)")
     return found
 
 
