@@ -80,8 +80,12 @@ def _grab(args: tuple[str, int]) -> list[str]:
 
 
 def test_concurrent_processes_never_share_an_address(tmp_path):
-    allocator(tmp_path)  # create schema
-    with multiprocessing.get_context("fork").Pool(6) as pool:
+    allocator(tmp_path).store.close()  # create the schema, and hold no connection across the start of the workers
+    # spawned, not forked: a forked child inherits SQLite's per-process lock bookkeeping of any
+    # connection the parent still has open on the file (the parent's POSIX locks are not
+    # inherited), which broke its locking in CI (40 duplicates in 120) when the garbage
+    # collector had not yet closed a dropped store; separate processes are what shares this file
+    with multiprocessing.get_context("spawn").Pool(6) as pool:
         results = pool.map(_grab, [(str(tmp_path), w) for w in range(6)])
     ips = [ip for r in results for ip in r]
     assert len(ips) == 120 and len(set(ips)) == 120
