@@ -13,11 +13,21 @@ import sys
 import threading
 
 
-def _serve_tcp(port: int, name: bytes) -> None:
+def _tcp_listener(port: int) -> socket.socket:
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind(("0.0.0.0", port))
     srv.listen(128)
+    return srv
+
+
+def _udp_socket(port: int) -> socket.socket:
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    srv.bind(("0.0.0.0", port))
+    return srv
+
+
+def _serve_tcp(srv: socket.socket, name: bytes) -> None:
     while True:
         conn, _ = srv.accept()
         try:
@@ -29,9 +39,7 @@ def _serve_tcp(port: int, name: bytes) -> None:
             conn.close()
 
 
-def _serve_udp(port: int, name: bytes) -> None:
-    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    srv.bind(("0.0.0.0", port))
+def _serve_udp(srv: socket.socket, name: bytes) -> None:
     while True:
         data, peer = srv.recvfrom(2048)
         if data.startswith(b"whoami"):  # who the server sees: shows whether the source was translated
@@ -41,8 +49,11 @@ def _serve_udp(port: int, name: bytes) -> None:
 
 
 def serve(name: str, tcp: list[int], udp: list[int]) -> None:
-    threads = [threading.Thread(target=_serve_tcp, args=(p, name.encode()), daemon=True) for p in tcp]
-    threads += [threading.Thread(target=_serve_udp, args=(p, name.encode()), daemon=True) for p in udp]
+    """Bind every port first, then say "ready": whoever waits for that line may probe at once."""
+    tcp_socks = [_tcp_listener(p) for p in tcp]
+    udp_socks = [_udp_socket(p) for p in udp]
+    threads = [threading.Thread(target=_serve_tcp, args=(s, name.encode()), daemon=True) for s in tcp_socks]
+    threads += [threading.Thread(target=_serve_udp, args=(s, name.encode()), daemon=True) for s in udp_socks]
     for t in threads:
         t.start()
     print("ready", flush=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import select
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from sanderling.cni.errors import E_TRY_LATER
 from sanderling.netlink import veth
 
 log = logging.getLogger(__name__)
+SERVER_READY_TIMEOUT_S = 15.0
 DELEGATE_PLUGINS = "/usr/lib/cni"  # Debian's containernetworking-plugins (macvlan, host-device, ...)
 
 
@@ -121,6 +123,7 @@ class Kubelet:
                 return None
             argv = [sys.executable, "-m", "sanderling.probe", "serve", "--name", pod["metadata"]["name"]]
             argv += [a for p in tcp for a in ("--tcp", p)] + [a for p in udp for a in ("--udp", p)]
+            return _started_server(["ip", "netns", "exec", netns_name, *argv], pod)
         return subprocess.Popen(["ip", "netns", "exec", netns_name, *argv], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
 
@@ -147,3 +150,21 @@ def _command(pod: dict[str, Any]) -> list[str] | None:
     containers = (pod.get("spec") or {}).get("containers") or []
     return next(([str(a) for a in c.get("command", []) + c.get("args", [])] for c in containers
                  if c.get("command")), None)
+
+
+def _started_server(argv: list[str], pod: dict[str, Any]) -> subprocess.Popen[bytes]:
+    """Start the built-in probe server and wait for its "ready" (every port bound).
+
+    A pod is reported Running only once its ports answer, as a kubelet with a readiness probe
+    would: `lab check` probes the moment every pod is Running, and a Python interpreter starting
+    on a busy 2-core machine can take a second to bind (CI saw probes refused in that window).
+    """
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], SERVER_READY_TIMEOUT_S)
+    line = proc.stdout.readline() if ready else b""
+    if line.strip() != b"ready":
+        log.warning("pod %s/%s: the probe server did not report ready within %.0f s",
+                    pod["metadata"]["namespace"], pod["metadata"]["name"], SERVER_READY_TIMEOUT_S)
+    proc.stdout.close()  # it prints nothing after "ready"
+    return proc
