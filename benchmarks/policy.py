@@ -185,7 +185,7 @@ def _iperf(node: Any, client: Any, server: Any, seconds: int, pin: list[str]) ->
 
 def _throughput(seconds: int, rounds: int, progress: Callable[[str], None]) -> dict[str, Any]:
     from sanderling.agent.policy_agent import PolicyAgent
-    from sanderling.compiler import pods as pod_compiler
+    from sanderling.compiler import node_objects
     from sanderling.lab.node import LocalNode, teardown_prefix
     from sanderling.model.network import PodPort
     from sanderling.openflow.connection import Connection
@@ -206,10 +206,9 @@ def _throughput(seconds: int, rounds: int, progress: Callable[[str], None]) -> d
         async def install(with_policies: bool) -> None:
             conn = await Connection.open(node.ovs.mgmt_target(node.bridge), timeout=10)
             realizer = Realizer(1)
-            realizer.set_object("static", pod_compiler.static_flows(node.network))
-            for pod in (a, b, c, d):
-                port = PodPort.build(pod.namespace, pod.name, node.ofport(pod), pod.mac, pod.ip)
-                realizer.set_object(port.key, pod_compiler.pod_flows(node.network, port))
+            ports = [PodPort.build(pod.namespace, pod.name, node.ofport(pod), pod.mac, pod.ip) for pod in (a, b, c, d)]
+            for key, flows in node_objects.node_objects(node.network, ports).items():
+                realizer.set_object(key, flows)
             if with_policies:
                 deferred: list[Callable[[], None]] = []
                 agent = PolicyAgent("n1", realizer, lambda: None, schedule=deferred.append)

@@ -19,6 +19,13 @@ One definition for both, each observed from outside the process:
   Sanderling while kube-proxy is stopped (SIGSTOP), then as many on kube-proxy while the agent
   is stopped, so neither's work takes the 2 cores from the other's measurement.
 - RSS of each process at the end.
+- first packet: with every Service installed, a client in each node's own network namespace opens
+  TCP connections to ClusterIPs whose one endpoint is a real pod on that node (`latency` Services
+  per node, created last, each waited for on both). `first`: one connection to each of those
+  ClusterIPs, so each is the first packet to that address through the dataplane (OVS: a datapath
+  miss and an upcall through the 10,000-Service tables; nftables: its chains); `repeat`: new
+  connections to one ClusterIP (OVS: its datapath flow cached); `direct`: the pod's own address,
+  the same path without a Service. Figures are connect() times (SYN to SYN-ACK), p50 and p99.
 Ratios are Sanderling / kube-proxy: below 1 means Sanderling is ahead.
 """
 
@@ -43,6 +50,30 @@ LAB = "slbpeer"
 NAMESPACE = "peer"
 ENDPOINT_NET = ipaddress.IPv4Network("10.250.0.0/16")  # routed nowhere: only programming is measured
 METRICS = "127.0.0.1:10249"
+LATENCY_NAMESPACE = "latency"
+
+# Runs in a node's namespace: connect() times in ms to each ClusterIP once (`first`), to the first
+# ClusterIP `repeat` times (`repeat`) and to the pod's own address (`direct`), as JSON.
+CLIENT = r"""
+import json, socket, sys, time
+vips, pod, repeat = sys.argv[1].split(","), sys.argv[2], int(sys.argv[3])
+def once(ip, port):
+    for attempt in range(3):
+        s = socket.socket()
+        s.settimeout(3)
+        try:
+            t = time.perf_counter()
+            s.connect((ip, port))
+            return (time.perf_counter() - t) * 1000
+        except OSError as e:
+            error = e
+        finally:
+            s.close()
+    raise SystemExit(f"{ip}:{port}: {error}")
+first = [once(v, 80) for v in vips]
+print(json.dumps({"first": first, "repeat": [once(vips[0], 80) for _ in range(repeat)],
+                  "direct": [once(pod, 8080) for _ in range(repeat)]}))
+"""
 
 # Runs in node2's namespace: answers each "WRITE_EPOCH" line with the epoch at which kube-proxy's
 # metrics first show a sync that ended after it with nothing pending.
@@ -124,9 +155,69 @@ class Peer:
         self.node2 = state["nodes"][1]
         from sanderling.process import terminate
 
+        self.servers = self._server_pods()  # while node2's agent still plugs pods in
         terminate(self.node2["agent_pid"], timeout=5.0)  # node2 is kube-proxy's
         self.agent_pid = self.node1["agent_pid"]
         self.br_int = f"unix:{Path(self.node1['dir']) / 'ovs' / 'br-int.mgmt'}"
+
+    def _server_pods(self) -> dict[str, str]:
+        """One pod per node serving TCP 8080 (the lab kubelet's probe server); node name -> pod IP."""
+        from lightkube import codecs
+        from lightkube.resources.core_v1 import Pod
+
+        self.client.create(codecs.from_dict({"apiVersion": "v1", "kind": "Namespace",
+                                             "metadata": {"name": LATENCY_NAMESPACE}}))
+        for node in (self.node1, self.node2):
+            self.client.create(codecs.from_dict({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": f"server-{node['name']}", "namespace": LATENCY_NAMESPACE},
+                "spec": {"nodeName": node["name"], "containers": [{"name": "s", "image": "lab",
+                                                                   "ports": [{"containerPort": 8080}]}]}}))
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            ips = {}
+            for node in (self.node1, self.node2):
+                pod = self.client.get(Pod, f"server-{node['name']}", namespace=LATENCY_NAMESPACE)
+                if pod.status and pod.status.phase == "Running" and pod.status.podIP:
+                    ips[node["name"]] = str(pod.status.podIP)
+            if len(ips) == 2:
+                return ips
+            time.sleep(0.3)
+        raise SystemExit("bench proxy-peer: the latency server pods did not start in 120 s")
+
+    def latency_services(self, per_node: int) -> tuple[float, dict[str, list[str]]]:
+        """`per_node` Services per node whose only endpoint is that node's server pod; the epoch of
+        the last write and each node's ClusterIPs."""
+        from lightkube import codecs
+        from lightkube.resources.core_v1 import Service
+
+        vips: dict[str, list[str]] = {}
+        last = 0.0
+        for node in (self.node1, self.node2):
+            for i in range(per_node):
+                name = f"lat-{node['name']}-{i}"
+                self.client.create(codecs.from_dict({
+                    "apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": LATENCY_NAMESPACE},
+                    "spec": {"ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP"}]}}))
+                body = _slice(0, 1, [self.servers[node["name"]]])
+                body["metadata"].update(name=name, namespace=LATENCY_NAMESPACE,
+                                        labels={**body["metadata"]["labels"], "kubernetes.io/service-name": name})
+                self.client.create(codecs.from_dict(body))
+                last = time.time()
+                spec = self.client.get(Service, name, namespace=LATENCY_NAMESPACE).spec
+                assert spec is not None
+                vips.setdefault(node["name"], []).append(str(spec.clusterIP))
+        return last, vips
+
+    def connect_times(self, node: dict[str, Any], vips: list[str], repeat: int) -> dict[str, list[float]]:
+        """Connect times (ms) measured from inside the node's own namespace (see CLIENT)."""
+        out = subprocess.run(["ip", "netns", "exec", node["netns"], sys.executable, "-c", CLIENT, ",".join(vips),
+                              self.servers[node["name"]], str(repeat)],
+                             capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            raise SystemExit(f"bench proxy-peer: connections from {node['name']} failed: {out.stderr[-1500:]}")
+        times: dict[str, list[float]] = json.loads(out.stdout)
+        return times
 
     def start_kube_proxy(self) -> None:
         from sanderling.lab.kubernetes import UPSTREAM_BIN, KubernetesControlPlane
@@ -219,6 +310,10 @@ class Peer:
                     return time.time()
             time.sleep(0.05)
 
+    def sanderling_programmed(self, vip: str) -> None:
+        while "group:" not in self._ofctl("dump-flows", self.br_int, f"ip,nw_dst={vip}"):
+            time.sleep(0.05)
+
     def group_of(self, vip: str) -> str:
         flows = self._ofctl("dump-flows", self.br_int, f"ip,nw_dst={vip}")
         return flows.split("group:", 1)[1].split(",")[0].split()[0]
@@ -256,7 +351,7 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def run(progress: Callable[[str], None] = lambda _m: None, services: int = 10000, endpoints: int = 10,
-        changes: int = 50, **_: Any) -> dict[str, Any]:
+        changes: int = 50, latency_services: int = 50, **_: Any) -> dict[str, Any]:
     peer = Peer(progress)
     result: dict[str, Any] = {"bench": "proxy-peer", "services": services, "endpoints": endpoints,
                               "changes": changes}
@@ -318,6 +413,18 @@ def run(progress: Callable[[str], None] = lambda _m: None, services: int = 10000
         result["change_ratio"] = round(result["sanderling_change_p99_ms"] / max(result["kube_proxy_change_p99_ms"],
                                                                                1e-3), 3)
         assert peer.kube_proxy is not None
+        progress(f"{latency_services} Services per node to a pod on that node: first-packet latency")
+        lat_written, lat_vips = peer.latency_services(latency_services)
+        for vip in lat_vips[peer.node1["name"]]:
+            peer.sanderling_programmed(vip)
+        peer.kube_proxy_synced_after(lat_written)
+        for who, node in (("sanderling", peer.node1), ("kube_proxy", peer.node2)):
+            times = peer.connect_times(node, lat_vips[node["name"]], repeat=200)
+            for kind, values in times.items():
+                result[f"{who}_{kind}_p50_ms"] = round(statistics.median(values), 3)
+                result[f"{who}_{kind}_p99_ms"] = round(_pct(values, 0.99), 3)
+        result["first_packet_ratio"] = round(result["sanderling_first_p50_ms"]
+                                             / max(result["kube_proxy_first_p50_ms"], 1e-3), 3)
         result["sanderling_rss_mb"] = _rss_mb(peer.agent_pid)
         result["kube_proxy_rss_mb"] = _rss_mb(peer.kube_proxy.pid)
         result["rss_ratio"] = round(result["sanderling_rss_mb"] / max(result["kube_proxy_rss_mb"], 0.1), 3)

@@ -91,7 +91,7 @@ def _sync_and_changes(services: int, endpoints: int, changes: int, progress: Cal
 def _first_packet(services: int, endpoints: int, progress: Callable[[str], None], samples: int = 300,
                   rounds: int = 3) -> dict[str, Any]:
     from sanderling.agent.service_proxy import ServiceProxy
-    from sanderling.compiler import pods as pod_compiler
+    from sanderling.compiler import node_objects
     from sanderling.compiler.services import ProxyConfig
     from sanderling.lab.node import LocalNode, teardown_prefix
     from sanderling.model.network import PodPort
@@ -121,10 +121,10 @@ def _first_packet(services: int, endpoints: int, progress: Callable[[str], None]
         async def install_and_measure(count: int) -> list[float]:
             conn = await Connection.open(node.ovs.mgmt_target(node.bridge), timeout=10)
             realizer = Realizer(1)
-            realizer.set_object("static", pod_compiler.static_flows(node.network))
-            for pod in (client, server):
-                port = PodPort.build(pod.namespace, pod.name, node.ofport(pod), pod.mac, pod.ip)
-                realizer.set_object(port.key, pod_compiler.pod_flows(node.network, port))
+            ports = [PodPort.build(pod.namespace, pod.name, node.ofport(pod), pod.mac, pod.ip)
+                     for pod in (client, server)]
+            for key, flows in node_objects.node_objects(node.network, ports).items():
+                realizer.set_object(key, flows)
             proxy = ServiceProxy(cfg, realizer, lambda: None, schedule=lambda _fn: None)
             proxy.start()
             driver.feed(proxy, test_service + driver.objects(count - 1, endpoints))

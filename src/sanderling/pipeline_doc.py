@@ -11,7 +11,9 @@ import ipaddress
 from typing import Any
 
 from sanderling.agent.policy_agent import PolicyAgent
-from sanderling.compiler import gateway, nodes, pods, services
+from sanderling.agent.sync import SyncLoop
+from sanderling.compiler import node_objects, services
+from sanderling.compiler.node_objects import GATEWAY_KEY, STATIC_KEY
 from sanderling.model.network import NodeNetwork, PodPort
 from sanderling.model.nodes import Remote
 from sanderling.model.services import Endpoint, Service, ServicePort
@@ -60,7 +62,8 @@ EXAMPLE_POLICIES: tuple[dict[str, Any], ...] = (  # two policies naming the same
 def policy_example_flows() -> list[ir.Flow]:
     """The example policies through the agent's real path (PolicyAgent, compiler, SharedFlows)."""
     realizer = Realizer(1)
-    agent = PolicyAgent(EXAMPLE_NODE.name, realizer, lambda: None)
+    # through the scope the agent gives it: a key outside "policy" would raise here
+    agent = PolicyAgent(EXAMPLE_NODE.name, SyncLoop(EXAMPLE_NODE.name, "", realizer).scope("policy"), lambda: None)
     agent.start()
     agent.namespace_changed("default", {"metadata": {"name": "default"}})
     for pod, app in zip(EXAMPLE_PODS, ("web", "db"), strict=True):
@@ -119,9 +122,10 @@ def render() -> str:
     group_ids: dict[str, int] = {}
     svc_flows, svc_groups = services.service_flows(EXAMPLE_PROXY, EXAMPLE_SERVICE, EXAMPLE_ENDPOINTS,
                                                    lambda key: group_ids.setdefault(key, len(group_ids) + 1))
-    flows = (pods.static_flows(EXAMPLE_NODE) + gateway.gateway_flows(EXAMPLE_NODE)
-             + [f for p in EXAMPLE_PODS for f in pods.pod_flows(EXAMPLE_NODE, p)]
-             + nodes.remote_flows(EXAMPLE_NODE, EXAMPLE_REMOTE, "routed")
+    node = node_objects.node_objects(EXAMPLE_NODE, EXAMPLE_PODS, gateway=True, remotes=[EXAMPLE_REMOTE])
+    flows = ([f for key in (STATIC_KEY, GATEWAY_KEY) for f in node[key]]
+             + [f for p in EXAMPLE_PODS for f in node[p.key]]
+             + node[node_objects.remote_key(EXAMPLE_REMOTE)]
              + services.static_flows(EXAMPLE_PROXY) + svc_flows
              + [f for key in sorted(services.shared_keys(EXAMPLE_PROXY, EXAMPLE_SERVICE, EXAMPLE_ENDPOINTS))
                 for f in services.shared_flows(EXAMPLE_PROXY, key)]

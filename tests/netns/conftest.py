@@ -58,6 +58,25 @@ class LabCli:
     def __call__(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         return subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=timeout)
 
+    def agent_objects(self, prefix: str) -> dict[str, dict[str, dict[str, object]]]:
+        """node -> object key -> its state on that node's agent (`lab agents --objects`)."""
+        out = self("agents", "--objects", prefix, "-o", "json")
+        assert out.returncode == 0, out.stdout + out.stderr
+        nodes: dict[str, dict[str, dict[str, object]]] = json.loads(out.stdout)
+        return nodes
+
+    def wait_agents(self, what: str, prefix: str, ok, timeout: float = 30.0) -> dict[str, dict[str, dict]]:
+        """Until `ok(objects of one node)` holds on every node's agent: tests wait on what the
+        agents report as installed, not on time."""
+        deadline = time.monotonic() + timeout
+        while True:
+            nodes = self.agent_objects(prefix)
+            if nodes and all(ok(objects) for objects in nodes.values()):
+                return nodes
+            if time.monotonic() > deadline:
+                raise AssertionError(f"agents did not report {what} within {timeout:.0f} s: {nodes}")
+            time.sleep(0.1)
+
     def up_with(self, nodes: int, manifest: Path, pods: int, namespace: str | None = None,
                 control_plane: str = "sanderling") -> dict[str, str]:
         """A fresh lab with the manifest applied; pod name -> IP once `pods` pods have an address."""

@@ -90,6 +90,12 @@ def spread(vip: str, count: int, client: str = "client") -> dict[str, int]:
     return json.loads(out.stdout)
 
 
+def changed(before: dict[str, dict[str, dict]]):
+    """A predicate for `wait_agents`: an installed object whose flows differ from every one before."""
+    seen = {o["digest"] for objs in before.values() for o in objs.values()}
+    return lambda objs: any(o["installed"] and o["digest"] not in seen for o in objs.values())
+
+
 @pytest.mark.parametrize("control_plane", ["sanderling", "kubernetes"])
 def test_service_spread_affinity_and_reject(tmp_path, control_plane):
     manifest = tmp_path / "svc.yaml"
@@ -98,7 +104,8 @@ def test_service_spread_affinity_and_reject(tmp_path, control_plane):
         lab.up_with(3, manifest, pods=4, namespace="svc", control_plane=control_plane)
         services = {s["metadata"]["name"]: s for s in json.loads(lab("get", "svc", "-n", "svc", "-o", "json").stdout)}
         vip = services["be"]["spec"]["clusterIP"]
-        time.sleep(1.0)  # the agents see the EndpointSlice
+        installed = lab.wait_agents("service svc/be with its 3 endpoints", "service/svc/be",
+                                    lambda objs: any(o["installed"] and o["buckets"] >= 3 for o in objs.values()))
 
         counts = spread(vip, 300)
         print(f"\n300 connections to {vip}: {counts}")
@@ -115,7 +122,7 @@ def test_service_spread_affinity_and_reject(tmp_path, control_plane):
         svc["spec"]["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": 86400}}
         (tmp_path / "affinity.json").write_text(json.dumps(svc))
         assert lab("apply", "-f", str(tmp_path / "affinity.json")).returncode == 0
-        time.sleep(1.0)
+        installed = lab.wait_agents("service svc/be with ClientIP affinity", "service/svc/be", changed(installed))
         sticky = spread(vip, 300)
         print(f"with ClientIP affinity (86400 s): {sticky}")
         assert max(v for k, v in sticky.items() if k.startswith("be-")) == 300, sticky
@@ -133,7 +140,7 @@ def test_service_spread_affinity_and_reject(tmp_path, control_plane):
         svc["metadata"].pop("resourceVersion", None)
         (tmp_path / "affinity.json").write_text(json.dumps(svc))
         assert lab("apply", "-f", str(tmp_path / "affinity.json")).returncode == 0
-        time.sleep(1.0)
+        lab.wait_agents("service svc/be without affinity", "service/svc/be", changed(installed))
         again = spread(vip, 120)
         print(f"affinity off again: {again}")
         assert sum(1 for k in again if k.startswith("be-")) == 3, again  # live: spread again

@@ -179,9 +179,12 @@ def feed_cluster(agent: PolicyAgent, ns_labels, pods) -> None:
     for ns, lab in ns_labels.items():
         agent.namespace_changed(ns, {"metadata": {"name": ns, "labels": lab}})
     for p in pods:
-        agent.pod_changed(f"{p['ns']}/{p['name']}", {
-            "metadata": {"namespace": p["ns"], "name": p["name"], "labels": p["labels"]},
-            "spec": {"nodeName": "n1"}, "status": {"podIP": p["ip"]}})
+        agent.pod_changed(f"{p['ns']}/{p['name']}", pod_object(p))
+
+
+def pod_object(p) -> dict:
+    return {"metadata": {"namespace": p["ns"], "name": p["name"], "labels": p["labels"]},
+            "spec": {"nodeName": "n1"}, "status": {"podIP": p["ip"]}}
 
 
 def policy_flows(realizer: Realizer, agent: PolicyAgent) -> set:
@@ -237,6 +240,15 @@ def test_ovs_verdict_equals_kubernetes_semantics(dummy_ovs, dummy_db, world, tie
             for pol in policies:
                 agent.policy_changed(f"{pol['metadata']['namespace']}/{pol['metadata']['name']}", pol)
             agent.policy_changed("x/doomed", None)
+            # then pods change under the policies (recompiled only where they matter): each one
+            # relabelled and back, one more pod added and removed
+            for p in pods:
+                agent.pod_changed(f"{p['ns']}/{p['name']}", pod_object({**p, "labels": {"app": "other"}}))
+            ghost = {"ns": "y", "name": "p9", "labels": {"app": "a", "tier": "1"}, "ip": "10.244.7.40", "ofport": 9}
+            agent.pod_changed("y/p9", pod_object(ghost))
+            for p in pods:
+                agent.pod_changed(f"{p['ns']}/{p['name']}", pod_object(p))
+            agent.pod_changed("y/p9", None)
             await realizer.resync(conn)
             conn.close()
             # incremental (one flush per event, as above) == from scratch (everything, one flush)
@@ -298,3 +310,44 @@ def test_untranslatable_rules_fail_closed(dummy_ovs, dummy_db):
     assert verdicts == {(1, "TCP", 80): False, (1, "TCP", 81): False, (2, "TCP", 80): False, (2, "TCP", 81): True}
     assert len(reports) == 1 and reports[0][:2] == ("x", "v6")
     assert "fd00::/64 is IPv6" in reports[0][2] and "spec.ingress[1].ports[0].port" in reports[0][2]
+
+
+def test_a_pod_change_recompiles_only_the_policies_it_matters_to(monkeypatch):
+    """200 policies in namespace x; a pod of namespace y that none of them selects or names changes
+    labels: nothing is recompiled. A pod one policy names as a peer: that policy alone. A policy
+    deleted gives its rule ids back, and the next policy reuses them."""
+    compiled: list[str] = []
+    real = policy_compiler.compile_policy
+
+    def counting(policy, *args, **kwargs):
+        compiled.append(policy.key)
+        return real(policy, *args, **kwargs)
+
+    monkeypatch.setattr(policy_compiler, "compile_policy", counting)
+    realizer = Realizer(1)
+    agent = PolicyAgent("n1", realizer, lambda: None)
+    pods = [{"ns": "x", "name": f"p{i}", "labels": {"app": "a"}, "ip": f"10.244.7.{10 + i}", "ofport": i + 1}
+            for i in range(3)] + [{"ns": "y", "name": "q", "labels": {"app": "q"}, "ip": "10.244.7.30", "ofport": 9}]
+    feed_cluster(agent, {"x": {"kubernetes.io/metadata.name": "x"}, "y": {"kubernetes.io/metadata.name": "y"}},
+                 pods)
+    for i in range(200):
+        peer = {"app": f"peer{i}"}
+        agent.policy_changed(f"x/np{i}", {"metadata": {"namespace": "x", "name": f"np{i}"}, "spec": {
+            "podSelector": {"matchLabels": {"app": "a"}}, "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": peer}}],
+                         "ports": [{"port": 80}]}]}})
+    ids_before = len(agent.rule_ids)
+    compiled.clear()
+    agent.pod_changed("y/q", pod_object({**pods[3], "labels": {"app": "still-nobody"}}))
+    assert compiled == []
+    agent.pod_changed("y/q", pod_object({**pods[3], "labels": {"app": "peer7"}}))
+    assert compiled == ["x/np7"]
+    compiled.clear()
+    agent.pod_changed("x/p1", pod_object({**pods[1], "labels": {"app": "b"}}))  # leaves every policy's selection
+    assert len(compiled) == 200
+    agent.policy_changed("x/np3", None)
+    assert len(agent.rule_ids) == ids_before - 1
+    agent.policy_changed("x/new", {"metadata": {"namespace": "x", "name": "new"}, "spec": {
+        "podSelector": {"matchLabels": {"app": "a"}}, "policyTypes": ["Ingress"],
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "z"}}}], "ports": [{"port": 80}]}]}})
+    assert len(agent.rule_ids) == ids_before and max(agent.rule_ids._ids.values()) == ids_before

@@ -109,3 +109,4 @@ def test_an_agent_dying_mid_request_is_try_again_later(tmp_path):
         server.close()
     assert code == 1 and out is not None and out["code"] == 11, out
     assert "closed the connection before answering" in out["msg"]
+

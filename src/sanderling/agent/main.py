@@ -16,8 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from sanderling.agent.controller import NodeController
+from sanderling.agent.node_flows import NodeFlows
+from sanderling.agent.nodeport_steering import NodePortSteering
+from sanderling.agent.pod_flows import PodFlows
 from sanderling.agent.pods_source import pods_from_ports
+from sanderling.agent.status import DEFAULT_ADDRESS as STATUS_ADDRESS
+from sanderling.agent.sync import SyncLoop
 from sanderling.cni.handler import CniHandler
 from sanderling.cni.install import install_binary, write_conflist
 from sanderling.cni.server import CniServer
@@ -99,6 +103,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--underlay-mtu", type=int, default=1500, help="MTU of the node's underlay interfaces")
     p.add_argument("--cni-path", default="/opt/cni/bin:/usr/lib/cni",
                    help="where delegated plugins of secondary networks are looked up")
+    p.add_argument("--status-address", default=STATUS_ADDRESS,
+                   help="HOST:PORT of the agent's /healthz, /readyz and /objects (\"\" for none)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -188,17 +194,16 @@ def proxy_config(args: argparse.Namespace, node: NodeNetwork, node_ips: list[str
         answer_masq_arp=True, gateway_mac=node.gateway_mac)
 
 
-def start_proxy(client: Any, cfg: Any, controller: NodeController, args: argparse.Namespace) -> list[Any]:
-    """Service and EndpointSlice informers feeding the kube-proxy replacement."""
+def start_proxy(client: Any, api: Any, cfg: Any, sync: SyncLoop, node_flows: NodeFlows,
+                args: argparse.Namespace) -> tuple[list[Any], NodePortSteering | None]:
+    """Service and EndpointSlice informers feeding the kube-proxy replacement, and the NodePort
+    steering (routed through the node: --gateway)."""
     from lightkube.resources.core_v1 import Service
     from lightkube.resources.discovery_v1 import EndpointSlice
 
     from sanderling.agent.health_check import HealthChecks
     from sanderling.agent.service_proxy import ServiceProxy
-    from sanderling.kube.client import KubeApi
     from sanderling.kube.informer import Informer
-
-    api = KubeApi(args.kubeconfig)
 
     def report(namespace: str, name: str, message: str) -> None:
         asyncio.get_running_loop().run_in_executor(
@@ -208,22 +213,19 @@ def start_proxy(client: Any, cfg: Any, controller: NodeController, args: argpars
     from sanderling.compiler.services import REJECT_METER, REJECT_RATE_PPS
     from sanderling.openflow.ir import Meter
 
-    controller.meters.append(Meter(REJECT_METER, REJECT_RATE_PPS, REJECT_RATE_PPS // 4))
-    proxy = ServiceProxy(cfg, controller.realizer, controller.kick, report,
+    sync.meters.append(Meter(REJECT_METER, REJECT_RATE_PPS, REJECT_RATE_PPS // 4))
+    steering = NodePortSteering(cfg, node_flows.node, sync, args.node_netns, args.bridge) if args.gateway else None
+    proxy = ServiceProxy(cfg, sync.scope("service"), sync.kick, report,
                          schedule=asyncio.get_running_loop().call_soon)
     health = HealthChecks(cfg.node_name)
-
-    steered_keep: list[tuple[int, ...]] = [()]  # the kept ports the tc filters hold now
 
     def health_changed(ports: dict[int, tuple[str, int]]) -> None:
         async def apply() -> None:
             await health.update(ports)
-            keep = tuple(sorted(ports))
             # the health ports are served by the node itself, not steered into br-int; endpoint
             # changes alter only their answers, so the filters change only with the set of ports
-            if args.gateway and keep != steered_keep[0]:
-                steered_keep[0] = keep
-                await steer_node_ports(cfg, controller, args, keep=keep)
+            if steering is not None:
+                await steering.steer(keep=tuple(sorted(ports)))
         asyncio.ensure_future(apply())
 
     proxy.on_health = health_changed
@@ -231,74 +233,42 @@ def start_proxy(client: Any, cfg: Any, controller: NodeController, args: argpars
     informers = [Informer(client, Service, proxy.service_changed), Informer(client, EndpointSlice, proxy.slice_changed)]
     log.info("node %s: kube-proxy replacement on (service CIDR %s, masquerade address %s, node ports on %s)",
              cfg.node_name, cfg.service_cidr, cfg.masq_ip, ", ".join(map(str, cfg.node_port_ips)) or "nothing")
-    return informers
+    return informers, steering
 
 
-async def open_gate(informers: list[Any], controller: NodeController) -> None:
-    """The readiness gate: once every informer has listed, the controller may install the whole
-    desired state and sweep the previous generation (see agent/controller.py)."""
+async def open_gate(informers: list[Any], sync: SyncLoop) -> None:
+    """The readiness gate: once every informer has listed, the sync loop may install the whole
+    desired state and sweep the previous generation (see agent/sync.py)."""
     started = time.monotonic()
     for informer in informers:
         await informer.synced.wait()
-    assert controller.gate is not None
-    controller.gate.set()
-    controller.kick()
-    log.info("node %s: %d informers listed in %.2f s", controller.node.name, len(informers),
+    assert sync.gate is not None
+    sync.gate.set()
+    sync.kick()
+    log.info("node %s: %d informers listed in %.2f s", sync.name, len(informers),
              time.monotonic() - started)
 
 
-_STEERING = asyncio.Lock()
-
-
-async def steer_node_ports(cfg: Any, controller: NodeController, args: argparse.Namespace,
-                           keep: tuple[int, ...] = ()) -> None:
-    """NodePorts on the node's addresses reach br-int from outside (see netlink/nodeport.py).
-    Serialized: health-check ports change the filters at any time."""
-    async with _STEERING:
-        await _steer_node_ports(cfg, controller, args, keep)
-
-
-async def _steer_node_ports(cfg: Any, controller: NodeController, args: argparse.Namespace,
-                            keep: tuple[int, ...]) -> None:
-    from sanderling.compiler.nodes import steered_uplink_flows
-    from sanderling.netlink import nodeport
-
-    for ip in cfg.node_port_ips:
-        try:
-            ifname, mac = await asyncio.to_thread(nodeport.interface_of, args.node_netns, str(ip))
-            await asyncio.to_thread(nodeport.steer, args.node_netns, ifname, str(ip), args.bridge, keep=keep)
-        except (nodeport.SteeringError, OSError) as exc:
-            log.error("node %s: NodePorts on %s not reachable from outside: %s", cfg.node_name, ip, exc)
-            continue
-        controller.realizer.set_object(f"node/steered/{ifname}", steered_uplink_flows(controller.node, mac))
-        controller.kick()
-        log.info("node %s: NodePorts on %s (%s, %s) steered into %s%s", cfg.node_name, ip, ifname, mac, args.bridge,
-                 f", health check ports {list(keep)} kept local" if keep else "")
-
-
-def policy_informers(client: Any, controller: NodeController, args: argparse.Namespace) -> list[Any]:
+def policy_informers(client: Any, api: Any, sync: SyncLoop, args: argparse.Namespace) -> list[Any]:
     """NetworkPolicy, Namespace and Pod informers feeding policy enforcement."""
     from lightkube.resources.core_v1 import Namespace, Pod
     from lightkube.resources.networking_v1 import NetworkPolicy
 
     from sanderling.agent.policy_agent import PolicyAgent
-    from sanderling.kube.client import KubeApi
     from sanderling.kube.informer import Informer
-
-    api = KubeApi(args.kubeconfig)
 
     def report(namespace: str, name: str, message: str) -> None:
         asyncio.get_running_loop().run_in_executor(
             None, lambda: api.event(namespace, name, "InvalidNetworkPolicy", message, args.node,
                                     involved_kind="NetworkPolicy"))
 
-    agent = PolicyAgent(args.node, controller.realizer, controller.kick, asyncio.get_running_loop().call_soon, report)
+    agent = PolicyAgent(args.node, sync.scope("policy"), sync.kick, asyncio.get_running_loop().call_soon, report)
     agent.start()
     from sanderling.compiler.policy import LOG_METER, LOG_RATE_PPS
     from sanderling.openflow.ir import Meter
 
-    controller.meters.append(Meter(LOG_METER, LOG_RATE_PPS, LOG_RATE_PPS // 5))
-    controller.packet_in_hooks.append(agent.packet_in)
+    sync.meters.append(Meter(LOG_METER, LOG_RATE_PPS, LOG_RATE_PPS // 5))
+    sync.packet_in_hooks.append(agent.packet_in)
     return [Informer(client, NetworkPolicy, agent.policy_changed), Informer(client, Pod, agent.pod_changed),
             Informer(client, Namespace, agent.namespace_changed, namespaced=False)]
 
@@ -386,10 +356,16 @@ async def serve(args: argparse.Namespace) -> int:
     log.info("node %s: bridge %s, pod CIDR %s, %s mode, generation %d (previous %d), %d tables",
              node.name, args.bridge, node.pod_cidr, args.mode, generation, previous, len(PIPELINE.tables))
     port_errors: dict[str, str] = {}
-    controller = NodeController(node, runtime.mgmt_target(args.bridge), Realizer(generation),
-                                lambda: pods_from_ports(db.ports(args.bridge), port_errors), gateway=args.gateway,
-                                mode=args.mode)
+    sync = SyncLoop(node.name, runtime.mgmt_target(args.bridge), Realizer(generation))
+    node_flows = NodeFlows(node, sync, gateway=args.gateway, mode=args.mode)
+    pod_flows = PodFlows(node, sync, lambda: pods_from_ports(db.ports(args.bridge), port_errors))
     view = None
+    api: Any = None  # the one synchronous Kubernetes client (events, IPPools, pod annotations)
+    if _kube_enabled(args):
+        from sanderling.kube.client import KubeApi
+
+        api = KubeApi(args.kubeconfig)
+    listed: list[Any] = []  # every informer the node's flows depend on, for /readyz
     remote_hooks: list[Callable[[list[Remote]], None]] = []  # more listeners to the other nodes
     proxy_tasks: list[asyncio.Task[None]] = []
     if _kube_enabled(args):
@@ -404,7 +380,7 @@ async def serve(args: argparse.Namespace) -> int:
             routes.update(None)
 
         def remotes_changed(remotes: list[Remote]) -> None:
-            controller.set_remotes(remotes)
+            node_flows.set_remotes(remotes)
             for hook in remote_hooks:
                 hook(remotes)
             if routes is not None:
@@ -413,13 +389,10 @@ async def serve(args: argparse.Namespace) -> int:
                      ", ".join(f"{r.dst} via {r.via}" for r in remotes[:8]) + (" ..." if len(remotes) > 8 else ""))
 
         client = _async_client(args)
-        from sanderling.kube.client import KubeApi
-
-        events = KubeApi(args.kubeconfig)
 
         def node_refused(name: str, message: str) -> None:
             asyncio.get_running_loop().run_in_executor(
-                None, lambda: events.event("default", name, "PodCIDRRefused", message, args.node,
+                None, lambda: api.event("default", name, "PodCIDRRefused", message, args.node,
                                            involved_kind="Node"))
 
         view = ClusterView(client, node.name, remotes_changed, ipaddress.IPv4Network(args.service_cidr),
@@ -427,19 +400,31 @@ async def serve(args: argparse.Namespace) -> int:
         view.start()
         informers: list[Any] = []
         if proxy_cfg is not None:
-            informers += start_proxy(client, proxy_cfg, controller, args)
-            if args.gateway:
-                await steer_node_ports(proxy_cfg, controller, args)
+            proxy_informers, steering = start_proxy(client, api, proxy_cfg, sync, node_flows, args)
+            informers += proxy_informers
+            if steering is not None:
+                await steering.steer()
         if not args.no_policy:  # its own switch: --no-proxy does not turn policy off
-            informers += policy_informers(client, controller, args)
+            informers += policy_informers(client, api, sync, args)
         proxy_tasks = [asyncio.create_task(i.run()) for i in informers]
-        controller.gate = asyncio.Event()
-        proxy_tasks.append(asyncio.create_task(open_gate([*view.informers, *informers], controller)))
+        sync.gate = asyncio.Event()
+        listed += [*view.informers, *informers]
+        proxy_tasks.append(asyncio.create_task(open_gate(listed, sync)))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, controller.stop)
+        loop.add_signal_handler(sig, sync.stop)
     server = None
     store = None
+    status_runner = None
+    if args.status_address:
+        from sanderling.agent.status import AgentStatus
+
+        host, _, port = args.status_address.rpartition(":")
+        try:
+            status_runner = await AgentStatus(sync, lambda: listed).start(host or "127.0.0.1", int(port))
+        except OSError as exc:  # the dataplane does not depend on it: say so and go on
+            log.error("node %s: status endpoint not served on %s: %s (set --status-address)", node.name,
+                      args.status_address, exc)
     if not args.no_cni:
         store, corrupt = AllocationStore.open_or_replace(args.state_dir / node.name / "ipam.db")
         # the masquerade address is the proxy's (only reserved when this agent replaces kube-proxy)
@@ -448,9 +433,9 @@ async def serve(args: argparse.Namespace) -> int:
         cluster = None
         if _kube_enabled(args):
             from sanderling.ipam.cluster import ClusterIpam
-            from sanderling.kube.client import KubeApi
 
-            cluster = ClusterIpam(KubeApi(args.kubeconfig), node.name, store)
+            assert api is not None
+            cluster = ClusterIpam(api, node.name, store)
         multinet = None
         if cluster is not None:
             multinet = secondary_networks(args, db, runtime, cluster, store, node.name)
@@ -462,7 +447,7 @@ async def serve(args: argparse.Namespace) -> int:
             remote_hooks.append(vteps_changed)
             if view is not None and view.remotes:
                 vteps_changed(view.remotes)
-        handler = CniHandler(node, db, args.bridge, allocator, controller, args.node_netns, args.mtu, cluster,
+        handler = CniHandler(node, db, args.bridge, allocator, pod_flows, args.node_netns, args.mtu, cluster,
                              tunnel=args.mode == "overlay", multinet=multinet, network_name=args.cni_network,
                              native_networks=not args.multus)
         if corrupt is not None:
@@ -478,7 +463,7 @@ async def serve(args: argparse.Namespace) -> int:
         write_conflist(args.cni_conf_dir, args.cni_network, args.cni_socket, args.mtu, version=args.cni_conf_version)
         log.info("CNI: plugin in %s, conflist %s in %s", args.cni_bin_dir, args.cni_network, args.cni_conf_dir)
     try:
-        await controller.run()
+        await sync.run()
     except asyncio.CancelledError:
         pass
     finally:
@@ -488,6 +473,8 @@ async def serve(args: argparse.Namespace) -> int:
             view.stop()
         if server is not None:
             await server.stop()
+        if status_runner is not None:
+            await status_runner.cleanup()
         if store is not None:
             store.close()
         db.close()

@@ -11,36 +11,63 @@ pods isolated, the untranslatable rules allowing nothing) and reported the same 
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections.abc import Callable
 from typing import Any
 
 from sanderling.agent.object_errors import ObjectErrors
+from sanderling.agent.sync import DesiredState
 from sanderling.compiler import policy as compiler
 from sanderling.compiler.shared_flows import SharedFlows
 from sanderling.model.policy import LOG_ANNOTATION, PodInfo, Policy, pod_info, policy_from
 from sanderling.openflow import cookies
 from sanderling.openflow.pipeline import PIPELINE
-from sanderling.openflow.realizer import Realizer
 
 log = logging.getLogger(__name__)
 
 
 class RuleIds:
-    """Stable conjunction ids (and priorities) per rule key for the life of the agent."""
+    """Conjunction ids (and so priority tiers) per rule key, stable while the rule exists.
+
+    A rule that goes away (its policy deleted or edited) gives its id back; a freed id is handed
+    out again only from the next compile on (`settle`), so a rule removed and another added in the
+    same pass never share an id, and the smallest free id goes first, which keeps ids, and the
+    priority tiers derived from them, dense under policy churn."""
 
     def __init__(self) -> None:
         self._ids: dict[str, int] = {}
+        self._next = 1
+        self._free: list[int] = []  # heap
+        self._freed: list[int] = []  # released in this pass
 
     def __call__(self, key: str) -> int:
         rid = self._ids.get(key)
         if rid is None:
-            rid = self._ids[key] = len(self._ids) + 1
+            if self._free:
+                rid = heapq.heappop(self._free)
+            else:
+                rid, self._next = self._next, self._next + 1
+            self._ids[key] = rid
         return rid
+
+    def release(self, policy_key: str, keep: set[str] | frozenset[str] = frozenset()) -> None:
+        """The rules of one policy other than `keep` are gone."""
+        prefix = policy_key + "/"
+        for key in [k for k in self._ids if k.startswith(prefix) and k not in keep]:
+            self._freed.append(self._ids.pop(key))
+
+    def settle(self) -> None:
+        for rid in self._freed:
+            heapq.heappush(self._free, rid)
+        self._freed = []
+
+    def __len__(self) -> int:
+        return len(self._ids)
 
 
 class PolicyAgent:
-    def __init__(self, node_name: str, realizer: Realizer, changed: Callable[[], None],
+    def __init__(self, node_name: str, realizer: DesiredState, changed: Callable[[], None],
                  schedule: Callable[[Callable[[], None]], object] | None = None,
                  report: Callable[[str, str, str], None] | None = None) -> None:
         self.node_name = node_name
@@ -62,6 +89,9 @@ class PolicyAgent:
         self._local: dict[str, list[PodInfo]] = {}  # namespace -> this node's pods with an address
         self._selected: dict[str, dict[str, tuple[bool, bool]]] = {}  # policy -> pod -> (ingress, egress)
         self._isolated: dict[str, tuple[bool, bool]] = {}
+        self._parsed: dict[str, Policy | None] = {}  # what each policy compiled from last time
+        # pods changed since the last compile -> their state then (None: they were not known)
+        self._pods_before: dict[str, PodInfo | None] = {}
 
     def start(self) -> None:
         self.realizer.set_object("policy/static", compiler.static_flows())
@@ -76,21 +106,25 @@ class PolicyAgent:
         self._mark(key)
 
     def pod_changed(self, key: str, obj: dict[str, Any] | None) -> None:
-        """A pod's labels, address, node or ports changed: recompile. Anything else (status
-        conditions, annotations: most updates of a running pod) changes no flow and is ignored."""
+        """A pod's labels, address, node or ports changed: recompile the policies it matters to
+        (before or after the change). Anything else (status conditions, annotations: most updates
+        of a running pod) changes no flow and is ignored."""
+        before = self.pods.get(key)
         if obj is None:
-            if self.pods.pop(key, None) is None:
+            if before is None:
                 return
+            del self.pods[key]
         else:
             try:
                 info = pod_info(obj)
             except (ValueError, TypeError, KeyError, AttributeError) as exc:
                 log.error("pod/%s: unreadable for policy (%s); its previous state is kept", key, exc)
                 return
-            if self.pods.get(key) == info:
+            if before == info:
                 return
             self.pods[key] = info
-        self._mark()
+        self._pods_before.setdefault(key, before)  # its state as of the last compile
+        self._schedule()
 
     def namespace_changed(self, key: str, obj: dict[str, Any] | None) -> None:
         """Only a namespace's labels and its logging annotation matter to policy."""
@@ -112,11 +146,14 @@ class PolicyAgent:
         self._mark()
 
     def _mark(self, policy: str | None = None) -> None:
-        """policy: only that policy changed (recompile it alone); None: pods or namespaces (all)."""
+        """policy: only that policy changed (recompile it alone); None: namespaces (all)."""
         if policy is None:
             self._full = True
         else:
             self._dirty.add(policy)
+        self._schedule()
+
+    def _schedule(self) -> None:
         if self.schedule is None:
             self.flush()
         elif not self._scheduled:
@@ -136,33 +173,47 @@ class PolicyAgent:
         """Recompile what changed: one policy after an edit (its flows, and the isolation of the pods
         it selected or selects), everything after a pod or namespace change."""
         self._scheduled = False
-        full, dirty = self._full, self._dirty
-        self._full, self._dirty = False, set()
+        self.rule_ids.settle()
+        full, dirty, changed_pods = self._full, self._dirty, self._pods_before
+        self._full, self._dirty, self._pods_before = False, set(), {}
+        touched: set[str] = set()
         pods = tuple(p for p in self.pods.values() if p.ip is not None)
-        if full or self._cluster is None:
+        if full or self._cluster is None or changed_pods:
             self._cluster = compiler.ClusterPods(pods, dict(self.namespace_labels))
             self._local = {}
             for pod in pods:
                 if pod.node == self.node_name:
                     self._local.setdefault(pod.namespace, []).append(pod)
+        if full or self._cluster is None:
             dirty = set(self.raw_policies) | set(self._selected)
-        touched: set[str] = set()
+        elif changed_pods:
+            # only the policies the changed pods matter to, as they were or as they are now
+            states = [p for key, before in changed_pods.items() for p in (before, self.pods.get(key))
+                      if p is not None]
+            dirty |= {key for key, policy in self._parsed.items()
+                      if policy is not None and any(self._matters(policy, p) for p in states)}
+            touched |= changed_pods.keys()
         for key in sorted(dirty):
             policy = self._policy(key)
+            self._parsed[key] = policy
             before = self._selected.pop(key, {})
             touched |= before.keys()
             object_key = f"policy/{key}"
             if policy is None:
                 self.realizer.remove_object(object_key)
                 self.shared.remove(key)
+                self._forget_rules(key)
+                if key not in self.raw_policies:
+                    self._parsed.pop(key, None)
                 continue
             local = self._local.get(policy.namespace, [])
             selected = {p.key: (policy.ingress is not None, policy.egress is not None)
                         for p in local if policy.pods.matches(p.label_map())}
             self._selected[key] = selected
             touched |= selected.keys()
+            used: set[str] = set()
             try:
-                compiled = compiler.compile_policy(policy, local, self._cluster, self.rule_ids,
+                compiled = compiler.compile_policy(policy, local, self._cluster, _recording(self.rule_ids, used),
                                                    rules_by_cookie=self.rules_by_cookie)
             except Exception as exc:  # a value the model let through: this policy alone, and closed
                 log.exception("networkpolicy/%s: cannot be compiled", key)
@@ -170,7 +221,9 @@ class PolicyAgent:
                                        "and the policy allows nothing")
                 self.realizer.remove_object(object_key)
                 self.shared.remove(key)
+                self._forget_rules(key)
                 continue
+            self._forget_rules(key, keep=used)
             self.realizer.set_object(object_key, compiled.flows)
             self.shared.update(key, compiled.shared)
         for fk, flow in self.shared.take_dirty().items():
@@ -184,6 +237,34 @@ class PolicyAgent:
             touched |= set(self._isolated)
         self._update_isolation(touched)
         self.changed()
+
+    def _forget_rules(self, policy_key: str, keep: set[str] | frozenset[str] = frozenset()) -> None:
+        """Rules of the policy that no longer exist: their ids go back, their log names too."""
+        self.rule_ids.release(policy_key, keep)
+        prefix = policy_key + "/"
+        for cookie in [c for c, rule in self.rules_by_cookie.items() if rule.startswith(prefix) and rule not in keep]:
+            del self.rules_by_cookie[cookie]
+
+    def _matters(self, policy: Policy, pod: PodInfo) -> bool:
+        """Whether the policy's flows on this node depend on this pod: it selects it here, or one of
+        its rules names it as a peer (or resolves a named port on every pod)."""
+        labels = pod.label_map()
+        if pod.node == self.node_name and pod.namespace == policy.namespace and policy.pods.matches(labels):
+            return True
+        for rules, egress in ((policy.ingress or (), False), (policy.egress or (), True)):
+            for rule in rules:
+                if not rule.peers:
+                    if egress and any(isinstance(port.port, str) for port in rule.ports):
+                        return True  # a named port of any destination pod
+                    continue
+                for peer in rule.peers:
+                    if peer.cidr is not None:
+                        continue
+                    in_namespace = (pod.namespace == policy.namespace if peer.namespaces is None
+                                    else peer.namespaces.matches(self.namespace_labels.get(pod.namespace, {})))
+                    if in_namespace and (peer.pods is None or peer.pods.matches(labels)):
+                        return True
+        return False
 
     def _update_isolation(self, pod_keys: set[str]) -> None:
         local = {p.key: p for pods in self._local.values() for p in pods}
@@ -233,6 +314,14 @@ class PolicyAgent:
         log.info("policy-log verdict=%s policy=%s rule=%s src=%s(%s) dst=%s(%s) proto=%s port=%s", verdict,
                  policy or "-", rule_text or "default-deny", by_ip.get(src, "-"), src, by_ip.get(dst, "-"), dst,
                  proto, dport)
+
+
+def _recording(ids: RuleIds, used: set[str]) -> Callable[[str], int]:
+    """The rule-id function for one compile, noting which rules it asked for."""
+    def rule_id(rule: str) -> int:
+        used.add(rule)
+        return ids(rule)
+    return rule_id
 
 
 def parse_l3l4(frame: bytes) -> tuple[str, str, str, int, int] | None:

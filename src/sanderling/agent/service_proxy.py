@@ -16,9 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 from sanderling.agent.object_errors import ObjectErrors
+from sanderling.agent.sync import DesiredState
 from sanderling.compiler import services as compiler
 from sanderling.model.services import SERVICE_NAME_LABEL, Service, endpoints_by_port, service_from, usable
-from sanderling.openflow.realizer import Realizer
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class GroupIds:
 
 
 class ServiceProxy:
-    def __init__(self, cfg: compiler.ProxyConfig, realizer: Realizer, changed: Callable[[], None],
+    def __init__(self, cfg: compiler.ProxyConfig, realizer: DesiredState, changed: Callable[[], None],
                  report: Callable[[str, str, str], None] | None = None,
                  schedule: Callable[[Callable[[], None]], object] | None = None) -> None:
         """`changed` is called after compiled objects changed; `schedule(fn)` runs fn soon (the

@@ -62,6 +62,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     logs.add_argument("node", help="node name, e.g. node1")
     logs.add_argument("--grep", default=None, help="only lines containing this text (e.g. policy-log)")
     logs.add_argument("--tail", type=int, default=0, help="only the last N lines (after --grep)")
+    ag = cmds.add_parser("agents", parents=[common],
+                         help="each node agent's readiness (/readyz), or its objects with --objects PREFIX")
+    ag.add_argument("--objects", default=None, metavar="PREFIX",
+                    help="objects whose key starts with PREFIX (service/NS/NAME, policy/, pod/NS/...)")
+    ag.add_argument("-o", "--output", choices=["table", "json"], default="table")
     cmds.add_parser("kubeconfig", parents=[common], help="print the path of the lab's kubeconfig")
     ra = cmds.add_parser("restart-agent", parents=[common],
                          help="restart a node's agent (the node keeps forwarding on its installed flows)")
@@ -109,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
         return check(lab)
     if cmd == "logs":
         return agent_logs(lab, args.node, args.grep, args.tail)
+    if cmd == "agents":
+        return agents(lab, args.objects, args.output)
     if cmd == "restart-agent":
         lab.restart_agent(args.node)
         print(f"agent of {args.node} restarted")
@@ -118,6 +125,42 @@ def run(args: argparse.Namespace) -> int:
         progress(f"control plane of lab {lab.name} restarted")
         return 0
     return 2
+
+
+# runs in a node's namespace: GET the agent's status endpoint, print the body (also on 503)
+_STATUS_GET = ("import sys, urllib.request, urllib.error\n"
+               "try:\n    print(urllib.request.urlopen(sys.argv[1], timeout=3).read().decode())\n"
+               "except urllib.error.HTTPError as e:\n    print(e.read().decode())\n")
+
+
+def agents(lab: Lab, prefix: str | None, output: str) -> int:
+    """Ask every node agent's status endpoint (in the node's namespace) what it has."""
+    import urllib.parse
+
+    from sanderling.agent.status import DEFAULT_ADDRESS
+
+    out: dict[str, Any] = {}
+    for node in lab.state()["nodes"]:
+        path = "/readyz" if prefix is None else "/objects?prefix=" + urllib.parse.quote(prefix)
+        got = subprocess.run(["ip", "netns", "exec", node["netns"], sys.executable, "-c", _STATUS_GET,
+                              f"http://{DEFAULT_ADDRESS}{path}"], capture_output=True, text=True, timeout=30)
+        try:
+            out[node["name"]] = json.loads(got.stdout)
+        except ValueError:
+            out[node["name"]] = {"error": (got.stderr.strip().splitlines() or ["no answer"])[-1]}
+    if output == "json":
+        print(json.dumps(out, indent=1))
+        return 0
+    if prefix is None:
+        rows = [[name, "yes" if s.get("ready") else "no", s.get("generation", "-"), s.get("pending", "-"),
+                 len(s.get("refused") or {}), "; ".join(s.get("missing") or []) or s.get("error", "")]
+                for name, s in out.items()]
+        print(table(["node", "ready", "generation", "pending", "refused", "missing"], rows))
+        return 0 if all(s.get("ready") for s in out.values()) else 1
+    rows = [[name, key, "yes" if o["installed"] else "no", o["flows"], o["groups"], o["buckets"], o["refused"] or ""]
+            for name, objects in out.items() for key, o in objects.items() if isinstance(o, dict)]
+    print(table(["node", "object", "installed", "flows", "groups", "buckets", "refused"], rows))
+    return 0
 
 
 def agent_logs(lab: Lab, node: str, grep: str | None, tail: int) -> int:

@@ -12,7 +12,6 @@ entry; the default network is undone by the caller. What the pod got ends up in 
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import json
 import logging
@@ -38,7 +37,7 @@ from sanderling.model.attachments import (
     status_entry,
 )
 from sanderling.model.errors import ModelError
-from sanderling.model.network import mac_for_ip
+from sanderling.model.network import mac_for_ip, stable_mac
 from sanderling.netlink import veth
 from sanderling.netlink.netns import ipr
 from sanderling.ovs import ovsdb
@@ -82,12 +81,6 @@ class Primary:
     ifname: str
     ips: tuple[str, ...]
     mac: str
-
-
-def stable_mac(container_id: str, ifname: str) -> str:
-    """A locally administered unicast MAC for an interface without addresses."""
-    digest = hashlib.blake2b(f"{container_id}/{ifname}".encode(), digest_size=4).digest()
-    return "0a:59:" + ":".join(f"{b:02x}" for b in digest)
 
 
 class Records:

@@ -1,7 +1,7 @@
 """The agent's side of CNI: ADD, DEL, CHECK, GC and STATUS for pods of this node.
 
 ADD allocates an address (IPAM), creates the veth pair into the pod's namespace, adds the host
-end to br-int with the pod's external_ids and a chosen ofport, has the controller install the
+end to br-int with the pod's external_ids and a chosen ofport, has the agent's dataplane install the
 pod's flows, and only then answers. Any failure undoes every step already taken, so a failed ADD
 leaves nothing allocated or plumbed. DEL undoes all of it and is idempotent.
 """
@@ -16,14 +16,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sanderling.agent.controller import NodeController
 from sanderling.cni import errors as E
 from sanderling.cni.attachments import MultiNetwork, PodCall, Primary, from_result
+from sanderling.cni.dataplane import PodDataplane
 from sanderling.cni.errors import CniFailure
 from sanderling.cni.result import add_result
-from sanderling.ipam.allocator import E_OUTSIDE_POOLS, Allocator, IpamError, Request
+from sanderling.ipam.allocator import Allocator, IpamError, Request
 from sanderling.ipam.cluster import PREFIX as POOL_PREFIX
-from sanderling.ipam.cluster import ClusterIpam, outside_error
+from sanderling.ipam.cluster import ClusterIpam
 from sanderling.ipam.store import Allocation
 from sanderling.model.attachments import (
     DELEGATED_NAMESPACE,
@@ -34,7 +34,6 @@ from sanderling.model.attachments import (
     network_from_config,
 )
 from sanderling.model.errors import ModelError
-from sanderling.model.ippool import ANNOTATION_IPS, ANNOTATION_MAC, ANNOTATION_POOL, IPPool, parse_ips_annotation
 from sanderling.model.network import NodeNetwork, PodPort, mac_for_ip, parse_mac
 from sanderling.netlink import veth
 from sanderling.ovs import ovsdb
@@ -57,7 +56,7 @@ class PodIdentity:
 
 class CniHandler:
     def __init__(self, node: NodeNetwork, db: Ovsdb, bridge: str, allocator: Allocator,
-                 controller: NodeController, node_netns: str | None = None, mtu: int = 1500,
+                 dataplane: PodDataplane, node_netns: str | None = None, mtu: int = 1500,
                  cluster: ClusterIpam | None = None, tunnel: bool = False, multinet: MultiNetwork | None = None,
                  network_name: str = "sanderling", native_networks: bool = True) -> None:
         self.cluster = cluster
@@ -70,7 +69,7 @@ class CniHandler:
         self.db = db
         self.bridge = bridge
         self.allocator = allocator
-        self.controller = controller
+        self.dataplane = dataplane
         self.node_netns = node_netns
         self.mtu = mtu
         self._ofport_lock = asyncio.Lock()
@@ -132,7 +131,7 @@ class CniHandler:
         requested_ips = runtime.get("ips") or []
         if not isinstance(requested_ips, list) or len(requested_ips) > 1:
             raise CniFailure(E.E_BAD_CONFIG, "runtimeConfig.ips must be a list with at most one IPv4 address")
-        if self.controller.conn is None:
+        if not self.dataplane.connected():
             raise CniFailure(E.E_TRY_LATER, f"agent of node {self.node.name} is not connected to OVS yet")
         if await asyncio.to_thread(veth.interface_in_netns, netns, ifname) is not None:
             raise CniFailure(E.E_INTERFACE_EXISTS, f"interface {ifname} already exists in {netns}")
@@ -146,7 +145,8 @@ class CniHandler:
         k8s_pod = "K8S_POD_NAME" in (req.get("args") or {})
         try:
             if self.cluster is not None and k8s_pod:
-                requested, mac, pool = await asyncio.to_thread(self._decide, who, requested, mac)
+                requested, mac, pool = await asyncio.to_thread(self.cluster.decide, who.namespace, who.name,
+                                                                requested, mac, self.node.pod_cidr)
             request = Request(cid, ifname, who.namespace, who.name, requested, mac)
             if pool is None:
                 alloc = await asyncio.to_thread(self.allocator.allocate, request)
@@ -240,12 +240,12 @@ class CniHandler:
             ovsdb.EXT_INTERFACE: ifname, ovsdb.EXT_IP: alloc.ip, ovsdb.EXT_MAC: mac})
         key = PodPort.build(who.namespace, who.name, ofport, mac, alloc.ip, ifname).key
         t2 = time.perf_counter()
-        await self.controller.refresh_now()
+        await self.dataplane.converge()
         t3 = time.perf_counter()
-        if key in self.controller.realizer.errors or key in self.controller.pod_errors:
-            problem = self.controller.realizer.errors.get(key) or self.controller.pod_errors.get(key)
+        problem = self.dataplane.problem(key)
+        if problem is not None:
             raise CniFailure(E.E_PLUMBING, f"flows for pod {who.namespace}/{who.name} refused: {problem}")
-        if key not in self.controller.realizer.installed_state():
+        if not self.dataplane.installed(key):
             raise CniFailure(E.E_TRY_LATER, f"flows for pod {who.namespace}/{who.name} not installed yet")
         log.info("pod %s/%s: %s %s on %s (ofport %d, container %s); veth %.1f ms, OVS port %.1f ms, "
                  "flows %.1f ms", who.namespace, who.name, address, mac, host_if, ofport, cid[:12],
@@ -287,8 +287,8 @@ class CniHandler:
                 except Exception as exc:  # the start-up reconcile releases it later
                     log.warning("IPPool release of %s for %s deferred: %s", released.ip, released.pod, exc)
         try:
-            await self.controller.refresh_now()
-        except Exception as exc:  # flows go when the controller next syncs
+            await self.dataplane.converge()
+        except Exception as exc:  # flows go when the agent next syncs
             log.warning("flow cleanup for %s/%s deferred: %s", cid, ifname, exc)
 
     # ---- DEL, CHECK, GC, STATUS -----------------------------------------------------------
@@ -325,11 +325,10 @@ class CniHandler:
         ext = record.external_ids
         key = PodPort.build(ext.get(ovsdb.EXT_POD_NAMESPACE, ""), ext.get(ovsdb.EXT_POD_NAME, ""),
                             record.effective_ofport, ext.get(ovsdb.EXT_MAC, ""), alloc.ip, ifname).key
-        if key not in self.controller.realizer.installed_state():
+        if not self.dataplane.installed(key):
             raise CniFailure(E.E_CHECK_FAILED, f"flows for {key} are not installed")
-        if self.controller.conn is not None:
-            stats = await self.controller.conn.flow_stats(table=0)
-            if not any(s.match.get("in_port") == (record.effective_ofport, None) for s in stats):
+        if self.dataplane.connected():
+            if not await self.dataplane.classifies(record.effective_ofport):
                 raise CniFailure(E.E_CHECK_FAILED, f"classifier flow for ofport {record.effective_ofport} "
                                                    f"is missing on {self.bridge}")
 
@@ -363,41 +362,10 @@ class CniHandler:
         ports = {p.external_ids.get(ovsdb.EXT_CONTAINER_ID, "") for _, p in self.multinet.bridges.pod_ports()}
         return (set(self.multinet.records.containers()) | ports) - {""}
 
-    def _decide(self, who: PodIdentity, requested: str | None, mac: str) -> tuple[str | None, str, IPPool | None]:
-        """Address, MAC and pool for a Kubernetes pod, from its annotations and the IPPools."""
-        assert self.cluster is not None
-        where = f"pod/{who.namespace}/{who.name}"
-        pod = self.cluster.api.pod(who.namespace, who.name) or {}
-        meta = pod.get("metadata") or {}
-        annotations, labels = meta.get("annotations") or {}, meta.get("labels") or {}
-        if not requested and ANNOTATION_IPS in annotations:
-            requested = parse_ips_annotation(annotations[ANNOTATION_IPS], where)[0]
-        if not mac and ANNOTATION_MAC in annotations:
-            mac = parse_mac(where, f"annotation {ANNOTATION_MAC}", annotations[ANNOTATION_MAC])
-        pools = self.cluster.pools()
-        if requested:
-            ip = ipaddress.IPv4Address(requested.split("/")[0])
-            if ip in self.node.pod_cidr:
-                return requested, mac, None
-            pool = self.cluster.pool_containing(ip, pools)
-            if pool is None:
-                raise outside_error(str(ip), str(self.node.pod_cidr), pools)
-            return str(ip), mac, pool
-        ns_labels, ns_annotations = self.cluster.api.namespace_labels(who.namespace)
-        named = annotations.get(ANNOTATION_POOL) or ns_annotations.get(ANNOTATION_POOL)
-        if named:
-            found = next((p for p in pools if p.name == named), None)
-            if found is None:
-                known = ", ".join(p.name for p in pools) or "none"
-                raise IpamError(E_OUTSIDE_POOLS, f"IPPool {named} (annotation {ANNOTATION_POOL}) does not exist; "
-                                                 f"IPPools: {known}")
-            return None, mac, found
-        return None, mac, next((p for p in pools if p.selects(ns_labels, labels)), None)
-
     def status(self) -> None:
-        if self.controller.conn is None:
+        if not self.dataplane.connected():
             raise CniFailure(E.E_NOT_AVAILABLE, f"agent of node {self.node.name} is not connected to OVS "
-                                                f"({self.controller.target})")
+                                                f"({self.dataplane.target})")
         if all(self._free(p.name) == 0 for p in self.allocator.pools):
             raise CniFailure(E.E_NOT_AVAILABLE, "every IP pool of this node is exhausted")
 

@@ -24,9 +24,7 @@ from typing import Any
 
 import yaml
 
-from sanderling.compiler import gateway as gateway_compiler
-from sanderling.compiler import nodes as node_compiler
-from sanderling.compiler import pods as pod_compiler
+from sanderling.compiler import node_objects
 from sanderling.compiler import services as svc_compiler
 from sanderling.model.network import NodeNetwork, PodPort, mac_for_ip
 from sanderling.model.services import SERVICE_NAME_LABEL, endpoints_by_port, service_from
@@ -94,13 +92,9 @@ def build_node(case: Case) -> NodeUnderTest:
 def compile_case(case: Case, nut: NodeUnderTest) -> tuple[dict[str, tuple[list[Any], list[Any]]], list[str]]:
     """Realizer objects for the node, plus per-object errors (a bad Service is reported, not fatal)."""
     objects: dict[str, tuple[list[Any], list[Any]]] = {
-        "pipeline/static": (pod_compiler.static_flows(nut.network), []),
-        "node/gateway": (gateway_compiler.gateway_flows(nut.network), []),
-        "node/uplink": (node_compiler.uplink_flows(nut.network, UPLINK_OFPORT), []),
-        "service/static": (svc_compiler.static_flows(nut.cfg), []),
-    }
-    for pod in nut.pods.values():
-        objects[pod.key] = (pod_compiler.pod_flows(nut.network, pod), [])
+        key: (flows, []) for key, flows in node_objects.node_objects(
+            nut.network, nut.pods.values(), gateway=True, uplink_ofport=UPLINK_OFPORT).items()}
+    objects["service/static"] = (svc_compiler.static_flows(nut.cfg), [])
     slices = [o for o in case.objects if o.get("kind") == "EndpointSlice"]
     errors = []
     for obj in case.objects:

@@ -16,7 +16,8 @@ from sanderling.ipam.allocator import E_EXHAUSTED, E_IP_IN_USE, E_OUTSIDE_POOLS,
 from sanderling.ipam.store import Allocation, AllocationStore
 from sanderling.kube.client import KubeApi
 from sanderling.model.errors import ModelError
-from sanderling.model.ippool import IPPool
+from sanderling.model.ippool import ANNOTATION_IPS, ANNOTATION_MAC, ANNOTATION_POOL, IPPool, parse_ips_annotation
+from sanderling.model.network import parse_mac
 
 log = logging.getLogger(__name__)
 PREFIX = "ippool/"
@@ -39,6 +40,39 @@ class ClusterIpam:
             except ModelError as exc:
                 log.error("%s", exc)  # one bad pool does not hide the others
         return sorted(out, key=lambda p: p.name)
+
+    def decide(self, namespace: str, name: str, requested: str | None, mac: str,
+               node_cidr: ipaddress.IPv4Network) -> tuple[str | None, str, IPPool | None]:
+        """Address, MAC and pool for a Kubernetes pod: the runtime's request first, then the pod's
+        annotations (fixed address, MAC, named pool), then the namespace's named pool, then the
+        first IPPool whose selectors match. Pool None: the node's own subnet."""
+        where = f"pod/{namespace}/{name}"
+        pod = self.api.pod(namespace, name) or {}
+        meta = pod.get("metadata") or {}
+        annotations, labels = meta.get("annotations") or {}, meta.get("labels") or {}
+        if not requested and ANNOTATION_IPS in annotations:
+            requested = parse_ips_annotation(annotations[ANNOTATION_IPS], where)[0]
+        if not mac and ANNOTATION_MAC in annotations:
+            mac = parse_mac(where, f"annotation {ANNOTATION_MAC}", annotations[ANNOTATION_MAC])
+        pools = self.pools()
+        if requested:
+            ip = ipaddress.IPv4Address(requested.split("/")[0])
+            if ip in node_cidr:
+                return requested, mac, None
+            pool = self.pool_containing(ip, pools)
+            if pool is None:
+                raise outside_error(str(ip), str(node_cidr), pools)
+            return str(ip), mac, pool
+        ns_labels, ns_annotations = self.api.namespace_labels(namespace)
+        named = annotations.get(ANNOTATION_POOL) or ns_annotations.get(ANNOTATION_POOL)
+        if named:
+            found = next((p for p in pools if p.name == named), None)
+            if found is None:
+                known = ", ".join(p.name for p in pools) or "none"
+                raise IpamError(E_OUTSIDE_POOLS, f"IPPool {named} (annotation {ANNOTATION_POOL}) does not exist; "
+                                                 f"IPPools: {known}")
+            return None, mac, found
+        return None, mac, next((p for p in pools if p.selects(ns_labels, labels)), None)
 
     def pool_containing(self, ip: ipaddress.IPv4Address, pools: list[IPPool]) -> IPPool | None:
         return next((p for p in pools if p.contains(ip)), None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -15,6 +16,13 @@ def mac_for_ip(ip: str | ipaddress.IPv4Address) -> str:
     """A pod's MAC from its IPv4 address, as Kubernetes CNIs make it: 0a:58 + the four address
     bytes (stable across restarts of the same pod address). The one place it is built."""
     return "0a:58:" + ":".join(f"{b:02x}" for b in ipaddress.IPv4Address(ip).packed)
+
+
+def stable_mac(container_id: str, ifname: str) -> str:
+    """A locally administered unicast MAC for an interface without addresses (0a:59 + a hash of
+    the attachment), stable for the life of the container."""
+    digest = hashlib.blake2b(f"{container_id}/{ifname}".encode(), digest_size=4).digest()
+    return "0a:59:" + ":".join(f"{b:02x}" for b in digest)
 
 
 def parse_mac(obj: str, field: str, value: str) -> str:

@@ -95,6 +95,15 @@ class Realizer:
     def remove_object(self, key: str) -> None:
         self.set_object(key, ())
 
+    def retry(self, key: str) -> None:
+        """Send a refused object again at the next sync, unchanged (its refusal may have depended
+        on another object since changed)."""
+        if key in self.errors:
+            self._dirty.add(key)
+
+    def is_installed(self, key: str) -> bool:
+        return key in self._installed
+
     def keys(self) -> set[str]:
         return set(self._desired)
 
@@ -141,11 +150,13 @@ class Realizer:
         return result
 
     def _record_failure(self, key: str, message: str, result: SyncResult) -> None:
-        log.error("object %s: flows not installed (refused or not encodable), keeping its previous flows:\n%s",
-                  key, message)
+        # once per refusal, not once per retry of the same refusal
+        log.log(logging.DEBUG if self.errors.get(key) == message else logging.ERROR,
+                "object %s: flows not installed (refused or not encodable), keeping its previous flows:\n%s",
+                key, message)
         self.errors[key] = message
         result.failed[key] = message
-        self._dirty.discard(key)  # retried when the object changes again or on resync
+        self._dirty.discard(key)  # sent again when it changes, on resync, or by retry()
 
     def _claim(self, keys: list[str], states: dict[str, ObjectState | None]) -> tuple[dict[FlowKey, str],
                                                                                     dict[int, str]]:

@@ -1,0 +1,81 @@
+"""The flows of this node's pods, and the CNI side's view of them (`cni.dataplane.PodDataplane`).
+
+One producer of the sync loop, owning the `pod/` namespace. Its source of truth is OVSDB: the
+ports the CNI handler (or anything else) put on br-int with a pod's external_ids. Before every
+sync it re-reads the in-memory OVSDB replica (cheap: no I/O), compiles each pod once per state and
+sets what changed; a port whose pod the model refuses is logged once and left out.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from sanderling.agent.sync import SyncLoop
+from sanderling.compiler import node_objects
+from sanderling.model.errors import ModelError
+from sanderling.model.network import NodeNetwork, PodPort
+from sanderling.openflow.connection import ConnectionLost
+from sanderling.openflow.ir import Flow
+
+log = logging.getLogger(__name__)
+
+
+class PodFlows:
+    def __init__(self, node: NodeNetwork, sync: SyncLoop, list_pods: Callable[[], list[PodPort]]) -> None:
+        self.node = node
+        self.sync = sync
+        self.desired = sync.scope("pod/")
+        self._list_pods = list_pods
+        self._keys: set[str] = set()
+        self._compiled: dict[PodPort, list[Flow]] = {}
+        self.errors: dict[str, str] = {}
+        sync.before_sync.append(self.refresh)
+
+    def refresh(self) -> None:
+        pods = self._list_pods()
+        seen = set()
+        for pod in pods:
+            try:
+                self.node.check_pod(pod)
+            except ModelError as exc:
+                if self.errors.get(pod.key) != str(exc):
+                    log.error("%s", exc)
+                self.errors[pod.key] = str(exc)
+                continue
+            self.errors.pop(pod.key, None)
+            flows = self._compiled.get(pod)
+            if flows is None:  # compile once per pod state: refreshes run on every sync
+                flows = self._compiled[pod] = node_objects.pod_object(self.node, pod)[1]
+            self.desired.set_object(pod.key, flows)
+            seen.add(pod.key)
+        for gone in self._keys - seen:
+            self.desired.remove_object(gone)
+        if len(self._compiled) > 2 * len(pods) + 64:
+            self._compiled = {p: f for p, f in self._compiled.items() if p.key in seen}
+        self._keys = seen
+
+    # ---- cni.dataplane.PodDataplane ----------------------------------------------------------
+
+    @property
+    def target(self) -> str:
+        return self.sync.target
+
+    def connected(self) -> bool:
+        return self.sync.conn is not None
+
+    async def converge(self) -> None:
+        await self.sync.flush()
+
+    def installed(self, key: str) -> bool:
+        return self.sync.installed(key)
+
+    def problem(self, key: str) -> str | None:
+        return self.sync.error(key) or self.errors.get(key)
+
+    async def classifies(self, ofport: int) -> bool:
+        conn = self.sync.conn
+        if conn is None:
+            raise ConnectionLost(f"not connected to {self.sync.target}")
+        stats = await conn.flow_stats(table=0)
+        return any(s.match.get("in_port") == (ofport, None) for s in stats)
