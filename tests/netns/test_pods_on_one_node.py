@@ -54,20 +54,21 @@ def _ping_stats(output: str) -> tuple[int, int]:
 def test_agent_kill_9_under_traffic_loses_nothing(node):
     a, b = _pods(node)
     # -c, not -w: a deadline can end ping with its last request still in flight
-    ping = subprocess.Popen(["ip", "netns", "exec", a.netns, "ping", "-i", "0.01", "-c", "300", "-W", "1", b.ip],
+    ping = subprocess.Popen(["ip", "netns", "exec", a.netns, "ping", "-i", "0.01", "-c", "1000", "-W", "1", b.ip],
                             stdout=subprocess.PIPE, text=True)
-    time.sleep(0.8)
+    time.sleep(0.8)  # traffic flowing before the kill: the test is about packets in flight
     node.kill_agent()  # SIGKILL
-    time.sleep(0.5)
-    node.start_agent()
-    time.sleep(1.5)  # the new agent resyncs (new generation) while traffic flows
-    out, _ = ping.communicate(timeout=15)
+    node.start_agent()  # the new agent resyncs (new generation) while traffic flows
+    deadline = time.monotonic() + 20
+    while "generation 2 (previous 1)" not in (log := node.agent_log.read_text()) or \
+            "1 older generation(s) swept" not in log:
+        assert time.monotonic() < deadline, f"the restarted agent did not resync:\n{log[-2000:]}"
+        time.sleep(0.05)
+    out, _ = ping.communicate(timeout=30)
     sent, received = _ping_stats(out)
     print(f"\nkill -9 under traffic: {received}/{sent} pings answered at 10 ms intervals")
     assert sent > 200
     assert received == sent, f"lost {sent - received} of {sent} packets across the agent restart"
-    log = node.agent_log.read_text()
-    assert "generation 2 (previous 1)" in log and "1 older generation(s) swept" in log
 
 
 def test_ovs_vswitchd_restart_traffic_back_within_2s(node):

@@ -29,8 +29,8 @@ def test_exactly_the_block_minus_its_excepts(prefix, holes):
 def test_two_thousand_excepts_in_well_under_a_second():
     cidr = ipaddress.IPv4Network("10.0.0.0/8")
     excepts = tuple(ipaddress.IPv4Network(f"10.{i // 250}.{i % 250}.0/25") for i in range(2000))
-    started = time.perf_counter()
+    started = time.process_time()  # this process's CPU: other work on the machine does not count
     nets = _nets(Peer(cidr=cidr, excepts=excepts))
-    elapsed = time.perf_counter() - started
-    assert elapsed < 1.0, elapsed
+    elapsed = time.process_time() - started
+    assert elapsed < 1.0, f"{elapsed:.2f} s of CPU: a quadratic cut of the block?"
     assert sum(n.num_addresses for n in nets) == cidr.num_addresses - 2000 * 128

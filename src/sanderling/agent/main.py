@@ -415,13 +415,15 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, sync.stop)
     server = None
     store = None
-    status_runner = None
-    if args.status_address:
+    status_runners: list[Any] = []
+
+    async def serve_status() -> None:
+        """Started beside the sync loop, not before it: the dataplane must not wait for aiohttp."""
         from sanderling.agent.status import AgentStatus
 
         host, _, port = args.status_address.rpartition(":")
         try:
-            status_runner = await AgentStatus(sync, lambda: listed).start(host or "127.0.0.1", int(port))
+            status_runners.append(await AgentStatus(sync, lambda: listed).start(host or "127.0.0.1", int(port)))
         except OSError as exc:  # the dataplane does not depend on it: say so and go on
             log.error("node %s: status endpoint not served on %s: %s (set --status-address)", node.name,
                       args.status_address, exc)
@@ -462,6 +464,8 @@ async def serve(args: argparse.Namespace) -> int:
             install_binary(args.cni_bin_dir, SANDERLING_TYPE, socket=args.cni_socket)
         write_conflist(args.cni_conf_dir, args.cni_network, args.cni_socket, args.mtu, version=args.cni_conf_version)
         log.info("CNI: plugin in %s, conflist %s in %s", args.cni_bin_dir, args.cni_network, args.cni_conf_dir)
+    if args.status_address:
+        proxy_tasks.append(asyncio.create_task(serve_status()))
     try:
         await sync.run()
     except asyncio.CancelledError:
@@ -473,8 +477,8 @@ async def serve(args: argparse.Namespace) -> int:
             view.stop()
         if server is not None:
             await server.stop()
-        if status_runner is not None:
-            await status_runner.cleanup()
+        for runner in status_runners:
+            await runner.cleanup()
         if store is not None:
             store.close()
         db.close()

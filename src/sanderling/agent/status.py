@@ -20,8 +20,6 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp import web
-
 from sanderling.agent.sync import SyncLoop
 
 log = logging.getLogger(__name__)
@@ -70,21 +68,28 @@ class AgentStatus:
 
     # ---- HTTP ----------------------------------------------------------------------------------
 
-    async def _healthz(self, _request: web.Request) -> web.Response:
+    async def _healthz(self, _request: Any) -> Any:
+        from aiohttp import web
+
         ok = self.sync.conn is not None
         return web.Response(status=200 if ok else 503, text="ok\n" if ok else f"no OpenFlow session to "
                                                                              f"{self.sync.target}\n")
 
-    async def _readyz(self, _request: web.Request) -> web.Response:
+    async def _readyz(self, _request: Any) -> Any:
+        from aiohttp import web
+
         body = self.readiness()
         return web.Response(status=200 if body["ready"] else 503, text=json.dumps(body, indent=1) + "\n",
                             content_type="application/json")
 
-    async def _objects(self, request: web.Request) -> web.Response:
+    async def _objects(self, request: Any) -> Any:
+        from aiohttp import web
+
         return web.Response(text=json.dumps(self.objects(request.query.get("prefix", "")), indent=1) + "\n",
                             content_type="application/json")
 
-    async def start(self, host: str, port: int) -> web.AppRunner:
+    async def start(self, host: str, port: int) -> Any:
+        from aiohttp import web  # only here: the agent starts faster without it (restarts under traffic)
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)

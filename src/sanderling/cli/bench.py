@@ -35,6 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", type=int, default=None, help="cni: ADDs at once (default 20)")
     p.add_argument("--services", type=int, default=None, help="services: how many (default 10000)")
     p.add_argument("--changes", type=int, default=None, help="services: single-endpoint changes (default 1000)")
+    p.add_argument("--seconds", type=int, default=None, help="chaos: how long to churn (default 300)")
     p.set_defaults(func=run)
 
 
@@ -50,7 +51,8 @@ def check_floors(result: dict) -> dict[str, bool]:
 def run(args: argparse.Namespace) -> int:
     module = load(args.name)
     options = (("flows", args.flows), ("repeats", args.repeats), ("rounds", args.rounds),
-               ("concurrency", args.concurrency), ("services", args.services), ("changes", args.changes))
+               ("concurrency", args.concurrency), ("services", args.services), ("changes", args.changes),
+               ("seconds", args.seconds))
     kwargs = {k: v for k, v in options if v is not None}
     result = module.run(progress=progress, **kwargs)
     verdicts = check_floors(result)

@@ -127,27 +127,12 @@ def run(args: argparse.Namespace) -> int:
     return 2
 
 
-# runs in a node's namespace: GET the agent's status endpoint, print the body (also on 503)
-_STATUS_GET = ("import sys, urllib.request, urllib.error\n"
-               "try:\n    print(urllib.request.urlopen(sys.argv[1], timeout=3).read().decode())\n"
-               "except urllib.error.HTTPError as e:\n    print(e.read().decode())\n")
-
-
 def agents(lab: Lab, prefix: str | None, output: str) -> int:
     """Ask every node agent's status endpoint (in the node's namespace) what it has."""
-    import urllib.parse
+    from sanderling.lab import agent_status
 
-    from sanderling.agent.status import DEFAULT_ADDRESS
-
-    out: dict[str, Any] = {}
-    for node in lab.state()["nodes"]:
-        path = "/readyz" if prefix is None else "/objects?prefix=" + urllib.parse.quote(prefix)
-        got = subprocess.run(["ip", "netns", "exec", node["netns"], sys.executable, "-c", _STATUS_GET,
-                              f"http://{DEFAULT_ADDRESS}{path}"], capture_output=True, text=True, timeout=30)
-        try:
-            out[node["name"]] = json.loads(got.stdout)
-        except ValueError:
-            out[node["name"]] = {"error": (got.stderr.strip().splitlines() or ["no answer"])[-1]}
+    out = {node["name"]: agent_status.readiness(node["netns"]) if prefix is None
+           else agent_status.objects(node["netns"], prefix) for node in lab.state()["nodes"]}
     if output == "json":
         print(json.dumps(out, indent=1))
         return 0

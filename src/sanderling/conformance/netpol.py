@@ -322,6 +322,25 @@ def check_step(runner: Runner, case_id: str, step: dict[str, Any], order: list[s
     return passed, failures
 
 
+def run_case(runner: Runner, path: Path) -> tuple[int, list[str]]:
+    """One case file's steps on the runner's lab: (matrices passed, one line per failed matrix)."""
+    case = yaml.safe_load(path.read_text())
+    case_id = case.get("id", path.stem)
+    runner.setup(case["topology"])
+    order = str(case.get("matrix_format", "")).split("order ", 1)[-1].split(";")[0].split()
+    order = [o for o in order if "/" in o] or runner.order
+    passed, failures = 0, []
+    for step in case.get("steps") or []:
+        for action in step.get("actions") or []:
+            runner.act(action)
+        time.sleep(SETTLE_S)
+        p, f = check_step(runner, case_id, step, order, bool(case.get("ignore_loopback", True)))
+        passed += p
+        failures += f
+    runner.delete_all_policies()
+    return passed, failures
+
+
 def run(paths: list[Path], keep: bool = False, repeat: int = 1, control_plane: str = "sanderling") -> int:
     """Every file's steps on one 3-node lab; with repeat > 1 (soak), all files again, `repeat` times
     on the same lab, and every failed matrix reported with its round at the end."""
@@ -338,19 +357,9 @@ def run(paths: list[Path], keep: bool = False, repeat: int = 1, control_plane: s
                 print(f"=== round {round_no} of {repeat}", flush=True)
             passed, failures = 0, []
             for path in paths:
-                case = yaml.safe_load(path.read_text())
-                case_id = case.get("id", path.stem)
-                runner.setup(case["topology"])
-                order = str(case.get("matrix_format", "")).split("order ", 1)[-1].split(";")[0].split()
-                order = [o for o in order if "/" in o] or runner.order
-                for step in case.get("steps") or []:
-                    for action in step.get("actions") or []:
-                        runner.act(action)
-                    time.sleep(SETTLE_S)
-                    p, f = check_step(runner, case_id, step, order, bool(case.get("ignore_loopback", True)))
-                    passed += p
-                    failures += f
-                runner.delete_all_policies()
+                p, f = run_case(runner, path)
+                passed += p
+                failures += f
             rounds.append((passed, failures))
     finally:
         if not keep:
