@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import ipaddress
@@ -16,11 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from sanderling.agent.config import AgentConfig, ConfigError
+from sanderling.agent.config import load as load_config
 from sanderling.agent.node_flows import NodeFlows
 from sanderling.agent.nodeport_steering import NodePortSteering
 from sanderling.agent.pod_flows import PodFlows
 from sanderling.agent.pods_source import pods_from_ports
-from sanderling.agent.status import DEFAULT_ADDRESS as STATUS_ADDRESS
 from sanderling.agent.sync import SyncLoop
 from sanderling.cni.handler import CniHandler
 from sanderling.cni.install import install_binary, write_conflist
@@ -53,67 +53,11 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 50)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sanderling-agent", description="Sanderling node agent")
-    p.add_argument("--node", required=True, help="this node's name")
-    p.add_argument("--pod-cidr", default=None,
-                   help="this node's pod subnet, e.g. 10.244.1.0/24 (default: spec.podCIDR of this node's Node object)")
-    p.add_argument("--mode", default="routed", choices=["routed", "overlay"],
-                   help="across nodes: routed (pod addresses on the underlay, no NAT) or overlay (VXLAN)")
-    p.add_argument("--gateway-mac", default="0a:58:0a:f4:00:01", help="MAC pods see for their gateway")
-    p.add_argument("--bridge", default="br-int")
-    p.add_argument("--ovs-run-dir", type=Path, default=SYSTEM_RUNDIR,
-                   help="OVS run directory (a private instance from `sanderling ovs start`, or the system's)")
-    p.add_argument("--datapath", default="netdev", choices=["netdev", "dummy"])
-    p.add_argument("--node-netns", default=None,
-                   help="network namespace holding br-int and the host ends of pod veths (lab nodes)")
-    p.add_argument("--state-dir", type=Path, default=Path("/var/lib/sanderling"),
-                   help="where the IPAM database lives")
-    p.add_argument("--cni-socket", type=Path, default=Path("/run/sanderling/cni.sock"))
-    p.add_argument("--cni-conf-dir", type=Path, default=Path("/etc/cni/net.d"))
-    p.add_argument("--cni-bin-dir", type=Path, default=Path("/opt/cni/bin"))
-    p.add_argument("--cni-network", default="sanderling", help="network name in the conflist")
-    p.add_argument("--cni-conf-version", default="1.1.0", choices=["0.4.0", "1.0.0", "1.1.0"],
-                   help="cniVersion of the conflist (older runtimes, e.g. podman 4, need 1.0.0)")
-    p.add_argument("--no-cni", action="store_true", help="do not serve CNI (pods are plugged by other means)")
-    p.add_argument("--mtu", type=int, default=1500)
-    p.add_argument("--kubeconfig", type=Path, default=None,
-                   help="Kubernetes API access (in-cluster config when run as a pod); enables pod annotations "
-                        "and IPPools")
-    p.add_argument("--gateway", action="store_true",
-                   help="route through the node: the bridge's LOCAL port gets the gateway address (routed mode)")
-    p.add_argument("--node-ip", action="append", help="this node's address (default: the Node's InternalIP)")
-    p.add_argument("--service-cidr", default="10.96.0.0/16")
-    p.add_argument("--cluster-cidr", default="10.244.0.0/16",
-                   help="pod addresses of the whole cluster: sources outside it are masqueraded to ClusterIPs")
-    p.add_argument("--node-port-addresses", default="",
-                   help="comma-separated CIDRs: NodePorts answer on the node addresses inside them (default: all)")
-    p.add_argument("--masquerade-all", action="store_true", help="SNAT every service connection")
-    p.add_argument("--external-ip-cidrs", default="",
-                   help="comma list of CIDRs a Service's externalIPs may come from (default none: externalIPs "
-                        "are ignored, as CVE-2020-8554 advises; 0.0.0.0/0 honours every one)")
-    p.add_argument("--no-proxy", action="store_true", help="do not replace kube-proxy (no Service flows)")
-    p.add_argument("--no-policy", action="store_true", help="do not enforce NetworkPolicies")
-    p.add_argument("--provider-network", action="append", default=[], metavar="PHYSNET=INTERFACE",
-                   help="a physical network for VLAN secondary networks and the node interface that reaches it")
-    p.add_argument("--multus", action="store_true",
-                   help="Multus is in front: leave the networks annotation and network-status to it, serve only "
-                        "the \"type\": \"sanderling\" networks it delegates")
-    p.add_argument("--layer2-port", type=int, default=8472, help="UDP port of layer2 networks' VXLAN tunnels")
-    p.add_argument("--underlay-mtu", type=int, default=1500, help="MTU of the node's underlay interfaces")
-    p.add_argument("--cni-path", default="/opt/cni/bin:/usr/lib/cni",
-                   help="where delegated plugins of secondary networks are looked up")
-    p.add_argument("--status-address", default=STATUS_ADDRESS,
-                   help="HOST:PORT of the agent's /healthz, /readyz and /objects (\"\" for none)")
-    p.add_argument("--log-level", default="INFO")
-    return p.parse_args(argv)
-
-
-def _kube_enabled(args: argparse.Namespace) -> bool:
+def _kube_enabled(args: AgentConfig) -> bool:
     return args.kubeconfig is not None or bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
 
 
-def _async_client(args: argparse.Namespace) -> Any:
+def _async_client(args: AgentConfig) -> Any:
     from lightkube import AsyncClient, KubeConfig
 
     config = (KubeConfig.from_file(str(args.kubeconfig)) if args.kubeconfig is not None
@@ -121,11 +65,11 @@ def _async_client(args: argparse.Namespace) -> Any:
     return AsyncClient(config=config, field_manager="sanderling-agent")
 
 
-def _remembered_node(args: argparse.Namespace) -> Path:
+def _remembered_node(args: AgentConfig) -> Path:
     return args.state_dir / args.node / "node.json"
 
 
-async def _own_node(args: argparse.Namespace) -> dict[str, Any]:
+async def _own_node(args: AgentConfig) -> dict[str, Any]:
     """This node's Node object once it has a spec.podCIDR; wait (logging why) until then.
 
     What it said is remembered in the state directory: an agent restarted while the API is
@@ -159,7 +103,7 @@ async def _own_node(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(0.5)
 
 
-def _check_permissions(args: argparse.Namespace) -> None:
+def _check_permissions(args: AgentConfig) -> None:
     """Stop at once, naming it, if the API denies a permission the agent needs; an API that does
     not answer now is not a reason to stop (the node keeps working on what it remembers)."""
     from sanderling.agent import permissions
@@ -179,7 +123,7 @@ def masquerade_ip(node: NodeNetwork) -> ipaddress.IPv4Address:
     return node.pod_cidr.broadcast_address - 1
 
 
-def proxy_config(args: argparse.Namespace, node: NodeNetwork, node_ips: list[str]) -> Any:
+def proxy_config(args: AgentConfig, node: NodeNetwork, node_ips: list[str]) -> Any:
     from sanderling.compiler.services import ProxyConfig
 
     ips = tuple(ipaddress.IPv4Address(ip) for ip in node_ips if ":" not in ip)
@@ -195,7 +139,7 @@ def proxy_config(args: argparse.Namespace, node: NodeNetwork, node_ips: list[str
 
 
 def start_proxy(client: Any, api: Any, cfg: Any, sync: SyncLoop, node_flows: NodeFlows,
-                args: argparse.Namespace) -> tuple[list[Any], NodePortSteering | None]:
+                args: AgentConfig) -> tuple[list[Any], NodePortSteering | None]:
     """Service and EndpointSlice informers feeding the kube-proxy replacement, and the NodePort
     steering (routed through the node: --gateway)."""
     from lightkube.resources.core_v1 import Service
@@ -249,7 +193,7 @@ async def open_gate(informers: list[Any], sync: SyncLoop) -> None:
              time.monotonic() - started)
 
 
-def policy_informers(client: Any, api: Any, sync: SyncLoop, args: argparse.Namespace) -> list[Any]:
+def policy_informers(client: Any, api: Any, sync: SyncLoop, args: AgentConfig) -> list[Any]:
     """NetworkPolicy, Namespace and Pod informers feeding policy enforcement."""
     from lightkube.resources.core_v1 import Namespace, Pod
     from lightkube.resources.networking_v1 import NetworkPolicy
@@ -307,7 +251,7 @@ class RouteKeeper:
             self._running = False
 
 
-async def serve(args: argparse.Namespace) -> int:
+async def serve(args: AgentConfig) -> int:
     started = time.monotonic()
     # netlink and OVSDB calls block: give concurrent CNI requests enough threads to not queue
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=64,
@@ -485,7 +429,7 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def secondary_networks(args: argparse.Namespace, db: Ovsdb, runtime: OvsRuntime, cluster: Any, store: Any,
+def secondary_networks(args: AgentConfig, db: Ovsdb, runtime: OvsRuntime, cluster: Any, store: Any,
                        node: str) -> Any:
     """The node's secondary-network bridges and the attacher the CNI handler calls."""
     from sanderling.cni.attachments import MultiNetwork, Records
@@ -532,7 +476,11 @@ def hold_agent_lock(path: Path) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        args = load_config(argv)
+    except ConfigError as exc:  # one line naming the setting, before anything is touched
+        print(f"sanderling-agent: {exc}", file=sys.stderr)
+        return 1
     tune_gc()
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

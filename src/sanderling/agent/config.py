@@ -1,0 +1,221 @@
+"""The agent's configuration: one typed definition, read from flags and a YAML file.
+
+Every setting is a field of `AgentConfig`; its flag is `--` + the key (`mtu` -> `--mtu`) and its
+key in the file (`--config FILE`, the DaemonSet's ConfigMap) is the same name. Precedence:
+defaults < file < flags. Everything is checked before the agent touches anything: an unknown
+key, a value of the wrong type or out of range stops it with one line naming the key and what is
+allowed (`ConfigError`), never a traceback and never half a start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sanderling.agent.status import DEFAULT_ADDRESS as STATUS_ADDRESS
+from sanderling.ovs.runtime import SYSTEM_RUNDIR
+
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+class ConfigError(ValueError):
+    """A setting the agent cannot use; the message is one line naming it."""
+
+
+def _opt(default: Any, help: str, kind: str = "str", choices: tuple[str, ...] = (),
+         low: int | None = None, high: int | None = None) -> Any:
+    meta = {"help": help, "kind": kind, "choices": choices, "low": low, "high": high}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class AgentConfig:
+    node: str = _opt("", "this node's name (required)")
+    pod_cidr: str | None = _opt(None, "this node's pod subnet, e.g. 10.244.1.0/24 (default: spec.podCIDR of this "
+                                      "node's Node object)", "cidr")
+    mode: str = _opt("routed", "across nodes: routed (pod addresses on the underlay, no NAT) or overlay (VXLAN)",
+                     "choice", ("routed", "overlay"))
+    gateway_mac: str = _opt("0a:58:0a:f4:00:01", "MAC pods see for their gateway", "mac")
+    bridge: str = _opt("br-int", "the integration bridge")
+    ovs_run_dir: Path = _opt(SYSTEM_RUNDIR, "OVS run directory (a private instance from `sanderling ovs start`, or "
+                                            "the system's)", "path")
+    datapath: str = _opt("netdev", "OVS datapath type of the bridge", "choice", ("netdev", "dummy", "system"))
+    node_netns: str | None = _opt(None, "network namespace holding br-int and the host ends of pod veths "
+                                        "(lab nodes)")
+    state_dir: Path = _opt(Path("/var/lib/sanderling"), "where the IPAM database lives", "path")
+    cni_socket: Path = _opt(Path("/run/sanderling/cni.sock"), "the agent's CNI socket", "path")
+    cni_conf_dir: Path = _opt(Path("/etc/cni/net.d"), "where the conflist is written", "path")
+    cni_bin_dir: Path = _opt(Path("/opt/cni/bin"), "where the plugin is installed", "path")
+    cni_network: str = _opt("sanderling", "network name in the conflist")
+    cni_conf_version: str = _opt("1.1.0", "cniVersion of the conflist (older runtimes, e.g. podman 4, need 1.0.0)",
+                                 "choice", ("0.4.0", "1.0.0", "1.1.0"))
+    no_cni: bool = _opt(False, "do not serve CNI (pods are plugged by other means)", "bool")
+    mtu: int = _opt(1500, "MTU of pod interfaces", "int", low=576, high=9216)
+    kubeconfig: Path | None = _opt(None, "Kubernetes API access (in-cluster config when run as a pod); enables "
+                                         "pod annotations and IPPools", "path")
+    gateway: bool = _opt(False, "route through the node: the bridge's LOCAL port gets the gateway address "
+                                "(routed mode)", "bool")
+    node_ip: list[str] = _opt([], "this node's address (default: the Node's InternalIP); repeatable", "ips")
+    service_cidr: str = _opt("10.96.0.0/16", "the cluster's Service CIDR", "cidr")
+    cluster_cidr: str = _opt("10.244.0.0/16", "pod addresses of the whole cluster: sources outside it are "
+                                              "masqueraded to ClusterIPs", "cidr")
+    node_port_addresses: str = _opt("", "comma-separated CIDRs: NodePorts answer on the node addresses inside "
+                                        "them (default: all)", "cidrs")
+    masquerade_all: bool = _opt(False, "SNAT every service connection", "bool")
+    external_ip_cidrs: str = _opt("", "comma list of CIDRs a Service's externalIPs may come from (default none: "
+                                      "externalIPs are ignored, as CVE-2020-8554 advises; 0.0.0.0/0 honours every "
+                                      "one)", "cidrs")
+    no_proxy: bool = _opt(False, "do not replace kube-proxy (no Service flows)", "bool")
+    no_policy: bool = _opt(False, "do not enforce NetworkPolicies", "bool")
+    provider_network: list[str] = _opt([], "PHYSNET=INTERFACE: a physical network for VLAN secondary networks and "
+                                           "the node interface that reaches it; repeatable", "physnets")
+    multus: bool = _opt(False, "Multus is in front: leave the networks annotation and network-status to it, serve "
+                               "only the \"type\": \"sanderling\" networks it delegates", "bool")
+    layer2_port: int = _opt(8472, "UDP port of layer2 networks' VXLAN tunnels", "int", low=1, high=65535)
+    underlay_mtu: int = _opt(1500, "MTU of the node's underlay interfaces", "int", low=576, high=9216)
+    cni_path: str = _opt("/opt/cni/bin:/usr/lib/cni", "where delegated plugins of secondary networks are looked up")
+    status_address: str = _opt(STATUS_ADDRESS, "HOST:PORT of /healthz, /readyz and /objects (\"\" for none)",
+                               "hostport")
+    log_level: str = _opt("INFO", "log level", "choice", ("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+def keys() -> list[str]:
+    return [f.name.replace("_", "-") for f in dataclasses.fields(AgentConfig)]
+
+
+def _check(key: str, meta: dict[str, Any], value: Any) -> Any:
+    """The value converted to the field's type, or ConfigError naming the key and what is allowed."""
+    kind = meta["kind"]
+    if value is None:
+        return None
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: {value!r} is not true or false")
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ConfigError(f"{key}: {value!r} is not an integer")
+        try:
+            number = int(value)
+        except ValueError:
+            raise ConfigError(f"{key}: {value!r} is not an integer") from None
+        if not meta["low"] <= number <= meta["high"]:
+            raise ConfigError(f"{key}: {number} is out of range ({meta['low']}-{meta['high']})")
+        return number
+    if kind in ("ips", "physnets"):
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if not isinstance(item, str):
+                raise ConfigError(f"{key}: {item!r} is not a string")
+            if kind == "ips":
+                try:
+                    ipaddress.ip_address(item)
+                except ValueError:
+                    raise ConfigError(f"{key}: {item!r} is not an IP address") from None
+            elif not re.fullmatch(r"[^=\s]+=[^=\s]+", item):
+                raise ConfigError(f"{key}: {item!r} is not PHYSNET=INTERFACE")
+        return list(items)
+    if kind == "cidrs" and isinstance(value, list):
+        value = ",".join(str(v) for v in value)
+    if not isinstance(value, str | Path):
+        raise ConfigError(f"{key}: {value!r} is not a string")
+    text = str(value)
+    if kind == "path":
+        return Path(text)
+    if kind == "choice" and text not in meta["choices"]:
+        raise ConfigError(f"{key}: {text!r} is not one of {', '.join(meta['choices'])}")
+    if kind in ("cidr", "cidrs"):
+        for part in ([text] if kind == "cidr" else [c for c in text.split(",") if c.strip()]):
+            try:
+                ipaddress.IPv4Network(part.strip(), strict=kind == "cidr")
+            except ValueError:
+                raise ConfigError(f"{key}: {part.strip()!r} is not an IPv4 CIDR (e.g. 10.96.0.0/16)") from None
+    if kind == "mac" and not (_MAC.match(text.lower()) and not int(text[:2], 16) & 1):
+        raise ConfigError(f"{key}: {text!r} is not a unicast MAC address (aa:bb:cc:dd:ee:ff)")
+    if kind == "hostport" and text:
+        host, sep, port = text.rpartition(":")
+        if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ConfigError(f"{key}: {text!r} is not HOST:PORT")
+    return text
+
+
+def from_file(path: Path) -> dict[str, Any]:
+    """The file's settings by field name; ConfigError for an unreadable file or an unknown key."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"config {path}: cannot be read ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path}: not YAML ({str(exc).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path}: want a mapping of keys to values, got {type(data).__name__}")
+    known = set(keys())
+    out = {}
+    for key, value in data.items():
+        if key not in known:
+            near = difflib.get_close_matches(str(key), sorted(known), n=1)
+            raise ConfigError(f"config {path}: unknown key {key!r}" + (f" (did you mean {near[0]!r}?)" if near else
+                                                                      f" (keys: {', '.join(sorted(known))})"))
+        out[key.replace("-", "_")] = value
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sanderling-agent", description="Sanderling node agent",
+                                argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", type=Path, help="YAML file with any of the settings below (flags override it)")
+    for f in dataclasses.fields(AgentConfig):
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        help_text = f"{meta['help']} (default: {default if default not in (None, '', []) else 'none'})"
+        if meta["kind"] == "bool":
+            p.add_argument(flag, action="store_true", help=help_text)
+        elif meta["kind"] in ("ips", "physnets"):
+            p.add_argument(flag, action="append", help=help_text)
+        else:
+            p.add_argument(flag, help=help_text)
+    return p
+
+
+def load(argv: list[str] | None) -> AgentConfig:
+    """Defaults, then the file, then the flags; every value checked (ConfigError on the first bad one)."""
+    given = vars(parser().parse_args(argv))
+    values: dict[str, Any] = {}
+    path = given.pop("config", None)
+    if path is not None:
+        values.update(from_file(path))
+    values.update(given)
+    fields = {f.name: f for f in dataclasses.fields(AgentConfig)}
+    checked = {name: _check(name.replace("_", "-"), dict(fields[name].metadata), value)
+               for name, value in values.items()}
+    config = AgentConfig(**checked)
+    if not config.node:
+        raise ConfigError("node: required (--node NAME, or `node:` in the config file)")
+    return config
+
+
+def reference() -> str:
+    """The settings as a Markdown table (README's "Agent configuration"; a test keeps them equal)."""
+    rows = ["| key (flag `--key`) | default | what |", "|---|---|---|"]
+    for f in dataclasses.fields(AgentConfig):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        shown = "none" if default in (None, "", []) else f"`{default}`"
+        what = f.metadata["help"]
+        if f.metadata["choices"]:
+            what += f" ({' / '.join(f.metadata['choices'])})"
+        if f.metadata["low"] is not None:
+            what += f" ({f.metadata['low']}-{f.metadata['high']})"
+        rows.append(f"| `{f.name.replace('_', '-')}` | {shown} | {what.replace('|', '/')} |")
+    return "\n".join(rows) + "\n"
