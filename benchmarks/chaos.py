@@ -18,10 +18,12 @@ refuses or cannot take (it is down) are counted, not fatal. Then, with the churn
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
 import signal
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -310,7 +312,8 @@ def run(progress: Callable[[str], None] = lambda _m: None, seconds: int = 300, s
         leaks = chaos.leaks()
         result["leaks"] = {n: v for n, v in leaks.items() if any(v.values())}
         progress(f"NetworkPolicy case {Path(case).stem} on the same lab")
-        passed, failures = run_case(Runner(chaos.lab), Path(case))
+        with contextlib.redirect_stdout(sys.stderr):  # its PASS/FAIL lines: stdout is the JSON's
+            passed, failures = run_case(Runner(chaos.lab), Path(case))
         result["netpol_passed"] = passed
         result["netpol_failed"] = len(failures)
         result["netpol_failures"] = failures[:5]

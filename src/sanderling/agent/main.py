@@ -180,12 +180,16 @@ def start_proxy(client: Any, api: Any, cfg: Any, sync: SyncLoop, node_flows: Nod
     return informers, steering
 
 
-async def open_gate(informers: list[Any], sync: SyncLoop) -> None:
+async def open_gate(informers: list[Any], sync: SyncLoop, view: Any) -> None:
     """The readiness gate: once every informer has listed, the sync loop may install the whole
     desired state and sweep the previous generation (see agent/sync.py)."""
     started = time.monotonic()
     for informer in informers:
         await informer.synced.wait()
+    # the other nodes' destinations from the complete listing, before the sweep: the cluster
+    # view derives them on events, and a quiet cluster may send none after the lists (the chaos
+    # run caught a restarted agent sweeping every route to other nodes until a Node heartbeat)
+    await view.synced()
     assert sync.gate is not None
     sync.gate.set()
     sync.kick()
@@ -353,7 +357,7 @@ async def serve(args: AgentConfig) -> int:
         proxy_tasks = [asyncio.create_task(i.run()) for i in informers]
         sync.gate = asyncio.Event()
         listed += [*view.informers, *informers]
-        proxy_tasks.append(asyncio.create_task(open_gate(listed, sync)))
+        proxy_tasks.append(asyncio.create_task(open_gate(listed, sync, view)))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, sync.stop)
