@@ -4,7 +4,6 @@ no address translation; pods reach the other node and the node reaches pods."""
 from __future__ import annotations
 
 import subprocess
-import time
 
 import pytest
 
@@ -35,12 +34,13 @@ def test_pods_on_two_nodes_talk_routed_without_encapsulation_or_nat(routed):
     n2.wait_programmed(b)
     n2.serve(b)
     capture = subprocess.Popen(["ip", "netns", "exec", FABRIC, "tcpdump", "-n", "-l", "-i", "fabric0", "-c", "20",
-                                "not arp"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    time.sleep(1.0)
+                                "not arp"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert capture.stderr is not None
+    while "listening on" not in (line := capture.stderr.readline()):  # capturing before the first probe
+        assert line, "tcpdump ended before it listened"
     assert n1.probe(a, "icmp", b.ip, timeout=2)
     assert n1.probe(a, "tcp", b.ip, 8080, timeout=2)
     assert n1.probe(a, "udp", b.ip, 8081, timeout=2)
-    time.sleep(0.5)
     capture.terminate()
     lines = (capture.communicate(timeout=10)[0] or "").splitlines()
     assert any(f"{a.ip} > {b.ip}" in line for line in lines), lines  # the pods' own addresses on the wire
