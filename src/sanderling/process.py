@@ -37,3 +37,17 @@ async def until_signalled() -> None:
         loop.add_signal_handler(sig, stop.set)
     print("ready", flush=True)
     await stop.wait()
+
+
+def kill_netns_processes(netns_name: str) -> None:
+    """SIGKILL every process inside a named network namespace (a sandbox's workload, whoever
+    started it: a kubelet restarted since no longer holds its handle). Deleting the namespace
+    alone would leave them running, detached, forever."""
+    import subprocess
+
+    pids = subprocess.run(["ip", "netns", "pids", netns_name], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass

@@ -148,3 +148,18 @@ def test_gate_keeps_the_previous_generation_until_the_informers_listed(bridge):
         assert not any("nw_dst=10.96.9.9" in line for line in flows)
 
     asyncio.run(running(sync, body))
+
+
+def test_setting_an_unchanged_object_does_not_wake_the_loop():
+    """Producers that poll (the pods, from OVSDB before every sync) set the same objects again and
+    again; only a real change may wake the loop, or it would sync in circles."""
+    sync = SyncLoop("n", "unix:/nonexistent", Realizer(1))
+    pods = sync.scope("pod/")
+    flow = ir.Flow(0, 30, ir.match(in_port=1), (ir.Output(2),))
+    pods.set_object("pod/ns/a/eth0", [flow])
+    assert sync._wake.is_set()
+    sync._wake.clear()
+    pods.set_object("pod/ns/a/eth0", [flow])
+    assert not sync._wake.is_set()
+    pods.remove_object("pod/ns/a/eth0")
+    assert sync._wake.is_set()

@@ -66,6 +66,42 @@ class RuleIds:
         return len(self._ids)
 
 
+class PolicyIndex:
+    """Which policies a pod of a namespace can matter to: those of its own namespace (selection,
+    same-namespace peers) and those reaching across namespaces (a namespaceSelector peer, or an
+    egress named port resolved on every pod). A pod change then tests only these candidates."""
+
+    def __init__(self) -> None:
+        self._by_namespace: dict[str, set[str]] = {}
+        self._across: set[str] = set()
+
+    def put(self, key: str, policy: Policy | None) -> None:
+        namespace = key.split("/", 1)[0]
+        self._by_namespace.setdefault(namespace, set()).discard(key)
+        self._across.discard(key)
+        if policy is None:
+            return
+        self._by_namespace[namespace].add(key)
+        if _reaches_across(policy):
+            self._across.add(key)
+
+    def candidates(self, namespaces: set[str]) -> set[str]:
+        out = set(self._across)
+        for namespace in namespaces:
+            out |= self._by_namespace.get(namespace, set())
+        return out
+
+
+def _reaches_across(policy: Policy) -> bool:
+    for rules, egress in ((policy.ingress or (), False), (policy.egress or (), True)):
+        for rule in rules:
+            if any(peer.namespaces is not None for peer in rule.peers):
+                return True
+            if egress and not rule.peers and any(isinstance(port.port, str) for port in rule.ports):
+                return True
+    return False
+
+
 class PolicyAgent:
     def __init__(self, node_name: str, realizer: DesiredState, changed: Callable[[], None],
                  schedule: Callable[[Callable[[], None]], object] | None = None,
@@ -90,6 +126,7 @@ class PolicyAgent:
         self._selected: dict[str, dict[str, tuple[bool, bool]]] = {}  # policy -> pod -> (ingress, egress)
         self._isolated: dict[str, tuple[bool, bool]] = {}
         self._parsed: dict[str, Policy | None] = {}  # what each policy compiled from last time
+        self._index = PolicyIndex()
         # pods changed since the last compile -> their state then (None: they were not known)
         self._pods_before: dict[str, PodInfo | None] = {}
 
@@ -190,12 +227,14 @@ class PolicyAgent:
             # only the policies the changed pods matter to, as they were or as they are now
             states = [p for key, before in changed_pods.items() for p in (before, self.pods.get(key))
                       if p is not None]
-            dirty |= {key for key, policy in self._parsed.items()
-                      if policy is not None and any(self._matters(policy, p) for p in states)}
+            candidates = self._index.candidates({p.namespace for p in states})
+            dirty |= {key for key in candidates if (policy := self._parsed.get(key)) is not None
+                      and any(self._matters(policy, p) for p in states)}
             touched |= changed_pods.keys()
         for key in sorted(dirty):
             policy = self._policy(key)
             self._parsed[key] = policy
+            self._index.put(key, policy)
             before = self._selected.pop(key, {})
             touched |= before.keys()
             object_key = f"policy/{key}"

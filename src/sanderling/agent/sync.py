@@ -69,8 +69,8 @@ class ScopedState:
 
     def set_object(self, key: str, flows: Iterable[ir.Flow], groups: Iterable[ir.Group] = ()) -> None:
         self._check(key)
-        self._realizer.set_object(key, flows, groups)
-        self._wake()
+        if self._realizer.set_object(key, flows, groups):  # an unchanged object wakes nobody
+            self._wake()
 
     def remove_object(self, key: str) -> None:
         self.set_object(key, ())

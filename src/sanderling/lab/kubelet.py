@@ -23,6 +23,7 @@ from typing import Any
 
 from sanderling.cni.errors import E_TRY_LATER
 from sanderling.netlink import veth
+from sanderling.process import kill_netns_processes
 
 log = logging.getLogger(__name__)
 SERVER_READY_TIMEOUT_S = 15.0
@@ -136,6 +137,9 @@ class Kubelet:
             running.workload.kill()
             running.workload.wait(10)
         self._cni("DEL", namespace, name, cid, f"/var/run/netns/{netns_name}")
+        # also a workload this kubelet did not start (its predecessor before a control-plane
+        # restart did): the sandbox's processes end with it
+        kill_netns_processes(netns_name)
         veth.delete_netns(netns_name)
         log.info("pod %s stopped on %s", key, self.node.name)
 

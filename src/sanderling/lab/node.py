@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -28,6 +27,7 @@ from sanderling.netlink.netns import drop_cached, ipr
 from sanderling.ovs import ovsdb
 from sanderling.ovs.ovsdb import Ovsdb
 from sanderling.ovs.runtime import OvsRuntime
+from sanderling.process import kill_netns_processes
 
 UNDERLAY_BRIDGE = "br-ex"
 
@@ -304,11 +304,5 @@ def teardown_prefix(prefix: str) -> None:
     """Remove every network namespace whose name starts with prefix (the node's and its pods')."""
     for name in netns.listnetns():
         if name == prefix or name.startswith(prefix + "-"):
-            # processes left inside (a crashed run) would keep it alive; end them first
-            pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
-            for pid in pids:
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
+            kill_netns_processes(name)  # processes left inside (a crashed run) would keep it alive
             netns.remove(name)

@@ -82,18 +82,20 @@ class Realizer:
 
     # ---- desired state --------------------------------------------------------------------
 
-    def set_object(self, key: str, flows: Iterable[ir.Flow], groups: Iterable[ir.Group] = ()) -> None:
+    def set_object(self, key: str, flows: Iterable[ir.Flow], groups: Iterable[ir.Group] = ()) -> bool:
+        """Whether the desired state changed (an equal state is a no-op)."""
         state = ObjectState.of(flows, groups)
         if self._desired.get(key, EMPTY) == state:
-            return
+            return False
         if state.flows or state.groups:
             self._desired[key] = state
         else:
             self._desired.pop(key, None)
         self._dirty.add(key)
+        return True
 
-    def remove_object(self, key: str) -> None:
-        self.set_object(key, ())
+    def remove_object(self, key: str) -> bool:
+        return self.set_object(key, ())
 
     def retry(self, key: str) -> None:
         """Send a refused object again at the next sync, unchanged (its refusal may have depended
