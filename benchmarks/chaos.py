@@ -285,7 +285,7 @@ def run(progress: Callable[[str], None] = lambda _m: None, seconds: int = 300, s
         progress(f"{seconds} s of churn through the API with faults")
         refused = 0
         deadline = time.monotonic() + seconds
-        next_fault = time.monotonic() + chaos.rng.uniform(5, 15)
+        next_fault = time.monotonic() + chaos.rng.uniform(4, 10)
         while time.monotonic() < deadline:
             try:
                 chaos.churn_once()
@@ -296,7 +296,7 @@ def run(progress: Callable[[str], None] = lambda _m: None, seconds: int = 300, s
                 time.sleep(0.2)
             if time.monotonic() > next_fault:
                 chaos.fault()
-                next_fault = time.monotonic() + chaos.rng.uniform(5, 15)
+                next_fault = time.monotonic() + chaos.rng.uniform(4, 10)
             time.sleep(chaos.rng.uniform(0.05, 0.25))
         result["actions"] = dict(chaos.actions)
         result["faults"] = dict(chaos.faults)
