@@ -232,13 +232,28 @@ class Chaos:
         for node in self.lab.state()["nodes"]:
             runtime = OvsRuntime(Path(node["dir"]) / "ovs", netns=node["netns"], datapath="netdev")
             before = dataplane(runtime, "br-int")
+            objects_before = _shape(agent_status.objects(node["netns"], ""))
+            log_before = self.lab.agent_log(node["name"]).read_text(errors="replace")
             self.lab.restart_agent(node["name"])
             ready = agent_status.wait_ready({node["name"]: node["netns"]}, 60)[node["name"]]
             after = dataplane(runtime, "br-int")
             only_before, only_after = before - after, after - before
+            differences = sum(only_before.values()) + sum(only_after.values())
             out[node["name"]] = {"lines": sum(before.values()), "ready": bool(ready.get("ready")),
                                  "only_before": sorted(only_before)[:10], "only_after": sorted(only_after)[:10],
-                                 "differences": sum(only_before.values()) + sum(only_after.values())}
+                                 "differences": differences}
+            if differences:
+                # where the staleness lived: the agent's own desired state (its informers or producers
+                # missed a change) or only the switch (the realizer's view of OVS diverged)
+                objects_after = _shape(agent_status.objects(node["netns"], ""))
+                out[node["name"]]["desired_differs"] = {k: (objects_before.get(k), objects_after.get(k))
+                                                        for k in sorted(objects_before.keys() | objects_after.keys())
+                                                        if objects_before.get(k) != objects_after.get(k)}
+                kept = Path(f"/tmp/sanderling-chaos-{node['name']}-agent.log")
+                kept.write_text(log_before + "\n==== fresh agent ====\n"
+                                + self.lab.agent_log(node["name"]).read_text(errors="replace")[len(log_before):]
+                                + "\n==== OVSDB ports ====\n" + _ports_text(runtime))
+                out[node["name"]]["agent_log"] = str(kept)
         return out
 
     def leaks(self) -> dict[str, Any]:
@@ -259,9 +274,11 @@ class Chaos:
             runtime = OvsRuntime(Path(node["dir"]) / "ovs", netns=node["netns"], datapath="netdev")
             db = Ovsdb(runtime.db_endpoint)
             try:
+                records = [r for r in db.ports("br-int") if r.external_ids.get(ovsdb_names.EXT_POD_NAME)]
                 ports = {f"{r.external_ids.get(ovsdb_names.EXT_POD_NAMESPACE)}/"
-                         f"{r.external_ids.get(ovsdb_names.EXT_POD_NAME)}"
-                         for r in db.ports("br-int") if r.external_ids.get(ovsdb_names.EXT_POD_NAME)}
+                         f"{r.external_ids.get(ovsdb_names.EXT_POD_NAME)}" for r in records}
+                unopened = sorted(f"{r.name} ({r.external_ids.get(ovsdb_names.EXT_POD_NAME)})" for r in records
+                                  if r.effective_ofport <= 0)
             finally:
                 db.close()
             local = self.lab._local_node(node, state["mode"])
@@ -269,8 +286,27 @@ class Chaos:
             wanted = api_pods.get(node["name"], set())
             out[node["name"]] = {"ports_without_pod": sorted(ports - wanted),
                                  "pods_without_port": sorted(wanted - ports),
-                                 "allocations_without_pod": sorted(allocations - wanted)}
+                                 "allocations_without_pod": sorted(allocations - wanted),
+                                 "ports_not_opened": unopened}
         return out
+
+
+def _ports_text(runtime: Any) -> str:
+    from sanderling.ovs.ovsdb import Ovsdb
+
+    db = Ovsdb(runtime.db_endpoint)
+    try:
+        return "\n".join(f"{r.name} ofport={r.ofport} request={r.ofport_request} {dict(r.external_ids)}"
+                         for r in db.ports("br-int"))
+    finally:
+        db.close()
+
+
+def _shape(objects: dict[str, Any]) -> dict[str, str]:
+    """Per object of an agent: what it has, in a form that does not depend on ids or generation."""
+    return {key: f"flows={o.get('flows')} groups={o.get('groups')} buckets={o.get('buckets')}"
+                 + ("" if o.get("installed") else f" pending={o.get('pending')} refused={o.get('refused')}")
+            for key, o in objects.items()}
 
 
 def run(progress: Callable[[str], None] = lambda _m: None, seconds: int = 300, seed: int = 1,
@@ -307,7 +343,9 @@ def run(progress: Callable[[str], None] = lambda _m: None, seconds: int = 300, s
         compared = chaos.compare_with_fresh_agents()
         result["flow_lines"] = {n: c["lines"] for n, c in compared.items()}
         result["flow_differences"] = {n: c["differences"] for n, c in compared.items()}
-        result["difference_samples"] = {n: {"only_before": c["only_before"], "only_after": c["only_after"]}
+        result["difference_samples"] = {n: {"only_before": c["only_before"], "only_after": c["only_after"],
+                                            "desired_differs": c.get("desired_differs"),
+                                            "agent_log": c.get("agent_log")}
                                         for n, c in compared.items() if c["differences"]}
         leaks = chaos.leaks()
         result["leaks"] = {n: v for n, v in leaks.items() if any(v.values())}

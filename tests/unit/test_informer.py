@@ -83,3 +83,58 @@ def test_list_watch_bookmarks_gone_and_restart(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_a_bookmark_never_runs_ahead_of_events_still_queued(tmp_path):
+    """A watch bookmark names the last version that stream has sent or skipped: a client cut off
+    right after a bookmark resumes from it, so an event behind it that was never sent is lost for
+    good. Writes land in the server's own loop while bookmarks fall due every millisecond."""
+    import json
+
+    import aiohttp
+
+    from sanderling.lab.apiserver.server import listen, serve
+
+    async def main():
+        store = Store(tmp_path / "db")
+        sock = listen("127.0.0.1", 0)
+        port = sock.getsockname()[1]
+        runner = await serve(store, [sock], bookmark_interval=0.001)
+        received: list[int] = []
+        violations: list[str] = []
+        written: list[int] = []
+        try:
+            async with aiohttp.ClientSession() as session:
+                url = (f"http://127.0.0.1:{port}/api/v1/pods?watch=true&allowWatchBookmarks=true"
+                       f"&resourceVersion={store.rv}")
+                async with session.get(url) as resp:
+                    async def write():
+                        for i in range(300):
+                            # a write to another resource first: it moves the store's version too
+                            store.create("/namespaces", "", {"metadata": {"name": f"ns{i}"}})
+                            written.append(int(store.create("/pods", "default", {
+                                "metadata": {"name": f"p{i}"},
+                                "spec": {"containers": [{"name": "c", "image": "x"}]}})["metadata"]
+                                ["resourceVersion"]))
+                            await asyncio.sleep(0.0005 * (i % 3))
+
+                    writer = asyncio.ensure_future(write())
+                    while len(received) < 300:
+                        line = await asyncio.wait_for(resp.content.readline(), 10)
+                        event = json.loads(line)
+                        rv = int(event["object"]["metadata"]["resourceVersion"])
+                        if event["type"] == "BOOKMARK":
+                            behind = [w for w in written if w <= rv and w not in received]
+                            if behind:
+                                violations.append(f"bookmark {rv} sent before events {behind[:3]}")
+                        else:
+                            received.append(rv)
+                    await writer
+        finally:
+            await runner.cleanup()
+            store.close()
+        return received, violations
+
+    received, violations = asyncio.run(main())
+    assert received == sorted(received) and len(received) == 300
+    assert violations == []

@@ -112,6 +112,8 @@ class Informer:
                 if _status_code(exc) == 410:
                     rv = None
                     continue
+                if rv is not None and self.resource_version:
+                    rv = self.resource_version  # resume after what the broken stream delivered
                 log.warning("%s: API unreachable (%s); retrying in %.1fs", self.name, exc or type(exc).__name__,
                             backoff)
                 await asyncio.sleep(backoff)

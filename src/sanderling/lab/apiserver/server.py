@@ -325,14 +325,18 @@ class ApiServer:
                     last_rv = event.rv
                 last_rv = max(last_rv, start)
             deadline = loop.time() + timeout
+            dealt = last_rv
             while loop.time() < deadline:
                 try:
                     event = await asyncio.wait_for(queue.get(), timeout=self.bookmark_interval)
                 except TimeoutError:
-                    if bookmarks:
+                    if bookmarks:  # the last version this stream has dealt with: never store.rv, whose
+                        # newest events may still wait in the queue (a client resuming from a bookmark
+                        # ahead of them would never see them)
                         await send("BOOKMARK", {"kind": resource.kind, "apiVersion": resource.group_version,
-                                                "metadata": {"resourceVersion": str(max(last_rv, self.store.rv))}})
+                                                "metadata": {"resourceVersion": str(max(last_rv, dealt))}})
                     continue
+                dealt = max(dealt, event.rv)
                 if event.resource != resource.key or event.rv <= last_rv:
                     continue
                 if ns is not None and event.namespace != ns:
