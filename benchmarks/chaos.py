@@ -339,6 +339,7 @@ def run(progress: Callable[[str], None] = lambda _m: None, seconds: int = 300, s
         result["writes_not_taken"] = refused
         progress("churn stopped: waiting for pods and agents")
         result.update(chaos.settle())
+        leaks = chaos.leaks()  # before the agents restart: a restarted agent's reconcile would hide them
         progress("dataplanes against fresh agents' compiles")
         compared = chaos.compare_with_fresh_agents()
         result["flow_lines"] = {n: c["lines"] for n, c in compared.items()}
@@ -347,7 +348,6 @@ def run(progress: Callable[[str], None] = lambda _m: None, seconds: int = 300, s
                                             "desired_differs": c.get("desired_differs"),
                                             "agent_log": c.get("agent_log")}
                                         for n, c in compared.items() if c["differences"]}
-        leaks = chaos.leaks()
         result["leaks"] = {n: v for n, v in leaks.items() if any(v.values())}
         progress(f"NetworkPolicy case {Path(case).stem} on the same lab")
         with contextlib.redirect_stdout(sys.stderr):  # its PASS/FAIL lines: stdout is the JSON's

@@ -106,6 +106,11 @@ def test_lab_both_modes_matrix_capture_kubectl_and_down(running_lab):
     assert check.returncode == 0 and "succeeded" in check.stdout, check.stdout
 
 
+def _netns_names() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
 def test_controlplane_restart_and_malformed_manifest(tmp_path):
     """Restart the control plane under traffic: flows stay, agents relist after 410, new pods work;
     a malformed manifest is refused naming the field while the rest of the file goes in."""
@@ -127,9 +132,14 @@ def test_controlplane_restart_and_malformed_manifest(tmp_path):
         time.sleep(0.5)
         the_lab = Lab(NAME)
 
+        gone_node = pods["web-2"]["spec"]["nodeName"]
+        gone_sandbox = f"{NAME}-{gone_node}-demo-web-2"
+
         def compact_history():  # so the agents' watches come back to 410 Gone and must relist
             store = Store(the_lab.state_dir / "api.db")
             store.create("/namespaces", "", {"metadata": {"name": "while-down"}})
+            # a pod deleted while no control plane runs: no event will ever tell the next one
+            store.delete("/pods", "demo", "web-2")
             store.compact()
             store.close()
 
@@ -147,6 +157,14 @@ def test_controlplane_restart_and_malformed_manifest(tmp_path):
                 break
             time.sleep(0.2)
         assert logs.count("is gone (compacted); relisting") >= 3, "agents did not relist after 410"
+        # ... yet its sandbox goes: the new kubelet finds it among its records, CNI DEL releases it
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (gone_sandbox in _netns_names()
+                                               or "pod demo/web-2: released" not in logs):
+            logs = (the_lab.state_dir / gone_node / "agent.log").read_text()
+            time.sleep(0.2)
+        assert gone_sandbox not in _netns_names(), "sandbox of a pod deleted while down was left behind"
+        assert "pod demo/web-2: released" in logs, "its address and port were not released by a CNI DEL"
 
         manifest = tmp_path / "mixed.yaml"
         manifest.write_text(

@@ -2,9 +2,11 @@
 
 - `/healthz`: 200 while the sync loop holds its OpenFlow session, else 503 (a probe restarts an
   agent that cannot reach its switch);
-- `/readyz`: 200 once the node's flows are complete: OpenFlow connected, every informer listed,
-  the previous generation swept, nothing pending; else 503. The JSON body says which part is
-  missing, so `kubectl describe` of a failing probe reads like a diagnosis;
+- `/readyz`: 200 once the node's flows are complete: OpenFlow connected, every informer listed
+  and watching (a broken watch makes the agent unready until it watches again: its flows stand
+  but may be behind the cluster), the previous generation swept, nothing pending; else 503.
+  The JSON body says which part is missing, so `kubectl describe` of a failing probe reads like
+  a diagnosis;
 - `/objects?prefix=service/`: each desired object's state (installed, pending, refused with the
   switch's reason) and its flow, group and bucket counts. Tests wait on this instead of sleeping,
   and an operator can see what a Service or policy turned into on this node.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +47,13 @@ class AgentStatus:
         unlisted = sorted(name for name, ok in listed.items() if not ok)
         if unlisted:
             missing.append("informers not listed yet: " + ", ".join(unlisted))
+        now = time.monotonic()
+        lost = {i.name: now - i.lost_at for i in self.informers()
+                if i.synced.is_set() and getattr(i, "lost_at", None) is not None}
+        body["watching"] = {i.name: bool(getattr(i, "watching", False)) for i in self.informers()}
+        if lost:  # the flows stand, but the cluster may have moved on since: not ready until caught up
+            missing.append("informers not watching the API: " + ", ".join(
+                f"{name} (for {seconds:.0f} s)" for name, seconds in sorted(lost.items())))
         if not self.sync.swept:
             missing.append("desired state not complete (previous generation not swept yet)")
         if pending:

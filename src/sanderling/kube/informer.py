@@ -11,13 +11,14 @@ really changed while they were away: nothing installed is torn down and rebuilt.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 import httpx2 as httpx  # lightkube 1.x bundles httpx as httpx2
 from lightkube import AsyncClient
-from lightkube.types import on_error_raise
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,10 @@ OnChange = Callable[[str, "dict[str, Any] | None"], None]
 
 class Gone(Exception):
     """The resourceVersion to watch from is too old: relist."""
+
+
+class WatchError(Exception):
+    """The server ended a watch with an error other than 410: relist."""
 
 
 def object_key(obj: dict[str, Any]) -> str:
@@ -84,6 +89,9 @@ class Informer:
         self.resource_version = ""
         self.lists = 0
         self.bookmarks = 0
+        self.streams = 0  # watch streams established
+        self.watching = False  # a watch stream is open now
+        self.lost_at: float | None = None  # monotonic time the last stream broke, until one is open again
         self.name = getattr(resource, "__name__", str(resource))  # the typed name, for log lines
 
     def _scope(self) -> dict[str, Any]:
@@ -98,6 +106,7 @@ class Informer:
         backoff = 0.1
         rv: str | None = None
         while True:
+            streams = self.streams
             try:
                 if rv is None:
                     rv = await self._relist()
@@ -109,20 +118,28 @@ class Informer:
             except asyncio.CancelledError:
                 raise
             except (httpx.HTTPError, OSError) as exc:
+                self._lost()
                 if _status_code(exc) == 410:
                     rv = None
                     continue
                 if rv is not None and self.resource_version:
                     rv = self.resource_version  # resume after what the broken stream delivered
+                if self.streams != streams:
+                    backoff = 0.1  # it was watching: an outage starts now, not a continued one
                 log.warning("%s: API unreachable (%s); retrying in %.1fs", self.name, exc or type(exc).__name__,
                             backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
-            except Exception:  # a decoding bug must not end the informer
+            except Exception:  # a decoding bug or a server error must not end the informer
+                self._lost()
                 log.exception("%s: informer failed; relisting in %.1fs", self.name, backoff)
                 rv = None
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
+
+    def _lost(self) -> None:
+        if self.lost_at is None:
+            self.lost_at = time.monotonic()
 
     async def _relist(self) -> str:
         listing = self.client.list(self.resource, **self._scope())
@@ -145,25 +162,41 @@ class Informer:
         return self.resource_version
 
     async def _watch(self, rv: str) -> str:
-        """Follow changes from rv until the server ends the watch; return the last version seen."""
+        """Follow changes from rv until the server ends the stream; return the last version seen.
+
+        One HTTP watch request, read here rather than through lightkube's watch(): that one
+        neither asks for bookmarks nor reports 410 (it silently re-watches from "now", losing what
+        happened meanwhile), re-watches on its own so a healthy stream never returns, and does not
+        say when a stream is established, which readiness and the retry backoff need to know."""
         scope = self._scope()
-        params = {"resourceVersion": rv, "allowWatchBookmarks": "true", "timeoutSeconds": self.server_timeout}
-        if self.labels:
+        params: dict[str, Any] = {"resourceVersion": rv, "allowWatchBookmarks": "true",
+                                  "timeoutSeconds": self.server_timeout}
+        if self.labels or self.fields:
             from lightkube.core.selector import build_selector
 
-            params["labelSelector"] = build_selector(self.labels)
-        if self.fields:
-            from lightkube.core.selector import build_selector
-
-            params["fieldSelector"] = build_selector(self.fields, for_fields=True)
-        # lightkube's public watch() neither asks for bookmarks nor reports 410 (it silently re-watches
-        # from "now", losing what happened meanwhile); its request layer does both when asked
-        request = self.client._client.prepare_request("list", res=self.resource, namespace=scope.get("namespace"),
-                                                      watch=True, params=params)
-        stream = self.client._client.watch(request, on_error=on_error_raise)
+            if self.labels:
+                params["labelSelector"] = build_selector(self.labels)
+            if self.fields:
+                params["fieldSelector"] = build_selector(self.fields, for_fields=True)
+        generic = self.client._client
+        br = generic.prepare_request("list", res=self.resource, namespace=scope.get("namespace"), watch=True,
+                                     params=params)
+        request = generic._client.build_request(br.method, br.url, params=br.params, timeout=generic._watch_timeout)
+        response = await generic.send(request, stream=True)
         try:
-            async for kind, item in stream:
-                obj = _as_dict(item)
+            if response.status_code == 410:
+                raise Gone
+            response.raise_for_status()
+            self._established()
+            async for line in response.aiter_lines():
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                kind, obj = event.get("type"), event.get("object") or {}
+                if kind == "ERROR":
+                    if obj.get("code") == 410:
+                        raise Gone
+                    raise WatchError(f"{obj.get('code')} {obj.get('reason')}: {obj.get('message')}")
                 new_rv = (obj.get("metadata") or {}).get("resourceVersion") or rv
                 if kind == "BOOKMARK":
                     self.bookmarks += 1
@@ -177,13 +210,17 @@ class Informer:
                     self._notify(key, obj)
                 rv = new_rv
                 self.resource_version = rv
-        except httpx.HTTPError as exc:
-            if _status_code(exc) == 410:
-                raise Gone from None
-            raise
         finally:
-            await stream.aclose()  # type: ignore[attr-defined]
+            self.watching = False
+            await response.aclose()
         return rv
+
+    def _established(self) -> None:
+        if self.lost_at is not None:
+            log.info("%s: watching again after %.1f s", self.name, time.monotonic() - self.lost_at)
+        self.watching = True
+        self.lost_at = None
+        self.streams += 1
 
     def _notify(self, key: str, obj: dict[str, Any] | None) -> None:
         try:

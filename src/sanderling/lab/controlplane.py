@@ -50,6 +50,7 @@ class ControlPlane:
         self.queue: asyncio.Queue[WatchEvent] = asyncio.Queue()
         self._busy: set[str] = set()
         self._attempts: dict[str, int] = {}  # pod -> ADDs retried so far (for the backoff)
+        self._gc_task: asyncio.Future[None] | None = None
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -62,6 +63,25 @@ class ControlPlane:
             self.queue.put_nowait(WatchEvent(0, PODS, pod["metadata"]["namespace"], "MODIFIED", pod))
         for svc in self.store.list(SERVICES, None)[0]:
             self.queue.put_nowait(WatchEvent(0, SERVICES, svc["metadata"]["namespace"], "MODIFIED", svc))
+        self._gc_task = asyncio.ensure_future(self.collect_garbage())
+
+    async def collect_garbage(self, attempts: int = 30, interval: float = 2.0) -> None:
+        """Sandboxes of pods deleted while no control plane ran (no event will ever say so): CNI
+        DEL and remove them, retrying while a node's agent cannot answer yet."""
+        for _ in range(attempts):
+            live: dict[str, dict[str, str]] = {}
+            for pod in self.store.list(PODS, None)[0]:
+                node = (pod.get("spec") or {}).get("nodeName") or ""
+                meta = pod["metadata"]
+                live.setdefault(node, {})[f"{meta['namespace']}/{meta['name']}"] = meta.get("uid", "")
+            left = 0
+            for node, kubelet in self.kubelets.items():
+                for netns_name, record in kubelet.orphans(live.get(node, {})):
+                    if not await asyncio.to_thread(kubelet.remove_orphan, netns_name, record):
+                        left += 1
+            if not left:
+                return
+            await asyncio.sleep(interval)
 
     def _register(self, node: dict[str, Any]) -> None:
         ann = node["metadata"].get("annotations") or {}

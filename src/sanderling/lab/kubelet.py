@@ -8,6 +8,11 @@ or the pod's own command, only when the lab was started with `--allow-workload-c
 object must not be able to run any program as root on this machine by default; such a pod is
 marked Failed, saying how to allow it). Deleting the pod stops the workload, calls CNI DEL and
 removes the sandbox. Container images are ignored.
+
+Each sandbox is recorded on disk (pod, uid, container id) before its CNI ADD, as a container
+runtime keeps its sandboxes: a pod deleted while the control plane was down (or restarting)
+sends no event to the next one, and without the record its sandbox, OVS port and address would
+stay until the agent restarted. The next kubelet removes such sandboxes (`collect_garbage`).
 """
 
 from __future__ import annotations
@@ -39,6 +44,11 @@ class NodeRuntime:
     cni_conf: Path
     netns_prefix: str
     host_ip: str = ""
+
+    @property
+    def sandbox_dir(self) -> Path:
+        """The node's sandbox records (beside its CNI directories)."""
+        return self.cni_conf.parent.parent / "sandboxes"
 
 
 @dataclass
@@ -89,6 +99,8 @@ class Kubelet:
             return {"phase": "Failed", "reason": "WorkloadCommandsOff",
                     "message": "this lab runs no command from a Pod object; start it with "
                                "`sanderling lab up --allow-workload-commands` to allow them"}
+        self._record(netns_name, {"namespace": meta["namespace"], "name": meta["name"], "uid": meta.get("uid", ""),
+                                  "containerID": cid})
         veth.ensure_netns(netns_name)
         code, out = self._cni("ADD", meta["namespace"], meta["name"], cid, f"/var/run/netns/{netns_name}")
         if code != 0:
@@ -96,6 +108,7 @@ class Kubelet:
                 self.retry_later.add(key)
             self._cni("DEL", meta["namespace"], meta["name"], cid, f"/var/run/netns/{netns_name}")
             veth.delete_netns(netns_name)
+            self._forget(netns_name)
             log.warning("pod %s: CNI ADD failed: %s", key, out.get("msg"))
             return {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"},
                                                        {"type": "Ready", "status": "False",
@@ -141,7 +154,58 @@ class Kubelet:
         # restart did): the sandbox's processes end with it
         kill_netns_processes(netns_name)
         veth.delete_netns(netns_name)
+        self._forget(netns_name)
         log.info("pod %s stopped on %s", key, self.node.name)
+
+    # ---- sandbox records -----------------------------------------------------------------------
+
+    def _record(self, netns_name: str, record: dict[str, str]) -> None:
+        self.node.sandbox_dir.mkdir(parents=True, exist_ok=True)
+        path = self.node.sandbox_dir / f"{netns_name}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(path)
+
+    def _forget(self, netns_name: str) -> None:
+        (self.node.sandbox_dir / f"{netns_name}.json").unlink(missing_ok=True)
+
+    def orphans(self, live: dict[str, str]) -> list[tuple[str, dict[str, str]]]:
+        """Recorded sandboxes whose pod is gone from the API (or came back as another pod: a
+        different uid); `live` maps namespace/name to uid of the pods bound to this node."""
+        out = []
+        for path in sorted(self.node.sandbox_dir.glob("*.json")) if self.node.sandbox_dir.is_dir() else ():
+            try:
+                record = json.loads(path.read_text())
+                key = f"{record['namespace']}/{record['name']}"
+            except (ValueError, KeyError, OSError) as exc:
+                log.warning("sandbox record %s unreadable (%s): removed", path, exc)
+                path.unlink(missing_ok=True)
+                continue
+            if live.get(key) != record.get("uid"):
+                out.append((path.stem, record))
+        return out
+
+    def remove_orphan(self, netns_name: str, record: dict[str, str]) -> bool:
+        """CNI DEL, processes, namespace and record of a sandbox whose pod is gone; False when the
+        DEL failed (the plugin's agent may be restarting: try again later)."""
+        key = f"{record['namespace']}/{record['name']}"
+        code, out = self._cni("DEL", record["namespace"], record["name"], record["containerID"],
+                              f"/var/run/netns/{netns_name}")
+        if code != 0:
+            log.warning("sandbox of deleted pod %s on %s: CNI DEL failed (%s); will retry", key, self.node.name,
+                        out.get("msg", out))
+            return False
+        try:  # a pod of the same name started meanwhile owns the namespace (and the record) now
+            current = json.loads((self.node.sandbox_dir / f"{netns_name}.json").read_text())
+        except (OSError, ValueError):
+            current = None
+        if current is None or current.get("uid") != record.get("uid"):
+            return True
+        kill_netns_processes(netns_name)
+        veth.delete_netns(netns_name)
+        self._forget(netns_name)
+        log.info("sandbox of pod %s (deleted while no kubelet watched) removed from %s", key, self.node.name)
+        return True
 
     def stop_all(self) -> None:
         for key in list(self.pods):
