@@ -20,10 +20,30 @@ from pathlib import Path
 from typing import Any
 
 from sanderling.agent.main import tune_gc
+from sanderling.agent.metrics import AgentMetrics, Sources
 from sanderling.agent.service_proxy import ServiceProxy
 from sanderling.compiler.services import ProxyConfig
 from sanderling.openflow.connection import Connection
 from sanderling.openflow.realizer import Realizer
+
+
+class _BenchSync:
+    """What the metrics read of the agent's sync loop, for this bare service path."""
+
+    def __init__(self, conn: Connection, realizer: Realizer) -> None:
+        self.conn, self.realizer = conn, realizer
+        self.sync_observers: list[Any] = []
+        self.packet_ins: dict[int, int] = {}
+        self.meters: list[Any] = []
+        self.resyncs = 1
+
+    def installed(self, key: str) -> bool:
+        return self.realizer.is_installed(key)
+
+
+class _NoPods:
+    by_ofport: dict[int, Any] = {}
+
 
 CLUSTER_CIDR = ipaddress.IPv4Network("10.200.0.0/14")  # room for 100k+ endpoint addresses
 
@@ -80,28 +100,60 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     if args.dump:
         Path(args.dump).write_text("\n".join(f.text(cookie=realizer.cookie(f)) for f in flows) + "\n")
         Path(args.dump + ".groups").write_text("\n".join(g.text() for g in groups) + "\n")
-    changes = []
     rng = random.Random(7)
     slices = {key: obj for kind, key, obj in objs if kind == "slice"}
     keys = sorted(slices)
-    for n in range(args.changes):
-        key = rng.choice(keys)
-        obj = json.loads(json.dumps(slices[key]))
-        obj["endpoints"][rng.randrange(len(obj["endpoints"]))]["addresses"] = [
-            endpoint_ip(args.services * args.endpoints + n)]
-        slices[key] = obj
+    serial = [args.services * args.endpoints]
+
+    async def change_some(count: int) -> list[float]:
+        times = []
+        for _ in range(count):
+            key = rng.choice(keys)
+            obj = json.loads(json.dumps(slices[key]))
+            obj["endpoints"][rng.randrange(len(obj["endpoints"]))]["addresses"] = [endpoint_ip(serial[0])]
+            serial[0] += 1
+            slices[key] = obj
+            t0 = time.perf_counter()
+            proxy.slice_changed(key, obj)
+            proxy.flush()
+            await realizer.sync(conn)
+            times.append((time.perf_counter() - t0) * 1000)
+            await asyncio.sleep(0)  # let a scrape in, as the agent's loop would
+        return sorted(times)
+
+    changes = await change_some(args.changes)
+    # /metrics at this size: the agent's scrape (OVS group, port, table stats read and labelled),
+    # alone and while changes keep coming (the changes' p99 must not move)
+    metrics = AgentMetrics(Sources(_BenchSync(conn, realizer), lambda: [], _NoPods(), proxy=proxy))
+    scrapes = []
+    for _ in range(3):
         t0 = time.perf_counter()
-        proxy.slice_changed(key, obj)
-        proxy.flush()
-        await realizer.sync(conn)
-        changes.append((time.perf_counter() - t0) * 1000)
+        text = await metrics.render()
+        scrapes.append(time.perf_counter() - t0)
+    endpoint_series = text.count(b"sanderling_service_endpoint_connections_total{")
+    stop = asyncio.Event()
+
+    async def scrape_loop() -> int:
+        n = 0
+        while not stop.is_set():
+            await metrics.render()
+            n += 1
+            await asyncio.sleep(0.5)
+        return n
+
+    scraper = asyncio.ensure_future(scrape_loop())
+    during = await change_some(max(100, args.changes // 5))
+    stop.set()
+    scraped = await scraper
     conn.close()
-    changes.sort()
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"services": args.services, "endpoints": args.services * args.endpoints, "flows": len(flows),
             "groups": len(groups), "compile_s": round(compiled - started, 3), "full_sync_s": round(synced - started, 3),
             "changes": len(changes), "change_p50_ms": round(statistics.median(changes), 2) if changes else None,
             "change_p99_ms": round(changes[int(len(changes) * 0.99) - 1], 2) if changes else None,
+            "scrape_s": round(statistics.median(scrapes), 3), "scrape_endpoint_series": endpoint_series,
+            "change_p99_during_scrapes_ms": round(during[int(len(during) * 0.99) - 1], 2),
+            "scrapes_during_changes": scraped,
             "rss_mb": round(rss_kb / 1024, 1)}
 
 

@@ -78,12 +78,13 @@ class LabCli:
             time.sleep(0.1)
 
     def up_with(self, nodes: int, manifest: Path, pods: int, namespace: str | None = None,
-                control_plane: str = "sanderling") -> dict[str, str]:
+                control_plane: str = "sanderling", monitoring: bool = False) -> dict[str, str]:
         """A fresh lab with the manifest applied; pod name -> IP once `pods` pods have an address."""
         require_root()
         require_ovs()
         self("down")
-        up = self("up", "--nodes", str(nodes), "--control-plane", control_plane)
+        up = self("up", "--nodes", str(nodes), "--control-plane", control_plane,
+                  *(["--monitoring"] if monitoring else []))
         assert up.returncode == 0, up.stdout + up.stderr
         applied = self("apply", "-f", str(manifest))
         assert applied.returncode == 0, applied.stdout + applied.stderr

@@ -4,9 +4,11 @@ of an annotated namespace), and the denied connection really fails."""
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import time
+from pathlib import Path
 
 from .conftest import LabCli
 
@@ -33,8 +35,18 @@ spec: {nodeName: node1, containers: [{name: c, image: none}]}
 ---
 apiVersion: v1
 kind: Pod
+metadata: {name: stranger, namespace: plain, labels: {app: stranger}}
+spec: {nodeName: node1, containers: [{name: c, image: none}]}
+---
+apiVersion: v1
+kind: Pod
 metadata: {name: visitor, namespace: watched, labels: {app: client}}
 spec: {nodeName: node1, containers: [{name: c, image: none}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: plain}
+spec: {selector: {app: server}, ports: [{port: 80, targetPort: 8080}]}
 ---
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
@@ -63,11 +75,20 @@ def policy_lines(node: str) -> list[tuple[str, ...]]:
     return [m.groups() for m in map(LINE.match, out.stdout.splitlines()) if m]
 
 
+def metric(node: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples with these labels on a node's agent."""
+    from sanderling.lab import agent_status
+    from sanderling.lab.cluster import Lab
+
+    netns = next(n["netns"] for n in Lab(NAME).state()["nodes"] if n["name"] == node)
+    return sum(agent_status.samples(agent_status.metrics_text(netns), name, **labels).values())
+
+
 def test_allowed_and_denied_connections_are_logged_where_they_are_decided(tmp_path):
     manifest = tmp_path / "objects.yaml"
     manifest.write_text(OBJECTS)
     try:
-        ips = lab.up_with(2, manifest, pods=3)
+        ips = lab.up_with(2, manifest, pods=4, monitoring=True)
         server = ips["server"]
         deadline = time.monotonic() + 20  # the agents see the policy
         while time.monotonic() < deadline and connect("watched/visitor", server):
@@ -86,6 +107,57 @@ def test_allowed_and_denied_connections_are_logged_where_they_are_decided(tmp_pa
         assert denied and denied[-1][4:] == (f"watched/visitor({ips['visitor']})", f"plain/server({server})",
                                              "TCP", "8080"), denied
         assert not policy_lines("node1")  # nothing isolates the clients: their node logs nothing
+
+        # the rule's counter (node2's metrics) counts each allowed connection once
+        rule = {"namespace": "plain", "policy": "allow-client", "direction": "ingress", "rule": "0"}
+        denied_key = {"namespace": "plain", "pod": "server", "direction": "ingress"}
+        before, denied_before = metric("node2", "sanderling_policy_rule_connections_total", **rule), \
+            metric("node2", "sanderling_policy_default_deny_connections_total", **denied_key)
+        out = lab("exec", "plain/client", "--", sys.executable, "-m", "sanderling.probe", "spread", "tcp", server,
+                  "8080", "--count", "40")
+        assert out.returncode == 0 and '"server": 40' in out.stdout, out.stdout + out.stderr
+        assert not connect("plain/stranger", server)  # no rule allows it: plain/server's default deny
+        after, denied_after = metric("node2", "sanderling_policy_rule_connections_total", **rule), \
+            metric("node2", "sanderling_policy_default_deny_connections_total", **denied_key)
+        print(f"rule plain/allow-client ingress/0: {after - before:.0f} connections counted for 40 made; "
+              f"default deny of plain/server: {denied_after - denied_before:.0f} for one attempt (SYNs retried)")
+        assert after - before == 40
+        assert denied_after - denied_before >= 1
+
+        # the lab's Prometheus scrapes both agents; every panel of the dashboard has data
+        vip = json.loads(lab("get", "svc", "-n", "plain", "-o", "json").stdout)[0]["spec"]["clusterIP"]
+        out = lab("exec", "plain/client", "--", sys.executable, "-m", "sanderling.probe", "spread", "tcp", vip, "80",
+                  "--count", "10")
+        assert out.returncode == 0 and '"server": 10' in out.stdout, out.stdout + out.stderr
+        from sanderling.lab import monitoring
+        from sanderling.lab.cluster import Lab
+
+        fabric = Lab(NAME).fabric
+        # one more endpoint while Prometheus watches: a CNI ADD, an EndpointSlice change programmed,
+        # bundles synced, all inside its rate() windows
+        (tmp_path / "more.yaml").write_text(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: server-2, namespace: plain, labels: {app: server}}\n"
+            "spec: {nodeName: node2, containers: [{name: c, image: none, ports: [{containerPort: 8080}]}]}\n")
+        assert lab("apply", "-f", str(tmp_path / "more.yaml")).returncode == 0
+        dashboard = json.loads((Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
+                                / "grafana-dashboard.json").read_text())
+
+        def empty_panels() -> list[str]:
+            empty = []
+            for panel in dashboard["panels"]:
+                for target in panel["targets"]:
+                    values = [r["value"][1] for r in monitoring.query(fabric, target["expr"])]
+                    if not [v for v in values if v not in ("NaN", "+Inf", "-Inf")]:
+                        empty.append(panel["title"])
+            return empty
+
+        deadline = time.monotonic() + 60
+        while (empty := empty_panels()) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert monitoring.targets_up(fabric) == {"node1": True, "node2": True}
+        for panel in dashboard["panels"]:
+            print(f"panel {panel['title']!r}: {len(monitoring.query(fabric, panel['targets'][0]['expr']))} series")
+        assert not empty, f"dashboard panels without data: {empty}"
         bad = lab("logs", "node9")
         assert bad.returncode == 1 and "no node 'node9'" in bad.stderr
     finally:

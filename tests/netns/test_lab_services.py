@@ -90,6 +90,17 @@ def spread(vip: str, count: int, client: str = "client") -> dict[str, int]:
     return json.loads(out.stdout)
 
 
+def endpoint_connections(node: str) -> dict[str, float]:
+    """sanderling_service_endpoint_connections_total of svc/be on a node's agent, by endpoint."""
+    from sanderling.lab import agent_status
+    from sanderling.lab.cluster import Lab
+
+    netns = next(n["netns"] for n in Lab(NAME).state()["nodes"] if n["name"] == node)
+    text = agent_status.metrics_text(netns)
+    return {dict(labels)["endpoint"]: value for labels, value in agent_status.samples(
+        text, "sanderling_service_endpoint_connections_total", namespace="svc", service="be").items()}
+
+
 def changed(before: dict[str, dict[str, dict]]):
     """A predicate for `wait_agents`: an installed object whose flows differ from every one before."""
     seen = {o["digest"] for objs in before.values() for o in objs.values()}
@@ -107,10 +118,26 @@ def test_service_spread_affinity_and_reject(tmp_path, control_plane):
         installed = lab.wait_agents("service svc/be with its 3 endpoints", "service/svc/be",
                                     lambda objs: any(o["installed"] and o["buckets"] >= 3 for o in objs.values()))
 
+        before = endpoint_connections("node1")
         counts = spread(vip, 300)
         print(f"\n300 connections to {vip}: {counts}")
         for i in (1, 2, 3):
             assert counts.get(f"be-{i}", 0) >= 45, counts  # each endpoint >= 15%
+        # the client's node counted each connection once, on the endpoint that answered it
+        # (OVS credits a cached datapath flow's packets to its group's buckets when its revalidators
+        # next read the datapath: wait for the counters, not a time)
+        deadline = time.monotonic() + 15
+        while True:
+            chosen = {ip: n - before.get(ip, 0) for ip, n in endpoint_connections("node1").items()}
+            if sum(chosen.values()) >= 300 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        ips = {p["status"]["podIP"]: p["metadata"]["name"]
+               for p in json.loads(lab("get", "pods", "-n", "svc", "-o", "json").stdout)}
+        by_pod = {ips[ip.rsplit(":", 1)[0]]: n for ip, n in chosen.items() if n}
+        print(f"node1's metrics, connections per endpoint: {by_pod}")
+        assert sum(chosen.values()) == 300, chosen
+        assert by_pod == {k: v for k, v in counts.items() if k.startswith("be-")}, (by_pod, counts)
 
         hairpin = spread(vip, 60, client="be-1")  # an endpoint reaching its own service, itself included
         print(f"from endpoint be-1: {hairpin}")

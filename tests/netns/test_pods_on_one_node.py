@@ -84,3 +84,48 @@ def test_ovs_vswitchd_restart_traffic_back_within_2s(node):
     print(f"\novs-vswitchd restart: first ping answered {elapsed:.2f}s after ovs-vswitchd was up again")
     assert elapsed < 2.0, f"traffic came back after {elapsed:.2f}s"
     assert node.probe(a, "tcp", b.ip, 8080)
+
+
+def _pod_counter(name: str, pod: str) -> float:
+    """One pod counter from the agent's /metrics (the agent of this fixture serves on the host's loopback)."""
+    import urllib.request
+
+    from sanderling.agent.status import DEFAULT_ADDRESS
+    from sanderling.lab.agent_status import samples
+
+    text = urllib.request.urlopen(f"http://{DEFAULT_ADDRESS}/metrics", timeout=5).read().decode()
+    return sum(samples(text, name, namespace="default", pod=pod).values())
+
+
+def test_pod_byte_counters_match_iperf3(node):
+    """The per-pod counters (`sanderling_pod_*_bytes_total`, OVS's port counters labelled with the
+    pod) agree with what iperf3 itself counted: received within 5% (the frames' headers); sent at
+    least that, more by what TCP retransmitted."""
+    import json
+
+    a, b = _pods(node)
+    server = subprocess.Popen(["ip", "netns", "exec", b.netns, "iperf3", "-s", "-1", "-B", b.ip],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while "5201" not in node.pod_exec(b, ["ss", "-Hltn", "sport = :5201"]).stdout:  # bound before the client
+            assert time.monotonic() < deadline and server.poll() is None, "iperf3 server did not start listening"
+            time.sleep(0.05)
+        sent_before = _pod_counter("sanderling_pod_tx_bytes_total", "a")
+        received_before = _pod_counter("sanderling_pod_rx_bytes_total", "b")
+        out = node.pod_exec(a, ["iperf3", "-c", b.ip, "-t", "2", "-J"], timeout=60)
+        assert out.returncode == 0, out.stdout[-500:] + out.stderr
+        report = json.loads(out.stdout)["end"]
+        iperf_bytes, received_bytes = report["sum_sent"]["bytes"], report["sum_received"]["bytes"]
+        retransmits = report["sum_sent"].get("retransmits", 0)
+        sent = _pod_counter("sanderling_pod_tx_bytes_total", "a") - sent_before
+        received = _pod_counter("sanderling_pod_rx_bytes_total", "b") - received_before
+    finally:
+        server.kill()
+        server.wait(10)
+    print(f"\niperf3: {iperf_bytes} bytes sent, {received_bytes} received, {retransmits} segments "
+          f"retransmitted; metrics: pod b received {received:.0f} ({received / received_bytes - 1:+.2%}), "
+          f"pod a sent {sent:.0f} ({sent / iperf_bytes - 1:+.2%}: retransmissions are sent twice)")
+    assert abs(received / received_bytes - 1) <= 0.05
+    # iperf3 counts each byte once; the pod's interface sent the retransmitted ones again
+    assert sent >= iperf_bytes * 0.99 and (retransmits or sent <= iperf_bytes * 1.05)

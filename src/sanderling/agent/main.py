@@ -139,7 +139,7 @@ def proxy_config(args: AgentConfig, node: NodeNetwork, node_ips: list[str]) -> A
 
 
 def start_proxy(client: Any, api: Any, cfg: Any, sync: SyncLoop, node_flows: NodeFlows,
-                args: AgentConfig) -> tuple[list[Any], NodePortSteering | None]:
+                args: AgentConfig, sources: Any = None) -> tuple[list[Any], NodePortSteering | None]:
     """Service and EndpointSlice informers feeding the kube-proxy replacement, and the NodePort
     steering (routed through the node: --gateway)."""
     from lightkube.resources.core_v1 import Service
@@ -174,6 +174,8 @@ def start_proxy(client: Any, api: Any, cfg: Any, sync: SyncLoop, node_flows: Nod
 
     proxy.on_health = health_changed
     proxy.start()
+    if sources is not None:
+        sources.proxy = proxy
     informers = [Informer(client, Service, proxy.service_changed), Informer(client, EndpointSlice, proxy.slice_changed)]
     log.info("node %s: kube-proxy replacement on (service CIDR %s, masquerade address %s, node ports on %s)",
              cfg.node_name, cfg.service_cidr, cfg.masq_ip, ", ".join(map(str, cfg.node_port_ips)) or "nothing")
@@ -197,7 +199,7 @@ async def open_gate(informers: list[Any], sync: SyncLoop, view: Any) -> None:
              time.monotonic() - started)
 
 
-def policy_informers(client: Any, api: Any, sync: SyncLoop, args: AgentConfig) -> list[Any]:
+def policy_informers(client: Any, api: Any, sync: SyncLoop, args: AgentConfig, sources: Any = None) -> list[Any]:
     """NetworkPolicy, Namespace and Pod informers feeding policy enforcement."""
     from lightkube.resources.core_v1 import Namespace, Pod
     from lightkube.resources.networking_v1 import NetworkPolicy
@@ -212,6 +214,8 @@ def policy_informers(client: Any, api: Any, sync: SyncLoop, args: AgentConfig) -
 
     agent = PolicyAgent(args.node, sync.scope("policy"), sync.kick, asyncio.get_running_loop().call_soon, report)
     agent.start()
+    if sources is not None:
+        sources.policy = agent
     from sanderling.compiler.policy import LOG_METER, LOG_RATE_PPS
     from sanderling.openflow.ir import Meter
 
@@ -307,13 +311,17 @@ async def serve(args: AgentConfig) -> int:
     sync = SyncLoop(node.name, runtime.mgmt_target(args.bridge), Realizer(generation))
     node_flows = NodeFlows(node, sync, gateway=args.gateway, mode=args.mode)
     pod_flows = PodFlows(node, sync, lambda: pods_from_ports(db.ports(args.bridge), port_errors))
+    from sanderling.agent.metrics import AgentMetrics, Sources
+
+    listed: list[Any] = []  # every informer the node's flows depend on, for /readyz
+    sources = Sources(sync, lambda: listed, pod_flows)
+    metrics = AgentMetrics(sources)
     view = None
     api: Any = None  # the one synchronous Kubernetes client (events, IPPools, pod annotations)
     if _kube_enabled(args):
         from sanderling.kube.client import KubeApi
 
         api = KubeApi(args.kubeconfig)
-    listed: list[Any] = []  # every informer the node's flows depend on, for /readyz
     remote_hooks: list[Callable[[list[Remote]], None]] = []  # more listeners to the other nodes
     proxy_tasks: list[asyncio.Task[None]] = []
     if _kube_enabled(args):
@@ -348,12 +356,13 @@ async def serve(args: AgentConfig) -> int:
         view.start()
         informers: list[Any] = []
         if proxy_cfg is not None:
-            proxy_informers, steering = start_proxy(client, api, proxy_cfg, sync, node_flows, args)
+            proxy_informers, steering = start_proxy(client, api, proxy_cfg, sync, node_flows, args, sources)
+            sources.proxy.flush_observers.append(metrics.proxy_compiled)
             informers += proxy_informers
             if steering is not None:
                 await steering.steer()
         if not args.no_policy:  # its own switch: --no-proxy does not turn policy off
-            informers += policy_informers(client, api, sync, args)
+            informers += policy_informers(client, api, sync, args, sources)
         proxy_tasks = [asyncio.create_task(i.run()) for i in informers]
         sync.gate = asyncio.Event()
         listed += [*view.informers, *informers]
@@ -371,7 +380,8 @@ async def serve(args: AgentConfig) -> int:
 
         host, _, port = args.status_address.rpartition(":")
         try:
-            status_runners.append(await AgentStatus(sync, lambda: listed).start(host or "127.0.0.1", int(port)))
+            status = AgentStatus(sync, lambda: listed, metrics)
+            status_runners.append(await status.start(host or "127.0.0.1", int(port)))
         except OSError as exc:  # the dataplane does not depend on it: say so and go on
             log.error("node %s: status endpoint not served on %s: %s (set --status-address)", node.name,
                       args.status_address, exc)
@@ -400,6 +410,8 @@ async def serve(args: AgentConfig) -> int:
         handler = CniHandler(node, db, args.bridge, allocator, pod_flows, args.node_netns, args.mtu, cluster,
                              tunnel=args.mode == "overlay", multinet=multinet, network_name=args.cni_network,
                              native_networks=not args.multus)
+        handler.observers.append(metrics.cni_answered)
+        sources.pools = allocator.usage
         if corrupt is not None:
             restored = await handler.restore_from_ovsdb()
             log.error("node %s: the IPAM database was not readable: moved to %s, %d allocation(s) rebuilt from "

@@ -30,10 +30,12 @@ class PodFlows:
         self._keys: set[str] = set()
         self._compiled: dict[PodPort, list[Flow]] = {}
         self.errors: dict[str, str] = {}
+        self.by_ofport: dict[int, PodPort] = {}  # the pods of the last refresh (metrics label port counters)
         sync.before_sync.append(self.refresh)
 
     def refresh(self) -> None:
         pods = self._list_pods()
+        self.by_ofport = {pod.ofport: pod for pod in pods}
         seen = set()
         for pod in pods:
             try:

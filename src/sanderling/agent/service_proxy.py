@@ -11,8 +11,10 @@ model refuses is reported once (log line and a Kubernetes Event) and left out; t
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from sanderling.agent.object_errors import ObjectErrors
@@ -21,6 +23,20 @@ from sanderling.compiler import services as compiler
 from sanderling.model.services import SERVICE_NAME_LABEL, Service, endpoints_by_port, service_from, usable
 
 log = logging.getLogger(__name__)
+
+
+def _trigger_time(obj: dict[str, Any] | None) -> float | None:
+    """endpoints.kubernetes.io/last-change-trigger-time of an EndpointSlice (RFC 3339), if set."""
+    value = ((obj or {}).get("metadata") or {}).get("annotations", {}).get(TRIGGER_TIME)
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+TRIGGER_TIME = "endpoints.kubernetes.io/last-change-trigger-time"
 
 
 class GroupIds:
@@ -69,6 +85,10 @@ class ServiceProxy:
         self.group_ids = GroupIds()
         self.shared_refs: Counter[str] = Counter()  # shared object key -> services needing it
         self.shared_of: dict[str, set[str]] = {}
+        # metrics: seconds each flush took to compile, and when each Service's not yet programmed
+        # change happened (the EndpointSlice's trigger time when the control plane sets it)
+        self.flush_observers: list[Callable[[float], None]] = []
+        self.changed_at: dict[str, float] = {}
 
     def start(self) -> None:
         self.realizer.set_object("service/static", compiler.static_flows(self.cfg))
@@ -94,8 +114,10 @@ class ServiceProxy:
                 owner = f"{meta.get('namespace', '')}/{svc_name}"
                 self.slices.setdefault(owner, {})[key] = obj
                 self.slice_owner[key] = owner
+        trigger = _trigger_time(obj)
         for svc_key in {old_owner, owner} - {None}:
             assert svc_key is not None
+            self.changed_at.setdefault(svc_key, trigger or time.time())
             self._mark(svc_key)
 
     # ---- compile -------------------------------------------------------------------------
@@ -111,6 +133,7 @@ class ServiceProxy:
     def flush(self) -> None:
         """Compile every Service changed since the last flush, then tell the controller."""
         self._flush_scheduled = False
+        started = time.perf_counter()
         dirty, self._dirty = self._dirty, set()
         health_before = dict(self.health)
         for key in sorted(dirty):
@@ -125,6 +148,9 @@ class ServiceProxy:
                 self._set_shared(key, set())
         if dirty:
             self.changed()
+            seconds = time.perf_counter() - started
+            for observer in self.flush_observers:
+                observer(seconds)
         if self.health != health_before and self.on_health is not None:
             self.on_health({port: (key, local) for key, (port, local) in self.health.items()})
 

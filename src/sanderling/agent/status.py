@@ -7,6 +7,7 @@
   but may be behind the cluster), the previous generation swept, nothing pending; else 503.
   The JSON body says which part is missing, so `kubectl describe` of a failing probe reads like
   a diagnosis;
+- `/metrics`: Prometheus metrics (agent/metrics.py);
 - `/objects?prefix=service/`: each desired object's state (installed, pending, refused with the
   switch's reason) and its flow, group and bucket counts. Tests wait on this instead of sleeping,
   and an operator can see what a Service or policy turned into on this node.
@@ -30,9 +31,10 @@ DEFAULT_ADDRESS = "127.0.0.1:9465"
 
 
 class AgentStatus:
-    def __init__(self, sync: SyncLoop, informers: Callable[[], list[Any]]) -> None:
+    def __init__(self, sync: SyncLoop, informers: Callable[[], list[Any]], metrics: Any = None) -> None:
         self.sync = sync
         self.informers = informers  # every informer the node's flows depend on (may grow at start)
+        self.metrics = metrics  # agent.metrics.AgentMetrics, or None
 
     def readiness(self) -> dict[str, Any]:
         realizer = self.sync.realizer
@@ -98,16 +100,26 @@ class AgentStatus:
         return web.Response(text=json.dumps(self.objects(request.query.get("prefix", "")), indent=1) + "\n",
                             content_type="application/json")
 
+    async def _metrics(self, _request: Any) -> Any:
+        from aiohttp import web
+
+        if self.metrics is None:
+            return web.Response(status=404, text="metrics are off\n")
+        body = await self.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
     async def start(self, host: str, port: int) -> Any:
         from aiohttp import web  # only here: the agent starts faster without it (restarts under traffic)
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/objects", self._objects)
+        app.router.add_get("/metrics", self._metrics)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, host, port, reuse_address=True).start()
-        log.info("node %s: status on http://%s:%d (/healthz, /readyz, /objects)", self.sync.name, host, port)
+        log.info("node %s: status on http://%s:%d (/healthz, /readyz, /objects, /metrics)", self.sync.name, host,
+                 port)
         return runner
 
 

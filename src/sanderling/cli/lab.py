@@ -41,6 +41,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--control-plane", choices=["sanderling", "kubernetes"], default="sanderling",
                     help="the embedded API server (default, fast) or upstream etcd, kube-apiserver, "
                          "kube-controller-manager and kube-scheduler (built by setup)")
+    up.add_argument("--monitoring", action="store_true",
+                    help="also start Prometheus (Debian's) scraping every agent; ask it with `lab query`")
     up.add_argument("--allow-workload-commands", action="store_true",
                     help="kubelets run a Pod's command as root in its sandbox (off: such pods fail)")
     cmds.add_parser("down", parents=[common], help="remove every namespace, process, bridge and file of the lab")
@@ -67,6 +69,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ag.add_argument("--objects", default=None, metavar="PREFIX",
                     help="objects whose key starts with PREFIX (service/NS/NAME, policy/, pod/NS/...)")
     ag.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    me = cmds.add_parser("metrics", parents=[common], help="a node agent's Prometheus metrics (/metrics)")
+    me.add_argument("node", help="node name, e.g. node1")
+    me.add_argument("--grep", default=None, help="only lines containing this text (e.g. service_endpoint)")
+    qu = cmds.add_parser("query", parents=[common], help="ask the lab's Prometheus (lab up --monitoring) PromQL")
+    qu.add_argument("promql", help="e.g. 'sum by (endpoint) (sanderling_service_endpoint_connections_total)'")
+    qu.add_argument("-o", "--output", choices=["table", "json"], default="table")
     cmds.add_parser("kubeconfig", parents=[common], help="print the path of the lab's kubeconfig")
     ra = cmds.add_parser("restart-agent", parents=[common],
                          help="restart a node's agent (the node keeps forwarding on its installed flows)")
@@ -85,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if cmd == "up":
         lab.up(args.nodes, args.mode, allow_workload_commands=args.allow_workload_commands,
-               multus=args.multus, control_plane=args.control_plane)
+               multus=args.multus, control_plane=args.control_plane, monitoring=args.monitoring)
         if args.demo:
             apply(lab, Path(__file__).resolve().parents[1] / "lab" / "demo.yaml")
             wait_running(lab, 60)
@@ -116,6 +124,10 @@ def run(args: argparse.Namespace) -> int:
         return agent_logs(lab, args.node, args.grep, args.tail)
     if cmd == "agents":
         return agents(lab, args.objects, args.output)
+    if cmd == "metrics":
+        return agent_metrics(lab, args.node, args.grep)
+    if cmd == "query":
+        return prometheus_query(lab, args.promql, args.output)
     if cmd == "restart-agent":
         lab.restart_agent(args.node)
         print(f"agent of {args.node} restarted")
@@ -145,6 +157,45 @@ def agents(lab: Lab, prefix: str | None, output: str) -> int:
     rows = [[name, key, "yes" if o["installed"] else "no", o["flows"], o["groups"], o["buckets"], o["refused"] or ""]
             for name, objects in out.items() for key, o in objects.items() if isinstance(o, dict)]
     print(table(["node", "object", "installed", "flows", "groups", "buckets", "refused"], rows))
+    return 0
+
+
+def prometheus_query(lab: Lab, promql: str, output: str) -> int:
+    from sanderling.lab import monitoring
+
+    if not lab.state().get("monitoring"):
+        print(f"sanderling lab: lab {lab.name} runs no Prometheus; start it with `sanderling lab up --monitoring`",
+              file=sys.stderr)
+        return 1
+    try:
+        result = monitoring.query(lab.fabric, promql)
+    except RuntimeError as exc:
+        print(f"sanderling lab: {exc}", file=sys.stderr)
+        return 1
+    if output == "json":
+        print(json.dumps(result, indent=1))
+        return 0
+    rows = [[", ".join(f"{k}={v}" for k, v in sorted(r["metric"].items()) if k != "__name__") or "-",
+             r["value"][1]] for r in result]
+    print(table(["series", "value"], rows) if rows else "(no data)")
+    return 0
+
+
+def agent_metrics(lab: Lab, node: str, grep: str | None) -> int:
+    from sanderling.lab import agent_status
+
+    nodes = {n["name"]: n["netns"] for n in lab.state()["nodes"]}
+    if node not in nodes:
+        print(f"sanderling lab: no node {node!r} in lab {lab.name} (nodes: {', '.join(nodes)})", file=sys.stderr)
+        return 1
+    try:
+        text = agent_status.metrics_text(nodes[node])
+    except RuntimeError as exc:
+        print(f"sanderling lab: the agent of {node} did not answer on /metrics: {exc}", file=sys.stderr)
+        return 1
+    for line in text.splitlines():
+        if grep is None or grep in line:
+            print(line)
     return 0
 
 

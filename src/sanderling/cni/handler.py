@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,8 +80,22 @@ class CniHandler:
         # to offload (ICMP passes, TCP and UDP arrive with bad checksums)
         self.tx_checksum_off = tunnel or not db.userspace_tso_enabled()
         self._reserved_ofports: set[int] = set()
+        # (command, seconds, error code or None) after every request: the agent's metrics
+        self.observers: list[Callable[[str, float, int | None], None]] = []
 
     async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        started = time.perf_counter()
+        answer = await self._handle(request)
+        command = str(request.get("command"))
+        code = (answer.get("error") or {}).get("code") if "error" in answer else None
+        for observer in self.observers:
+            try:
+                observer(command, time.perf_counter() - started, code)
+            except Exception:  # metrics must never fail a CNI request
+                log.exception("CNI observer failed")
+        return answer
+
+    async def _handle(self, request: dict[str, Any]) -> dict[str, Any]:
         command = request.get("command")
         started = time.perf_counter()
         try:

@@ -240,6 +240,24 @@ def _group(gid: int, endpoints: tuple[Endpoint, ...], pipeline: Pipeline, direct
                          nat=ir.Nat("dst", int(e.ip), int(e.ip), e.port, e.port)),), weight=100) for e in endpoints))
 
 
+def bucket_endpoints(group: ir.Group) -> list[str | None]:
+    """The endpoint ("IP:port") each bucket of a service group picks, None for a bucket that hands
+    over to a sub-group (whose own buckets name the endpoints). A bucket's packet counter is then
+    the connections that chose that endpoint: groups see only a connection's first packet."""
+    out: list[str | None] = []
+    for bucket in group.buckets:
+        ip = port = None
+        for action in bucket.actions:
+            if isinstance(action, ir.CT) and action.nat is not None and action.nat.ip_min is not None:
+                ip, port = action.nat.ip_min, action.nat.port_min
+            elif isinstance(action, ir.Load) and action.dst == _EP_IP:
+                ip = action.value
+            elif isinstance(action, ir.Load) and action.dst == _EP_PORT:
+                port = action.value
+        out.append(f"{ipaddress.IPv4Address(ip)}:{port}" if ip is not None else None)
+    return out
+
+
 MAX_BUCKETS = 400  # an OpenFlow message is at most 64 KiB; a DNAT bucket takes about 100 bytes
 
 

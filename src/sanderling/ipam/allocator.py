@@ -60,6 +60,14 @@ class Allocator:
         self.store = store
         self.pools = pools
 
+    def usage(self) -> list[tuple[str, int, int]]:
+        """(pool, addresses in use, addresses free) of every pool of this node."""
+        counts: dict[str, int] = {}
+        for alloc in self.store.all():
+            counts[alloc.pool] = counts.get(alloc.pool, 0) + 1
+        return [(pool.name, counts.get(pool.name, 0), max(0, pool.size - counts.get(pool.name, 0)))
+                for pool in self.pools]
+
     def _pool_for(self, ip: ipaddress.IPv4Address) -> Pool:
         for pool in self.pools:
             if pool.usable(ip):

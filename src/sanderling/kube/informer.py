@@ -90,6 +90,7 @@ class Informer:
         self.lists = 0
         self.bookmarks = 0
         self.streams = 0  # watch streams established
+        self.events = 0  # changes handed to on_change
         self.watching = False  # a watch stream is open now
         self.lost_at: float | None = None  # monotonic time the last stream broke, until one is open again
         self.name = getattr(resource, "__name__", str(resource))  # the typed name, for log lines
@@ -223,6 +224,7 @@ class Informer:
         self.streams += 1
 
     def _notify(self, key: str, obj: dict[str, Any] | None) -> None:
+        self.events += 1
         try:
             self.on_change(key, obj)
         except Exception:  # one consumer's bug on one object must not stop the stream

@@ -28,6 +28,27 @@ def fetch(netns: str, path: str) -> dict[str, Any]:
         return {"error": (got.stderr.strip().splitlines() or ["no answer"])[-1]}
 
 
+def metrics_text(netns: str) -> str:
+    """The agent's Prometheus exposition text (/metrics)."""
+    got = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", _GET,
+                          f"http://{DEFAULT_ADDRESS}/metrics"], capture_output=True, text=True, timeout=30)
+    if got.returncode != 0:
+        raise RuntimeError((got.stderr.strip().splitlines() or ["no answer"])[-1])
+    return got.stdout
+
+
+def samples(text: str, name: str, **labels: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """Samples of one metric in exposition text whose labels include `labels`: {labels: value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                out[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
 def readiness(netns: str) -> dict[str, Any]:
     return fetch(netns, "/readyz")
 

@@ -87,7 +87,7 @@ class Lab:
         return ensure_pki(self.state_dir / "pki", ("127.0.0.1", str(API_UNDERLAY_IP)))
 
     def up(self, nodes: int = 3, mode: str = "routed", allow_workload_commands: bool = False,
-           multus: bool = False, control_plane: str = "sanderling") -> None:
+           multus: bool = False, control_plane: str = "sanderling", monitoring: bool = False) -> None:
         if mode not in ("routed", "overlay"):
             raise SystemExit(f"sanderling lab: --mode {mode}: choose routed or overlay")
         if control_plane not in ("sanderling", "kubernetes"):
@@ -157,6 +157,15 @@ class Lab:
         (self.state_dir / "state.json").write_text(json.dumps(state, indent=2))
         for node in lab_nodes:
             node.wait_ready(60)
+        if monitoring:
+            from sanderling.lab import monitoring as prometheus
+
+            self.progress(f"monitoring: Prometheus in namespace {self.fabric} scraping every agent every "
+                          f"{prometheus.SCRAPE_INTERVAL_S} s (`sanderling lab query --name {self.name} PROMQL`)")
+            state.setdefault("pids", {})["prometheus"] = prometheus.start(
+                self.state_dir, self.fabric, {r["name"]: r["underlay_ip"] for r in records})
+            state["monitoring"] = True
+            (self.state_dir / "state.json").write_text(json.dumps(state, indent=2))
         self.progress(f"lab {self.name} up in {time.monotonic() - started:.1f}s")
 
     def _start_kubernetes(self, port: int, nodes: list[str]) -> dict[str, Any]:
@@ -251,6 +260,9 @@ class Lab:
                          kubeconfig=self.node_kubeconfig, gateway=True, agent_session=True, mode=mode,
                          pod_cidr_from_api=True, agent_in_netns=True,
                          agent_args=("--provider-network", f"{PHYSNET}={PROVIDER_NIC}",
+                                     # status and /metrics on every address of the node: the lab's
+                                     # Prometheus scrapes them from the fabric
+                                     "--status-address", "0.0.0.0:9465",
                                      # delegates: the node's own plugin directory first, then Debian's
                                      "--cni-path", f"{self.state_dir / rec['name'] / 'cni' / 'bin'}:{DELEGATE_PLUGINS}",
                                      *(["--multus"] if self.multus or self.state().get("multus") else [])))

@@ -365,6 +365,14 @@ class Connection:
         replies = await self.multipart(E.group_stats_request, "group stats")
         return [s for r in replies for s in D.parse_group_stats(r)]
 
+    async def table_stats(self) -> list[D.TableStats]:
+        replies = await self.multipart(E.table_stats_request, "table stats")
+        return [s for r in replies for s in D.parse_table_stats(r)]
+
+    async def meter_stats(self) -> list[D.MeterStats]:
+        replies = await self.multipart(E.meter_stats_request, "meter stats")
+        return [s for r in replies for s in D.parse_meter_stats(r)]
+
     async def packet_out(self, data: bytes, actions: tuple, in_port: int = 0xFFFFFFFD) -> None:
         self.send(E.packet_out(data, actions, self.next_xid(), in_port))
         await self.drain()

@@ -227,6 +227,56 @@ def parse_port_stats(data: bytes) -> list[PortStats]:
     return out
 
 
+@dataclass(frozen=True)
+class TableStats:
+    table_id: int
+    active_count: int
+    lookup_count: int
+    matched_count: int
+
+
+@dataclass(frozen=True)
+class MeterStats:
+    meter_id: int
+    packet_in_count: int
+    byte_in_count: int
+    band_packets: tuple[int, ...]  # per band: packets the band acted on (for a drop band: dropped)
+
+
+@_decoder("table stats reply")
+def parse_table_stats(data: bytes) -> list[TableStats]:
+    length = _message_end(data)
+    pos = 16
+    out = []
+    while pos + 24 <= length:
+        table_id, active, lookups, matched = struct.unpack_from("!B3xIQQ", data, pos)
+        out.append(TableStats(table_id, active, lookups, matched))
+        pos += 24
+    return out
+
+
+@_decoder("meter stats reply")
+def parse_meter_stats(data: bytes) -> list[MeterStats]:
+    length = _message_end(data)
+    pos = 16
+    out = []
+    while pos < length:
+        if pos + 6 > length:
+            raise DecodeError(f"meter stats entry at offset {pos} is cut short")
+        entry_len = _entry_length(data, pos + 4, length + 4, 40, "meter stats")  # its length follows meter_id
+        if pos + entry_len > length:
+            raise DecodeError(f"meter stats entry at offset {pos} claims {entry_len} bytes, past the message")
+        meter_id, _len, _flows, packets, nbytes = struct.unpack_from("!IH6xIQQ", data, pos)
+        bands = []
+        bpos = pos + 40
+        while bpos + 16 <= pos + entry_len:
+            bands.append(struct.unpack_from("!Q", data, bpos)[0])
+            bpos += 16
+        out.append(MeterStats(meter_id, packets, nbytes, tuple(bands)))
+        pos += entry_len
+    return out
+
+
 @_decoder("group stats reply")
 def parse_group_stats(data: bytes) -> list[GroupStats]:
     length = _message_end(data)

@@ -53,6 +53,9 @@ OFPM_ALL = 0xFFFFFFFF
 OFPMP_FLOW = 1
 OFPMP_PORT_STATS = 4
 OFPMP_GROUP = 6
+OFPMP_TABLE = 3
+OFPMP_METER = 9
+OFPM_ALL = 0xFFFFFFFF
 
 # ONF bundle extension (EXT-230) for OpenFlow 1.3
 ONFT_BUNDLE_CONTROL = 2300
@@ -448,3 +451,11 @@ def port_stats_request(xid: int, port: int = OFPP_ANY) -> bytes:
 
 def group_stats_request(xid: int, group_id: int = OFPG_ALL) -> bytes:
     return multipart_request(xid, OFPMP_GROUP, struct.pack("!I4x", group_id))
+
+
+def table_stats_request(xid: int) -> bytes:
+    return multipart_request(xid, OFPMP_TABLE, b"")
+
+
+def meter_stats_request(xid: int, meter_id: int = OFPM_ALL) -> bytes:
+    return multipart_request(xid, OFPMP_METER, struct.pack("!I4x", meter_id))
