@@ -45,6 +45,16 @@ def port_stats_reply() -> bytes:
     return _msg(E.OFPT_MULTIPART_REPLY, struct.pack("!HH4x", E.OFPMP_PORT_STATS, 0) + b"\1" * 112)
 
 
+def table_stats_reply() -> bytes:
+    return _msg(E.OFPT_MULTIPART_REPLY, struct.pack("!HH4x", E.OFPMP_TABLE, 0)
+                + struct.pack("!B3xIQQ", 0, 5, 100, 90) + struct.pack("!B3xIQQ", 1, 2, 90, 80))
+
+
+def meter_stats_reply() -> bytes:
+    entry = struct.pack("!IH6xIQQII", 2, 56, 1, 300, 30000, 1, 0) + struct.pack("!QQ", 120, 12000)
+    return _msg(E.OFPT_MULTIPART_REPLY, struct.pack("!HH4x", E.OFPMP_METER, 0) + entry)
+
+
 def packet_in() -> bytes:
     return _msg(E.OFPT_PACKET_IN, struct.pack("!IHBBQ", 0xFFFFFFFF, 60, 1, 17, 0xABC) + _MATCH + b"\0\0" + b"x" * 60)
 
@@ -57,6 +67,8 @@ VALID = {
     D.parse_flow_stats: flow_stats_reply(),
     D.parse_group_stats: group_stats_reply(),
     D.parse_port_stats: port_stats_reply(),
+    D.parse_table_stats: table_stats_reply(),
+    D.parse_meter_stats: meter_stats_reply(),
     D.parse_packet_in: packet_in(),
     D.parse_error: error(),
     D.multipart_header: flow_stats_reply(),
@@ -69,6 +81,9 @@ PARSERS = sorted(VALID, key=lambda f: f.__name__)
 def test_valid_samples_parse():
     assert len(D.parse_flow_stats(VALID[D.parse_flow_stats])) == 2
     assert D.parse_group_stats(VALID[D.parse_group_stats])[0].bucket_packets == (10,)
+    assert [(t.table_id, t.active_count) for t in D.parse_table_stats(VALID[D.parse_table_stats])] == [(0, 5), (1, 2)]
+    meter = D.parse_meter_stats(VALID[D.parse_meter_stats])[0]
+    assert (meter.meter_id, meter.packet_in_count, meter.band_packets) == (2, 300, (120,))
     pin = D.parse_packet_in(VALID[D.parse_packet_in])
     assert pin.cookie == 0xABC and pin.data == b"x" * 60
 

@@ -243,6 +243,12 @@ class MeterStats:
     band_packets: tuple[int, ...]  # per band: packets the band acted on (for a drop band: dropped)
 
 
+def _packet_counters(data: bytes, start: int, end: int) -> tuple[int, ...]:
+    """The packet counts of the 16-byte (packets, bytes) records from start to end: a group's
+    buckets, a meter's bands."""
+    return tuple(struct.unpack_from("!Q", data, pos)[0] for pos in range(start, end - 15, 16))
+
+
 @_decoder("table stats reply")
 def parse_table_stats(data: bytes) -> list[TableStats]:
     length = _message_end(data)
@@ -267,12 +273,7 @@ def parse_meter_stats(data: bytes) -> list[MeterStats]:
         if pos + entry_len > length:
             raise DecodeError(f"meter stats entry at offset {pos} claims {entry_len} bytes, past the message")
         meter_id, _len, _flows, packets, nbytes = struct.unpack_from("!IH6xIQQ", data, pos)
-        bands = []
-        bpos = pos + 40
-        while bpos + 16 <= pos + entry_len:
-            bands.append(struct.unpack_from("!Q", data, bpos)[0])
-            bpos += 16
-        out.append(MeterStats(meter_id, packets, nbytes, tuple(bands)))
+        out.append(MeterStats(meter_id, packets, nbytes, _packet_counters(data, pos + 40, pos + entry_len)))
         pos += entry_len
     return out
 
@@ -285,11 +286,6 @@ def parse_group_stats(data: bytes) -> list[GroupStats]:
     while pos < length:
         entry_len = _entry_length(data, pos, length, 40, "group stats")
         _, group_id, _ref, packets, nbytes = struct.unpack_from("!H2xII4xQQ", data, pos)
-        buckets = []
-        bpos = pos + 40
-        while bpos + 16 <= pos + entry_len:
-            buckets.append(struct.unpack_from("!Q", data, bpos)[0])
-            bpos += 16
-        out.append(GroupStats(group_id, packets, nbytes, tuple(buckets)))
+        out.append(GroupStats(group_id, packets, nbytes, _packet_counters(data, pos + 40, pos + entry_len)))
         pos += entry_len
     return out
