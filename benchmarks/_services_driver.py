@@ -105,9 +105,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     keys = sorted(slices)
     serial = [args.services * args.endpoints]
 
-    async def change_some(count: int) -> list[float]:
-        times = []
-        for _ in range(count):
+    async def change_some(count: int, seconds: float = 0.0) -> list[float]:
+        times: list[float] = []
+        until = time.perf_counter() + seconds
+        while len(times) < count or time.perf_counter() < until:
             key = rng.choice(keys)
             obj = json.loads(json.dumps(slices[key]))
             obj["endpoints"][rng.randrange(len(obj["endpoints"]))]["addresses"] = [endpoint_ip(serial[0])]
@@ -142,7 +143,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         return n
 
     scraper = asyncio.ensure_future(scrape_loop())
-    during = await change_some(max(100, args.changes // 5))
+    during = await change_some(max(100, args.changes // 5), seconds=5.0)  # ~10 scrapes meanwhile
     stop.set()
     scraped = await scraper
     conn.close()
