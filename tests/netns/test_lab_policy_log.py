@@ -48,6 +48,16 @@ kind: Service
 metadata: {name: web, namespace: plain}
 spec: {selector: {app: server}, ports: [{port: 80, targetPort: 8080}]}
 ---
+apiVersion: v1
+kind: Service
+metadata: {name: nobody, namespace: plain}
+spec: {selector: {app: nobody}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: lost, namespace: plain}
+spec: {nodeName: node9, containers: [{name: c, image: none}]}
+---
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
 metadata: {name: allow-client, namespace: plain, annotations: {policy.sanderling.io/log: "true"}}
@@ -124,8 +134,48 @@ def test_allowed_and_denied_connections_are_logged_where_they_are_decided(tmp_pa
         assert after - before == 40
         assert denied_after - denied_before >= 1
 
+        # `lab trace` says what real traffic does, in Kubernetes terms
+        services = {s["metadata"]["name"]: s["spec"]["clusterIP"]
+                    for s in json.loads(lab("get", "svc", "-n", "plain", "-o", "json").stdout)}
+        cases = [  # (source, destination, extra args, verdict, words the explanation must hold, real probe)
+            ("plain/client", "plain/server", ["--port", "8080"], "delivered",
+             ["allowed by networkpolicy plain/allow-client ingress rule 0", "delivered to pod plain/server"],
+             ("plain/client", server, 8080, True)),
+            ("plain/client", "svc/plain/web", [], "delivered",
+             ["service plain/web", f"DNAT to endpoint {server}:8080", "delivered to pod plain/server"],
+             ("plain/client", services["web"], 80, True)),
+            ("plain/stranger", "plain/server", ["--port", "8080"], "dropped",
+             ["default deny of pod plain/server (ingress)"], ("plain/stranger", server, 8080, False)),
+            ("plain/client", "plain/server", ["--port", "8080", "--source-ip", "10.244.0.250"], "dropped",
+             ["spoof guard"], None),
+            ("plain/client", "svc/plain/nobody", [], "refused", ["has no endpoint"],
+             ("plain/client", services["nobody"], 80, False)),
+        ]
+        for src, dst, extra, verdict, words, probe in cases:
+            out = lab("trace", src, dst, *extra, "-o", "json")
+            got = json.loads(out.stdout)
+            text = " | ".join(s["detail"] for s in got["stages"])
+            print(f"trace {src} -> {dst} {' '.join(extra)}: {got['verdict']}: {text}")
+            assert got["verdict"] == verdict, text
+            assert out.returncode == (0 if verdict == "delivered" else 3)
+            for word in words:
+                assert word in text, (word, text)
+            if probe is not None:
+                pod, ip, port, ok = probe
+                real = lab("exec", pod, "--", sys.executable, "-m", "sanderling.probe", "connect", "tcp", ip,
+                           str(port), "--timeout", "1")
+                assert (real.returncode == 0) == ok, f"trace says {verdict}, a real connection says otherwise"
+        for args, code, words in ((["plain/ghost", "plain/server", "--port", "8080"], 1, "no pod plain/ghost"),
+                                  (["plain/client", "plain/server", "--port", "70000"], 2, "out of range"),
+                                  (["plain/lost", "plain/server", "--port", "8080"], 1, "not a node of lab")):
+            bad = lab("trace", *args)
+            print(f"trace {' '.join(args)}: exit {bad.returncode}: {bad.stderr.strip().splitlines()[-1]}")
+            # one line that names the problem (argparse prints its usage above a bad argument's)
+            assert bad.returncode == code and words in bad.stderr.strip().splitlines()[-1], bad.stderr
+            assert sum(1 for line in bad.stderr.splitlines() if line.startswith("sanderling lab trace:")) == 1
+
         # the lab's Prometheus scrapes both agents; every panel of the dashboard has data
-        vip = json.loads(lab("get", "svc", "-n", "plain", "-o", "json").stdout)[0]["spec"]["clusterIP"]
+        vip = services["web"]
         out = lab("exec", "plain/client", "--", sys.executable, "-m", "sanderling.probe", "spread", "tcp", vip, "80",
                   "--count", "10")
         assert out.returncode == 0 and '"server": 10' in out.stdout, out.stdout + out.stderr
@@ -158,6 +208,25 @@ def test_allowed_and_denied_connections_are_logged_where_they_are_decided(tmp_pa
         for panel in dashboard["panels"]:
             print(f"panel {panel['title']!r}: {len(monitoring.query(fabric, panel['targets'][0]['expr']))} series")
         assert not empty, f"dashboard panels without data: {empty}"
+
+        # with ClientIP affinity the trace names the endpoint this client is pinned to
+        web = next(x for x in json.loads(lab("get", "svc", "-n", "plain", "-o", "json").stdout)
+                   if x["metadata"]["name"] == "web")
+        web["spec"]["sessionAffinity"] = "ClientIP"
+        (tmp_path / "web.json").write_text(json.dumps(web))
+        assert lab("apply", "-f", str(tmp_path / "web.json")).returncode == 0
+        lab.wait_agents("service plain/web with affinity and 2 endpoints", "service/plain/web",
+                        lambda objs: any(o["installed"] and o["flows"] > 4 and o["buckets"] >= 2
+                                         for o in objs.values()))
+        pods = {p["metadata"]["name"]: (p.get("status") or {}).get("podIP")
+                for p in json.loads(lab("get", "pods", "-n", "plain", "-o", "json").stdout)}
+        out = lab("exec", "plain/client", "--", sys.executable, "-m", "sanderling.probe", "spread", "tcp", vip, "80",
+                  "--count", "5")
+        pinned = [k for k in json.loads(out.stdout) if not k.startswith("_")]
+        assert len(pinned) == 1, out.stdout  # affinity: one endpoint for all five
+        got = json.loads(lab("trace", "plain/client", "svc/plain/web", "-o", "json").stdout)
+        print(f"affinity: real connections went to {pinned[0]}; trace: {got['endpoint']}")
+        assert got["endpoint"] == f"{pods[pinned[0]]}:8080" and got["verdict"] == "delivered", got
         bad = lab("logs", "node9")
         assert bad.returncode == 1 and "no node 'node9'" in bad.stderr
     finally:

@@ -8,6 +8,8 @@
   The JSON body says which part is missing, so `kubectl describe` of a failing probe reads like
   a diagnosis;
 - `/metrics`: Prometheus metrics (agent/metrics.py);
+- `/owners`: cookie -> the pod, Service, NetworkPolicy rule or isolated pod owning those flows
+  (agent/owners.py; `sanderling lab trace` explains traces with it);
 - `/objects?prefix=service/`: each desired object's state (installed, pending, refused with the
   switch's reason) and its flow, group and bucket counts. Tests wait on this instead of sleeping,
   and an operator can see what a Service or policy turned into on this node.
@@ -100,6 +102,16 @@ class AgentStatus:
         return web.Response(text=json.dumps(self.objects(request.query.get("prefix", "")), indent=1) + "\n",
                             content_type="application/json")
 
+    async def _owners(self, _request: Any) -> Any:
+        from aiohttp import web
+
+        from sanderling.agent.owners import owners
+
+        policy = self.metrics.sources.policy if self.metrics is not None else None
+        known = owners(self.sync.realizer.keys(), policy)
+        return web.Response(text=json.dumps({f"{c:#x}": o for c, o in sorted(known.items())}, indent=1) + "\n",
+                            content_type="application/json")
+
     async def _metrics(self, _request: Any) -> Any:
         from aiohttp import web
 
@@ -115,6 +127,7 @@ class AgentStatus:
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/objects", self._objects)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/owners", self._owners)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, host, port, reuse_address=True).start()

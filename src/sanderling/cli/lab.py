@@ -72,6 +72,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     me = cmds.add_parser("metrics", parents=[common], help="a node agent's Prometheus metrics (/metrics)")
     me.add_argument("node", help="node name, e.g. node1")
     me.add_argument("--grep", default=None, help="only lines containing this text (e.g. service_endpoint)")
+    tr = cmds.add_parser("trace", parents=[common],
+                         help="why a new connection from a pod arrives or not, stage by stage (ofproto/trace)")
+    tr.add_argument("source", help="the sending pod, NAMESPACE/NAME")
+    tr.add_argument("destination", help="NAMESPACE/POD, svc/NAMESPACE/SERVICE (its ClusterIP) or an IP address")
+    tr.add_argument("--proto", choices=["tcp", "udp", "icmp"], default="tcp")
+    tr.add_argument("--port", type=_port, default=None, help="destination port (a Service's: its first by default)")
+    tr.add_argument("--source-ip", default=None, help="send from this address instead of the pod's (spoofing)")
+    tr.add_argument("-o", "--output", choices=["table", "json"], default="table")
     qu = cmds.add_parser("query", parents=[common], help="ask the lab's Prometheus (lab up --monitoring) PromQL")
     qu.add_argument("promql", help="e.g. 'sum by (endpoint) (sanderling_service_endpoint_connections_total)'")
     qu.add_argument("-o", "--output", choices=["table", "json"], default="table")
@@ -128,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
         return agent_metrics(lab, args.node, args.grep)
     if cmd == "query":
         return prometheus_query(lab, args.promql, args.output)
+    if cmd == "trace":
+        return trace(lab, args.source, args.destination, args.proto, args.port, args.source_ip, args.output)
     if cmd == "restart-agent":
         lab.restart_agent(args.node)
         print(f"agent of {args.node} restarted")
@@ -158,6 +168,32 @@ def agents(lab: Lab, prefix: str | None, output: str) -> int:
             for name, objects in out.items() for key, o in objects.items() if isinstance(o, dict)]
     print(table(["node", "object", "installed", "flows", "groups", "buckets", "refused"], rows))
     return 0
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is out of range: a port is 1-65535")
+    return port
+
+
+def trace(lab: Lab, source: str, destination: str, proto: str, port: int | None, source_ip: str | None,
+          output: str) -> int:
+    from sanderling.lab.trace import TraceError, Tracer
+
+    try:
+        result = Tracer(lab).trace(source, destination, proto, port, source_ip)
+    except TraceError as exc:
+        print(f"sanderling lab trace: {exc}", file=sys.stderr)
+        return 1
+    if output == "json":
+        print(json.dumps(result.as_dict(), indent=1))
+    else:
+        print(table(["node", "stage", "what happened"], [list(s) for s in result.stages]))
+    return 0 if result.verdict == "delivered" else 3
 
 
 def prometheus_query(lab: Lab, promql: str, output: str) -> int:
