@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,6 +53,11 @@ apiVersion: v1
 kind: Service
 metadata: {name: nobody, namespace: plain}
 spec: {selector: {app: nobody}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-np, namespace: plain}
+spec: {type: NodePort, selector: {app: server}, ports: [{port: 80, targetPort: 8080, nodePort: 30080}]}
 ---
 apiVersion: v1
 kind: Pod
@@ -150,8 +156,17 @@ def test_allowed_and_denied_connections_are_logged_where_they_are_decided(tmp_pa
              ["spoof guard"], None),
             ("plain/client", "svc/plain/nobody", [], "refused", ["has no endpoint"],
              ("plain/client", services["nobody"], 80, False)),
+            # a NodePort of the client's own node: whatever happens, the trace must say what a real
+            # connection meets (masqueraded, the server's policy sees the node's address)
+            ("plain/client", "nodeport/plain/web-np", [], None,
+             ["service plain/web-np", f"DNAT to endpoint {server}:8080"], ("plain/client", "172.30.0.11", 30080, None)),
         ]
         for src, dst, extra, verdict, words, probe in cases:
+            if probe is not None and probe[3] is None:  # the verdict a real connection gives
+                real = lab("exec", probe[0], "--", sys.executable, "-m", "sanderling.probe", "connect", "tcp",
+                           probe[1], str(probe[2]), "--timeout", "1")
+                verdict = "delivered" if real.returncode == 0 else "dropped"
+                probe = (*probe[:3], real.returncode == 0)
             out = lab("trace", src, dst, *extra, "-o", "json")
             got = json.loads(out.stdout)
             text = " | ".join(s["detail"] for s in got["stages"])
@@ -165,9 +180,22 @@ def test_allowed_and_denied_connections_are_logged_where_they_are_decided(tmp_pa
                 real = lab("exec", pod, "--", sys.executable, "-m", "sanderling.probe", "connect", "tcp", ip,
                            str(port), "--timeout", "1")
                 assert (real.returncode == 0) == ok, f"trace says {verdict}, a real connection says otherwise"
+        # the same from outside, as on any cluster: `sanderling trace` asks the API for names and the
+        # agents at their nodes' addresses (from the fabric namespace, where both are reachable)
+        from sanderling.lab.cluster import Lab
+
+        the_lab = Lab(NAME)
+        outside = subprocess.run(["ip", "netns", "exec", the_lab.fabric, sys.executable, "-m", "sanderling.cli.main",
+                                  "trace", "--kubeconfig", str(the_lab.node_kubeconfig), "plain/stranger",
+                                  "plain/server", "--port", "8080", "-o", "json"],
+                                 capture_output=True, text=True, timeout=60)
+        got = json.loads(outside.stdout)
+        print(f"sanderling trace from outside the lab: {got['verdict']}: {got['reason']}")
+        assert outside.returncode == 3 and got["verdict"] == "dropped"
+        assert "default deny of pod plain/server (ingress)" in got["reason"]
         for args, code, words in ((["plain/ghost", "plain/server", "--port", "8080"], 1, "no pod plain/ghost"),
                                   (["plain/client", "plain/server", "--port", "70000"], 2, "out of range"),
-                                  (["plain/lost", "plain/server", "--port", "8080"], 1, "not a node of lab")):
+                                  (["plain/lost", "plain/server", "--port", "8080"], 1, "not a node of this cluster")):
             bad = lab("trace", *args)
             print(f"trace {' '.join(args)}: exit {bad.returncode}: {bad.stderr.strip().splitlines()[-1]}")
             # one line that names the problem (argparse prints its usage above a bad argument's)

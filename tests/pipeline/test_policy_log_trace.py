@@ -44,8 +44,8 @@ def mac(ip: str) -> str:
     return "0a:58:" + ":".join(f"{int(b):02x}" for b in ip.split("."))
 
 
-def install(bridge, policy_log: bool, watched_log: bool) -> None:
-    async def go():
+def install(bridge, policy_log: bool, watched_log: bool) -> PolicyAgent:
+    async def go() -> PolicyAgent:
         conn = await Connection.open(bridge.target)
         realizer = Realizer(1)
         realizer.set_object("static", pod_compiler.static_flows(NODE))
@@ -66,7 +66,8 @@ def install(bridge, policy_log: bool, watched_log: bool) -> None:
         agent.policy_changed("plain/open-to-server", OPEN_EGRESS)
         await realizer.resync(conn)
         conn.close()
-    asyncio.run(go())
+        return agent
+    return asyncio.run(go())
 
 
 def trace(bridge, src: str, dst: str, port: int, proto: str = "tcp") -> tuple[bool, bool]:
@@ -114,3 +115,34 @@ def test_no_annotation_no_log(bridge5):
     assert trace(bridge5, "intruder", "server", 8080) == (False, False)
     assert trace(bridge5, "visitor", "server", 8080) == (False, False)
     assert trace(bridge5, "open", "visitor", 8080) == (False, False)
+
+
+def test_node_tracer_says_which_rule_allowed_and_whose_default_deny_refused(bridge5):
+    """The agent's half of `sanderling trace` on a real ovs-vswitchd: stages named after the
+    NetworkPolicy rule, the isolated pod, the spoof guard; bad requests refused with a reason."""
+    from sanderling.agent.owners import owners
+    from sanderling.agent.trace import BadTrace, NodeTracer
+
+    agent = install(bridge5, policy_log=False, watched_log=False)
+    ports = {ofport: PodPort.build(ns, name, ofport, mac(ip), ip) for name, (ns, ofport, ip, _) in PODS.items()}
+    known = owners([p.key for p in ports.values()], agent)
+    tracer = NodeTracer("n1", NODE.gateway_mac, lambda: ports, lambda: known,
+                        lambda flow: bridge5.runtime.appctl("ofproto/trace", *(["--ct-next", "trk,new"] * 6),
+                                                            bridge5.name, flow))
+
+    def ask(**params: str) -> dict:
+        return asyncio.run(tracer.handle({"proto": "tcp", "port": "8080", **params}))
+
+    ok = ask(pod="plain/client", src="10.244.9.11", dst="10.244.9.10")
+    details = [s[2] for s in ok["stages"]]
+    assert ok["verdict"] == "delivered" and ok["delivered"] == "plain/server", details
+    assert "allowed by networkpolicy plain/allow-client ingress rule 0" in details
+    denied = ask(pod="plain/open", src="10.244.9.13", dst="10.244.9.10")
+    assert denied["verdict"] == "dropped"
+    assert denied["reason"].startswith("default deny of pod plain/server (ingress)"), denied["reason"]
+    spoofed = ask(pod="plain/client", src="10.244.9.99", dst="10.244.9.10")
+    assert spoofed["verdict"] == "dropped" and "spoof guard" in spoofed["reason"]
+    for bad, why in (({"pod": "plain/ghost"}, "no port on node n1"), ({"port": "70000"}, "out of range"),
+                     ({"dst": "nowhere"}, "IPv4")):
+        with pytest.raises(BadTrace, match=why):
+            ask(**{"pod": "plain/client", "src": "10.244.9.11", "dst": "10.244.9.10", **bad})

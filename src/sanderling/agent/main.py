@@ -380,7 +380,14 @@ async def serve(args: AgentConfig) -> int:
 
         host, _, port = args.status_address.rpartition(":")
         try:
-            status = AgentStatus(sync, lambda: listed, metrics)
+            from sanderling.agent.owners import owners
+            from sanderling.agent.trace import NodeTracer
+
+            tracer = NodeTracer(node.name, node.gateway_mac, lambda: pod_flows.by_ofport,
+                                lambda: owners(sync.realizer.keys(), sources.policy),
+                                lambda flow: runtime.appctl("ofproto/trace", *(["--ct-next", "trk,new"] * 6),
+                                                            args.bridge, flow))
+            status = AgentStatus(sync, lambda: listed, metrics, tracer)
             status_runners.append(await status.start(host or "127.0.0.1", int(port)))
         except OSError as exc:  # the dataplane does not depend on it: say so and go on
             log.error("node %s: status endpoint not served on %s: %s (set --status-address)", node.name,

@@ -9,7 +9,9 @@
   a diagnosis;
 - `/metrics`: Prometheus metrics (agent/metrics.py);
 - `/owners`: cookie -> the pod, Service, NetworkPolicy rule or isolated pod owning those flows
-  (agent/owners.py; `sanderling lab trace` explains traces with it);
+  (agent/owners.py);
+- `/trace?pod=NS/NAME&src=IP&dst=IP&proto=tcp&port=N` (or `arrival=underlay` instead of `pod`):
+  this node's half of a trace (agent/trace.py), asked by `sanderling trace` (tracer.py);
 - `/objects?prefix=service/`: each desired object's state (installed, pending, refused with the
   switch's reason) and its flow, group and bucket counts. Tests wait on this instead of sleeping,
   and an operator can see what a Service or policy turned into on this node.
@@ -33,7 +35,9 @@ DEFAULT_ADDRESS = "127.0.0.1:9465"
 
 
 class AgentStatus:
-    def __init__(self, sync: SyncLoop, informers: Callable[[], list[Any]], metrics: Any = None) -> None:
+    def __init__(self, sync: SyncLoop, informers: Callable[[], list[Any]], metrics: Any = None,
+                 tracer: Any = None) -> None:
+        self.tracer = tracer  # agent.trace.NodeTracer, or None
         self.sync = sync
         self.informers = informers  # every informer the node's flows depend on (may grow at start)
         self.metrics = metrics  # agent.metrics.AgentMetrics, or None
@@ -112,6 +116,25 @@ class AgentStatus:
         return web.Response(text=json.dumps({f"{c:#x}": o for c, o in sorted(known.items())}, indent=1) + "\n",
                             content_type="application/json")
 
+    async def _trace(self, request: Any) -> Any:
+        from aiohttp import web
+
+        from sanderling.agent.trace import BadTrace
+
+        def answer(status: int, body: dict[str, Any]) -> Any:
+            return web.Response(status=status, text=json.dumps(body, indent=1) + "\n",
+                                content_type="application/json")
+
+        if self.tracer is None:
+            return answer(404, {"error": "this agent does not trace"})
+        try:
+            return answer(200, await self.tracer.handle(dict(request.query)))
+        except BadTrace as exc:
+            return answer(400, {"error": str(exc)})
+        except Exception as exc:  # ovs-appctl failed, ...: say so, keep serving
+            log.warning("trace %s failed: %s", dict(request.query), exc)
+            return answer(500, {"error": f"trace failed: {exc}"})
+
     async def _metrics(self, _request: Any) -> Any:
         from aiohttp import web
 
@@ -128,6 +151,7 @@ class AgentStatus:
         app.router.add_get("/objects", self._objects)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/owners", self._owners)
+        app.router.add_get("/trace", self._trace)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, host, port, reuse_address=True).start()

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,14 +73,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     me = cmds.add_parser("metrics", parents=[common], help="a node agent's Prometheus metrics (/metrics)")
     me.add_argument("node", help="node name, e.g. node1")
     me.add_argument("--grep", default=None, help="only lines containing this text (e.g. service_endpoint)")
-    tr = cmds.add_parser("trace", parents=[common],
-                         help="why a new connection from a pod arrives or not, stage by stage (ofproto/trace)")
-    tr.add_argument("source", help="the sending pod, NAMESPACE/NAME")
-    tr.add_argument("destination", help="NAMESPACE/POD, svc/NAMESPACE/SERVICE (its ClusterIP) or an IP address")
-    tr.add_argument("--proto", choices=["tcp", "udp", "icmp"], default="tcp")
-    tr.add_argument("--port", type=_port, default=None, help="destination port (a Service's: its first by default)")
-    tr.add_argument("--source-ip", default=None, help="send from this address instead of the pod's (spoofing)")
-    tr.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    trace_arguments(cmds.add_parser("trace", parents=[common], help=TRACE_HELP))
     qu = cmds.add_parser("query", parents=[common], help="ask the lab's Prometheus (lab up --monitoring) PromQL")
     qu.add_argument("promql", help="e.g. 'sum by (endpoint) (sanderling_service_endpoint_connections_total)'")
     qu.add_argument("-o", "--output", choices=["table", "json"], default="table")
@@ -137,7 +131,9 @@ def run(args: argparse.Namespace) -> int:
     if cmd == "query":
         return prometheus_query(lab, args.promql, args.output)
     if cmd == "trace":
-        return trace(lab, args.source, args.destination, args.proto, args.port, args.source_ip, args.output)
+        from sanderling.lab.trace import lab_tracer
+
+        return show_trace(lambda: lab_tracer(lab), args, "sanderling lab trace")
     if cmd == "restart-agent":
         lab.restart_agent(args.node)
         print(f"agent of {args.node} restarted")
@@ -180,16 +176,30 @@ def _port(text: str) -> int:
     return port
 
 
-def trace(lab: Lab, source: str, destination: str, proto: str, port: int | None, source_ip: str | None,
-          output: str) -> int:
-    from sanderling.lab.trace import TraceError, Tracer
+TRACE_HELP = "why a new connection from a pod arrives or not, stage by stage (ofproto/trace by the agents)"
+
+
+def trace_arguments(tr: argparse.ArgumentParser) -> None:
+    """The arguments of `sanderling trace` and `sanderling lab trace`."""
+    tr.add_argument("source", help="the sending pod, NAMESPACE/NAME")
+    tr.add_argument("destination", help="NAMESPACE/POD, svc/NAMESPACE/SERVICE (its ClusterIP), "
+                                        "nodeport/NAMESPACE/SERVICE[@NODE] or an IP address")
+    tr.add_argument("--proto", choices=["tcp", "udp", "icmp"], default="tcp")
+    tr.add_argument("--port", type=_port, default=None, help="destination port (a Service's: its first by default)")
+    tr.add_argument("--source-ip", default=None, help="send from this address instead of the pod's (spoofing)")
+    tr.add_argument("-o", "--output", choices=["table", "json"], default="table")
+
+
+def show_trace(make: Callable[[], Any], args: argparse.Namespace, prog: str) -> int:
+    """Run a trace and print it: exit 0 delivered, 3 not delivered, 1 bad input."""
+    from sanderling.tracer import TraceError
 
     try:
-        result = Tracer(lab).trace(source, destination, proto, port, source_ip)
+        result = make().trace(args.source, args.destination, args.proto, args.port, args.source_ip)
     except TraceError as exc:
-        print(f"sanderling lab trace: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 1
-    if output == "json":
+    if args.output == "json":
         print(json.dumps(result.as_dict(), indent=1))
     else:
         print(table(["node", "stage", "what happened"], [list(s) for s in result.stages]))

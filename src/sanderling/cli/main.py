@@ -68,6 +68,16 @@ def _conformance(args: argparse.Namespace) -> int:
     return cni.run(args.files, args.only)
 
 
+def _trace(args: argparse.Namespace) -> int:
+    from sanderling.kube.client import KubeApi
+    from sanderling.tracer import Tracer, http_agents
+
+    def make() -> Tracer:
+        api = KubeApi(args.kubeconfig).client
+        return Tracer(api, http_agents(api, args.agent_port))
+    return lab.show_trace(make, args, "sanderling trace")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sanderling", description="SDN networking for Kubernetes on Open vSwitch")
     parser.add_argument("--log-level", default="WARNING")
@@ -98,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=1, metavar="N",
                    help="netpol soak: run the files N times on one lab and report every flake with its round")
     p.set_defaults(func=_conformance)
+
+    p = sub.add_parser("trace", help=lab.TRACE_HELP + "; on any cluster whose agents serve their status on "
+                                           "the nodes' addresses")
+    lab.trace_arguments(p)
+    p.add_argument("--kubeconfig", type=Path, default=None, help="default: in-cluster, else ~/.kube/config")
+    p.add_argument("--agent-port", type=int, default=9465, help="the agents' status port")
+    p.set_defaults(func=_trace)
 
     bench.add_parser(sub)
     lab.add_parser(sub)
