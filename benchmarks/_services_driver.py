@@ -30,8 +30,8 @@ from sanderling.openflow.realizer import Realizer
 class _BenchSync:
     """What the metrics read of the agent's sync loop, for this bare service path."""
 
-    def __init__(self, conn: Connection, realizer: Realizer) -> None:
-        self.conn, self.realizer = conn, realizer
+    def __init__(self, conn: Connection, realizer: Realizer, target: str) -> None:
+        self.conn, self.realizer, self.target = conn, realizer, target
         self.sync_observers: list[Any] = []
         self.packet_ins: dict[int, int] = {}
         self.meters: list[Any] = []
@@ -123,9 +123,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         return sorted(times)
 
     changes = await change_some(args.changes)
-    # /metrics at this size: the agent's scrape (OVS group, port, table stats read and labelled),
-    # alone and while changes keep coming (the changes' p99 must not move)
-    metrics = AgentMetrics(Sources(_BenchSync(conn, realizer), lambda: [], _NoPods(), proxy=proxy))
+    # /metrics at this size: the agent's scrape (OVS port and table stats read and labelled, the
+    # group stats by its scrape worker), alone and while changes keep coming (their p99 must not move)
+    metrics = AgentMetrics(Sources(_BenchSync(conn, realizer, args.target), lambda: [], _NoPods(), proxy=proxy))
     scrapes = []
     for _ in range(3):
         t0 = time.perf_counter()
@@ -137,16 +137,40 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     async def scrape_loop() -> int:
         n = 0
         while not stop.is_set():
-            await metrics.render()
+            async for _chunk in metrics.render_chunks():  # streamed, as the status endpoint sends it
+                pass
             n += 1
             await asyncio.sleep(0.5)
         return n
 
-    scraper = asyncio.ensure_future(scrape_loop())
-    during = await change_some(max(100, args.changes // 5), seconds=5.0)  # ~10 scrapes meanwhile
-    stop.set()
-    scraped = await scraper
+    async def ofctl_loop() -> int:
+        """The reference: the same group statistics read at the same cadence by ovs-ofctl, so
+        ovs-vswitchd's own cost of answering (its main thread builds the 2 MB reply) is apart."""
+        n = 0
+        while not stop.is_set():
+            proc = await asyncio.create_subprocess_exec("ovs-ofctl", "-O", "OpenFlow13", "dump-group-stats",
+                                                        args.target, stdout=asyncio.subprocess.DEVNULL)
+            await proc.wait()
+            n += 1
+            await asyncio.sleep(0.5)
+        return n
+
+    # alternating windows, so that a noisy moment of the machine does not land on one side only
+    during: list[float] = []
+    during_ofctl: list[float] = []
+    scraped = 0
+    for _ in range(4):
+        for loop, samples in ((scrape_loop, during), (ofctl_loop, during_ofctl)):
+            stop.clear()
+            reader = asyncio.ensure_future(loop())
+            samples += await change_some(max(25, args.changes // 20), seconds=1.5)
+            stop.set()
+            count = await reader
+            scraped += count if loop is scrape_loop else 0
+    during.sort()
+    during_ofctl.sort()
     conn.close()
+    await metrics.worker().close()
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"services": args.services, "endpoints": args.services * args.endpoints, "flows": len(flows),
             "groups": len(groups), "compile_s": round(compiled - started, 3), "full_sync_s": round(synced - started, 3),
@@ -154,6 +178,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "change_p99_ms": round(changes[int(len(changes) * 0.99) - 1], 2) if changes else None,
             "scrape_s": round(statistics.median(scrapes), 3), "scrape_endpoint_series": endpoint_series,
             "change_p99_during_scrapes_ms": round(during[int(len(during) * 0.99) - 1], 2),
+            "change_p99_during_ofctl_dumps_ms": round(during_ofctl[int(len(during_ofctl) * 0.99) - 1], 2),
+            "scrape_change_ratio": round(during[int(len(during) * 0.99) - 1]
+                                         / during_ofctl[int(len(during_ofctl) * 0.99) - 1], 3),
             "scrapes_during_changes": scraped,
             "rss_mb": round(rss_kb / 1024, 1)}
 

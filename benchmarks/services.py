@@ -5,9 +5,11 @@
    very same flows and groups loaded by `ovs-ofctl --bundle` into another empty bridge.
 2. 1,000 single-endpoint changes, each one EndpointSlice edit -> one bundle, timed to the commit.
 3. RSS of that process (it holds what the agent holds for those Services).
-3b. /metrics at that size (`scrape_s`: the agent's scrape, reading OVS's group, port and table
-   stats and labelling every endpoint), and the single-endpoint change p99 while a scrape runs
-   every 0.5 s (`change_p99_during_scrapes_ms`).
+3b. /metrics at that size (`scrape_s`: the agent's scrape, reading OVS's port and table stats
+   and, in its scrape worker, the group stats of every endpoint), and the single-endpoint change
+   p99 while a scrape runs every 0.5 s (`change_p99_during_scrapes_ms`); its reference is the
+   change p99 while `ovs-ofctl dump-group-stats` reads the same counters at the same cadence
+   (ovs-vswitchd's own cost of answering), and `scrape_change_ratio` the one over the other.
 4. First-packet latency: TCP connect() from a pod to a ClusterIP through the real pipeline on
    the userspace datapath, with 10 Services installed and then with 10,000; the ratio.
 """
@@ -162,5 +164,5 @@ def run(progress: Callable[[str], None] = lambda _m: None, services: int = 10000
               **_first_packet(services, endpoints, progress)}
     result["floors"] = {"full_sync_s": ["<=", 5], "change_p99_ms": ["<=", 20], "rss_mb": ["<=", 400],
                         "first_packet_ratio": ["<=", 1.2], "scrape_s": ["<=", 1.0],
-                        "change_p99_during_scrapes_ms": ["<=", 20]}
+                        "change_p99_during_scrapes_ms": ["<=", 20], "scrape_change_ratio": ["<=", 1.5]}
     return result

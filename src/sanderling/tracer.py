@@ -6,8 +6,9 @@ through its br-int (`/trace` on its status endpoint: agent/trace.py) and names e
 spoof guard, Service load balancing (which Service, which endpoint: the one ClientIP affinity
 pinned, else the one the trace's hash picked among the group's buckets; refused at once without
 endpoints), NetworkPolicy (the rule that allowed it, or the pod whose default deny refused it),
-forwarding. A packet routed to another node is traced again by that node's agent, as it arrives
-from the underlay (routed mode; in overlay mode the trace stops at the tunnel).
+forwarding. A packet sent to another node is traced again by that node's agent, as it arrives:
+from the underlay through the node's kernel (routed mode) or out of the VXLAN tunnel from the
+sending node's address (overlay mode); the source node's answer says which way it left.
 
 How the agents are reached is the caller's: `http_agents` asks each node's InternalIP on the
 agents' status port (their `status-address` must listen there, e.g. 0.0.0.0:9465); the lab asks
@@ -45,15 +46,22 @@ class Result:
                 "stages": [{"node": n, "stage": s, "detail": d} for n, s, d in self.stages], "hops": self.hops}
 
 
-def http_agents(api: Any, port: int = 9465, timeout: float = 30.0) -> AskAgent:
-    """Ask each node's agent over HTTP at its InternalIP."""
+def node_internal_ip(api: Any, node: str, purpose: str = "") -> str:
+    """The node's InternalIP from its Node object (where its agent listens, where its tunnels start)."""
     from lightkube.resources.core_v1 import Node
 
+    obj = api.get(Node, node)
+    address = next((a.address for a in (obj.status.addresses or []) if a.type == "InternalIP"), None)
+    if address is None:
+        raise TraceError(f"node {node} has no InternalIP{purpose}")
+    return str(address)
+
+
+def http_agents(api: Any, port: int = 9465, timeout: float = 30.0) -> AskAgent:
+    """Ask each node's agent over HTTP at its InternalIP."""
+
     def ask(node: str, params: dict[str, str]) -> dict[str, Any]:
-        obj = api.get(Node, node)
-        address = next((a.address for a in (obj.status.addresses or []) if a.type == "InternalIP"), None)
-        if address is None:
-            raise TraceError(f"node {node} has no InternalIP: its agent cannot be asked")
+        address = node_internal_ip(api, node, ": its agent cannot be asked")
         url = f"http://{address}:{port}/trace?" + urllib.parse.urlencode(params)
         try:
             body = urllib.request.urlopen(url, timeout=timeout).read().decode()
@@ -68,11 +76,10 @@ def http_agents(api: Any, port: int = 9465, timeout: float = 30.0) -> AskAgent:
 
 
 class Tracer:
-    def __init__(self, api: Any, ask: AskAgent, nodes: set[str] | None = None, routed: bool = True) -> None:
+    def __init__(self, api: Any, ask: AskAgent, nodes: set[str] | None = None) -> None:
         self.api = api
         self.ask = ask
         self.nodes = nodes  # the nodes there are (the lab's), or None: any node the API names
-        self.routed = routed
 
     # ---- names -----------------------------------------------------------------------------------
 
@@ -106,13 +113,7 @@ class Tracer:
         return {"key": f"{ns}/{name}", "node": node, "ip": ip}
 
     def node_address(self, node: str) -> str:
-        from lightkube.resources.core_v1 import Node
-
-        obj = self.api.get(Node, node)
-        address = next((a.address for a in (obj.status.addresses or []) if a.type == "InternalIP"), None)
-        if address is None:
-            raise TraceError(f"node {node} has no InternalIP")
-        return str(address)
+        return node_internal_ip(self.api, node)
 
     def destination(self, ref: str, port: int | None, src_node: str = "") -> tuple[str, int | None, str]:
         """(IP, port, what it is) of DST: NS/POD, svc/NS/NAME (its ClusterIP and first port),
@@ -179,18 +180,23 @@ class Tracer:
                 target_ip, _, p = endpoint.partition(":")
                 target_port = int(p) if p else dport
             target = self.pod_by_ip(target_ip)
-            if target is None or not target.get("node") or not self.routed:
-                why = ("no pod has that address: it leaves the cluster" if target is None
-                       else "overlay mode: the destination node is not traced")
+            if target is None or not target.get("node"):
+                why = "no pod has that address: it leaves the cluster"
                 stages.append((node, "forwarding", f"left {node} for {target_ip} ({why})"))
                 return Result("forwarded", why, stages, endpoint, hops)  # type: ignore[arg-type]
             there = target["node"]
             # what leaves this node: its source masqueraded (e.g. a NodePort), or the pod's own
             sent_from = first.get("source_after") or source_ip or src["ip"]
-            second = self._ask(there, {"arrival": "underlay", "src": sent_from, "dst": target_ip,
+            arrival = {"arrival": "underlay"}
+            how = f"arrives on {there} from {node} over the underlay (routed)"
+            if first.get("leaves") == "tunnel":
+                tunnel_src = self.node_address(node)
+                arrival = {"arrival": "tunnel", "tunnel_src": tunnel_src}
+                how = f"arrives on {there} out of the VXLAN tunnel from {node} ({tunnel_src})"
+            second = self._ask(there, {**arrival, "src": sent_from, "dst": target_ip,
                                        "proto": proto, "port": str(target_port or 0)})
             verdict, reason, delivered = second["verdict"], second["reason"], second["delivered"]
-            stages += [(there, "underlay", f"arrives on {there} from {node}")] + [tuple(s) for s in second["stages"]]
+            stages += [(there, "arrival", how)] + [tuple(s) for s in second["stages"]]
             hops += second["hops"]
         last = stages[-1][0] if stages else node
         stages.append((last, "verdict", f"delivered to pod {delivered}" if verdict == "delivered"

@@ -84,6 +84,16 @@ def test_lab_both_modes_matrix_capture_kubectl_and_down(running_lab):
         assert inner, lines
         # tcpdump prints the decapsulated packet on the line after its VXLAN header
         assert all(i > 0 and ".4789: VXLAN" in lines[i - 1] for i in inner), lines
+    # the trace follows the packet to the other node: through the host (routed) or out of the tunnel
+    traced = lab("trace", "demo/web-0", "demo/web-1", "--port", "8080", "-o", "json")
+    assert traced.returncode == 0, traced.stdout + traced.stderr
+    result = json.loads(traced.stdout)
+    assert result["verdict"] == "delivered", result
+    stages = [(s["node"], s["stage"], s["detail"]) for s in result["stages"]]
+    there = dst["spec"]["nodeName"]
+    arrival = next(d for n, st, d in stages if st == "arrival")
+    assert ("VXLAN tunnel" in arrival) == (mode == "overlay"), stages
+    assert (there, "forwarding", "to pod demo/web-1 on this node") in stages, stages
     kubectl = shutil.which("kubectl")
     assert kubectl, "kubectl missing: run scripts/setup.sh (apt-get install kubernetes-client)"
     kubeconfig = lab("kubeconfig").stdout.strip()

@@ -143,6 +143,6 @@ def test_node_tracer_says_which_rule_allowed_and_whose_default_deny_refused(brid
     spoofed = ask(pod="plain/client", src="10.244.9.99", dst="10.244.9.10")
     assert spoofed["verdict"] == "dropped" and "spoof guard" in spoofed["reason"]
     for bad, why in (({"pod": "plain/ghost"}, "no port on node n1"), ({"port": "70000"}, "out of range"),
-                     ({"dst": "nowhere"}, "IPv4")):
+                     ({"dst": "nowhere"}, "IPv4"), ({"arrival": "tunnel", "tunnel_src": "n2"}, "tunnel_src")):
         with pytest.raises(BadTrace, match=why):
             ask(**{"pod": "plain/client", "src": "10.244.9.11", "dst": "10.244.9.10", **bad})

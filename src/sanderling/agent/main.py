@@ -446,6 +446,7 @@ async def serve(args: AgentConfig) -> int:
             await server.stop()
         for runner in status_runners:
             await runner.cleanup()
+        await metrics.close()
         if store is not None:
             store.close()
         db.close()

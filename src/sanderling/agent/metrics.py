@@ -5,7 +5,8 @@ latency) are observed as they happen through hooks the sync loop, the CNI handle
 Service proxy call. Dataplane metrics are read from the switch at scrape time: OVS already
 counts every flow, group bucket, table, meter and port, and every flow's cookie names its owner,
 so a scrape asks for those counters (a few OpenFlow stats requests on the agent's own session,
-awaited like any other message, so the dataplane work interleaves) and labels them:
+awaited like any other message, so the dataplane work interleaves; the group statistics, by far
+the largest, through a worker process: agent/scrape_worker.py) and labels them:
 
 - a Service group's bucket counts the connections that chose that endpoint (a group sees only a
   connection's first packet): `sanderling_service_endpoint_connections_total`;
@@ -24,13 +25,14 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from sanderling.agent.scrape_worker import ScrapeWorker
 from sanderling.compiler.services import bucket_endpoints
 from sanderling.openflow import cookies
 from sanderling.openflow.pipeline import PIPELINE
@@ -79,7 +81,11 @@ class AgentMetrics:
                                      buckets=SYNC_BUCKETS, registry=r)
         self.cni_failures = Counter("sanderling_cni_failures", "CNI requests answered with an error",
                                     ["command", "code"], registry=r)
-        self._bucket_labels: dict[int, tuple[Any, list[str | None]]] = {}  # group id -> (group, labels)
+        self._worker: ScrapeWorker | None = None
+        # the bucket labels the worker has: Service -> {group id: the installed group they describe}
+        self._sent_groups: dict[str, dict[int, Any]] = {}
+        self._labels_generation = 0
+        self._installed_changes = sources.sync.realizer.watch_installed("service/")
         r.register(_Collector(self))
         sources.sync.sync_observers.append(self._synced)
 
@@ -114,18 +120,77 @@ class AgentMetrics:
 
     # ---- scrape --------------------------------------------------------------------------------
 
-    async def render(self) -> bytes:
+    async def render_chunks(self) -> AsyncIterator[bytes]:
         """The exposition text: the agent's own metrics, then the dataplane's counters read now.
 
         The dataplane's families are written here directly: at 10,000 Services x 10 endpoints they
         hold 100,000 samples, and formatting them through prometheus_client objects alone took
-        seconds; their label values are Kubernetes names, addresses and numbers."""
+        seconds; their label values are Kubernetes names, addresses and numbers. The biggest,
+        the Service endpoints', comes from the scrape worker (agent/scrape_worker.py)."""
+        yield generate_latest(self.registry)
         try:
             dataplane = await self._read_dataplane()
         except Exception as exc:  # no session right now: the agent's own metrics still answer
             log.debug("metrics: dataplane counters not read: %s", exc)
-            dataplane = []
-        return generate_latest(self.registry) + "".join(dataplane).encode()
+            return
+        yield "".join(dataplane).encode()
+        if self.sources.proxy is None or self.sources.sync.conn is None:
+            return
+        try:
+            await self._send_bucket_labels()
+            async for chunk in self.worker().scrape():
+                yield chunk
+        except RuntimeError as exc:
+            log.warning("metrics: Service endpoint counters not read: %s", exc)
+
+    async def render(self) -> bytes:
+        return b"".join([chunk async for chunk in self.render_chunks()])
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            await self._worker.close()
+
+    def worker(self) -> ScrapeWorker:
+        if self._worker is None:
+            self._worker = ScrapeWorker(self.sources.sync.target)
+        return self._worker
+
+    async def _send_bucket_labels(self) -> None:
+        """Tell the worker which endpoint each bucket of the groups installed since the last
+        scrape stands for, and which groups are gone. Only the Services whose installed state
+        changed are looked at (the realizer logs them); all of them for a new worker or after a
+        resync, in slices of CHUNK Services so that a change arriving meanwhile waits for one
+        slice, not for all of them."""
+        worker = self.worker()
+        await worker.started()
+        everything, changed = self._installed_changes.take()
+        if worker.generation != self._labels_generation:
+            self._labels_generation, self._sent_groups, everything = worker.generation, {}, True
+        prefix = self._installed_changes.prefix
+        keys = (set(self.sources.proxy.group_ids.services()) | set(self._sent_groups) if everything
+                else {key[len(prefix):] for key in changed})
+        realizer, ids_of = self.sources.sync.realizer, self.sources.proxy.group_ids.of
+        changes: dict[int, list[str | None] | None] = {}
+        for n, svc_key in enumerate(sorted(keys)):
+            if n % CHUNK == CHUNK - 1:
+                if changes:
+                    await worker.send_labels(changes)
+                    changes = {}
+                await asyncio.sleep(0)
+            state = realizer.installed(prefix + svc_key)
+            before, now = self._sent_groups.pop(svc_key, {}), {}
+            for group_key, gid in ids_of(svc_key).items() if state is not None else ():
+                group = state.groups.get(gid)
+                if group is None:
+                    continue  # compiled, not installed yet: its installation is logged in turn
+                now[gid] = group
+                if before.get(gid) is not group:
+                    changes[gid] = _bucket_labels(svc_key, group_key, group)
+            changes.update((gid, None) for gid in before if gid not in now)
+            if now:
+                self._sent_groups[svc_key] = now
+        if changes:
+            await worker.send_labels(changes)
 
     def _agent_families(self) -> Iterator[Metric]:
         sync = self.sources.sync
@@ -177,8 +242,6 @@ class AgentMetrics:
             out.append(_family("sanderling_meter_drops", "counter", "Packets a rate limit (meter) dropped", ("meter",),
                                [((str(m.meter_id),), sum(m.band_packets)) for m in meters]))
         out += self._pod_families(await conn.port_stats())
-        if self.sources.proxy is not None:
-            out.append(await self._service_family(await conn.group_stats()))
         if self.sources.policy is not None:
             policy_flows = await conn.flow_stats(cookie=int(cookies.Category.POLICY) << cookies.CATEGORY_SHIFT,
                                                  cookie_mask=cookies.CATEGORY_MASK)
@@ -201,41 +264,6 @@ class AgentMetrics:
             _family("sanderling_pod_tx_bytes", "counter", "Bytes the pod's interface sent", labels,
                     ((k, s.rx_bytes) for k, s in rows)),
         ]
-
-    async def _service_family(self, groups: list[Any]) -> str:
-        proxy = self.sources.proxy
-        installed = self.sources.sync.realizer.installed_state()
-        counts = {g.group_id: g.bucket_packets for g in groups}
-        cache, self._bucket_labels = self._bucket_labels, {}
-        acc: dict[str, float] = {}
-        # in slices of CHUNK Services, yielding between them: at 10,000 Services a scrape is
-        # ~0.2 s of work, and a change arriving meanwhile waits for one slice, not for all of it
-        for n, (svc_key, ids) in enumerate(list(proxy.group_ids._ids.items())):
-            if n % CHUNK == CHUNK - 1:
-                await asyncio.sleep(0)
-            state = installed.get(f"service/{svc_key}")
-            if state is None:
-                continue
-            for gid, group_key in ((gid, gkey) for gkey, gid in ids.items()):
-                group = state.groups.get(gid)
-                if group is None:
-                    continue
-                hit = cache.get(gid)
-                if hit is None or hit[0] is not group:  # label strings per bucket, made once per group state
-                    hit = (group, _bucket_labels(svc_key, group_key, group))
-                self._bucket_labels[gid] = hit
-                for label, packets in zip(hit[1], counts.get(gid, ()), strict=False):
-                    if label is not None:
-                        acc[label] = acc.get(label, 0) + packets
-        name = "sanderling_service_endpoint_connections"
-        parts = [f"# HELP {name}_total Connections this node's load balancing sent to each endpoint\n"
-                 f"# TYPE {name}_total counter\n"]
-        items = list(acc.items())
-        step = CHUNK * 10
-        for start in range(0, len(items), step):
-            parts.append("".join(f"{name}_total{{{label}}} {value}\n" for label, value in items[start:start + step]))
-            await asyncio.sleep(0)
-        return "".join(parts)
 
     def _policy_families(self, flows: list[Any]) -> list[str]:
         policy = self.sources.policy

@@ -55,6 +55,14 @@ class GroupIds:
             self._next += 1
         return gid
 
+    def services(self) -> list[str]:
+        """The Services that have groups."""
+        return list(self._ids)
+
+    def of(self, service: str) -> dict[str, int]:
+        """{group key: id} of one Service."""
+        return self._ids.get(service, {})
+
     def release(self, service: str, keep: set[str]) -> None:
         ids = self._ids.get(service, {})
         for key in [k for k in ids if k not in keep]:

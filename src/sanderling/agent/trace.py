@@ -10,12 +10,14 @@ the first of a new connection (conntrack answers "new" at every ct()).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from sanderling.agent.owners import describe
+from sanderling.compiler.nodes import TUNNEL_OFPORT
 from sanderling.openflow.pipeline import PIPELINE
 
 # " 5. ct_state=+new+trk,tcp, priority 200, cookie 0x...", " 2. priority 0, cookie 0x..." (a table's
@@ -24,6 +26,7 @@ TABLE_LINE = re.compile(r"^\s*(\d+)\. (?:(.*?), )?priority (\d+), cookie (0x[0-9
 NO_MATCH = re.compile(r"^\s*(\d+)\. (No match.*)$")
 NAT_SRC = re.compile(r"nat\(src=([0-9.]+)")
 NAT_DST = re.compile(r"nat\(dst=([0-9.]+)(?::(\d+))?")
+TUN_DST = re.compile(r"set_field:([0-9.]+)->tun_dst")
 SOURCE_PORT = 40000
 # a select group picks its bucket by the datapath's dp_hash (computed, then recirculated); the
 # trace gets one up front: its pick is one of the endpoints, as any connection's is
@@ -120,7 +123,9 @@ def explain(hops: list[Hop], final: str) -> tuple[str, str, list[tuple[str, str,
                 delivered = hop.owner[len("pod "):]
                 stages.append((hop.node, "forwarding", f"to {hop.owner} on this node"))
             elif hop.owner == "node routing":
-                stages.append((hop.node, "forwarding", f"to another node ({hop.match})"))
+                tunnel = TUN_DST.search(acts)
+                how = f"through the VXLAN tunnel to {tunnel.group(1)}" if tunnel else "over the underlay"
+                stages.append((hop.node, "forwarding", f"to another node {how} ({hop.match})"))
         masq = NAT_SRC.search(acts)
         if masq and hop.table == "ServiceMasq":
             stages.append((hop.node, "service", f"masqueraded: source becomes {masq.group(1)}"))
@@ -161,8 +166,6 @@ class NodeTracer:
         self.run = run
 
     def flow(self, params: dict[str, str]) -> str:
-        import ipaddress
-
         proto = params.get("proto", "tcp")
         if proto not in PROTOCOLS:
             raise BadTrace(f"proto {proto!r}: one of {', '.join(PROTOCOLS)}")
@@ -181,6 +184,13 @@ class NodeTracer:
                 raise BadTrace(f"port {port} is out of range (1-65535)")
         if params.get("arrival") == "underlay":  # routed from another node: through the host, into LOCAL
             return packet("LOCAL", self.gateway_mac, self.gateway_mac, proto, src, dst, port, 63)
+        if params.get("arrival") == "tunnel":  # out of VXLAN from the sending node, to the gateway MAC
+            try:
+                tunnel_src = str(ipaddress.IPv4Address(params.get("tunnel_src", "")))
+            except ValueError as exc:
+                raise BadTrace(f"tunnel_src must be the sending node's IPv4 address: {exc}") from None
+            inner = packet(str(TUNNEL_OFPORT), self.gateway_mac, self.gateway_mac, proto, src, dst, port, 64)
+            return f"tun_id=0x0,tun_src={tunnel_src},{inner}"
         ns, _, name = params.get("pod", "").partition("/")
         pod = next((p for p in self.pods().values() if (p.namespace, p.name, p.interface) == (ns, name, "eth0")),
                    None)
@@ -195,7 +205,11 @@ class NodeTracer:
         verdict, reason, stages, endpoint, delivered = explain(hops, final)
         masq = next((m.group(1) for h in hops if h.table == "ServiceMasq"
                      for m in [NAT_SRC.search(" ".join(h.actions))] if m), None)
+        tunnel = next((m.group(1) for h in hops if h.table == "L3Forwarding"
+                       for m in [TUN_DST.search(" ".join(h.actions))] if m), None)
+        leaves = None if verdict != "forwarded" else ("tunnel" if tunnel else "underlay")
         return {"node": self.node, "verdict": verdict, "reason": reason, "endpoint": endpoint,
-                "delivered": delivered, "source_after": masq, "stages": [list(s) for s in stages],
+                "delivered": delivered, "source_after": masq, "leaves": leaves, "tunnel_dst": tunnel,
+                "stages": [list(s) for s in stages],
                 "hops": [{"node": h.node, "table": h.table, "owner": h.owner, "match": h.match,
                           "actions": h.actions} for h in hops]}

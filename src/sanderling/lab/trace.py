@@ -20,4 +20,4 @@ def lab_tracer(lab: Lab) -> Tracer:
     def ask(node: str, params: dict[str, str]) -> dict[str, Any]:
         return agent_status.fetch(netns[node], "/trace?" + urllib.parse.urlencode(params))
 
-    return Tracer(KubeApi(lab.kubeconfig).client, ask, set(netns), routed=state.get("mode") == "routed")
+    return Tracer(KubeApi(lab.kubeconfig).client, ask, set(netns))

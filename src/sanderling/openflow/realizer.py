@@ -60,6 +60,22 @@ class ConflictError(ValueError):
 
 
 @dataclass
+class InstalledChanges:
+    """Keys (of one prefix) whose installed state changed since the reader last took them, for
+    readers that follow what is installed without rescanning every object (the metrics' bucket
+    labels); `everything` after a resync, when any object may have changed."""
+
+    prefix: str
+    keys: set[str] = field(default_factory=set)
+    everything: bool = True
+
+    def take(self) -> tuple[bool, set[str]]:
+        everything, keys = self.everything, self.keys
+        self.everything, self.keys = False, set()
+        return everything, keys
+
+
+@dataclass
 class SyncResult:
     applied: int = 0
     failed: dict[str, str] = field(default_factory=dict)
@@ -78,6 +94,7 @@ class Realizer:
         self._group_owner: dict[int, str] = {}
         self.errors: dict[str, str] = {}
         self._cache = E.InstructionCache()
+        self._watchers: list[InstalledChanges] = []
         self._xid_owner: dict[int, str] = {}
 
     # ---- desired state --------------------------------------------------------------------
@@ -105,6 +122,15 @@ class Realizer:
 
     def is_installed(self, key: str) -> bool:
         return key in self._installed
+
+    def installed(self, key: str) -> ObjectState | None:
+        return self._installed.get(key)
+
+    def watch_installed(self, prefix: str) -> InstalledChanges:
+        """A log of the keys starting with `prefix` whose installed state changes from now on."""
+        watcher = InstalledChanges(prefix)
+        self._watchers.append(watcher)
+        return watcher
 
     def keys(self) -> set[str]:
         return set(self._desired)
@@ -204,6 +230,9 @@ class Realizer:
                 self._installed.pop(key, None)
             else:
                 self._installed[key] = new
+            for watcher in self._watchers:
+                if key.startswith(watcher.prefix):
+                    watcher.keys.add(key)
             if self._desired.get(key) is new:
                 self._dirty.discard(key)
             self.errors.pop(key, None)
@@ -330,6 +359,8 @@ class Realizer:
             described[xid] = (f"delete stray group {gid}", None, "")
         await switch.bundle(messages, lambda xid: _describe(described, xid))
         self._installed = dict(snapshot)
+        for watcher in self._watchers:
+            watcher.everything = True
         self._flow_owner = flow_claims
         self._group_owner = group_claims
         self._dirty = {k for k in set(self._desired) | set(snapshot)
