@@ -45,6 +45,7 @@ class _NoPods:
     by_ofport: dict[int, Any] = {}
 
 
+PERIOD = 0.5  # a read of the counters starts every PERIOD seconds (a scrape, or the reference's dump)
 CLUSTER_CIDR = ipaddress.IPv4Network("10.200.0.0/14")  # room for 100k+ endpoint addresses
 
 
@@ -105,7 +106,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     keys = sorted(slices)
     serial = [args.services * args.endpoints]
 
-    async def change_some(count: int, seconds: float = 0.0) -> list[float]:
+    reading = [False]  # a read of the counters (a scrape, or the reference's dump) is in progress
+
+    async def change_some(count: int, seconds: float = 0.0, overlapping: list[float] | None = None) -> list[float]:
+        """Changes one after another, each timed to its commit; those that overlapped a read of
+        the counters also go to `overlapping`."""
         times: list[float] = []
         until = time.perf_counter() + seconds
         while len(times) < count or time.perf_counter() < until:
@@ -115,14 +120,18 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             serial[0] += 1
             slices[key] = obj
             t0 = time.perf_counter()
+            read_at_start = reading[0]
             proxy.slice_changed(key, obj)
             proxy.flush()
             await realizer.sync(conn)
             times.append((time.perf_counter() - t0) * 1000)
+            if overlapping is not None and (read_at_start or reading[0]):
+                overlapping.append(times[-1])
             await asyncio.sleep(0)  # let a scrape in, as the agent's loop would
         return sorted(times)
 
     changes = await change_some(args.changes)
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # what holding these Services takes
     # /metrics at this size: the agent's scrape (OVS port and table stats read and labelled, the
     # group stats by its scrape worker), alone and while changes keep coming (their p99 must not move)
     metrics = AgentMetrics(Sources(_BenchSync(conn, realizer, args.target), lambda: [], _NoPods(), proxy=proxy))
@@ -134,13 +143,19 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     endpoint_series = text.count(b"sanderling_service_endpoint_connections_total{")
     stop = asyncio.Event()
 
-    async def scrape_loop() -> int:
+    async def scrape_loop(period: float = PERIOD) -> int:
         n = 0
         while not stop.is_set():
+            started = time.perf_counter()
+            reading[0] = True
             async for _chunk in metrics.render_chunks():  # streamed, as the status endpoint sends it
                 pass
+            reading[0] = False
             n += 1
-            await asyncio.sleep(0.5)
+            try:  # the next scrape when the period is over, or at once to the end of the window
+                await asyncio.wait_for(stop.wait(), max(0.0, period - (time.perf_counter() - started)))
+            except TimeoutError:
+                pass
         return n
 
     async def ofctl_loop() -> int:
@@ -148,30 +163,48 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         ovs-vswitchd's own cost of answering (its main thread builds the 2 MB reply) is apart."""
         n = 0
         while not stop.is_set():
+            started = time.perf_counter()
+            reading[0] = True
             proc = await asyncio.create_subprocess_exec("ovs-ofctl", "-O", "OpenFlow13", "dump-group-stats",
                                                         args.target, stdout=asyncio.subprocess.DEVNULL)
             await proc.wait()
+            reading[0] = False
             n += 1
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(max(0.0, PERIOD - (time.perf_counter() - started)))
         return n
 
     # alternating windows, so that a noisy moment of the machine does not land on one side only
     during: list[float] = []
     during_ofctl: list[float] = []
+    in_scrape: list[float] = []  # the changes that overlapped a scrape
+    in_dump: list[float] = []  # ... an ovs-ofctl dump
     scraped = 0
-    for _ in range(4):
-        for loop, samples in ((scrape_loop, during), (ofctl_loop, during_ofctl)):
+    for _ in range(6):
+        for loop, samples, overlapping in ((scrape_loop, during, in_scrape), (ofctl_loop, during_ofctl, in_dump)):
             stop.clear()
             reader = asyncio.ensure_future(loop())
-            samples += await change_some(max(25, args.changes // 20), seconds=1.5)
+            samples += await change_some(max(25, args.changes // 20), seconds=2.0, overlapping=overlapping)
             stop.set()
             count = await reader
             scraped += count if loop is scrape_loop else 0
-    during.sort()
-    during_ofctl.sort()
+    for samples in (during, during_ofctl, in_scrape, in_dump):
+        samples.sort()
+    # as Prometheus scrapes (every 15 s here; its default is 1 min): the p99 of the changes made in
+    # 15 s windows with a scrape at their start, against windows as long without one, alternating
+    realistic: list[float] = []
+    quiet: list[float] = []
+    for _ in range(2):
+        quiet += await change_some(100, seconds=15.0)
+        stop.clear()
+        reader = asyncio.ensure_future(scrape_loop(15.0))
+        realistic += await change_some(100, seconds=15.0)
+        stop.set()
+        await reader
+    realistic.sort()
+    quiet.sort()
     conn.close()
     await metrics.worker().close()
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_end_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"services": args.services, "endpoints": args.services * args.endpoints, "flows": len(flows),
             "groups": len(groups), "compile_s": round(compiled - started, 3), "full_sync_s": round(synced - started, 3),
             "changes": len(changes), "change_p50_ms": round(statistics.median(changes), 2) if changes else None,
@@ -182,7 +215,19 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "scrape_change_ratio": round(during[int(len(during) * 0.99) - 1]
                                          / during_ofctl[int(len(during_ofctl) * 0.99) - 1], 3),
             "scrapes_during_changes": scraped,
-            "rss_mb": round(rss_kb / 1024, 1)}
+            # per change, apart from how much of the time is spent reading: the changes that
+            # overlapped a scrape against those that overlapped an ovs-ofctl dump
+            "overlapping_scrape_p99_ms": round(in_scrape[int(len(in_scrape) * 0.99) - 1], 2),
+            "overlapping_dump_p99_ms": round(in_dump[int(len(in_dump) * 0.99) - 1], 2),
+            "overlapping_ratio": round(in_scrape[int(len(in_scrape) * 0.99) - 1]
+                                       / in_dump[int(len(in_dump) * 0.99) - 1], 3),
+            "changes_overlapping": [len(in_scrape), len(in_dump)],
+            "change_p99_scraped_every_15s_ms": round(realistic[int(len(realistic) * 0.99) - 1], 2),
+            "change_p99_not_scraped_ms": round(quiet[int(len(quiet) * 0.99) - 1], 2),
+            "scraped_every_15s_ratio": round(realistic[int(len(realistic) * 0.99) - 1]
+                                             / quiet[int(len(quiet) * 0.99) - 1], 3),
+            "rss_mb": round(rss_kb / 1024, 1),
+            "rss_mb_after_scrapes": round(rss_end_kb / 1024, 1)}
 
 
 def main() -> int:

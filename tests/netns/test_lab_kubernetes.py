@@ -135,6 +135,18 @@ def test_malformed_ippool_is_refused_by_the_crd_schema(cluster, tmp_path):
     assert lab("apply", "-f", str(good)).returncode == 0
 
 
+def test_deploy_manifests_are_accepted_by_the_real_apiserver(cluster):
+    """kubectl apply --dry-run=server: kube-apiserver's validation and admission of every object
+    a user applies to install Sanderling (CRDs, namespace, RBAC, ConfigMap, DaemonSet)."""
+    deploy = Path(__file__).resolve().parents[2] / "deploy"
+    out = kubectl("apply", "--dry-run=server", "-f", str(deploy / "crds"), "-f", str(deploy)).stdout
+    print("\n" + out)
+    for obj in ("customresourcedefinition.apiextensions.k8s.io/ippools.ipam.sanderling.io",
+                "clusterrole.rbac.authorization.k8s.io/sanderling-agent", "configmap/sanderling-config",
+                "daemonset.apps/sanderling-agent"):
+        assert f"{obj} " in out and "(server dry run)" in out.split(f"{obj} ")[1].splitlines()[0], out
+
+
 def test_an_agent_lacking_one_verb_stops_naming_it(cluster, tmp_path):
     role = json.loads(kubectl("get", "clusterrole", "sanderling-agent", "-o", "json").stdout)
     for rule in role["rules"]:

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from sanderling import VERSION
 from sanderling.agent.status import DEFAULT_ADDRESS as STATUS_ADDRESS
 from sanderling.ovs.runtime import SYSTEM_RUNDIR
 
@@ -84,6 +85,9 @@ class AgentConfig:
     layer2_port: int = _opt(8472, "UDP port of layer2 networks' VXLAN tunnels", "int", low=1, high=65535)
     underlay_mtu: int = _opt(1500, "MTU of the node's underlay interfaces", "int", low=576, high=9216)
     cni_path: str = _opt("/opt/cni/bin:/usr/lib/cni", "where delegated plugins of secondary networks are looked up")
+    cni_interpreter: str = _opt("", "the host's Python 3 the installed plugin runs with (it uses the standard library "
+                                    "only; default: the agent's own interpreter, right when the agent runs on the "
+                                    "host; /usr/bin/python3 when it runs in a container)")
     status_address: str = _opt(STATUS_ADDRESS, "HOST:PORT of /healthz, /readyz and /objects (\"\" for none)",
                                "hostport")
     log_level: str = _opt("INFO", "log level", "choice", ("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -176,6 +180,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sanderling-agent", description="Sanderling node agent",
                                 argument_default=argparse.SUPPRESS)
     p.add_argument("--config", type=Path, help="YAML file with any of the settings below (flags override it)")
+    p.add_argument("--version", action="version", version=f"sanderling-agent {VERSION}")
     for f in dataclasses.fields(AgentConfig):
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default

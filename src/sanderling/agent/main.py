@@ -53,6 +53,15 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 50)
 
 
+def install_cni(args: AgentConfig, secondary: bool) -> None:
+    """The plugin and the conflist on the host (the agent at start; `sanderling node install-cni`,
+    the DaemonSet's init container, the same before the agent runs)."""
+    install_binary(args.cni_bin_dir, socket=args.cni_socket, interpreter=args.cni_interpreter)
+    if secondary:  # the plugin of `"type": "sanderling"` networks (Multus calls it by that name)
+        install_binary(args.cni_bin_dir, SANDERLING_TYPE, socket=args.cni_socket, interpreter=args.cni_interpreter)
+    write_conflist(args.cni_conf_dir, args.cni_network, args.cni_socket, args.mtu, version=args.cni_conf_version)
+
+
 def _kube_enabled(args: AgentConfig) -> bool:
     return args.kubeconfig is not None or bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
 
@@ -426,10 +435,7 @@ async def serve(args: AgentConfig) -> int:
         await handler.reconcile()
         server = CniServer(handler, args.cni_socket)
         await server.start()
-        install_binary(args.cni_bin_dir, socket=args.cni_socket)
-        if multinet is not None:  # the plugin of `"type": "sanderling"` networks (Multus calls it by that name)
-            install_binary(args.cni_bin_dir, SANDERLING_TYPE, socket=args.cni_socket)
-        write_conflist(args.cni_conf_dir, args.cni_network, args.cni_socket, args.mtu, version=args.cni_conf_version)
+        install_cni(args, secondary=multinet is not None)
         log.info("CNI: plugin in %s, conflist %s in %s", args.cni_bin_dir, args.cni_network, args.cni_conf_dir)
     if args.status_address:
         proxy_tasks.append(asyncio.create_task(serve_status()))

@@ -39,7 +39,7 @@ from sanderling.openflow.pipeline import PIPELINE
 
 log = logging.getLogger(__name__)
 
-CHUNK = 100  # Services per slice of a scrape's work
+LABEL_SLICE = 10  # Services labelled between two yields to the loop (~0.3 ms of work)
 SYNC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 PROGRAMMING_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
 
@@ -159,8 +159,8 @@ class AgentMetrics:
         """Tell the worker which endpoint each bucket of the groups installed since the last
         scrape stands for, and which groups are gone. Only the Services whose installed state
         changed are looked at (the realizer logs them); all of them for a new worker or after a
-        resync, in slices of CHUNK Services so that a change arriving meanwhile waits for one
-        slice, not for all of them."""
+        resync, in slices of LABEL_SLICE Services so that a change arriving meanwhile waits for
+        one slice, not for all of them."""
         worker = self.worker()
         await worker.started()
         everything, changed = self._installed_changes.take()
@@ -172,7 +172,7 @@ class AgentMetrics:
         realizer, ids_of = self.sources.sync.realizer, self.sources.proxy.group_ids.of
         changes: dict[int, list[str | None] | None] = {}
         for n, svc_key in enumerate(sorted(keys)):
-            if n % CHUNK == CHUNK - 1:
+            if n % LABEL_SLICE == LABEL_SLICE - 1:
                 if changes:
                     await worker.send_labels(changes)
                     changes = {}

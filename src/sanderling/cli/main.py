@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from sanderling.cli import bench, lab
+from sanderling.cli import bench, lab, node
 from sanderling.cli.output import table
 from sanderling.ovs.runtime import SYSTEM_RUNDIR, OvsError, OvsRuntime
 
@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench.add_parser(sub)
     lab.add_parser(sub)
+    node.add_parser(sub)
     return parser
 
 

@@ -12,15 +12,18 @@ from sanderling.cni import shim
 CONFLIST_NAME = "10-sanderling.conflist"
 
 
-def install_binary(bin_dir: Path, name: str = "sanderling-cni", socket: Path | None = None) -> Path:
+def install_binary(bin_dir: Path, name: str = "sanderling-cni", socket: Path | None = None,
+                   interpreter: str = "") -> Path:
     """Copy the shim with a shebang that runs the real interpreter, isolated and without site.
 
     A pyenv shim or a venv wrapper costs ~50 ms per exec; `-IS` on the real binary ~10 ms.
     `socket` becomes the plugin's default agent socket: a config that names none (a
     NetworkAttachmentDefinition's, the same on every node) reaches this node's agent.
+    `interpreter`: the host's Python when the agent runs in a container (the shim runs on the
+    host, started by the container runtime); default the agent's own.
     """
     bin_dir.mkdir(parents=True, exist_ok=True)
-    interpreter = os.path.realpath(sys.executable)
+    interpreter = interpreter or os.path.realpath(sys.executable)
     source = Path(shim.__file__).read_text()
     if socket is not None:
         line = f'DEFAULT_SOCKET = "{shim.DEFAULT_SOCKET}"'

@@ -243,18 +243,20 @@ def _group(gid: int, endpoints: tuple[Endpoint, ...], pipeline: Pipeline, direct
 def bucket_endpoints(group: ir.Group) -> list[str | None]:
     """The endpoint ("IP:port") each bucket of a service group picks, None for a bucket that hands
     over to a sub-group (whose own buckets name the endpoints). A bucket's packet counter is then
-    the connections that chose that endpoint: groups see only a connection's first packet."""
+    the connections that chose that endpoint: groups see only a connection's first packet.
+    (A metrics scrape asks this of every group changed since the last: kept to plain lookups.)"""
     out: list[str | None] = []
     for bucket in group.buckets:
         ip = port = None
         for action in bucket.actions:
-            if isinstance(action, ir.CT) and action.nat is not None and action.nat.ip_min is not None:
+            if isinstance(action, ir.Load):
+                if action.dst == _EP_IP:
+                    ip = action.value
+                elif action.dst == _EP_PORT:
+                    port = action.value
+            elif isinstance(action, ir.CT) and action.nat is not None and action.nat.ip_min is not None:
                 ip, port = action.nat.ip_min, action.nat.port_min
-            elif isinstance(action, ir.Load) and action.dst == _EP_IP:
-                ip = action.value
-            elif isinstance(action, ir.Load) and action.dst == _EP_PORT:
-                port = action.value
-        out.append(f"{ipaddress.IPv4Address(ip)}:{port}" if ip is not None else None)
+        out.append(None if ip is None else f"{ip >> 24}.{ip >> 16 & 255}.{ip >> 8 & 255}.{ip & 255}:{port}")
     return out
 
 

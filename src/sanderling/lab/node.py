@@ -99,19 +99,23 @@ class LocalNode:
         if agent:
             self.start_agent()
 
+    def agent_flags(self) -> list[str]:
+        """This node's agent configuration as flags (`sanderling node cleanup` takes the same)."""
+        return ["--node", self.name,
+                *([] if self.pod_cidr_from_api else ["--pod-cidr", str(self.network.pod_cidr)]),
+                "--gateway-mac", self.network.gateway_mac, "--mode", self.mode, "--mtu", str(self.mtu),
+                "--bridge", self.bridge, "--ovs-run-dir", str(self.ovs.run_dir), "--node-netns", self.netns,
+                "--state-dir", str(self.dir / "state"), "--cni-socket", str(self.cni_socket),
+                "--cni-conf-dir", str(self.dir / "cni" / "net.d"), "--cni-bin-dir", str(self.dir / "cni" / "bin"),
+                "--cni-network", self.cni_network, "--cni-conf-version", self.cni_conf_version,
+                *(["--kubeconfig", str(self.kubeconfig)] if self.kubeconfig else []),
+                *(["--gateway"] if self.gateway else []), *self.agent_args]
+
     def start_agent(self) -> None:
         log = open(self.agent_log, "ab")
         self.agent = subprocess.Popen(
             [*(["ip", "netns", "exec", self.netns] if self.agent_in_netns else []),
-             sys.executable, "-m", "sanderling.agent.main", "--node", self.name,
-             *([] if self.pod_cidr_from_api else ["--pod-cidr", str(self.network.pod_cidr)]),
-             "--gateway-mac", self.network.gateway_mac, "--mode", self.mode, "--mtu", str(self.mtu),
-             "--bridge", self.bridge, "--ovs-run-dir", str(self.ovs.run_dir), "--node-netns", self.netns,
-             "--state-dir", str(self.dir / "state"), "--cni-socket", str(self.cni_socket),
-             "--cni-conf-dir", str(self.dir / "cni" / "net.d"), "--cni-bin-dir", str(self.dir / "cni" / "bin"),
-             "--cni-network", self.cni_network, "--cni-conf-version", self.cni_conf_version,
-             *(["--kubeconfig", str(self.kubeconfig)] if self.kubeconfig else []),
-             *(["--gateway"] if self.gateway else []), *self.agent_args],
+             sys.executable, "-m", "sanderling.agent.main", *self.agent_flags()],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=self.agent_session)
         log.close()
 

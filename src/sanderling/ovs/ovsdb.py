@@ -129,6 +129,12 @@ class Ovsdb:
         """Pin the MAC of the bridge's LOCAL port (OVS would otherwise pick one of its ports')."""
         self._run(self.api.db_set("Bridge", name, ("other_config", {"hwaddr": mac})))
 
+    def bridges(self) -> list[str]:
+        try:
+            return [str(name) for name in self.api.list_br().execute(check_error=True)]
+        except Exception as exc:
+            raise OvsError(f"OVSDB read on {self.endpoint} failed: {exc}") from exc
+
     def delete_bridge(self, name: str) -> None:
         self._run(self.api.del_br(name, if_exists=True))
 
