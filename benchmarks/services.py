@@ -170,5 +170,6 @@ def run(progress: Callable[[str], None] = lambda _m: None, services: int = 10000
               **_first_packet(services, endpoints, progress)}
     result["floors"] = {"full_sync_s": ["<=", 5], "change_p99_ms": ["<=", 20], "rss_mb": ["<=", 400],
                         "first_packet_ratio": ["<=", 1.2], "scrape_s": ["<=", 1.0],
-                        "change_p99_during_scrapes_ms": ["<=", 20], "scraped_every_15s_ratio": ["<=", 1.5]}
+                        "change_p99_during_scrapes_ms": ["<=", 20], "scraped_every_15s_ratio": ["<=", 1.5],
+                        "overlapping_ratio": ["<=", 1.0]}
     return result
