@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEBS=(openvswitch-switch openvswitch-common iproute2 ethtool iperf3 iputils-ping tcpdump procps
-      podman runc busybox-static containernetworking-plugins openssl prometheus
+      podman runc busybox-static containernetworking-plugins openssl prometheus debootstrap
       python3 python3-venv python3-dev)
 missing=()
 for pkg in "${DEBS[@]}"; do
