@@ -7,6 +7,7 @@
 #   kubernetes  kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kube-proxy from
 #               k8s.io/kubernetes: `lab up --control-plane kubernetes`, `bench proxy-peer`
 #   etcd        go.etcd.io/etcd/server/v3's etcdmain behind a three-line main package
+#   helm        helm.sh/helm/v3's cmd/helm: the chart's tests (`helm lint`, `helm template`)
 #
 # Multus is built as the main module (a copy of its source from the module cache), so its own
 # go.mod, with its replace directives, decides its dependencies, as its release builds do.
@@ -22,6 +23,7 @@ MULTUS_MODULE=gopkg.in/k8snetworkplumbingwg/multus-cni.v4
 MULTUS_VERSION=v4.1.0
 KUBERNETES_VERSION=v1.34.4
 ETCD_VERSION=v3.6.16
+HELM_VERSION=v3.22.0
 KUBERNETES_BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubectl kube-proxy)
 ONLY=${SANDERLING_UPSTREAM_ONLY:-}
 
@@ -133,5 +135,6 @@ GO
 }
 
 [ "$ONLY" = download ] || build multus "$MULTUS_MODULE" "$MULTUS_VERSION" ./cmd/multus
+[ "$ONLY" = download ] || build helm helm.sh/helm/v3 "$HELM_VERSION" ./cmd/helm
 build_etcd
 build_kubernetes
