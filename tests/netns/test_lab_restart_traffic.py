@@ -5,9 +5,10 @@ and node3) and directly to a pod on node2 (all isolated by a NetworkPolicy that 
 client), while a pod the policy does not admit keeps trying that pod. (The direct target is not
 a Service endpoint: a client port reused for a service connection and then a direct one to the
 same endpoint meets the endpoint's TIME_WAIT socket, a separate limit named in the README.)
-Node1's agent is killed -9 and started again; after it has resynced, the client makes 600 more
-connections. Every connection must succeed and the intruder
-must never get through. (Session 1 saw 4-5 of ~700 fail here: node1's ovs-vswitchd had died of
+Node1's agent is killed -9 and started again; after it has resynced, every node's agent is
+restarted in turn, each after the previous one has resynced (a DaemonSet's rolling update, one
+node at a time); then the client makes 600 more connections. Every connection must succeed and
+the intruder must never get through. (Session 1 saw 4-5 of ~700 fail here: node1's ovs-vswitchd had died of
 an OVS 3.1 userspace-conntrack assertion, set off by the null SNAT direct connections to target
 ports were tracked with, not by the restart; see the origin zone.)
 """
@@ -119,7 +120,18 @@ def _resynced(log: Path, offset: int) -> bool:
     return "desired state complete" in log.read_text(errors="replace")[offset:]
 
 
-def test_agent_kill_9_under_traffic_loses_no_connection_and_opens_no_hole(tmp_path):
+def _restart_and_wait(node: str) -> None:
+    """Restart the node's agent (stopping it first, if it runs) and wait for its first sync."""
+    log = STATE / node / "agent.log"
+    offset = len(log.read_text(errors="replace"))
+    assert lab("restart-agent", node).returncode == 0
+    deadline = time.monotonic() + 60
+    while not _resynced(log, offset) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _resynced(log, offset), f"the restarted agent of {node} never completed its first sync"
+
+
+def test_agent_kill_9_and_rolling_restart_under_traffic_lose_no_connection_and_open_no_hole(tmp_path):
     manifest = tmp_path / "restart.yaml"
     manifest.write_text(OBJECTS)
     restarted, done = tmp_path / "restarted", tmp_path / "done"
@@ -136,20 +148,18 @@ def test_agent_kill_9_under_traffic_loses_no_connection_and_opens_no_hole(tmp_pa
                                              ips["db"], str(done)), stdout=subprocess.PIPE, text=True)
         assert client.stdout is not None
         assert client.stdout.readline().strip() == "flowing"
-        log = STATE / "node1" / "agent.log"
-        offset = len(log.read_text(errors="replace"))
         os.kill(_agent_pid(), signal.SIGKILL)
-        assert lab("restart-agent", "node1").returncode == 0
-        deadline = time.monotonic() + 60
-        while not _resynced(log, offset) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert _resynced(log, offset), "the restarted agent never completed its first sync"
+        _restart_and_wait("node1")
+        # then a rolling restart of every agent, one node at a time, each back before the next
+        # (what the DaemonSet's RollingUpdate with maxUnavailable 1 does on an upgrade)
+        for node in ("node1", "node2", "node3"):
+            _restart_and_wait(node)
         restarted.touch()
         summary = json.loads(client.communicate(timeout=300)[0].strip().splitlines()[-1])
         done.touch()
         tries, got_in = map(int, intruder.communicate(timeout=60)[0].split())
-        print(f"\nrestart under traffic: {summary['ok']} connections, {len(summary['fails'])} failed; intruder "
-              f"{tries} tries, {got_in} got in")
+        print(f"\nkill -9 of node1's agent, then a rolling restart of all 3, under traffic: {summary['ok']} "
+              f"connections, {len(summary['fails'])} failed; intruder {tries} tries, {got_in} got in")
         assert summary["fails"] == [] and summary["ok"] > 700
         assert tries > 20 and got_in == 0
         assert "EMER" not in (STATE / "node1" / "ovs" / "ovs-vswitchd.log").read_text()
