@@ -5,6 +5,9 @@ datapath, IPAM, flows). Reference, in the same run: Debian's containernetworking
 `bridge` + `host-local`, run with a network namespace of their own as "the host" (so the host
 is not touched). Both are driven by the same driver (benchmarks/_cni_driver.py): `rounds`
 rounds of `concurrency` simultaneous ADDs, each timed from exec to exit, DELs between rounds.
+`breakdown_ms`: the mean ADD taken apart with the agent's own metrics (its steps ipam, plumbing,
+ovsdb, flows; the rest of its time; and the time it did not see: the plugin's start and socket
+round trip, the exec).
 """
 
 from __future__ import annotations
@@ -41,6 +44,43 @@ def _percentile(values: list[float], pct: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(pct / 100 * len(ordered) + 0.5)) - 1)]
 
 
+STEPS = ("ipam", "plumbing", "ovsdb", "flows")
+
+
+def _agent_sums() -> dict[str, tuple[float, float]]:
+    """(sum of seconds, count) of the agent's ADD steps and of its whole ADDs, from its /metrics."""
+    import re
+    import urllib.request
+
+    from sanderling.agent.status import DEFAULT_ADDRESS
+
+    text = urllib.request.urlopen(f"http://{DEFAULT_ADDRESS}/metrics", timeout=10).read().decode()
+    out: dict[str, tuple[float, float]] = {}
+    for name, label, key in (("sanderling_cni_add_step_duration_seconds", "step", None),
+                             ("sanderling_cni_request_duration_seconds", "command", "ADD")):
+        for part in ("sum", "count"):
+            for m in re.finditer(rf'^{name}_{part}{{{label}="([^"]+)"}} (\S+)$', text, re.M):
+                if key is None or m.group(1) == key:
+                    step = m.group(1) if key is None else "agent"
+                    total, count = out.get(step, (0.0, 0.0))
+                    out[step] = (total + float(m.group(2)), count) if part == "sum" else (total, float(m.group(2)))
+    return out
+
+
+def _breakdown(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]],
+               client_mean_ms: float) -> dict[str, float]:
+    """Mean milliseconds per ADD: each step in the agent, the rest of the agent's time, and what
+    the agent did not see (the plugin's start, its socket round trip, the runtime's exec)."""
+    def mean(step: str) -> float:
+        total = after.get(step, (0.0, 0.0))[0] - before.get(step, (0.0, 0.0))[0]
+        count = after.get(step, (0.0, 0.0))[1] - before.get(step, (0.0, 0.0))[1]
+        return total / count * 1000 if count else 0.0
+    steps = {step: round(mean(step), 1) for step in STEPS}
+    agent = mean("agent")
+    return {**steps, "agent_other": round(agent - sum(steps.values()), 1), "agent_total": round(agent, 1),
+            "shim_and_exec": round(client_mean_ms - agent, 1)}
+
+
 def run(concurrency: int = 20, rounds: int = 5, progress: Callable[[str], None] = lambda _m: None,
         **_: Any) -> dict[str, Any]:
     if not (REFERENCE_DIR / "bridge").exists():
@@ -59,11 +99,13 @@ def run(concurrency: int = 20, rounds: int = 5, progress: Callable[[str], None] 
             veth.ensure_netns(Path(path).name)
         veth.ensure_netns(f"{PREFIX}-ref")
         progress(f"sanderling: {rounds} rounds of {concurrency} concurrent ADDs")
+        before = _agent_sums()
         ours = _drive({
             "plugin": str(node.cni_bin), "rounds": rounds, "sandboxes": ours_ns,
             "conf": {"cniVersion": "1.1.0", "name": node.cni_network, "type": "sanderling-cni",
                      "agentSocket": str(node.cni_socket)},
             "env": {"CNI_PATH": str(node.cni_bin.parent)}})
+        after = _agent_sums()
         progress(f"reference bridge + host-local: {rounds} rounds of {concurrency} concurrent ADDs")
         ref = _drive({
             "plugin": str(REFERENCE_DIR / "bridge"), "rounds": rounds, "sandboxes": ref_ns,
@@ -88,5 +130,7 @@ def run(concurrency: int = 20, rounds: int = 5, progress: Callable[[str], None] 
         "reference_p50_ms": round(statistics.median(rlat), 1),
         "reference_p99_ms": round(_percentile(rlat, 99), 1),
         "ratio_p50": round(statistics.median(lat) / statistics.median(rlat), 2),
+        # where an ADD's time goes, mean ms per ADD (the agent's own metrics, over this run's ADDs)
+        "breakdown_ms": _breakdown(before, after, statistics.mean(lat)),
         "floors": {"p50_ms": ["<=", 30.0], "p99_ms": ["<=", 100.0]},
     }

@@ -427,6 +427,7 @@ async def serve(args: AgentConfig) -> int:
                              tunnel=args.mode == "overlay", multinet=multinet, network_name=args.cni_network,
                              native_networks=not args.multus)
         handler.observers.append(metrics.cni_answered)
+        handler.step_observers.append(metrics.cni_step)
         sources.pools = allocator.usage
         if corrupt is not None:
             restored = await handler.restore_from_ovsdb()

@@ -79,6 +79,11 @@ class AgentMetrics:
         self.cni_seconds = Histogram("sanderling_cni_request_duration_seconds",
                                      "CNI requests answered by this agent, by command", ["command"],
                                      buckets=SYNC_BUCKETS, registry=r)
+        self.cni_steps = Histogram("sanderling_cni_add_step_duration_seconds",
+                                   "The steps of the ADDs this agent answered: ipam (address chosen and "
+                                   "recorded), plumbing (veth made and addressed), ovsdb (port added, "
+                                   "applied by ovs-vswitchd), flows (the pod's flows installed)", ["step"],
+                                   buckets=SYNC_BUCKETS, registry=r)
         self.cni_failures = Counter("sanderling_cni_failures", "CNI requests answered with an error",
                                     ["command", "code"], registry=r)
         self._worker: ScrapeWorker | None = None
@@ -112,6 +117,9 @@ class AgentMetrics:
 
     def proxy_compiled(self, seconds: float) -> None:
         self.proxy_seconds.observe(seconds)
+
+    def cni_step(self, step: str, seconds: float) -> None:
+        self.cni_steps.labels(step).observe(seconds)
 
     def cni_answered(self, command: str, seconds: float, code: int | None) -> None:
         self.cni_seconds.labels(command).observe(seconds)

@@ -82,6 +82,8 @@ class CniHandler:
         self._reserved_ofports: set[int] = set()
         # (command, seconds, error code or None) after every request: the agent's metrics
         self.observers: list[Callable[[str, float, int | None], None]] = []
+        # (step, seconds) of each successful ADD's steps: ipam, plumbing, ovsdb, flows
+        self.step_observers: list[Callable[[str, float], None]] = []
 
     async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
@@ -94,6 +96,14 @@ class CniHandler:
             except Exception:  # metrics must never fail a CNI request
                 log.exception("CNI observer failed")
         return answer
+
+    def _steps(self, **seconds: float) -> None:
+        for observer in self.step_observers:
+            for step, value in seconds.items():
+                try:
+                    observer(step, value)
+                except Exception:  # metrics must never fail a CNI request
+                    log.exception("CNI step observer failed")
 
     async def _handle(self, request: dict[str, Any]) -> dict[str, Any]:
         command = request.get("command")
@@ -158,6 +168,7 @@ class CniHandler:
         requested = requested_ips[0] if requested_ips else None
         pool = None
         k8s_pod = "K8S_POD_NAME" in (req.get("args") or {})
+        ipam_started = time.perf_counter()
         try:
             if self.cluster is not None and k8s_pod:
                 requested, mac, pool = await asyncio.to_thread(self.cluster.decide, who.namespace, who.name,
@@ -177,9 +188,11 @@ class CniHandler:
             raise CniFailure(code, f"pod {who.namespace}/{who.name}: {message}") from None
         except (LookupError, OSError) as exc:
             raise CniFailure(E.E_TRY_LATER, f"pod {who.namespace}/{who.name}: Kubernetes API: {exc}") from None
+        ipam_seconds = time.perf_counter() - ipam_started
         host_if = veth.host_veth_name(cid, ifname)
         try:
-            result = await self._plumb(req, who, alloc, mac or alloc.mac or mac_for_ip(alloc.ip), host_if)
+            result = await self._plumb(req, who, alloc, mac or alloc.mac or mac_for_ip(alloc.ip), host_if,
+                                       ipam_seconds)
             if self.multinet is not None and k8s_pod and self.native_networks:
                 ips, pod_mac = from_result(result, ifname)
                 args = ";".join(f"{k}={v}" for k, v in (req.get("args") or {}).items())
@@ -231,7 +244,7 @@ class CniHandler:
             raise CniFailure(E.E_PLUMBING, f"DEL of {call.container_id}/{req.get('ifname')}: " + "; ".join(problems))
 
     async def _plumb(self, req: dict[str, Any], who: PodIdentity, alloc: Allocation, mac: str,
-                     host_if: str) -> dict[str, Any]:
+                     host_if: str, ipam_seconds: float = 0.0) -> dict[str, Any]:
         conf = req.get("config") or {}
         cid, ifname, netns = req["containerID"], req["ifname"], req["netns"]
         prefix = self.node.pod_cidr.prefixlen if alloc.pool == "node" else 32  # pool addresses: /32, on-link gw
@@ -262,6 +275,7 @@ class CniHandler:
             raise CniFailure(E.E_PLUMBING, f"flows for pod {who.namespace}/{who.name} refused: {problem}")
         if not self.dataplane.installed(key):
             raise CniFailure(E.E_TRY_LATER, f"flows for pod {who.namespace}/{who.name} not installed yet")
+        self._steps(ipam=ipam_seconds, plumbing=t1 - t0, ovsdb=t2 - t1, flows=t3 - t2)
         log.info("pod %s/%s: %s %s on %s (ofport %d, container %s); veth %.1f ms, OVS port %.1f ms, "
                  "flows %.1f ms", who.namespace, who.name, address, mac, host_if, ofport, cid[:12],
                  (t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000)
