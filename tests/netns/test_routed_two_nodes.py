@@ -33,8 +33,11 @@ def test_pods_on_two_nodes_talk_routed_without_encapsulation_or_nat(routed):
     n1.wait_programmed(a)
     n2.wait_programmed(b)
     n2.serve(b)
-    capture = subprocess.Popen(["ip", "netns", "exec", FABRIC, "tcpdump", "-n", "-l", "-i", "fabric0", "-c", "20",
-                                "not arp"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # --immediate-mode: each packet printed as it is captured, not when the capture buffer's timeout
+    # fires (the probes take well under its second: terminated before that, tcpdump printed nothing)
+    capture = subprocess.Popen(["ip", "netns", "exec", FABRIC, "tcpdump", "--immediate-mode", "-n", "-l", "-i",
+                                "fabric0", "-c", "20", "not arp"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
     assert capture.stderr is not None
     while "listening on" not in (line := capture.stderr.readline()):  # capturing before the first probe
         assert line, "tcpdump ended before it listened"
