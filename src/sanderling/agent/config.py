@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import ipaddress
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,10 @@ class AgentConfig:
     mtu: int = _opt(1500, "MTU of pod interfaces", "int", low=576, high=9216)
     kubeconfig: Path | None = _opt(None, "Kubernetes API access (in-cluster config when run as a pod); enables "
                                          "pod annotations and IPPools", "path")
+    kube_api_server: str = _opt("", "https://HOST:PORT of the Kubernetes API for the in-cluster credentials (default: "
+                                    "the `kubernetes` Service, KUBERNETES_SERVICE_HOST/PORT); set it where the agent "
+                                    "replaces kube-proxy: that ClusterIP answers only once an agent programs it",
+                                "url")
     gateway: bool = _opt(False, "route through the node: the bridge's LOCAL port gets the gateway address "
                                 "(routed mode)", "bool")
     node_ip: list[str] = _opt([], "this node's address (default: the Node's InternalIP); repeatable", "ips")
@@ -146,6 +151,14 @@ def _check(key: str, meta: dict[str, Any], value: Any) -> Any:
                 raise ConfigError(f"{key}: {part.strip()!r} is not an IPv4 CIDR (e.g. 10.96.0.0/16)") from None
     if kind == "mac" and not (_MAC.match(text.lower()) and not int(text[:2], 16) & 1):
         raise ConfigError(f"{key}: {text!r} is not a unicast MAC address (aa:bb:cc:dd:ee:ff)")
+    if kind == "url" and text:
+        parsed = urllib.parse.urlsplit(text)
+        try:
+            parsed.port  # noqa: B018 (raises for a bad port)
+        except ValueError:
+            raise ConfigError(f"{key}: {text!r} has a bad port") from None
+        if parsed.scheme != "https" or not parsed.hostname or parsed.path not in ("", "/"):
+            raise ConfigError(f"{key}: {text!r} is not https://HOST[:PORT]")
     if kind == "hostport" and text:
         host, sep, port = text.rpartition(":")
         if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:

@@ -62,6 +62,17 @@ def install_cni(args: AgentConfig, secondary: bool) -> None:
     write_conflist(args.cni_conf_dir, args.cni_network, args.cni_socket, args.mtu, version=args.cni_conf_version)
 
 
+def use_api_server(args: AgentConfig) -> None:
+    """`kube-api-server` replaces the `kubernetes` Service in the in-cluster credentials: every
+    client of this process (and of the workers it starts) reads KUBERNETES_SERVICE_HOST/PORT."""
+    if args.kube_api_server and args.kubeconfig is None:
+        import urllib.parse
+
+        url = urllib.parse.urlsplit(args.kube_api_server)
+        os.environ["KUBERNETES_SERVICE_HOST"] = url.hostname or ""
+        os.environ["KUBERNETES_SERVICE_PORT"] = str(url.port or 443)
+
+
 def _kube_enabled(args: AgentConfig) -> bool:
     return args.kubeconfig is not None or bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
 
@@ -513,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sanderling-agent: {exc}", file=sys.stderr)
         return 1
     tune_gc()
+    use_api_server(args)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -42,6 +42,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--control-plane", choices=["sanderling", "kubernetes"], default="sanderling",
                     help="the embedded API server (default, fast) or upstream etcd, kube-apiserver, "
                          "kube-controller-manager and kube-scheduler (built by setup)")
+    up.add_argument("--agents", choices=["process", "daemonset"], default="process",
+                    help="how agents start: the lab starts one per node (default), or `helm install` of "
+                         "charts/sanderling and the lab kubelets run the DaemonSet's pods (--control-plane "
+                         "kubernetes)")
     up.add_argument("--monitoring", action="store_true",
                     help="also start Prometheus (Debian's) scraping every agent; ask it with `lab query`")
     up.add_argument("--allow-workload-commands", action="store_true",
@@ -95,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if cmd == "up":
         lab.up(args.nodes, args.mode, allow_workload_commands=args.allow_workload_commands,
-               multus=args.multus, control_plane=args.control_plane, monitoring=args.monitoring)
+               multus=args.multus, control_plane=args.control_plane, monitoring=args.monitoring,
+               agents=args.agents)
         if args.demo:
             apply(lab, Path(__file__).resolve().parents[1] / "lab" / "demo.yaml")
             wait_running(lab, 60)
@@ -135,7 +140,12 @@ def run(args: argparse.Namespace) -> int:
 
         return show_trace(lambda: lab_tracer(lab), args, "sanderling lab trace")
     if cmd == "restart-agent":
-        lab.restart_agent(args.node)
+        if lab.state().get("agents") == "daemonset":
+            from sanderling.lab import daemonset
+
+            daemonset.restart_pod(lab, args.node)
+        else:
+            lab.restart_agent(args.node)
         print(f"agent of {args.node} restarted")
         return 0
     if cmd == "restart-controlplane":

@@ -21,8 +21,8 @@ def targets(pods: list[dict[str, Any]], node_netns: dict[str, str]) -> list[Targ
     out = []
     for pod in pods:
         meta, spec, status = pod["metadata"], pod.get("spec") or {}, pod.get("status") or {}
-        if status.get("phase") != "Running" or not status.get("podIP"):
-            continue
+        if status.get("phase") != "Running" or not status.get("podIP") or spec.get("hostNetwork"):
+            continue  # (a host-network pod, the agent's, has no sandbox to probe from)
         ports = [("tcp" if p.get("protocol", "TCP") == "TCP" else p["protocol"].lower(), int(p["containerPort"]))
                  for c in spec.get("containers") or [] for p in c.get("ports") or []]
         prefix = node_netns.get(spec.get("nodeName", ""), "")

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from sanderling.cni.install import CONFLIST_NAME, conflist
+from sanderling.lab import daemonset
 from sanderling.lab.fabric import BRIDGE, attach_host, make_fabric
 from sanderling.lab.kubelet import DELEGATE_PLUGINS
 from sanderling.lab.multus import CONF_NAME as MULTUS_CONF
@@ -58,6 +59,7 @@ class Lab:
     progress: Callable[[str], None] = lambda _m: None
     allow_workload_commands: bool = False  # kubelets run Pod commands (a root shell for anyone with API access)
     multus: bool = False  # Multus in front of Sanderling on every node (`lab up --multus`)
+    agents: str = "process"  # or "daemonset": installed by helm, run by the lab kubelets
 
     @property
     def state_dir(self) -> Path:
@@ -87,9 +89,14 @@ class Lab:
         return ensure_pki(self.state_dir / "pki", ("127.0.0.1", str(API_UNDERLAY_IP)))
 
     def up(self, nodes: int = 3, mode: str = "routed", allow_workload_commands: bool = False,
-           multus: bool = False, control_plane: str = "sanderling", monitoring: bool = False) -> None:
+           multus: bool = False, control_plane: str = "sanderling", monitoring: bool = False,
+           agents: str = "process") -> None:
         if mode not in ("routed", "overlay"):
             raise SystemExit(f"sanderling lab: --mode {mode}: choose routed or overlay")
+        if agents == "daemonset" and (control_plane != "kubernetes" or multus):
+            raise SystemExit("sanderling lab: --agents daemonset needs --control-plane kubernetes (the DaemonSet "
+                             "controller and scheduler place the agents) and runs without --multus")
+        self.agents = agents
         if control_plane not in ("sanderling", "kubernetes"):
             raise SystemExit(f"sanderling lab: --control-plane {control_plane}: choose sanderling or kubernetes")
         if control_plane == "kubernetes":
@@ -148,13 +155,19 @@ class Lab:
             for nic in (PROVIDER_NIC, DATA_NIC):  # secondary networks' cables: VLANs, and macvlan masters
                 node.attach_nic(self.fabric, BRIDGE, nic)
             lab_nodes.append(node)
-        for node, rec in zip(lab_nodes, records, strict=True):
-            node.start_agent()
-            rec["agent_pid"] = node.agent.pid if node.agent else 0
+        if agents == "process":
+            for node, rec in zip(lab_nodes, records, strict=True):
+                node.start_agent()
+                rec["agent_pid"] = node.agent.pid if node.agent else 0
         state = {"name": self.name, "mode": mode, "api_port": port, "controlplane_pid": cp_pid, "nodes": records,
                  "allow_workload_commands": allow_workload_commands, "multus": multus,
-                 "control_plane": control_plane, **extra}
+                 "control_plane": control_plane, "agents": agents, **extra}
         (self.state_dir / "state.json").write_text(json.dumps(state, indent=2))
+        if agents == "daemonset":
+            self.progress("helm install sanderling (charts/sanderling): CRDs, RBAC, ConfigMap, DaemonSet; the "
+                          "lab kubelets run its pods")
+            daemonset.install(self, mode)
+            daemonset.wait_rolled_out(self, [r["name"] for r in records], timeout=180)
         for node in lab_nodes:
             node.wait_ready(60)
         if monitoring:
@@ -188,12 +201,14 @@ class Lab:
         finally:
             self._save_partial(port, extra)
         write_kubeconfig(self.kubeconfig, f"https://127.0.0.1:{port}", ca_cert=pki.ca_cert, token=pki.token)
+        extra["node_tokens"] = {n: kcp.node_token(n) for n in nodes}
+        if self.agents == "daemonset":  # CRDs, RBAC and all come with the chart, after the nodes
+            return extra
         self.progress("CRDs (IPPool, NetworkAttachmentDefinition) and the agents' RBAC (deploy/)")
         _create_and_wait(self.kubeconfig, bootstrap_objects())
         token = agent_token(binaries()["kubectl"], self.kubeconfig)
         write_kubeconfig(self.node_kubeconfig, f"https://{API_UNDERLAY_IP}:{API_PORT}", ca_cert=pki.ca_cert,
                          token=token)
-        extra["node_tokens"] = {n: kcp.node_token(n) for n in nodes}
         return extra
 
     def _save_partial(self, port: int, extra: dict[str, Any]) -> None:
@@ -216,7 +231,8 @@ class Lab:
         config = {"server": f"https://{API_UNDERLAY_IP}:{API_PORT}", "ca": str(self.pki.ca_cert),
                   "allow_commands": self.allow_workload_commands or state.get("allow_workload_commands", False),
                   "nodes": [{"name": r["name"], "token": tokens[r["name"]], "netns": r["netns"],
-                             "cni_bin": r["cni_bin"], "cni_conf": r["cni_conf"], "host_ip": r["underlay_ip"]}
+                             "cni_bin": r["cni_bin"], "cni_conf": r["cni_conf"], "host_ip": r["underlay_ip"],
+                             "dir": r["dir"], "daemonset": self.agents == "daemonset"}
                             for r in records]}
         path = self.state_dir / "kubelets.json"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the node tokens
@@ -232,7 +248,10 @@ class Lab:
         return proc.pid
 
     def agent_log(self, node: str) -> Path:
-        """Where a node's agent writes (LocalNode.agent_log of that node)."""
+        """Where a node's agent writes (LocalNode.agent_log of that node; its pod's container log
+        when the DaemonSet runs it)."""
+        if self.state().get("agents") == "daemonset":
+            return daemonset.agent_log(self.state_dir / node)
         return self.state_dir / node / "agent.log"
 
     @property
@@ -268,8 +287,11 @@ class Lab:
                                      *(["--multus"] if self.multus or self.state().get("multus") else [])))
 
     def restart_agent(self, name: str) -> subprocess.Popen[bytes]:
-        """Stop a node's agent (if it still runs) and start it again; its flows stay in OVS meanwhile."""
+        """Stop a node's agent (if it still runs) and start it again; its flows stay in OVS meanwhile.
+        (Agents of the DaemonSet: `lab.daemonset.restart_pod`.)"""
         state = self.state()
+        if state.get("agents") == "daemonset":
+            raise SystemExit(f"lab {self.name} runs its agents from the DaemonSet: delete the agent's pod instead")
         rec = next((n for n in state.get("nodes", []) if n["name"] == name), None)
         if rec is None:
             raise SystemExit(f"lab {self.name} has no node {name}")

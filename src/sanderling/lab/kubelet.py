@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sanderling.cni.errors import E_TRY_LATER
+from sanderling.lab import host_view
 from sanderling.netlink import veth
 from sanderling.process import kill_netns_processes
 
@@ -44,6 +45,10 @@ class NodeRuntime:
     cni_conf: Path
     netns_prefix: str
     host_ip: str = ""
+    # a node whose plugin was installed by the agent's DaemonSet: the plugin runs where the node's
+    # host paths are its own (`lab.host_view`: view path -> real path), found at its host path
+    view: dict[str, str] | None = None
+    view_plugin: str = "/opt/cni/bin/sanderling-cni"
 
     @property
     def sandbox_dir(self) -> Path:
@@ -71,16 +76,23 @@ class Kubelet:
         return f"{self.node.netns_prefix}-{namespace}-{name}"[:60]
 
     def _cni(self, command: str, namespace: str, name: str, cid: str, netns: str) -> tuple[int, dict[str, Any]]:
+        if not self.node.cni_conf.exists():  # as a kubelet whose node's network is not ready yet
+            return 1, {"code": E_TRY_LATER, "msg": f"no CNI configuration on {self.node.name} yet "
+                                                   f"({self.node.cni_conf}): try again later"}
         conflist = json.loads(self.node.cni_conf.read_text())
         plugin = conflist["plugins"][0] if "plugins" in conflist else conflist  # a conflist or a single config
         conf = {"cniVersion": conflist["cniVersion"], "name": conflist["name"], **plugin}
+        plugin_dir = Path(self.node.view_plugin).parent if self.node.view is not None else self.node.cni_bin.parent
         env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": netns, "CNI_IFNAME": "eth0",
-               "CNI_PATH": f"{self.node.cni_bin.parent}:{DELEGATE_PLUGINS}",
+               "CNI_PATH": f"{plugin_dir}:{DELEGATE_PLUGINS}",
                "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};"
                            f"K8S_POD_INFRA_CONTAINER_ID={cid}"}
         # a kubelet runs on its node: plugins run in the node's network namespace (a delegate such
         # as macvlan finds its master interface there)
-        argv = ["nsenter", f"--net=/var/run/netns/{self.node.netns_prefix}", str(self.node.cni_bin)]
+        if self.node.view is not None:
+            argv = host_view.argv_for(self.node.netns_prefix, self.node.view, [self.node.view_plugin])
+        else:
+            argv = ["nsenter", f"--net=/var/run/netns/{self.node.netns_prefix}", str(self.node.cni_bin)]
         proc = subprocess.run(argv, input=json.dumps(conf), env=env, capture_output=True, text=True, timeout=120)
         try:
             out = json.loads(proc.stdout) if proc.stdout.strip() else {}

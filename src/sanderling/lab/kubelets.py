@@ -27,12 +27,14 @@ import asyncio
 import datetime
 import json
 import logging
+import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from sanderling.lab.host_pods import HostPod, NodeHost, PodSpecError
 from sanderling.lab.kubelet import Kubelet, NodeRuntime
 from sanderling.netlink import netns
 from sanderling.process import until_signalled
@@ -70,8 +72,13 @@ class NodeKubelet:
         self.name = spec["name"]
         self.host_ip = spec.get("host_ip", "")
         self.client = client_for(server, ca, spec["token"], f"lab-kubelet-{self.name}")
+        self.host = NodeHost(self.name, spec.get("netns", self.name), self.host_ip, Path(spec["dir"])) \
+            if spec.get("dir") else None
+        view = self.host.view() if self.host is not None and spec.get("daemonset") else None
         self.kubelet = Kubelet(NodeRuntime(self.name, Path(spec["cni_bin"]), Path(spec["cni_conf"]),
-                                           spec.get("netns", self.name), self.host_ip), allow_commands=allow_commands)
+                                           spec.get("netns", self.name), self.host_ip, view=view),
+                               allow_commands=allow_commands)
+        self.host_pods: dict[str, HostPod] = {}  # hostNetwork pods (the agent's DaemonSet) by key
         self.uids: dict[str, str] = {}      # running pod key -> uid
         self.busy: set[str] = set()
         self.attempts: dict[str, int] = {}
@@ -184,6 +191,9 @@ class NodeKubelet:
                 stale = key in self.uids
             if stale:  # same name, new uid: the old pod's sandbox goes first
                 self._stop(key)
+            if (pod.get("spec") or {}).get("hostNetwork") and self.host is not None:
+                self._start_host_pod(pod)
+                return
             status = self.kubelet.start(pod)
             now = _now()
             status.update({"hostIP": self.host_ip, "hostIPs": [{"ip": self.host_ip}], "startTime": now})
@@ -219,6 +229,43 @@ class NodeKubelet:
             with self.lock:
                 self.busy.discard(key)
 
+    def _start_host_pod(self, pod: dict[str, Any]) -> None:
+        """A hostNetwork pod's containers as processes on the node (`lab.host_pods`)."""
+        from lightkube import ApiError
+        from lightkube.resources.core_v1 import Pod
+        from lightkube.types import PatchType
+
+        assert self.host is not None
+        meta = pod["metadata"]
+        key = _key(pod)
+
+        def report(status: dict[str, Any]) -> None:
+            self.client.patch(Pod.Status, meta["name"], {"status": status}, namespace=meta["namespace"],
+                              patch_type=PatchType.MERGE)
+
+        host_pod = HostPod(pod, self.host, self.client, report)
+        try:
+            host_pod.prepare()
+            host_pod.run_init_containers()
+            host_pod.start()
+        except Exception as exc:  # PodSpecError, the API, an init container: reported, tried again
+            message = str(exc.status.message if isinstance(exc, ApiError) else exc)
+            if not isinstance(exc, (PodSpecError, ApiError, OSError, subprocess.TimeoutExpired)):
+                log.exception("pod %s: start failed", key)
+            log.warning("pod %s: not started on %s: %s; trying again", key, self.name, message)
+            try:
+                report({"phase": "Pending", "conditions": [
+                    {"type": "PodScheduled", "status": "True"},
+                    {"type": "Ready", "status": "False", "reason": "ContainersNotStarted", "message": message[:1000]}]})
+            except ApiError:
+                pass
+            self._retry_later(pod)
+            return
+        with self.lock:
+            self.uids[key] = meta["uid"]
+            self.host_pods[key] = host_pod
+        self.attempts.pop(key, None)
+
     def _retry_later(self, pod: dict[str, Any]) -> None:
         key = _key(pod)
         attempt = self.attempts.get(key, 0)
@@ -242,6 +289,10 @@ class NodeKubelet:
         """Stop a pod this process runs; with `uid`, also one it does not know (CNI DEL is idempotent)."""
         with self.lock:
             uid = self.uids.pop(key, "") or uid
+            host_pod = self.host_pods.pop(key, None)
+        if host_pod is not None:
+            host_pod.stop()
+            return
         namespace, name = key.split("/", 1)
         if uid or key in self.kubelet.pods:
             self.kubelet.stop(namespace, name, uid)

@@ -55,8 +55,10 @@ class OvsRuntime:
 
     @property
     def vswitchd_ctl(self) -> Path:
-        if self.private:
-            return self.run_dir / "ovs-vswitchd.ctl"
+        fixed = self.run_dir / "ovs-vswitchd.ctl"
+        # a private instance names its socket (also one mounted at the system path, as a lab node's)
+        if self.private or fixed.exists():
+            return fixed
         pid = (self.run_dir / "ovs-vswitchd.pid").read_text().strip()
         return self.run_dir / f"ovs-vswitchd.{pid}.ctl"
 
