@@ -78,12 +78,14 @@ class LabCli:
             time.sleep(0.1)
 
     def up_with(self, nodes: int, manifest: Path, pods: int, namespace: str | None = None,
-                control_plane: str = "sanderling", monitoring: bool = False) -> dict[str, str]:
-        """A fresh lab with the manifest applied; pod name -> IP once `pods` pods have an address."""
+                control_plane: str = "sanderling", monitoring: bool = False,
+                agents: str = "process") -> dict[str, str]:
+        """A fresh lab with the manifest applied; pod name -> IP once `pods` pods have an address
+        (`agents="daemonset"`: installed by `helm install` of the chart, on the real control plane)."""
         require_root()
         require_ovs()
         self("down")
-        up = self("up", "--nodes", str(nodes), "--control-plane", control_plane,
+        up = self("up", "--nodes", str(nodes), "--control-plane", control_plane, "--agents", agents,
                   *(["--monitoring"] if monitoring else []))
         assert up.returncode == 0, up.stdout + up.stderr
         applied = self("apply", "-f", str(manifest))

@@ -79,13 +79,15 @@ i = 0
 while after is None or after < 600:
     host, port = (vip, 80) if i % 2 else (direct, 8080)
     i += 1
+    phase = "connect"
     try:
         s = socket.create_connection((host, port), timeout=2)
+        phase = "answer"
         s.recv(64)
         s.close()
         ok += 1
     except OSError as exc:
-        fails.append(f"{time.time():.3f} {host}:{port} {exc}")
+        fails.append(f"{time.time():.3f} {host}:{port} {phase}: {exc}")
     if ok == 100:
         print("flowing", flush=True)
     if after is None and os.path.exists(marker):

@@ -107,12 +107,15 @@ def changed(before: dict[str, dict[str, dict]]):
     return lambda objs: any(o["installed"] and o["digest"] not in seen for o in objs.values())
 
 
-@pytest.mark.parametrize("control_plane", ["sanderling", "kubernetes"])
-def test_service_spread_affinity_and_reject(tmp_path, control_plane):
+@pytest.mark.parametrize("control_plane,agents", [("sanderling", "process"), ("kubernetes", "process"),
+                                                   ("kubernetes", "daemonset")])
+def test_service_spread_affinity_and_reject(tmp_path, control_plane, agents):
+    """(agents "daemonset": the lab installed only by `helm install` of charts/sanderling, its agents
+    the DaemonSet's pods.)"""
     manifest = tmp_path / "svc.yaml"
     manifest.write_text(OBJECTS + "".join(backend(i) for i in (1, 2, 3)))
     try:
-        lab.up_with(3, manifest, pods=4, namespace="svc", control_plane=control_plane)
+        lab.up_with(3, manifest, pods=4, namespace="svc", control_plane=control_plane, agents=agents)
         services = {s["metadata"]["name"]: s for s in json.loads(lab("get", "svc", "-n", "svc", "-o", "json").stdout)}
         vip = services["be"]["spec"]["clusterIP"]
         installed = lab.wait_agents("service svc/be with its 3 endpoints", "service/svc/be",

@@ -79,7 +79,9 @@ class ClusterView:
         if obj is not None:
             node = (obj.get("spec") or {}).get("nodeName") or ""
             ip = (obj.get("status") or {}).get("podIP") or ""
-            host = (node, ip) if node and ip else None
+            # a host-network pod's address is its node's (the agent's own pod among them): not a pod route
+            on_host = bool((obj.get("spec") or {}).get("hostNetwork"))
+            host = (node, ip) if node and ip and not on_host else None
         if host is None:
             if self.pod_hosts.pop(key, None) is None:
                 return

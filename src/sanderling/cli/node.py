@@ -12,6 +12,7 @@ Both read the agent's configuration (`--config`, flags as the agent takes them).
 from __future__ import annotations
 
 import argparse
+import errno
 import shutil
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,13 @@ def cleanup(cfg: Any, keep_state: bool = False) -> list[str]:
             path.unlink()
             removed.append(str(path))
     if not keep_state and cfg.state_dir.exists():
-        shutil.rmtree(cfg.state_dir)
+        for entry in cfg.state_dir.iterdir():
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        try:
+            cfg.state_dir.rmdir()
+        except OSError as exc:  # a hostPath mounted into a container: emptied, the mount point stays
+            if exc.errno != errno.EBUSY:
+                raise
         removed.append(f"state {cfg.state_dir}")
     return removed
 

@@ -158,3 +158,64 @@ def agent_log(node_dir: Path) -> Path:
     """The newest agent container log of a node (one directory per pod uid)."""
     logs = sorted(node_dir.glob("pods/*/agent.log"), key=lambda p: p.stat().st_mtime)
     return logs[-1] if logs else node_dir / "pods" / "agent.log"
+
+
+def agent_processes(lab: Lab) -> list[int]:
+    """Agent processes still running in any node's network namespace."""
+    pids = []
+    for rec in lab.state().get("nodes", []):
+        out = subprocess.run(["ip", "netns", "pids", rec["netns"]], capture_output=True, text=True)
+        for pid in out.stdout.split():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if b"sanderling-agent" in cmdline or b"sanderling.agent.main" in cmdline:
+                pids.append(int(pid))
+    return pids
+
+
+def node_host(lab: Lab, node: str) -> Any:
+    from sanderling.lab.host_pods import NodeHost
+
+    rec = next(n for n in lab.state()["nodes"] if n["name"] == node)
+    return NodeHost(node, rec["netns"], rec["underlay_ip"], Path(rec["dir"]))
+
+
+def cleanup_node(lab: Lab, node: str, config: str) -> subprocess.CompletedProcess[str]:
+    """`sanderling node cleanup --config` run on the node (its namespace and host paths), with
+    the configuration the agents had: the documented last step of an uninstall."""
+    import sys
+
+    from sanderling.lab import host_view
+
+    host = node_host(lab, node)
+    etc = host.host_path("/etc/sanderling")
+    etc.mkdir(parents=True, exist_ok=True)
+    (etc / "config.yaml").write_text(config)
+    binds = {**host.view(), "/etc/sanderling": str(etc)}
+    program = [str(Path(sys.executable).parent / "sanderling"), "node", "cleanup", "--config",
+               "/etc/sanderling/config.yaml", "--", "--node", node]
+    return subprocess.run(host_view.argv_for(host.netns, binds, program), capture_output=True, text=True, timeout=120)
+
+
+def leftovers(lab: Lab, node: str) -> list[str]:
+    """What of Sanderling a node still has: bridges, pod veths, CNI files, the socket."""
+    from sanderling.lab.cluster import DATA_NIC, PROVIDER_NIC
+    from sanderling.netlink.netns import ipr
+    from sanderling.ovs.runtime import OvsRuntime
+
+    host = node_host(lab, node)
+    found = [f"bridge {b}" for b in OvsRuntime(host.host_path("/var/run/openvswitch"), netns=host.netns)
+             .vsctl("list-br").split()]
+    with ipr(host.netns) as h:
+        for link in h.get_links():
+            name = link.get_attr("IFLA_IFNAME")
+            info = link.get_attr("IFLA_LINKINFO")
+            kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+            if kind in ("veth", "vxlan") and name not in ("uplink", PROVIDER_NIC, DATA_NIC):
+                found.append(f"{kind} {name}")
+    for path in ("/etc/cni/net.d/10-sanderling.conflist", "/opt/cni/bin/sanderling-cni", "/run/sanderling/cni.sock"):
+        if host.host_path(path).exists():
+            found.append(path)
+    return found
