@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +63,25 @@ def test_the_agent_stops_with_that_line_before_touching_anything(tmp_path):
 def test_the_readme_lists_every_key_with_its_default():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert config.reference() in readme, "README's agent configuration table differs from agent/config.py"
+
+
+@pytest.mark.parametrize("value,said", [("http://10.0.0.1:6443", "is not https://HOST[:PORT]"),
+                                        ("https://10.0.0.1:99999", "has a bad port"),
+                                        ("https://:6443", "is not https://HOST[:PORT]"),
+                                        ("https://10.0.0.1:6443/api", "is not https://HOST[:PORT]")])
+def test_a_bad_api_server_address_is_named(value, said):
+    with pytest.raises(config.ConfigError, match=f"kube-api-server: .* {re.escape(said)}"):
+        config.load(["--node", "n1", "--kube-api-server", value])
+
+
+def test_the_api_server_address_replaces_the_kubernetes_service_in_the_environment(monkeypatch):
+    from sanderling.agent.main import use_api_server
+
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    use_api_server(config.load(["--node", "n1", "--kube-api-server", "https://172.30.0.2:6443"]))
+    import os
+
+    assert (os.environ["KUBERNETES_SERVICE_HOST"], os.environ["KUBERNETES_SERVICE_PORT"]) == ("172.30.0.2", "6443")
+    use_api_server(config.load(["--node", "n1", "--kube-api-server", "https://api.example"]))
+    assert (os.environ["KUBERNETES_SERVICE_HOST"], os.environ["KUBERNETES_SERVICE_PORT"]) == ("api.example", "443")

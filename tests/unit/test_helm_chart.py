@@ -63,9 +63,12 @@ def test_default_values_render_deploy():
 
 
 def test_values_reach_the_configuration_and_roll_the_agents():
-    default, changed = rendered(), rendered("mtu=9000", "mode=overlay", "statusPort=9500")
+    default, changed = rendered(), rendered("mtu=9000", "mode=overlay", "statusPort=9500",
+                                            "kubeApiServer=https://10.0.0.1:6443")
     config = changed["ConfigMap/sanderling-config"]["data"]["config.yaml"]
     assert (config["mtu"], config["mode"], config["status-address"]) == (9000, "overlay", "0.0.0.0:9500")
+    assert config["kube-api-server"] == "https://10.0.0.1:6443"
+    assert "kube-api-server" not in default["ConfigMap/sanderling-config"]["data"]["config.yaml"]
     agent = changed["DaemonSet/sanderling-agent"]["spec"]["template"]
     assert agent["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"] == 9500
     assert agent["metadata"]["annotations"][HASH] != \

@@ -38,8 +38,8 @@ def lab_values(mode: str) -> dict[str, Any]:
     from sanderling.lab.kubernetes import SERVICE_CIDR
 
     return {"mode": mode, "serviceCIDR": SERVICE_CIDR, "ovs": {"datapath": "netdev"},
-            "extraConfig": {"kube-api-server": f"https://{API_UNDERLAY_IP}:{API_PORT}",
-                            "provider-network": [f"{PHYSNET}={PROVIDER_NIC}"]}}
+            "kubeApiServer": f"https://{API_UNDERLAY_IP}:{API_PORT}",
+            "extraConfig": {"provider-network": [f"{PHYSNET}={PROVIDER_NIC}"]}}
 
 
 def helm(lab: Lab, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
