@@ -405,10 +405,19 @@ def status(lab: Lab) -> int:
     state = lab.state()
     pods = list(_api(lab).list(Pod, namespace="*"))
     rows = []
+    by_daemonset = state.get("agents") == "daemonset"
     for n in state["nodes"]:
-        alive = _alive(n["agent_pid"])
+        if by_daemonset:  # the agent is its DaemonSet pod on that node: Ready or not, as the API says
+            agent = next((p for p in pods if p.spec and p.spec.nodeName == n["name"] and p.metadata
+                          and p.metadata.namespace == "sanderling-system"), None)
+            ready = agent is not None and agent.status is not None and any(
+                c.type == "Ready" and c.status == "True" for c in agent.status.conditions or [])
+            shown = f"{agent.metadata.name} {'Ready' if ready else 'NOT READY'}" if agent and agent.metadata \
+                else "NO POD"
+        else:
+            shown = "running" if _alive(n.get("agent_pid", 0)) else "DOWN"
         count = sum(1 for p in pods if p.spec and p.spec.nodeName == n["name"])
-        rows.append((n["name"], n["pod_cidr"], n["underlay_ip"], "running" if alive else "DOWN", count))
+        rows.append((n["name"], n["pod_cidr"], n["underlay_ip"], shown, count))
     if state.get("control_plane") == "kubernetes":
         plane = ", ".join(f"{name} {'running' if _alive(pid) else 'DOWN'}" for name, pid in state["pids"].items())
     else:
