@@ -1,0 +1,1 @@
+"""The cluster fed northbound to external SDN controllers (issue 15)."""
