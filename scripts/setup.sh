@@ -37,5 +37,18 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt
     touch "$stamp"
 fi
 
+# the example external controller's os-ken (3.1.1: the last release with osken-manager) in a venv
+# of its own, outside the repository, keyed by its pinned requirements (eventlet stays out of .venv)
+OSKEN_REQ=examples/osken/requirements.txt
+OSKEN_VENV=/var/cache/sanderling/osken-$(sha256sum "$OSKEN_REQ" | cut -c1-12)
+if [ ! -x "$OSKEN_VENV/bin/osken-manager" ]; then
+    echo "setup: installing os-ken for examples/osken into $OSKEN_VENV"
+    rm -rf "$OSKEN_VENV"
+    mkdir -p /var/cache/sanderling
+    "$PY" -m venv "$OSKEN_VENV"
+    "$OSKEN_VENV/bin/pip" install -q -r "$OSKEN_REQ"
+fi
+ln -sfn "$OSKEN_VENV" /var/cache/sanderling/osken
+
 # upstream components built from their Go modules, once per machine, outside the repository
 bash scripts/build-upstream.sh

@@ -93,6 +93,20 @@ class AgentConfig:
     cni_interpreter: str = _opt("", "the host's Python 3 the installed plugin runs with (it uses the standard library "
                                     "only; default: the agent's own interpreter, right when the agent runs on the "
                                     "host; /usr/bin/python3 when it runs in a container)")
+    external_bridge: str = _opt("", "an OVS bridge handed to an external SDN controller (e.g. br-ext): the agent "
+                                    "creates it, its patch pair to br-int and its uplinks, and never programs it")
+    external_uplink: list[str] = _opt([], "an interface of the node on the external bridge; repeatable", "names")
+    external_controller: list[str] = _opt([], "the external bridge's OpenFlow controller, tcp:IP:PORT or "
+                                              "ssl:IP:PORT; repeatable", "targets")
+    external_fail_mode: str = _opt("secure", "the external bridge without a controller: secure (forwards nothing "
+                                             "until the controller programs it) or standalone (a learning "
+                                             "switch)", "choice", ("secure", "standalone"))
+    external_protocols: str = _opt("OpenFlow13", "comma list of OpenFlow versions the external bridge speaks "
+                                                 "(OpenFlow10 ... OpenFlow15)")
+    external_cidrs: str = _opt("0.0.0.0/0", "comma list of destination CIDRs pods reach through the external "
+                                            "bridge (pod, service and node addresses always stay inside)", "cidrs")
+    external_ssl: list[str] = _opt([], "PRIVATE-KEY CERTIFICATE CA-CERT files for ssl: controllers (three "
+                                       "values, in that order)", "names")
     status_address: str = _opt(STATUS_ADDRESS, "HOST:PORT of /healthz, /readyz and /objects (\"\" for none)",
                                "hostport")
     log_level: str = _opt("INFO", "log level", "choice", ("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -121,7 +135,7 @@ def _check(key: str, meta: dict[str, Any], value: Any) -> Any:
         if not meta["low"] <= number <= meta["high"]:
             raise ConfigError(f"{key}: {number} is out of range ({meta['low']}-{meta['high']})")
         return number
-    if kind in ("ips", "physnets"):
+    if kind in ("ips", "physnets", "names", "targets"):
         items = value if isinstance(value, list) else [value]
         for item in items:
             if not isinstance(item, str):
@@ -131,7 +145,11 @@ def _check(key: str, meta: dict[str, Any], value: Any) -> Any:
                     ipaddress.ip_address(item)
                 except ValueError:
                     raise ConfigError(f"{key}: {item!r} is not an IP address") from None
-            elif not re.fullmatch(r"[^=\s]+=[^=\s]+", item):
+            elif kind == "targets" and not re.fullmatch(r"(tcp|ssl):[^:\s]+:\d{1,5}", item):
+                raise ConfigError(f"{key}: {item!r} is not tcp:IP:PORT or ssl:IP:PORT")
+            elif kind == "names" and not re.fullmatch(r"\S+", item):
+                raise ConfigError(f"{key}: {item!r} is not a name")
+            elif kind == "physnets" and not re.fullmatch(r"[^=\s]+=[^=\s]+", item):
                 raise ConfigError(f"{key}: {item!r} is not PHYSNET=INTERFACE")
         return list(items)
     if kind == "cidrs" and isinstance(value, list):
@@ -200,7 +218,7 @@ def parser() -> argparse.ArgumentParser:
         help_text = f"{meta['help']} (default: {default if default not in (None, '', []) else 'none'})"
         if meta["kind"] == "bool":
             p.add_argument(flag, action="store_true", help=help_text)
-        elif meta["kind"] in ("ips", "physnets"):
+        elif meta["kind"] in ("ips", "physnets", "names", "targets"):
             p.add_argument(flag, action="append", help=help_text)
         else:
             p.add_argument(flag, help=help_text)
@@ -221,7 +239,29 @@ def load(argv: list[str] | None) -> AgentConfig:
     config = AgentConfig(**checked)
     if not config.node:
         raise ConfigError("node: required (--node NAME, or `node:` in the config file)")
+    _check_external(config)
     return config
+
+
+OPENFLOW_VERSIONS = ("OpenFlow10", "OpenFlow11", "OpenFlow12", "OpenFlow13", "OpenFlow14", "OpenFlow15")
+
+
+def _check_external(config: AgentConfig) -> None:
+    """The external bridge's settings belong together."""
+    for version in config.external_protocols.split(","):
+        if version.strip() not in OPENFLOW_VERSIONS:
+            raise ConfigError(f"external-protocols: {version.strip()!r} is not one of {', '.join(OPENFLOW_VERSIONS)}")
+    if config.external_ssl and len(config.external_ssl) != 3:
+        raise ConfigError(f"external-ssl: give three files (private key, certificate, CA certificate), got "
+                          f"{len(config.external_ssl)}")
+    if any(t.startswith("ssl:") for t in config.external_controller) and not config.external_ssl:
+        raise ConfigError("external-controller: an ssl: target needs external-ssl (key, certificate, CA)")
+    if not config.external_bridge:
+        given = [k for k in ("external_uplink", "external_controller", "external_ssl") if getattr(config, k)]
+        if given:
+            raise ConfigError(f"{given[0].replace('_', '-')}: set external-bridge too (the bridge it belongs to)")
+    elif config.external_bridge == config.bridge:
+        raise ConfigError(f"external-bridge: {config.external_bridge!r} is the integration bridge; name another")
 
 
 def reference() -> str:

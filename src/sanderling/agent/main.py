@@ -325,11 +325,21 @@ async def serve(args: AgentConfig) -> int:
     if args.mode == "overlay":
         db.add_port(args.bridge, TUNNEL_PORT_NAME, ofport_request=TUNNEL_OFPORT, iface_type="vxlan",
                     options={"remote_ip": "flow"})
+    if args.external_bridge:
+        from sanderling.ovs.external import ExternalBridge
+
+        ExternalBridge(args.external_bridge, args.bridge, tuple(args.external_uplink), tuple(args.external_controller),
+                       args.external_fail_mode, tuple(v.strip() for v in args.external_protocols.split(",")),
+                       tuple(args.external_ssl), args.datapath).setup(db, runtime)
     log.info("node %s: bridge %s, pod CIDR %s, %s mode, generation %d (previous %d), %d tables",
              node.name, args.bridge, node.pod_cidr, args.mode, generation, previous, len(PIPELINE.tables))
     port_errors: dict[str, str] = {}
     sync = SyncLoop(node.name, runtime.mgmt_target(args.bridge), Realizer(generation))
     node_flows = NodeFlows(node, sync, gateway=args.gateway, mode=args.mode)
+    if args.external_bridge:
+        node_flows.set_external(tuple(c.strip() for c in args.external_cidrs.split(",") if c.strip()),
+                                (args.cluster_cidr, args.service_cidr, str(node.pod_cidr),
+                                 *(f"{ip}/32" for ip in node_ips)))
     pod_flows = PodFlows(node, sync, lambda: pods_from_ports(db.ports(args.bridge), port_errors))
     from sanderling.agent.metrics import AgentMetrics, Sources
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from sanderling.agent.sync import SyncLoop
 from sanderling.compiler import node_objects
+from sanderling.compiler.external import external_flows
 from sanderling.model.network import NodeNetwork
 from sanderling.model.nodes import Remote
 from sanderling.openflow.ir import Flow
+
+EXTERNAL_KEY = "node/external"
 
 
 class NodeFlows:
@@ -23,6 +26,24 @@ class NodeFlows:
             self.desired.set_object(key, flows)
         self.remotes: list[Remote] = []
         self._remote_flows: dict[Remote, list[Flow]] = {}
+        self._external: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+        self._external_flows: list[Flow] | None = None
+
+    def set_external(self, cidrs: tuple[str, ...], inside: tuple[str, ...]) -> None:
+        """Routes through the external bridge's patch port: `cidrs` out, `inside` (pod and service
+        CIDRs, this node's addresses) never; the other nodes' addresses are added from the remotes."""
+        self._external = (cidrs, inside)
+        self._update_external()
+
+    def _update_external(self) -> None:
+        if self._external is None:
+            return
+        cidrs, inside = self._external
+        nodes = tuple(sorted({f"{r.via}/32" for r in self.remotes}))
+        flows = external_flows(self.node, cidrs, inside + nodes)
+        if flows != self._external_flows:
+            self._external_flows = flows
+            self.desired.set_object(EXTERNAL_KEY, flows)
 
     def set_remotes(self, remotes: list[Remote]) -> None:
         """Other nodes' destinations changed (from the API): compile what changed."""
@@ -37,3 +58,4 @@ class NodeFlows:
             if self._remote_flows.get(remote) is not remote_flows:
                 self.desired.set_object(node_objects.remote_key(remote), remote_flows)
         self._remote_flows = flows
+        self._update_external()

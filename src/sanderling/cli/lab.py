@@ -46,6 +46,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     help="how agents start: the lab starts one per node (default), or `helm install` of "
                          "charts/sanderling and the lab kubelets run the DaemonSet's pods (--control-plane "
                          "kubernetes)")
+    up.add_argument("--br-ext", action="store_true",
+                    help="every node gets br-ext (uplink ext0 on the fabric, controller tcp:172.30.0.1:6653) for "
+                         "an external SDN controller, e.g. examples/osken")
     up.add_argument("--monitoring", action="store_true",
                     help="also start Prometheus (Debian's) scraping every agent; ask it with `lab query`")
     up.add_argument("--allow-workload-commands", action="store_true",
@@ -100,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     if cmd == "up":
         lab.up(args.nodes, args.mode, allow_workload_commands=args.allow_workload_commands,
                multus=args.multus, control_plane=args.control_plane, monitoring=args.monitoring,
-               agents=args.agents)
+               agents=args.agents, br_ext=args.br_ext)
         if args.demo:
             apply(lab, Path(__file__).resolve().parents[1] / "lab" / "demo.yaml")
             wait_running(lab, 60)

@@ -88,7 +88,8 @@ def cleanup(cfg: Any, keep_state: bool = False) -> list[str]:
         try:
             present = set(db.bridges())
             physnets = [item.partition("=")[0] for item in cfg.provider_network]
-            for bridge in [cfg.bridge, L2_BRIDGE, *(provider_bridge(p) for p in physnets)]:
+            external = [cfg.external_bridge] if cfg.external_bridge else []  # the controller's flows go with it
+            for bridge in [cfg.bridge, L2_BRIDGE, *(provider_bridge(p) for p in physnets), *external]:
                 if bridge in present:
                     db.delete_bridge(bridge)  # its ports and flows go with it
                     removed.append(f"bridge {bridge} (its flows and ports)")

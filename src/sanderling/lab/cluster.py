@@ -46,6 +46,8 @@ from sanderling.process import terminate
 PHYSNET = "physnet1"   # the lab's provider network: VLANs of the fabric, through each node's PROVIDER_NIC
 PROVIDER_NIC = "phys0"
 DATA_NIC = "data0"     # a plain second NIC per node (a macvlan master for delegated networks)
+EXTERNAL_NIC = "ext0"  # `lab up --br-ext`: the external bridge's uplink
+EXTERNAL_CONTROLLER_PORT = 6653  # where br-ext looks for its controller: the fabric's own address
 STATE_ROOT = Path("/run/sanderling-lab")
 UNDERLAY = ipaddress.IPv4Network("172.30.0.0/24")
 OUTSIDE_IP = UNDERLAY.network_address + 1  # the fabric namespace's own address: a client outside the cluster
@@ -60,6 +62,7 @@ class Lab:
     allow_workload_commands: bool = False  # kubelets run Pod commands (a root shell for anyone with API access)
     multus: bool = False  # Multus in front of Sanderling on every node (`lab up --multus`)
     agents: str = "process"  # or "daemonset": installed by helm, run by the lab kubelets
+    br_ext: bool = False  # every node has br-ext, its controller expected on the fabric (`lab up --br-ext`)
 
     @property
     def state_dir(self) -> Path:
@@ -90,13 +93,14 @@ class Lab:
 
     def up(self, nodes: int = 3, mode: str = "routed", allow_workload_commands: bool = False,
            multus: bool = False, control_plane: str = "sanderling", monitoring: bool = False,
-           agents: str = "process") -> None:
+           agents: str = "process", br_ext: bool = False) -> None:
         if mode not in ("routed", "overlay"):
             raise SystemExit(f"sanderling lab: --mode {mode}: choose routed or overlay")
         if agents == "daemonset" and (control_plane != "kubernetes" or multus):
             raise SystemExit("sanderling lab: --agents daemonset needs --control-plane kubernetes (the DaemonSet "
                              "controller and scheduler place the agents) and runs without --multus")
         self.agents = agents
+        self.br_ext = br_ext
         if control_plane not in ("sanderling", "kubernetes"):
             raise SystemExit(f"sanderling lab: --control-plane {control_plane}: choose sanderling or kubernetes")
         if control_plane == "kubernetes":
@@ -154,6 +158,8 @@ class Lab:
             node.attach_underlay(self.fabric, BRIDGE, f"{rec['underlay_ip']}/{UNDERLAY.prefixlen}")
             for nic in (PROVIDER_NIC, DATA_NIC):  # secondary networks' cables: VLANs, and macvlan masters
                 node.attach_nic(self.fabric, BRIDGE, nic)
+            if br_ext:  # the external bridge's uplink, on the fabric where the operator's network is
+                node.attach_nic(self.fabric, BRIDGE, EXTERNAL_NIC)
             lab_nodes.append(node)
         if agents == "process":
             for node, rec in zip(lab_nodes, records, strict=True):
@@ -161,7 +167,7 @@ class Lab:
                 rec["agent_pid"] = node.agent.pid if node.agent else 0
         state = {"name": self.name, "mode": mode, "api_port": port, "controlplane_pid": cp_pid, "nodes": records,
                  "allow_workload_commands": allow_workload_commands, "multus": multus,
-                 "control_plane": control_plane, "agents": agents, **extra}
+                 "control_plane": control_plane, "agents": agents, "br_ext": br_ext, **extra}
         (self.state_dir / "state.json").write_text(json.dumps(state, indent=2))
         if agents == "daemonset":
             self.progress("helm install sanderling (charts/sanderling): CRDs, RBAC, ConfigMap, DaemonSet; the "
@@ -284,7 +290,10 @@ class Lab:
                                      "--status-address", "0.0.0.0:9465",
                                      # delegates: the node's own plugin directory first, then Debian's
                                      "--cni-path", f"{self.state_dir / rec['name'] / 'cni' / 'bin'}:{DELEGATE_PLUGINS}",
-                                     *(["--multus"] if self.multus or self.state().get("multus") else [])))
+                                     *(["--multus"] if self.multus or self.state().get("multus") else []),
+                                     *(["--external-bridge", "br-ext", "--external-uplink", EXTERNAL_NIC,
+                                        "--external-controller", f"tcp:{OUTSIDE_IP}:{EXTERNAL_CONTROLLER_PORT}"]
+                                       if self.br_ext or self.state().get("br_ext") else [])))
 
     def restart_agent(self, name: str) -> subprocess.Popen[bytes]:
         """Stop a node's agent (if it still runs) and start it again; its flows stay in OVS meanwhile.

@@ -16,6 +16,7 @@ def make_fabric(netns: str) -> None:
     teardown_prefix(netns)
     veth.ensure_netns(netns)
     with ipr(netns) as fab:
+        fab.link("set", index=fab.link_lookup(ifname="lo")[0], state="up")  # its own services (a controller)
         fab.link("add", ifname=BRIDGE, kind="bridge")
         fab.link("set", index=fab.link_lookup(ifname=BRIDGE)[0], state="up")
 

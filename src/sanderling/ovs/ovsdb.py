@@ -105,13 +105,14 @@ class Ovsdb:
         return self._run(command)[0]
 
     def ensure_bridge(self, name: str, datapath_type: str = "netdev", external_ids: dict[str, str] | None = None,
-                      table_names: dict[int, str] | None = None, fail_mode: str = "secure") -> None:
+                      table_names: dict[int, str] | None = None, fail_mode: str = "secure",
+                      protocols: tuple[str, ...] = ("OpenFlow13",)) -> None:
         """Create the bridge if needed: fail_mode secure (no NORMAL fallback), OpenFlow 1.3.
 
         `standalone` is for a plain L2 bridge nobody programs (the lab's underlay bridge)."""
         cmds = [
             self.api.add_br(name, may_exist=True, datapath_type=datapath_type),
-            self.api.db_set("Bridge", name, ("fail_mode", fail_mode), ("protocols", ["OpenFlow13"]),
+            self.api.db_set("Bridge", name, ("fail_mode", fail_mode), ("protocols", list(protocols)),
                             ("datapath_type", datapath_type)),
         ]
         if external_ids:
