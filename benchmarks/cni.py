@@ -129,8 +129,11 @@ def run(concurrency: int = 20, rounds: int = 5, progress: Callable[[str], None] 
         "p99_ms": round(_percentile(lat, 99), 1),
         "reference_p50_ms": round(statistics.median(rlat), 1),
         "reference_p99_ms": round(_percentile(rlat, 99), 1),
-        "ratio_p50": round(statistics.median(lat) / statistics.median(rlat), 2),
+        # issue 18's goal, relative and measured in one run: at most the reference's latency
+        "p50_ratio": round(statistics.median(lat) / statistics.median(rlat), 2),
+        "p99_ratio": round(_percentile(lat, 99) / _percentile(rlat, 99), 2),
         # where an ADD's time goes, mean ms per ADD (the agent's own metrics, over this run's ADDs)
         "breakdown_ms": _breakdown(before, after, statistics.mean(lat)),
-        "floors": {"p50_ms": ["<=", 30.0], "p99_ms": ["<=", 100.0]},
+        # (the absolute p50 <= 30 ms was withdrawn: 20 interpreters starting at once on 2 cores cost more)
+        "floors": {"p50_ratio": ["<=", 1.0], "p99_ratio": ["<=", 1.0]},
     }
