@@ -7,11 +7,11 @@ br-int; this controller, fed the cluster's inventory northbound, programs each n
 
 - it tells the nodes' br-ext apart by where their OpenFlow connection comes from (the node's
   InternalIP, from the feed's k8s-nodes documents);
-- hosts on a br-ext uplink that ask (ARP) for a pod of that node get the bridge's MAC as the
-  answer (proxy ARP, one MAC per node: 02:5a:00:00:00:<last octet of the node's address>), and
+- hosts on a br-ext uplink that ask (ARP) for a pod of that node (or any address of its pod CIDR,
+  such as the node's masquerade address) get the bridge's MAC as the answer (proxy ARP, one MAC per node: 02:5a:00:00:00:<last octet of the node's address>), and
   are remembered (IP, MAC, port);
 - per pod it learned (pod documents, FLAT or VXLAN interfaces of the pod network), a route: IP to
-  the pod from an uplink -> the patch port to br-int; per remembered host, the way back: IP from
+  the pod from an uplink -> the patch port to br-int (and, below them, the node's pod CIDR); per remembered host, the way back: IP from
   the patch port to that host -> its MAC, out of its port;
 - `POST /block` with {"prefix": CIDR} drops traffic from outside to that prefix (highest
   priority), `DELETE /block?prefix=CIDR` lifts it; `GET /state` shows what it knows.
@@ -137,7 +137,7 @@ class SanderlingExternal(app_manager.OSKenApp):
         if known.get(request.src_ip) != (request.src_mac, in_port):
             known[request.src_ip] = (request.src_mac, in_port)
             self.program(dp)
-        if request.opcode != arp.ARP_REQUEST or self.pods().get(request.dst_ip) != dp.address[0]:
+        if request.opcode != arp.ARP_REQUEST or not self.serves(dp, request.dst_ip):
             return
         mac = self.mac(dp)
         reply = packet.Packet()
@@ -149,6 +149,13 @@ class SanderlingExternal(app_manager.OSKenApp):
         dp.send_msg(parser.OFPPacketOut(datapath=dp, buffer_id=dp.ofproto.OFP_NO_BUFFER,
                                         in_port=dp.ofproto.OFPP_CONTROLLER,
                                         actions=[parser.OFPActionOutput(in_port)], data=reply.data))
+
+    def serves(self, dp, ip: str) -> bool:
+        """A pod of this bridge's node, or an address of its pod CIDR (the node's masquerade address)."""
+        if self.pods().get(ip) == dp.address[0]:
+            return True
+        cidr = self.nodes().get(dp.address[0])
+        return bool(cidr) and ipaddress.ip_address(ip) in ipaddress.ip_network(cidr)
 
     @staticmethod
     def mac(dp) -> str:
@@ -176,6 +183,12 @@ class SanderlingExternal(app_manager.OSKenApp):
         for port in uplinks:
             add(10, parser.OFPMatch(in_port=port, eth_type=0x0806),
                 [parser.OFPActionOutput(ofp.OFPP_CONTROLLER, ofp.OFPCML_NO_BUFFER)])
+            cidr = self.nodes().get(dp.address[0])
+            if cidr:  # the rest of the node's pod CIDR (its masquerade address, when it masquerades)
+                net = ipaddress.ip_network(cidr)
+                add(50, parser.OFPMatch(in_port=port, eth_type=0x0800,
+                                        ipv4_dst=(str(net.network_address), str(net.netmask))),
+                    [parser.OFPActionOutput(patch)])
             for ip, node in sorted(self.pods().items()):
                 if node == dp.address[0]:
                     add(100, parser.OFPMatch(in_port=port, eth_type=0x0800, ipv4_dst=ip),

@@ -70,34 +70,58 @@ def until(what: str, check, timeout: float = 30):
         time.sleep(0.2)
 
 
-def test_br_ext_is_the_controllers_own_and_outside_reaches_pods_only_through_its_flows(tmp_path):
+def start_controller(tmp_path: Path, procs: list) -> None:
+    """The example os-ken controller on the fabric, and the northbound webhook feeding it."""
+    procs.append(subprocess.Popen(
+        ["ip", "netns", "exec", FABRIC, "env", f"SANDERLING_FEED_LISTEN={CONTROLLER_API}", str(OSKEN),
+         "--ofp-tcp-listen-port", "6653", str(APP)],
+        stdout=open(tmp_path / "osken.log", "w"), stderr=subprocess.STDOUT))
+    procs.append(subprocess.Popen(
+        ["ip", "netns", "exec", FABRIC, sys.executable, "-m", "sanderling.northbound.main", "--webhook",
+         f"http://{CONTROLLER_API}/events", "--kubeconfig", str(STATE / "kubeconfig-nodes")],
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "northbound.log", "w")))
+
+
+def lab_with_a_pod(tmp_path: Path, *br_ext: str) -> str:
+    """A 2-node lab with br-ext, a pod on node2 (its address returned), the pod network routed onto
+    the fabric by the fabric host."""
     require_root()
     require_ovs()
     assert OSKEN.exists(), f"{OSKEN} missing: scripts/setup.sh installs os-ken for examples/osken"
     manifest = tmp_path / "pods.yaml"
     manifest.write_text(OBJECTS)
+    lab("down")
+    up = lab("up", "--nodes", "2", "--br-ext", *br_ext)
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert lab("apply", "-f", str(manifest)).returncode == 0
+    pod_ip = until("the pod's address", lambda: next(
+        (p["status"]["podIP"] for p in json.loads(lab("get", "pods", "-o", "json").stdout)
+         if (p.get("status") or {}).get("podIP")), None))
+    assert in_fabric("ip", "route", "add", "10.244.0.0/16", "dev", "fabric0").returncode == 0
+    return str(pod_ip)
+
+
+def whoami_outside(procs: list) -> str:
+    """From the pod to a UDP server on the fabric host: the source address that server sees."""
+    if not any(getattr(p, "args", [None])[-1:] == ["9000"] for p in procs):
+        server = subprocess.Popen(["ip", "netns", "exec", FABRIC, sys.executable, "-m", "sanderling.probe", "serve",
+                                   "--name", "outside", "--udp", "9000"], stdout=subprocess.PIPE)
+        assert server.stdout is not None and server.stdout.readline().strip() == b"ready"
+        procs.append(server)
+    out = lab("exec", "default/inside", "--", sys.executable, "-m", "sanderling.probe", "connect", "udp",
+              "172.30.0.1", "9000", "--whoami", "--timeout", "1")
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def test_br_ext_is_the_controllers_own_and_outside_reaches_pods_only_through_its_flows(tmp_path):
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        lab("down")
-        up = lab("up", "--nodes", "2", "--br-ext")
-        assert up.returncode == 0, up.stdout + up.stderr
-        assert lab("apply", "-f", str(manifest)).returncode == 0
-        pod_ip = until("the pod's address", lambda: next(
-            (p["status"]["podIP"] for p in json.loads(lab("get", "pods", "-o", "json").stdout)
-             if (p.get("status") or {}).get("podIP")), None))
         # the operator's network: the fabric host routes the pod network onto the fabric (br-ext uplinks)
-        assert in_fabric("ip", "route", "add", "10.244.0.0/16", "dev", "fabric0").returncode == 0
+        pod_ip = lab_with_a_pod(tmp_path)
         assert not reach(pod_ip), "a pod reached from outside with nothing on br-ext"
         assert flows("node2", "br-ext") == [], "br-ext had flows before its controller"
 
-        procs.append(subprocess.Popen(
-            ["ip", "netns", "exec", FABRIC, "env", f"SANDERLING_FEED_LISTEN={CONTROLLER_API}", str(OSKEN),
-             "--ofp-tcp-listen-port", "6653", str(APP)],
-            stdout=open(tmp_path / "osken.log", "w"), stderr=subprocess.STDOUT))
-        procs.append(subprocess.Popen(
-            ["ip", "netns", "exec", FABRIC, sys.executable, "-m", "sanderling.northbound.main", "--webhook",
-             f"http://{CONTROLLER_API}/events", "--kubeconfig", str(STATE / "kubeconfig-nodes")],
-            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "northbound.log", "w")))
+        start_controller(tmp_path, procs)
         def knows_all() -> dict | None:
             state = controller_state()
             return state if len(state.get("bridges", {})) == 2 and pod_ip in state.get("pods", {}) else None
@@ -112,6 +136,9 @@ def test_br_ext_is_the_controllers_own_and_outside_reaches_pods_only_through_its
             return ext if back else None
         ext = until("the pod's answers leaving through br-ext", answered_through_br_ext)
         print("node2's br-ext:\n  " + "\n  ".join(ext))
+        seen = until("the pod's own connection out through br-ext", lambda: whoami_outside(procs))
+        print(f"the pod to a server outside, which sees: {seen}")
+        assert seen == f"outside {pod_ip}", seen  # its own address: no SNAT
 
         assert in_fabric("curl", "-s", "-m", "3", "-X", "POST", "-d", json.dumps({"prefix": f"{pod_ip}/32"}),
                          f"http://{CONTROLLER_API}/block").returncode == 0
@@ -134,6 +161,27 @@ def test_br_ext_is_the_controllers_own_and_outside_reaches_pods_only_through_its
         until("node2's agent resynced", lambda: "desired state complete" in log.read_text(errors="replace")[offset:])
         assert sorted(f.split("priority=")[1] for f in flows("node2", "br-ext")) == ext_before
         until("the pod reachable after the agent's restart", lambda: reach(pod_ip))
+    finally:
+        for proc in procs:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        assert lab("down").returncode == 0
+
+
+def test_br_ext_masquerade_pods_leave_with_the_nodes_masquerade_address(tmp_path):
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        pod_ip = lab_with_a_pod(tmp_path, "masquerade")
+        start_controller(tmp_path, procs)
+        until("the pod reachable from the fabric through br-ext", lambda: reach(pod_ip), timeout=60)
+        seen = until("the pod's connection out through br-ext", lambda: whoami_outside(procs))
+        print(f"\nwith external-masquerade, the server outside sees: {seen} (the pod is {pod_ip})")
+        assert seen == "outside 10.244.1.254", seen  # node2's masquerade address: the last of 10.244.1.0/24
+        snat = [f for f in flows("node2", "br-int") if "nat(src=10.244.1.254)" in f and "n_packets=0," not in f]
+        assert snat, "no masqueraded connection counted on br-int"
     finally:
         for proc in procs:
             proc.terminate()

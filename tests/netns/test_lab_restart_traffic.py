@@ -74,18 +74,22 @@ spec:
 CLIENT = """
 import json, os, socket, sys, time
 vip, direct, marker = sys.argv[1], sys.argv[2], sys.argv[3]
-ok, fails, after = 0, [], None
+timeout = float(sys.argv[4]) if len(sys.argv) > 4 else 2.0
+ok, fails, after, slow = 0, [], None, []
 i = 0
 while after is None or after < 600:
     host, port = (vip, 80) if i % 2 else (direct, 8080)
     i += 1
-    phase = "connect"
+    phase, began = "connect", time.monotonic()
     try:
-        s = socket.create_connection((host, port), timeout=2)
+        s = socket.create_connection((host, port), timeout=timeout)
         phase = "answer"
         s.recv(64)
         s.close()
         ok += 1
+        took = time.monotonic() - began
+        if took > 0.9:  # a SYN retransmitted: the first was lost
+            slow.append(f"{time.time():.3f} {host}:{port} {took:.2f}s")
     except OSError as exc:
         fails.append(f"{time.time():.3f} {host}:{port} {phase}: {exc}")
     if ok == 100:
@@ -95,7 +99,7 @@ while after is None or after < 600:
     elif after is not None:
         after += 1
     time.sleep(0.01)
-print(json.dumps({"ok": ok, "fails": fails}), flush=True)
+print(json.dumps({"ok": ok, "fails": fails, "slow": slow}), flush=True)
 """
 
 INTRUDER = """

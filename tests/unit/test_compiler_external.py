@@ -51,3 +51,20 @@ def test_a_complete_external_bridge_configuration_loads():
                        "--external-fail-mode", "standalone", "--external-cidrs", "198.51.100.0/24"])
     assert (cfg.external_controller, cfg.external_fail_mode) == (["tcp:192.0.2.1:6653", "tcp:192.0.2.2:6653"],
                                                                  "standalone")
+
+
+def test_masquerade_golden():
+    import ipaddress
+
+    flows = external_flows(NODE, ("0.0.0.0/0",), (), ipaddress.IPv4Address("10.244.1.254"))
+    assert sorted(f.text(cookie=0) for f in flows) == sorted([
+        "table=0,priority=200,in_port=65001 actions=load:0x3->NXM_NX_REG0[0..3],"
+        "set_field:0a:58:0a:f4:00:01->dl_dst,goto_table:3",
+        # pods' connections out: committed in the SNAT zone (65521) with the node's masquerade address
+        "table=17,priority=30,ip,dl_dst=0a:58:0a:f4:00:01 actions=load:0xfde9->NXM_NX_REG1[],"
+        "ct(commit,zone=65521,table=18,nat(src=10.244.1.254))",
+        # their answers get the pod's address back before anything else
+        "table=3,priority=210,ip,in_port=65001,nw_dst=10.244.1.254 actions=ct(zone=65521,table=4,nat)",
+        # connections from outside are committed untranslated: the pod answers with its own address
+        "table=3,priority=205,ip,in_port=65001 actions=ct(commit,zone=65521,table=4)",
+    ])

@@ -105,6 +105,9 @@ class AgentConfig:
                                                  "(OpenFlow10 ... OpenFlow15)")
     external_cidrs: str = _opt("0.0.0.0/0", "comma list of destination CIDRs pods reach through the external "
                                             "bridge (pod, service and node addresses always stay inside)", "cidrs")
+    external_masquerade: bool = _opt(False, "pods' connections to the external CIDRs leave with the node's masquerade "
+                                            "address (the last usable one of its pod CIDR) instead of their own",
+                                     "bool")
     external_ssl: list[str] = _opt([], "PRIVATE-KEY CERTIFICATE CA-CERT files for ssl: controllers (three "
                                        "values, in that order)", "names")
     status_address: str = _opt(STATUS_ADDRESS, "HOST:PORT of /healthz, /readyz and /objects (\"\" for none)",
@@ -257,7 +260,8 @@ def _check_external(config: AgentConfig) -> None:
     if any(t.startswith("ssl:") for t in config.external_controller) and not config.external_ssl:
         raise ConfigError("external-controller: an ssl: target needs external-ssl (key, certificate, CA)")
     if not config.external_bridge:
-        given = [k for k in ("external_uplink", "external_controller", "external_ssl") if getattr(config, k)]
+        given = [k for k in ("external_uplink", "external_controller", "external_ssl", "external_masquerade")
+                 if getattr(config, k)]
         if given:
             raise ConfigError(f"{given[0].replace('_', '-')}: set external-bridge too (the bridge it belongs to)")
     elif config.external_bridge == config.bridge:

@@ -339,7 +339,8 @@ async def serve(args: AgentConfig) -> int:
     if args.external_bridge:
         node_flows.set_external(tuple(c.strip() for c in args.external_cidrs.split(",") if c.strip()),
                                 (args.cluster_cidr, args.service_cidr, str(node.pod_cidr),
-                                 *(f"{ip}/32" for ip in node_ips)))
+                                 *(f"{ip}/32" for ip in node_ips)),
+                                masquerade_ip(node) if args.external_masquerade else None)
     pod_flows = PodFlows(node, sync, lambda: pods_from_ports(db.ports(args.bridge), port_errors))
     from sanderling.agent.metrics import AgentMetrics, Sources
 
@@ -424,8 +425,10 @@ async def serve(args: AgentConfig) -> int:
                       args.status_address, exc)
     if not args.no_cni:
         store, corrupt = AllocationStore.open_or_replace(args.state_dir / node.name / "ipam.db")
-        # the masquerade address is the proxy's (only reserved when this agent replaces kube-proxy)
-        reserved = {node.gateway_ip} | ({masquerade_ip(node)} if _kube_enabled(args) and not args.no_proxy else set())
+        # the masquerade address is the proxy's and br-ext's (reserved when either uses it)
+        masquerading = (_kube_enabled(args) and not args.no_proxy) or \
+            bool(args.external_bridge and args.external_masquerade)
+        reserved = {node.gateway_ip} | ({masquerade_ip(node)} if masquerading else set())
         allocator = Allocator(store, [Pool("node", node.pod_cidr, frozenset(reserved))])
         cluster = None
         if _kube_enabled(args):

@@ -7,6 +7,8 @@ cluster view (`set_remotes`) and each one is compiled once per state.
 
 from __future__ import annotations
 
+import ipaddress
+
 from sanderling.agent.sync import SyncLoop
 from sanderling.compiler import node_objects
 from sanderling.compiler.external import external_flows
@@ -28,11 +30,14 @@ class NodeFlows:
         self._remote_flows: dict[Remote, list[Flow]] = {}
         self._external: tuple[tuple[str, ...], tuple[str, ...]] | None = None
         self._external_flows: list[Flow] | None = None
+        self._masquerade: ipaddress.IPv4Address | None = None
 
-    def set_external(self, cidrs: tuple[str, ...], inside: tuple[str, ...]) -> None:
+    def set_external(self, cidrs: tuple[str, ...], inside: tuple[str, ...],
+                     masquerade: ipaddress.IPv4Address | None = None) -> None:
         """Routes through the external bridge's patch port: `cidrs` out, `inside` (pod and service
         CIDRs, this node's addresses) never; the other nodes' addresses are added from the remotes."""
         self._external = (cidrs, inside)
+        self._masquerade = masquerade
         self._update_external()
 
     def _update_external(self) -> None:
@@ -40,7 +45,7 @@ class NodeFlows:
             return
         cidrs, inside = self._external
         nodes = tuple(sorted({f"{r.via}/32" for r in self.remotes}))
-        flows = external_flows(self.node, cidrs, inside + nodes)
+        flows = external_flows(self.node, cidrs, inside + nodes, self._masquerade)
         if flows != self._external_flows:
             self._external_flows = flows
             self.desired.set_object(EXTERNAL_KEY, flows)

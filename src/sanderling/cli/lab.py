@@ -46,9 +46,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     help="how agents start: the lab starts one per node (default), or `helm install` of "
                          "charts/sanderling and the lab kubelets run the DaemonSet's pods (--control-plane "
                          "kubernetes)")
-    up.add_argument("--br-ext", action="store_true",
+    up.add_argument("--br-ext", nargs="?", const="on", default="", choices=["on", "masquerade"],
                     help="every node gets br-ext (uplink ext0 on the fabric, controller tcp:172.30.0.1:6653) for "
-                         "an external SDN controller, e.g. examples/osken")
+                         "an external SDN controller, e.g. examples/osken; `--br-ext masquerade`: pods' "
+                         "connections leave with the node's masquerade address")
     up.add_argument("--monitoring", action="store_true",
                     help="also start Prometheus (Debian's) scraping every agent; ask it with `lab query`")
     up.add_argument("--allow-workload-commands", action="store_true",

@@ -62,7 +62,7 @@ class Lab:
     allow_workload_commands: bool = False  # kubelets run Pod commands (a root shell for anyone with API access)
     multus: bool = False  # Multus in front of Sanderling on every node (`lab up --multus`)
     agents: str = "process"  # or "daemonset": installed by helm, run by the lab kubelets
-    br_ext: bool = False  # every node has br-ext, its controller expected on the fabric (`lab up --br-ext`)
+    br_ext: str = ""  # "on" or "masquerade": every node has br-ext, its controller on the fabric (`lab up --br-ext`)
 
     @property
     def state_dir(self) -> Path:
@@ -93,7 +93,7 @@ class Lab:
 
     def up(self, nodes: int = 3, mode: str = "routed", allow_workload_commands: bool = False,
            multus: bool = False, control_plane: str = "sanderling", monitoring: bool = False,
-           agents: str = "process", br_ext: bool = False) -> None:
+           agents: str = "process", br_ext: str = "") -> None:
         if mode not in ("routed", "overlay"):
             raise SystemExit(f"sanderling lab: --mode {mode}: choose routed or overlay")
         if agents == "daemonset" and (control_plane != "kubernetes" or multus):
@@ -291,9 +291,16 @@ class Lab:
                                      # delegates: the node's own plugin directory first, then Debian's
                                      "--cni-path", f"{self.state_dir / rec['name'] / 'cni' / 'bin'}:{DELEGATE_PLUGINS}",
                                      *(["--multus"] if self.multus or self.state().get("multus") else []),
-                                     *(["--external-bridge", "br-ext", "--external-uplink", EXTERNAL_NIC,
-                                        "--external-controller", f"tcp:{OUTSIDE_IP}:{EXTERNAL_CONTROLLER_PORT}"]
-                                       if self.br_ext or self.state().get("br_ext") else [])))
+                                     *self._external_flags()))
+
+    def _external_flags(self) -> list[str]:
+        """`lab up --br-ext [masquerade]`: every node's br-ext, its uplink and controller."""
+        mode = self.br_ext or self.state().get("br_ext") or ""
+        if not mode:
+            return []
+        return ["--external-bridge", "br-ext", "--external-uplink", EXTERNAL_NIC,
+                "--external-controller", f"tcp:{OUTSIDE_IP}:{EXTERNAL_CONTROLLER_PORT}",
+                *(["--external-masquerade"] if mode == "masquerade" else [])]
 
     def restart_agent(self, name: str) -> subprocess.Popen[bytes]:
         """Stop a node's agent (if it still runs) and start it again; its flows stay in OVS meanwhile.
