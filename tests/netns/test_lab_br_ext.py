@@ -101,6 +101,17 @@ def lab_with_a_pod(tmp_path: Path, *br_ext: str) -> str:
     return str(pod_ip)
 
 
+def stop_and_down(procs: list) -> None:
+    """The controller, the feed and the server stopped; the lab down."""
+    for proc in procs:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    assert lab("down").returncode == 0
+
+
 def whoami_outside(procs: list) -> str:
     """From the pod to a UDP server on the fabric host: the source address that server sees."""
     if not any(getattr(p, "args", [None])[-1:] == ["9000"] for p in procs):
@@ -162,13 +173,7 @@ def test_br_ext_is_the_controllers_own_and_outside_reaches_pods_only_through_its
         assert sorted(f.split("priority=")[1] for f in flows("node2", "br-ext")) == ext_before
         until("the pod reachable after the agent's restart", lambda: reach(pod_ip))
     finally:
-        for proc in procs:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        assert lab("down").returncode == 0
+        stop_and_down(procs)
 
 
 def test_br_ext_masquerade_pods_leave_with_the_nodes_masquerade_address(tmp_path):
@@ -183,10 +188,4 @@ def test_br_ext_masquerade_pods_leave_with_the_nodes_masquerade_address(tmp_path
         snat = [f for f in flows("node2", "br-int") if "nat(src=10.244.1.254)" in f and "n_packets=0," not in f]
         assert snat, "no masqueraded connection counted on br-int"
     finally:
-        for proc in procs:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        assert lab("down").returncode == 0
+        stop_and_down(procs)
