@@ -18,12 +18,14 @@ from sanderling.model.network import NodeNetwork, PodPort
 from sanderling.model.nodes import Remote
 from sanderling.model.services import Endpoint, Service, ServicePort
 from sanderling.openflow import cookies, ir
-from sanderling.openflow.pipeline import PIPELINE
+from sanderling.openflow.pipeline import PIPELINE, SECONDARY_PIPELINE
 from sanderling.openflow.realizer import Realizer
 from sanderling.openflow.registers import (
     CT_MARK_DIRECT,
     CT_MARK_MASQ,
     DNAT_ZONE,
+    FIRST_NETWORK_ZONE,
+    LAST_NETWORK_ZONE,
     ORIGIN_ZONE,
     POLICY_ZONE,
     REG_FIELDS,
@@ -73,6 +75,62 @@ def policy_example_flows() -> list[ir.Flow]:
     for policy in EXAMPLE_POLICIES:
         agent.policy_changed(f"default/{policy['metadata']['name']}", policy)
     return [f for state in realizer.desired_state().values() for f in state.flows.values()]
+
+
+EXAMPLE_NETWORK_ID = 0x8001
+EXAMPLE_MNP = {"metadata": {"namespace": "default", "name": "radio-from-core",
+                            "annotations": {"k8s.v1.cni.cncf.io/policy-for": "fronthaul"}}, "spec": {
+    "podSelector": {"matchLabels": {"app": "radio"}},
+    "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "core"}}}], "ports": [{"port": 2152,
+                                                                                         "protocol": "UDP"}]}]}}
+
+
+def secondary_example_flows() -> list[ir.Flow]:
+    """A VLAN provider bridge with two pods of network default/fronthaul (VLAN 100) and one
+    MultiNetworkPolicy, through the agent's real path (MultiPolicyAgents, PolicyAgent, compiler)."""
+    import json
+
+    from sanderling.agent.multi_policy import MultiPolicyAgents
+    from sanderling.compiler.secondary import GuardedPort, NetworkPort, compile_bridge, on_network
+    from sanderling.model.attachments import ANNOTATION_STATUS
+
+    realizer = Realizer(1)
+
+    class Flows:  # the bridges' window for one network, as SecondaryBridges.flows_for gives it
+        def set_object(self, key: str, flows: Any, groups: Any = ()) -> None:
+            realizer.set_object(key, on_network(flows, EXAMPLE_NETWORK_ID))
+
+        def remove_object(self, key: str) -> None:
+            realizer.remove_object(key)
+
+    class Bridges:
+        def flows_for(self, network: Any) -> Flows:
+            return Flows()
+
+        def network_id(self, network: str) -> int:
+            return EXAMPLE_NETWORK_ID
+
+        def clear_network(self, network: str) -> None:
+            pass
+
+        def flush_policy(self) -> None:
+            pass
+
+    agents = MultiPolicyAgents(EXAMPLE_NODE.name, lambda: None)
+    agents.attach(Bridges())
+    agents.nad_changed("default/fronthaul", {"metadata": {"namespace": "default", "name": "fronthaul"}, "spec": {
+        "config": json.dumps({"type": "sanderling", "topology": "vlan", "vlanID": 100, "subnet": "10.100.0.0/24"})}})
+    agents.namespace_changed("default", {"metadata": {"name": "default"}})
+    for name, app, ip in (("ru-1", "radio", "10.100.0.10"), ("upf-1", "core", "10.100.0.11")):
+        status = [{"name": "default/fronthaul", "interface": "net1", "ips": [ip]}]
+        meta = {"namespace": "default", "name": name, "labels": {"app": app},
+                "annotations": {ANNOTATION_STATUS: json.dumps(status)}}
+        agents.pod_changed(f"default/{name}", {"metadata": meta, "spec": {"nodeName": EXAMPLE_NODE.name}})
+    agents.policy_changed("default/radio-from-core", EXAMPLE_MNP)
+    bridge = compile_bridge([GuardedPort(3, "02:00:0a:64:00:0a", ("10.100.0.10",), EXAMPLE_NETWORK_ID),
+                             GuardedPort(4, "02:00:0a:64:00:0b", ("10.100.0.11",), EXAMPLE_NETWORK_ID)],
+                            [NetworkPort(1, EXAMPLE_NETWORK_ID, 100)])
+    return bridge + [f for state in realizer.desired_state().values() for f in state.flows.values()]
 
 
 def render() -> str:
@@ -151,6 +209,30 @@ def render() -> str:
     ]
     for i, t in enumerate(PIPELINE.tables):
         table_flows = sorted((f for f in flows if f.table == i), key=lambda f: (-f.priority, f.text()))
+        out += ["", f"### {i}: {t.name}", "", "```"]
+        out += [f.text(cookie=cookies.with_generation(f.cookie, 1)) for f in table_flows]
+        out += ["```"]
+    out += [
+        "", "## Secondary-network bridges", "",
+        "A VLAN provider bridge (`br-<physnet>`) and the layer2 bridge (`br-l2`) switch with OVS's MAC learning",
+        "(NORMAL); in front of it, their own short pipeline: the spoof guard, each IPv4 packet's network in",
+        "SECONDARY_NETWORK (from its pod port, the uplink's VLAN or the layer2 tunnel), and MultiNetworkPolicy",
+        "with the same compiler as above, every flow matching its network; the network's number is also its",
+        f"conntrack zone ({FIRST_NETWORK_ZONE:#x}-{LAST_NETWORK_ZONE:#x}). The agent installs them with",
+        "`ovs-ofctl replace-flows --bundle` (atomic, only the difference) after every port or policy change.",
+        "", "| id | table | stage | on miss | what it does |", "|---|---|---|---|---|",
+    ]
+    for i, t in enumerate(SECONDARY_PIPELINE.tables):
+        out.append(f"| {i} | {t.name} | {t.stage} | {t.miss.value} | {t.doc} |")
+    out += [
+        "", "Example: network `default/fronthaul` (VLAN 100, number 0x8001), uplink on ofport 1, pods `ru-1`",
+        "10.100.0.10 (ofport 3, `app: radio`) and `upf-1` 10.100.0.11 (ofport 4, `app: core`); the",
+        "MultiNetworkPolicy `default/radio-from-core` (policy-for `fronthaul`) lets radio pods accept UDP 2152",
+        "from core pods only.",
+    ]
+    secondary = secondary_example_flows()
+    for i, t in enumerate(SECONDARY_PIPELINE.tables):
+        table_flows = sorted((f for f in secondary if f.table == i), key=lambda f: (-f.priority, f.text()))
         out += ["", f"### {i}: {t.name}", "", "```"]
         out += [f.text(cookie=cookies.with_generation(f.cookie, 1)) for f in table_flows]
         out += ["```"]

@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from sanderling.compiler.secondary import GuardedPort, compile_bridge
 from sanderling.model.attachments import default_vni, parse_nad, parse_selections, status_entry
 from sanderling.model.errors import ModelError
 
@@ -107,15 +106,3 @@ def test_status_entry_drops_prefixes() -> None:
     assert status_entry("ns1/a", "net1", ["10.0.0.5/24"], "02:00:00:00:00:01", False) == {
         "name": "ns1/a", "interface": "net1", "ips": ["10.0.0.5"], "mac": "02:00:00:00:00:01", "default": False,
         "dns": {}}
-
-
-def test_secondary_bridge_flows_golden() -> None:
-    flows = compile_bridge([GuardedPort(3, "0a:58:0a:0a:00:05", ("10.10.0.5",)),
-                            GuardedPort(2, "02:00:00:00:00:09", ())])
-    assert flows == [
-        "table=0,priority=0,actions=NORMAL",
-        "table=0,in_port=3,dl_src=0a:58:0a:0a:00:05,priority=100,ip,nw_src=10.10.0.5,actions=NORMAL",
-        "table=0,in_port=3,dl_src=0a:58:0a:0a:00:05,priority=100,arp,arp_spa=10.10.0.5,arp_sha=0a:58:0a:0a:00:05,"
-        "actions=NORMAL",
-        "table=0,in_port=3,priority=90,actions=drop",
-    ]

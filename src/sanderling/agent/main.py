@@ -219,8 +219,11 @@ async def open_gate(informers: list[Any], sync: SyncLoop, view: Any) -> None:
              time.monotonic() - started)
 
 
-def policy_informers(client: Any, api: Any, sync: SyncLoop, args: AgentConfig, sources: Any = None) -> list[Any]:
-    """NetworkPolicy, Namespace and Pod informers feeding policy enforcement."""
+def policy_informers(client: Any, api: Any, sync: SyncLoop, args: AgentConfig, sources: Any = None,
+                     multi: Any = None) -> list[Any]:
+    """NetworkPolicy, Namespace and Pod informers feeding policy enforcement; with `multi` (the
+    MultiNetworkPolicy agents), their MultiNetworkPolicy and NAD informers too, and the same Pod and
+    Namespace informers feed both."""
     from lightkube.resources.core_v1 import Namespace, Pod
     from lightkube.resources.networking_v1 import NetworkPolicy
 
@@ -241,8 +244,74 @@ def policy_informers(client: Any, api: Any, sync: SyncLoop, args: AgentConfig, s
 
     sync.meters.append(Meter(LOG_METER, LOG_RATE_PPS, LOG_RATE_PPS // 5))
     sync.packet_in_hooks.append(agent.packet_in)
-    return [Informer(client, NetworkPolicy, agent.policy_changed), Informer(client, Pod, agent.pod_changed),
-            Informer(client, Namespace, agent.namespace_changed, namespaced=False)]
+    if multi is None:
+        return [Informer(client, NetworkPolicy, agent.policy_changed), Informer(client, Pod, agent.pod_changed),
+                Informer(client, Namespace, agent.namespace_changed, namespaced=False)]
+    from sanderling.kube.client import MultiNetworkPolicyResource, NadResource
+
+    def pod_changed(key: str, obj: dict[str, Any] | None) -> None:
+        agent.pod_changed(key, obj)
+        multi.pod_changed(key, obj)
+
+    def namespace_changed(key: str, obj: dict[str, Any] | None) -> None:
+        agent.namespace_changed(key, obj)
+        multi.namespace_changed(key, obj)
+
+    return [Informer(client, NetworkPolicy, agent.policy_changed), Informer(client, Pod, pod_changed),
+            Informer(client, Namespace, namespace_changed, namespaced=False),
+            Informer(client, MultiNetworkPolicyResource, multi.policy_changed),
+            Informer(client, NadResource, multi.nad_changed)]
+
+
+def multi_policy_served(api: Any, args: AgentConfig) -> bool:
+    """Whether the cluster serves MultiNetworkPolicy (its CRD is in deploy/crds); without it
+    secondary networks are unfiltered, and the log says so (blocking: run it in a thread)."""
+    from lightkube import ApiError
+
+    from sanderling.kube.client import MultiNetworkPolicyResource
+
+    try:
+        next(iter(api.client.list(MultiNetworkPolicyResource, namespace="*", chunk_size=1)), None)
+    except ApiError as exc:
+        if exc.status.code == 404:
+            log.warning("node %s: the API serves no MultiNetworkPolicy (k8s.cni.cncf.io/v1beta1): secondary "
+                        "networks are not filtered; install deploy/crds/multi-networkpolicies.k8s.cni.cncf.io.yaml",
+                        args.node)
+            return False
+        raise
+    return True
+
+
+def multi_policy_agents(api: Any, args: AgentConfig) -> Any:
+    """The MultiNetworkPolicy agents of this node (their bridges are attached later)."""
+    from sanderling.agent.multi_policy import MultiPolicyAgents
+
+    loop = asyncio.get_running_loop()
+
+    def report(namespace: str, name: str, message: str) -> None:
+        loop.run_in_executor(None, lambda: api.event(namespace, name, "MultiNetworkPolicyNotEnforced", message,
+                                                     args.node, involved_kind="MultiNetworkPolicy",
+                                                     api_version="k8s.cni.cncf.io/v1beta1"))
+
+    pending = False
+
+    def install() -> None:
+        nonlocal pending
+        pending = False
+        if multi.bridges is not None:
+            try:
+                multi.bridges.flush_policy()
+            except Exception as exc:
+                log.error("node %s: MultiNetworkPolicy flows not installed: %s", args.node, exc)
+
+    def changed() -> None:  # coalesced, off the loop (ovs-ofctl blocks)
+        nonlocal pending
+        if not pending:
+            pending = True
+            loop.run_in_executor(None, install)
+
+    multi = MultiPolicyAgents(args.node, changed, loop.call_soon, report)
+    return multi
 
 
 class RouteKeeper:
@@ -354,6 +423,7 @@ async def serve(args: AgentConfig) -> int:
 
         api = KubeApi(args.kubeconfig)
     remote_hooks: list[Callable[[list[Remote]], None]] = []  # more listeners to the other nodes
+    multi: Any = None  # MultiNetworkPolicy agents, given the secondary bridges once they exist
     proxy_tasks: list[asyncio.Task[None]] = []
     if _kube_enabled(args):
         from sanderling.agent.cluster_view import ClusterView
@@ -393,7 +463,9 @@ async def serve(args: AgentConfig) -> int:
             if steering is not None:
                 await steering.steer()
         if not args.no_policy:  # its own switch: --no-proxy does not turn policy off
-            informers += policy_informers(client, api, sync, args, sources)
+            if not args.no_cni and await asyncio.to_thread(multi_policy_served, api, args):
+                multi = multi_policy_agents(api, args)
+            informers += policy_informers(client, api, sync, args, sources, multi)
         proxy_tasks = [asyncio.create_task(i.run()) for i in informers]
         sync.gate = asyncio.Event()
         listed += [*view.informers, *informers]
@@ -445,6 +517,8 @@ async def serve(args: AgentConfig) -> int:
                 loop.run_in_executor(None, bridges.set_vteps, {str(r.via) for r in remotes})
 
             remote_hooks.append(vteps_changed)
+            if multi is not None:
+                multi.attach(bridges)
             if view is not None and view.remotes:
                 vteps_changed(view.remotes)
         handler = CniHandler(node, db, args.bridge, allocator, pod_flows, args.node_netns, args.mtu, cluster,

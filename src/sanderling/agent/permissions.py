@@ -39,7 +39,8 @@ REQUIRED: tuple[Permission, ...] = tuple(
     + _all("networking.k8s.io", "networkpolicies", "list", "watch")
     + _all("ipam.sanderling.io", "ippools", "get", "list", "watch", "create")
     + _all("ipam.sanderling.io", "ippools", "update", subresource="status")
-    + _all("k8s.cni.cncf.io", "network-attachment-definitions", "get", "list", "watch"))
+    + _all("k8s.cni.cncf.io", "network-attachment-definitions", "get", "list", "watch")
+    + _all("k8s.cni.cncf.io", "multi-networkpolicies", "list", "watch"))
 
 
 class MissingPermission(SystemExit):

@@ -11,6 +11,7 @@ pods isolated, the untranslatable rules allowing nothing) and reported the same 
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import logging
 from collections.abc import Callable
@@ -22,7 +23,8 @@ from sanderling.compiler import policy as compiler
 from sanderling.compiler.shared_flows import SharedFlows
 from sanderling.model.policy import LOG_ANNOTATION, PodInfo, Policy, pod_info, policy_from
 from sanderling.openflow import cookies
-from sanderling.openflow.pipeline import PIPELINE
+from sanderling.openflow.pipeline import PIPELINE, Pipeline
+from sanderling.openflow.registers import POLICY_ZONE
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,11 @@ class RuleIds:
         for key in [k for k in self._ids if k.startswith(prefix) and k not in keep]:
             self._freed.append(self._ids.pop(key))
 
+    def release_all(self, prefix: str) -> None:
+        """Every rule whose key starts with `prefix` is gone (a network's, when it goes away)."""
+        for key in [k for k in self._ids if k.startswith(prefix)]:
+            self._freed.append(self._ids.pop(key))
+
     def settle(self) -> None:
         for rid in self._freed:
             heapq.heappush(self._free, rid)
@@ -64,6 +71,25 @@ class RuleIds:
 
     def __len__(self) -> int:
         return len(self._ids)
+
+
+class NetworkRuleIds:
+    """One network's window on rule ids shared by every network of a bridge: conjunction ids are
+    per OpenFlow table, so two networks' rules on one bridge must never share one (keys are
+    prefixed with the network; ids stay dense, and so do the priority tiers)."""
+
+    def __init__(self, shared: RuleIds, network: str) -> None:
+        self.shared = shared
+        self.prefix = network + "|"
+
+    def __call__(self, key: str) -> int:
+        return self.shared(self.prefix + key)
+
+    def release(self, policy_key: str, keep: set[str] | frozenset[str] = frozenset()) -> None:
+        self.shared.release(self.prefix + policy_key, {self.prefix + k for k in keep})
+
+    def settle(self) -> None:
+        self.shared.settle()
 
 
 class PolicyIndex:
@@ -103,10 +129,22 @@ def _reaches_across(policy: Policy) -> bool:
 
 
 class PolicyAgent:
+    """NetworkPolicy on br-int by default; with another pipeline, zone, pod view and parser, the
+    same enforcement on one secondary network (MultiNetworkPolicy, see agent/multi_policy.py)."""
+
     def __init__(self, node_name: str, realizer: DesiredState, changed: Callable[[], None],
                  schedule: Callable[[Callable[[], None]], object] | None = None,
-                 report: Callable[[str, str, str], None] | None = None) -> None:
+                 report: Callable[[str, str, str], None] | None = None, *, pipeline: Pipeline = PIPELINE,
+                 zone: int = POLICY_ZONE, pod_view: Callable[[dict[str, Any]], PodInfo] = pod_info,
+                 parse: Callable[[dict[str, Any]], Policy] = policy_from, kind: str = "networkpolicy",
+                 logging: bool = True, rule_ids: RuleIds | NetworkRuleIds | None = None) -> None:
         self.node_name = node_name
+        self.pipeline = pipeline
+        self.zone = zone
+        self.pod_view = pod_view
+        self.parse = parse
+        self.kind = kind
+        self.logging = logging  # packet-ins reach the agent (br-int); False: log annotations are ignored
         self.realizer = realizer
         self.changed = changed
         self.schedule = schedule
@@ -116,7 +154,7 @@ class PolicyAgent:
         self.logged_namespaces: set[str] = set()  # policy.sanderling.io/log: "true": log what is denied
         self.rules_by_cookie: dict[int, str] = {}
         self._errors = ObjectErrors(report)
-        self.rule_ids = RuleIds()
+        self.rule_ids = rule_ids if rule_ids is not None else RuleIds()
         self.shared = SharedFlows()
         self._scheduled = False
         self._full = True
@@ -131,7 +169,7 @@ class PolicyAgent:
         self._pods_before: dict[str, PodInfo | None] = {}
 
     def start(self) -> None:
-        self.realizer.set_object("policy/static", compiler.static_flows())
+        self.realizer.set_object("policy/static", compiler.static_flows(self.pipeline, self.zone))
 
     # ---- informer callbacks --------------------------------------------------------------
 
@@ -153,7 +191,7 @@ class PolicyAgent:
             del self.pods[key]
         else:
             try:
-                info = pod_info(obj)
+                info = self.pod_view(obj)
             except (ValueError, TypeError, KeyError, AttributeError) as exc:
                 log.error("pod/%s: unreadable for policy (%s); its previous state is kept", key, exc)
                 return
@@ -170,7 +208,7 @@ class PolicyAgent:
         if obj is not None:
             meta = obj.get("metadata") or {}
             labels = dict(meta.get("labels") or {})
-            logged = str((meta.get("annotations") or {}).get(LOG_ANNOTATION, "")).lower() == "true"
+            logged = self.logging and str((meta.get("annotations") or {}).get(LOG_ANNOTATION, "")).lower() == "true"
         if self.namespace_labels.get(key) == labels and (key in self.logged_namespaces) == logged:
             return
         self.logged_namespaces.discard(key)
@@ -200,9 +238,11 @@ class PolicyAgent:
     # ---- compile -------------------------------------------------------------------------
 
     def _policy(self, key: str) -> Policy | None:
-        policy = self._errors.convert(key, self.raw_policies.get(key), policy_from)
+        policy = self._errors.convert(key, self.raw_policies.get(key), self.parse)
+        if policy is not None and policy.log and not self.logging:
+            policy = dataclasses.replace(policy, log=False)
         notes = policy.unenforced if policy is not None else ()
-        self._errors.warn(key, f"networkpolicy/{key}: not fully enforced; its pods stay isolated and only what "
+        self._errors.warn(key, f"{self.kind}/{key}: not fully enforced; its pods stay isolated and only what "
                                f"could be translated is allowed: {'; '.join(notes)}" if notes else None)
         return policy
 
@@ -253,10 +293,10 @@ class PolicyAgent:
             used: set[str] = set()
             try:
                 compiled = compiler.compile_policy(policy, local, self._cluster, _recording(self.rule_ids, used),
-                                                   rules_by_cookie=self.rules_by_cookie)
+                                                   self.pipeline, rules_by_cookie=self.rules_by_cookie)
             except Exception as exc:  # a value the model let through: this policy alone, and closed
-                log.exception("networkpolicy/%s: cannot be compiled", key)
-                self._errors.warn(key, f"networkpolicy/{key}: cannot be compiled ({exc}); its pods stay isolated "
+                log.exception("%s/%s: cannot be compiled", self.kind, key)
+                self._errors.warn(key, f"{self.kind}/{key}: cannot be compiled ({exc}); its pods stay isolated "
                                        "and the policy allows nothing")
                 self.realizer.remove_object(object_key)
                 self.shared.remove(key)
@@ -318,7 +358,8 @@ class PolicyAgent:
                 continue
             self._isolated[key] = (ingress, egress)
             self.realizer.set_object(object_key, compiler.isolation_flows(
-                pod, ingress, egress, log_denied=pod.namespace in self.logged_namespaces))
+                pod, ingress, egress, self.pipeline, log_denied=pod.namespace in self.logged_namespaces,
+                zone=self.zone))
         self._update_logged_peers(local)
 
     def _update_logged_peers(self, local: dict[str, PodInfo]) -> None:
@@ -330,7 +371,7 @@ class PolicyAgent:
         isolated = [(local[k].ip, i, e) for k, (i, e) in self._isolated.items() if k in local]
         self.realizer.set_object("policy/logged-namespace-peers", compiler.logged_peer_flows(
             [ip for ip, i, _e in isolated if i and ip is not None],
-            [ip for ip, _i, e in isolated if e and ip is not None], logged))
+            [ip for ip, _i, e in isolated if e and ip is not None], logged, self.pipeline))
 
     # ---- logging -------------------------------------------------------------------------
 
@@ -355,7 +396,7 @@ class PolicyAgent:
                  proto, dport)
 
 
-def _recording(ids: RuleIds, used: set[str]) -> Callable[[str], int]:
+def _recording(ids: RuleIds | NetworkRuleIds, used: set[str]) -> Callable[[str], int]:
     """The rule-id function for one compile, noting which rules it asked for."""
     def rule_id(rule: str) -> int:
         used.add(rule)

@@ -62,7 +62,14 @@ def _conformance(args: argparse.Namespace) -> int:
     if args.suite == "netpol":
         from sanderling.conformance import netpol
 
-        return netpol.run(args.files, repeat=args.repeat, control_plane=args.control_plane)
+        try:
+            if args.network:
+                netpol.SecondaryNetwork(args.network, args.network_topology)
+        except ValueError as exc:
+            print(f"sanderling conformance netpol: {exc}", file=sys.stderr)
+            return 2
+        return netpol.run(args.files, repeat=args.repeat, control_plane=args.control_plane, network=args.network,
+                          network_topology=args.network_topology)
     from sanderling.conformance import cni
 
     return cni.run(args.files, args.only)
@@ -107,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", help="run only the case with this id (repeatable)")
     p.add_argument("--repeat", type=int, default=1, metavar="N",
                    help="netpol soak: run the files N times on one lab and report every flake with its round")
+    p.add_argument("--network", metavar="NS/NAD", default=None,
+                   help="netpol: run the files over this secondary network (created by the run) as "
+                        "MultiNetworkPolicies, instead of the pod network")
+    p.add_argument("--network-topology", choices=["layer2", "vlan"], default="layer2",
+                   help="netpol --network: a layer2 overlay (default) or VLAN 177 of the lab's provider network")
     p.set_defaults(func=_conformance)
 
     p = sub.add_parser("trace", help=lab.TRACE_HELP + "; on any cluster whose agents serve their status on "

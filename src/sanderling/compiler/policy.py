@@ -135,16 +135,16 @@ class ClusterPods:
         return clause
 
 
-def static_flows(pipeline: Pipeline = PIPELINE) -> list[ir.Flow]:
+def static_flows(pipeline: Pipeline = PIPELINE, zone: int = POLICY_ZONE) -> list[ir.Flow]:
     cookie = cookies.cookie(cookies.Category.POLICY, "static")
-    after = pipeline["ServiceMasq"]
+    after = pipeline.after("PolicyConntrack")
     state = pipeline["PolicyState"]
     return [
         ir.Flow(state, PRIO_STATE, ir.match(proto="ip", ct_state="-new+est+trk"), (ir.Goto(after),), cookie),
         ir.Flow(state, PRIO_STATE, ir.match(proto="ip", ct_state="+rel+trk"), (ir.Goto(after),), cookie),
         ir.Flow(state, PRIO_STATE - 10, ir.match(proto="ip", ct_state="+inv+trk"), (), cookie),
         ir.Flow(pipeline["PolicyCommit"], PRIO_STATE, ir.match(proto="ip", ct_state="+new+trk"),
-                (ir.CT(commit=True, zone=POLICY_ZONE, table=after),), cookie),
+                (ir.CT(commit=True, zone=zone, table=after),), cookie),
     ]
 
 
@@ -154,12 +154,12 @@ def log_action() -> ir.Controller:
 
 
 def isolation_flows(pod: PodInfo, ingress: bool, egress: bool, pipeline: Pipeline = PIPELINE,
-                    log_denied: bool = False) -> list[ir.Flow]:
+                    log_denied: bool = False, zone: int = POLICY_ZONE) -> list[ir.Flow]:
     """A local pod some policy isolates: its traffic is tracked, and denied unless a rule allows it
     (logged when its namespace asks for it)."""
     assert pod.ip is not None
     cookie = cookies.cookie(cookies.Category.POLICY, f"isolated/{pod.key}")
-    track = (ir.CT(zone=POLICY_ZONE, table=pipeline["PolicyState"]),)
+    track = (ir.CT(zone=zone, table=pipeline["PolicyState"]),)
     ip = int(pod.ip)
     # both directions are tracked whatever the isolation: replies to the pod's own connections must
     # find them committed (an ingress-isolated pod's outgoing connection, an egress-isolated pod's

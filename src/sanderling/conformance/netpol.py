@@ -8,6 +8,13 @@ Service ClusterIP and, separately, its pod IP, for each PROTO/port the step expe
 match the expected matrix (the diagonal is not checked when the file says ignore_loopback).
 SCTP expectations are checked at the flow level: this kernel has no SCTP, so the verdict is an
 `ofproto/trace` of an SCTP packet through the client's and the server's br-int, said per line.
+
+With `--network NS/NAD` the same files run over a Sanderling secondary network instead (`layer2`,
+or `vlan` on the lab's provider network): every pod gets an interface on it, each policy is
+rewritten as a MultiNetworkPolicy for that network (`policy-for`), pods probe each other's
+addresses on it (the traffic crosses the nodes over the layer2 tunnel or the VLAN), and SCTP is
+traced through the secondary bridges. The pod network must stay unrestricted meanwhile: each step
+also probes the pod IPs for its first TCP or UDP expectation, where every pair must connect.
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ from typing import Any
 
 import yaml
 
-from sanderling.lab.cluster import Lab
+from sanderling.lab.cluster import PHYSNET, PROVIDER_NIC, Lab
+from sanderling.model.attachments import ANNOTATION_NETWORKS, ANNOTATION_STATUS
+from sanderling.model.multi_policy import POLICY_FOR
 from sanderling.model.network import mac_for_ip
 from sanderling.ovs.runtime import OvsRuntime
 
@@ -39,17 +48,58 @@ PLACEHOLDER = re.compile(r"\$\{(IP|CIDR4):([a-z0-9-]+/[a-z0-9-]+)\}")
 FIRST_SOURCE_PORT, LAST_SOURCE_PORT = 10000, 65000
 
 
+NETWORK_SUBNET = "10.77.0.0/16"
+NETWORK_VLAN = 177
+NETWORK_TOPOLOGIES = ("layer2", "vlan")
+
+
+class SecondaryNetwork:
+    """The network a `--network` run probes over: its NAD as the runner creates it."""
+
+    def __init__(self, key: str, topology: str) -> None:
+        if key.count("/") != 1 or not all(key.split("/")):
+            raise ValueError(f"--network {key!r}: want NAMESPACE/NAME")
+        if topology not in NETWORK_TOPOLOGIES:
+            raise ValueError(f"--network-topology {topology!r}: want one of {', '.join(NETWORK_TOPOLOGIES)}")
+        self.key, self.topology = key, topology
+        self.namespace, self.name = key.split("/")
+
+    def nad(self) -> dict[str, Any]:
+        config: dict[str, Any] = {"cniVersion": "1.0.0", "type": "sanderling", "topology": self.topology,
+                                  "subnet": NETWORK_SUBNET}
+        if self.topology == "vlan":
+            config.update(vlanID=NETWORK_VLAN, physicalNetwork=PHYSNET)
+        return {"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+                "metadata": {"name": self.name, "namespace": self.namespace}, "spec": {"config": json.dumps(config)}}
+
+    def bridge(self) -> str:
+        from sanderling.ovs.secondary import L2_BRIDGE, provider_bridge
+
+        return L2_BRIDGE if self.topology == "layer2" else provider_bridge(PHYSNET)
+
+    def policy(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """A NetworkPolicy of the file as the MultiNetworkPolicy for this network."""
+        out = json.loads(json.dumps(obj))
+        out["apiVersion"] = "k8s.cni.cncf.io/v1beta2" if "endPort" in json.dumps(obj) else "k8s.cni.cncf.io/v1beta1"
+        out["kind"] = "MultiNetworkPolicy"
+        meta = out.setdefault("metadata", {})
+        meta.setdefault("annotations", {})[POLICY_FOR] = self.key
+        return out
+
+
 class Runner:
-    def __init__(self, lab: Lab) -> None:
+    def __init__(self, lab: Lab, network: SecondaryNetwork | None = None) -> None:
         from sanderling.kube.client import KubeApi
 
         self.lab = lab
+        self.network = network
         self.api: Any = KubeApi(lab.kubeconfig).client  # dynamic use of lightkube; typed loosely
         self.topology: dict[str, Any] | None = None
         self._next_port = FIRST_SOURCE_PORT
         self._server_ports: set[int] = set()  # never a source port: the pods listen there
         self._port_lock = threading.Lock()
-        self.pods: dict[str, dict[str, Any]] = {}  # "ns/name" -> {"ip", "node", "sandbox", "vip"}
+        # "ns/name" -> {"ip", "node", "sandbox", "vip"}, with --network "net_ip" and "net_mac" too
+        self.pods: dict[str, dict[str, Any]] = {}
         self.order: list[str] = []
 
     # ---- topology ------------------------------------------------------------------------
@@ -67,13 +117,20 @@ class Runner:
         for ns, spec in (topology.get("namespaces") or {}).items():
             self._apply(codecs.from_dict({"apiVersion": "v1", "kind": "Namespace",
                                           "metadata": {"name": ns, "labels": spec.get("labels") or {}}}))
+        annotations = {}
+        if self.network is not None:
+            self._apply(codecs.from_dict({"apiVersion": "v1", "kind": "Namespace",
+                                          "metadata": {"name": self.network.namespace}}))
+            self._apply(codecs.from_dict(self.network.nad()))
+            annotations = {ANNOTATION_NETWORKS: self.network.key}
         self.order = list(topology["pods"])
         for i, key in enumerate(self.order):
             ns, name = key.split("/")
             spec = topology["pods"][key]
             self._apply(codecs.from_dict({
                 "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": name, "namespace": ns, "labels": spec.get("labels") or {}},
+                "metadata": {"name": name, "namespace": ns, "labels": spec.get("labels") or {},
+                             "annotations": annotations},
                 "spec": {"nodeName": nodes[i % len(nodes)], "containers": [{
                     "name": "c", "image": "none",
                     "ports": [{"name": p["name"], "containerPort": p["containerPort"],
@@ -108,12 +165,25 @@ class Runner:
                     node = pod.spec.nodeName if pod.spec else ""
                     ready[key] = {"ip": pod.status.podIP, "node": node, "vip": svc.spec.clusterIP if svc.spec else "",
                                   "sandbox": f"{netns[node]}-{ns}-{name}"[:60]}
+                    if self.network is not None:
+                        entry = self._network_entry(pod.metadata.annotations or {})
+                        if entry is None:
+                            del ready[key]
+                            continue
+                        ready[key].update(net_ip=entry["ips"][0], net_mac=entry.get("mac", ""))
             if len(ready) == len(self.order):
                 self.pods = ready
                 time.sleep(SETTLE_S)  # EndpointSlices reach the agents
                 return
             time.sleep(0.3)
         raise RuntimeError(f"pods not running after {timeout}s; see {self.lab.state_dir}/controlplane.log")
+
+    def _network_entry(self, annotations: dict[str, str]) -> dict[str, Any] | None:
+        assert self.network is not None
+        for entry in json.loads(annotations.get(ANNOTATION_STATUS, "[]")):
+            if entry.get("name") == self.network.key and entry.get("ips"):
+                return dict(entry)
+        return None
 
     def reset(self, topology: dict[str, Any]) -> None:
         """Back to the file's starting point: no policies, the topology's labels."""
@@ -133,8 +203,13 @@ class Runner:
     def delete_all_policies(self) -> None:
         from lightkube.resources.networking_v1 import NetworkPolicy
 
+        from sanderling.kube.client import MultiNetworkPolicyResource
+
         for pol in list(self.api.list(NetworkPolicy, namespace="*")):
             self.api.delete(NetworkPolicy, pol.metadata.name, namespace=pol.metadata.namespace)
+        if self.network is not None:
+            for mnp in list(self.api.list(MultiNetworkPolicyResource, namespace="*")):
+                self.api.delete(MultiNetworkPolicyResource, mnp.metadata.name, namespace=mnp.metadata.namespace)
 
     def teardown_objects(self) -> None:
         from lightkube.resources.core_v1 import Namespace, Pod, Service
@@ -181,7 +256,7 @@ class Runner:
         text = json.dumps(obj)
 
         def value(m: re.Match[str]) -> str:
-            ip = self.pods[m.group(2)]["ip"]
+            ip = self.pods[m.group(2)]["net_ip" if self.network is not None else "ip"]
             return ip if m.group(1) == "IP" else str(ipaddress.ip_network(f"{ip}/4", strict=False))
         return json.loads(PLACEHOLDER.sub(value, text))
 
@@ -192,7 +267,8 @@ class Runner:
 
         (kind, arg), = action.items()
         if kind in ("create_policy", "update_policy"):
-            self._apply(codecs.from_dict(self.substitute(arg)))
+            obj = self.substitute(arg)
+            self._apply(codecs.from_dict(self.network.policy(obj) if self.network is not None else obj))
         elif kind == "delete_all_policies":
             self.delete_all_policies()
         elif kind == "set_pod_labels":
@@ -228,10 +304,12 @@ class Runner:
               "starting again", file=sys.stderr, flush=True)
         self._next_port = FIRST_SOURCE_PORT
 
-    def probe_matrix(self, proto: str, port: int, to_vip: bool) -> dict[tuple[str, str], bool]:
+    def probe_matrix(self, proto: str, port: int, to: str) -> dict[tuple[str, str], bool]:
+        """Every pod to every other pod's `to` address: "vip" (its Service), "ip" (pod network) or
+        "net_ip" (its address on the --network)."""
         self._reserve_ports(len(self.order) * (len(self.order) + len(self._server_ports)))
         def client(src: str) -> dict[tuple[str, str], bool]:
-            targets = {f"{proto.lower()}:{self.pods[dst]['vip' if to_vip else 'ip']}:{port}": dst
+            targets = {f"{proto.lower()}:{self.pods[dst][to]}:{port}": dst
                        for dst in self.order if dst != src}
             # every probe of the run gets a source port of its own: a 5-tuple reused while conntrack
             # still remembers an earlier connection (in the DNAT or the policy zone) would be taken
@@ -255,6 +333,8 @@ class Runner:
                 if src != dst}
 
     def _sctp_allowed(self, src: str, dst: str, port: int) -> bool:
+        if self.network is not None:
+            return self._sctp_allowed_on_network(src, dst, port)
         s, d = self.pods[src], self.pods[dst]
         first = self._trace(s["node"], f"in_port={self._ofport(s['node'], src)},dl_src={mac_for_ip(s['ip'])},"
                                        f"dl_dst=0a:58:0a:f4:00:01,sctp,nw_src={s['ip']},nw_dst={d['ip']},nw_ttl=64,"
@@ -267,19 +347,52 @@ class Runner:
                                         f"nw_src={s['ip']},nw_dst={d['ip']},nw_ttl=63,sctp_src=40000,sctp_dst={port}")
         return not second.endswith("drop")
 
+    def _sctp_allowed_on_network(self, src: str, dst: str, port: int) -> bool:
+        """The INIT through the client's secondary bridge (from its port), then, on another node,
+        through the server's (from the layer2 tunnel, or the uplink tagged with the VLAN)."""
+        assert self.network is not None
+        s, d = self.pods[src], self.pods[dst]
+        bridge = self.network.bridge()
+        packet = (f"dl_src={s['net_mac']},dl_dst={d['net_mac']},sctp,nw_src={s['net_ip']},nw_dst={d['net_ip']},"
+                  f"nw_ttl=64,sctp_src=40000,sctp_dst={port}")
+        first = self._trace(s["node"], f"in_port={self._ofport(s['node'], src, bridge)},{packet}", bridge)
+        if first.endswith("drop"):
+            return False
+        if s["node"] == d["node"]:
+            return True
+        if self.network.topology == "layer2":
+            entry = f"in_port={self._network_ofport(d['node'], bridge)}"
+        else:
+            entry = f"in_port={PROVIDER_NIC},dl_vlan={NETWORK_VLAN}"
+        return not self._trace(d["node"], f"{entry},{packet}", bridge).endswith("drop")
+
+    def _network_ofport(self, node: str, bridge: str) -> str:
+        """The layer2 network's tunnel device on `bridge` of `node`."""
+        assert self.network is not None
+        out = self._runtime(node).vsctl("--bare", "--columns=ofport", "find", "Interface",
+                                        f"external_ids:sanderling.io/network={self.network.key}",
+                                        "external_ids:sanderling.io/vni!=\"\"")
+        return out.strip().split()[0]
+
     def _runtime(self, node: str) -> OvsRuntime:
         rec = next(n for n in self.lab.state()["nodes"] if n["name"] == node)
         return OvsRuntime(Path(rec["dir"]) / "ovs", datapath="netdev")
 
-    def _ofport(self, node: str, key: str) -> str:
+    def _ofport(self, node: str, key: str, bridge: str = "br-int") -> str:
         ns, name = key.split("/")
-        out = self._runtime(node).vsctl("--bare", "--columns=ofport", "find", "Interface",
+        ports = self._runtime(node).vsctl("list-ports", bridge).split() if bridge != "br-int" else []
+        out = self._runtime(node).vsctl("--bare", "--columns=name,ofport", "find", "Interface",
                                         f"external_ids:sanderling.io/pod-namespace={ns}",
                                         f"external_ids:sanderling.io/pod-name={name}")
-        return out.strip().split()[0]
+        fields = out.split()
+        pairs = list(zip(fields[::2], fields[1::2], strict=False))
+        for port_name, ofport in pairs:
+            if bridge == "br-int" or port_name in ports:
+                return ofport
+        raise RuntimeError(f"no port of {key} on {bridge} of {node}")
 
-    def _trace(self, node: str, flow: str) -> str:
-        out = self._runtime(node).appctl("ofproto/trace", *(["--ct-next", "trk,new"] * 6), "br-int", flow)
+    def _trace(self, node: str, flow: str, bridge: str = "br-int") -> str:
+        out = self._runtime(node).appctl("ofproto/trace", *(["--ct-next", "trk,new"] * 6), bridge, flow)
         actions = [line for line in out.splitlines() if line.startswith("Datapath actions:")]
         return actions[-1] if actions else "drop"
 
@@ -296,6 +409,7 @@ def check_step(runner: Runner, case_id: str, step: dict[str, Any], order: list[s
     """Probe every expectation of one step; (matrices passed, one line per failed matrix)."""
     passed = 0
     failures: list[str] = []
+    spot_checked = False
     for key, expect in (step.get("expect") or {}).items():
         proto, port_text = key.split("/")
         port = int(port_text)
@@ -306,9 +420,23 @@ def check_step(runner: Runner, case_id: str, step: dict[str, Any], order: list[s
         label = f"{case_id} step {step.get('step')} {key}"
         if proto == "SCTP":
             views = {"flow level (this kernel has no SCTP)": runner.sctp_matrix(port)}
+        elif runner.network is not None:
+            views = {f"via {runner.network.key} address": runner.probe_matrix(proto, port, "net_ip")}
+            if not spot_checked:  # the pod network stays open while the secondary one is filtered
+                spot_checked = True
+                got = runner.probe_matrix(proto, port, "ip")
+                closed = [f"{s}->{d}" for (s, d), v in sorted(got.items()) if not v]
+                if closed:
+                    line = f"{label} pod network (no NetworkPolicy): {len(closed)} of {len(got)} pairs closed: " \
+                           f"{'; '.join(closed[:6])}"
+                    failures.append(line)
+                    print(f"FAIL {line}", flush=True)
+                else:
+                    passed += 1
+                    print(f"PASS {label} pod network open ({len(got)} pairs)", flush=True)
         else:
-            views = {"via ClusterIP": runner.probe_matrix(proto, port, True),
-                     "via pod IP": runner.probe_matrix(proto, port, False)}
+            views = {"via ClusterIP": runner.probe_matrix(proto, port, "vip"),
+                     "via pod IP": runner.probe_matrix(proto, port, "ip")}
         for how, got in views.items():
             wrong = [f"{s}->{d} expected {int(want[(s, d)])} got {int(v)}" for (s, d), v in sorted(got.items())
                      if (s, d) in want and not (ignore_loopback and s == d) and want[(s, d)] != v]
@@ -341,7 +469,8 @@ def run_case(runner: Runner, path: Path) -> tuple[int, list[str]]:
     return passed, failures
 
 
-def run(paths: list[Path], keep: bool = False, repeat: int = 1, control_plane: str = "sanderling") -> int:
+def run(paths: list[Path], keep: bool = False, repeat: int = 1, control_plane: str = "sanderling",
+        network: str | None = None, network_topology: str = "layer2") -> int:
     """Every file's steps on one 3-node lab; with repeat > 1 (soak), all files again, `repeat` times
     on the same lab, and every failed matrix reported with its round at the end."""
     if repeat < 1:
@@ -351,7 +480,7 @@ def run(paths: list[Path], keep: bool = False, repeat: int = 1, control_plane: s
     rounds: list[tuple[int, list[str]]] = []
     try:
         lab.up(3, "routed", control_plane=control_plane)
-        runner = Runner(lab)
+        runner = Runner(lab, SecondaryNetwork(network, network_topology) if network else None)
         for round_no in range(1, repeat + 1):
             if repeat > 1:
                 print(f"=== round {round_no} of {repeat}", flush=True)

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 IPPoolResource = create_global_resource("ipam.sanderling.io", "v1alpha1", "IPPool", "ippools")
 NadResource = create_namespaced_resource("k8s.cni.cncf.io", "v1", "NetworkAttachmentDefinition",
                                          "network-attachment-definitions")
+MultiNetworkPolicyResource = create_namespaced_resource("k8s.cni.cncf.io", "v1beta1", "MultiNetworkPolicy",
+                                                        "multi-networkpolicies")
 
 
 def httpx_timeout(seconds: float) -> Any:
@@ -145,11 +147,12 @@ class KubeApi:
         raise Conflict(f"IPPool {name}: {attempts} conflicting updates in a row")
 
     def event(self, namespace: str, pod: str, reason: str, message: str, node: str, kind: str = "Warning",
-              involved_kind: str = "Pod") -> None:
+              involved_kind: str = "Pod", api_version: str = "v1") -> None:
         try:
             self.client.create(Event(
                 metadata=ObjectMeta(generateName=f"{pod}.", namespace=namespace),
-                involvedObject=ObjectReference(kind=involved_kind, namespace=namespace, name=pod, apiVersion="v1"),
+                involvedObject=ObjectReference(kind=involved_kind, namespace=namespace, name=pod,
+                                               apiVersion=api_version),
                 reason=reason, message=message, type=kind, source=EventSource(component="sanderling-agent",
                                                                               host=node)))
         except Exception as exc:  # an event is best effort; the log line stays

@@ -215,9 +215,10 @@ def _rules(obj: str, field: str, raw: Any, peers_key: str, notes: list[str]) -> 
     return tuple(rules)
 
 
-def policy_from(raw: dict[str, Any]) -> Policy:
+def policy_from(raw: dict[str, Any], kind: str = "networkpolicy") -> Policy:
+    """A NetworkPolicy (or an object with the same spec: `kind` names it in errors)."""
     meta = raw.get("metadata") or {}
-    obj = f"networkpolicy/{meta.get('namespace', '')}/{meta.get('name', '')}"
+    obj = f"{kind}/{meta.get('namespace', '')}/{meta.get('name', '')}"
     spec = raw.get("spec") or {}
     types = spec.get("policyTypes") or (["Ingress", "Egress"] if spec.get("egress") else ["Ingress"])
     log = str((meta.get("annotations") or {}).get(LOG_ANNOTATION, "")).lower() == "true"
@@ -233,12 +234,15 @@ def policy_from(raw: dict[str, Any]) -> Policy:
     return Policy(meta.get("namespace", ""), meta.get("name", ""), pods, ingress, egress, log, tuple(notes))
 
 
-def pod_info(raw: dict[str, Any]) -> PodInfo:
+def pod_info(raw: dict[str, Any], ip_text: str | None = None) -> PodInfo:
+    """The pod as policy sees it; its address is status.podIP unless `ip_text` is given (its
+    address on a secondary network)."""
     meta, spec, status = raw.get("metadata") or {}, raw.get("spec") or {}, raw.get("status") or {}
     ip = None
-    if status.get("podIP"):
+    text = status.get("podIP") if ip_text is None else ip_text
+    if text:
         try:
-            ip = ipaddress.IPv4Address(status["podIP"])
+            ip = ipaddress.IPv4Address(text)
         except ValueError:
             ip = None
     ports = tuple((p.get("name", ""), int(p["containerPort"]), p.get("protocol") or "TCP")

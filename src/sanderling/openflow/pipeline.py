@@ -18,6 +18,7 @@ class Miss(Enum):
 
     DROP = "drop"
     NEXT = "continue to the next table"
+    NORMAL = "switched by OVS's MAC learning (NORMAL)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +29,10 @@ class Table:
     doc: str
     miss_to: str = ""  # with Miss.NEXT: continue at this table instead of the next one
 
+
+# the policy stage's state check, the same on br-int and on the secondary-network bridges
+POLICY_STATE = Table("PolicyState", "policy", Miss.NEXT,
+                     "Established and related packets pass, invalid ones are dropped, new connections are checked.")
 
 TABLES: tuple[Table, ...] = (
     Table("Classifier", "classification", Miss.DROP,
@@ -75,8 +80,7 @@ TABLES: tuple[Table, ...] = (
     Table("PolicyConntrack", "policy", Miss.NEXT,
           "Traffic of pods a NetworkPolicy isolates (from an egress-isolated, to an ingress-isolated pod) "
           "goes through the policy conntrack zone; everything else skips policy.", miss_to="ServiceMasq"),
-    Table("PolicyState", "policy", Miss.NEXT,
-          "Established and related packets pass, invalid ones are dropped, new connections are checked."),
+    POLICY_STATE,
     Table("EgressRule", "policy", Miss.NEXT,
           "Egress rules as conjunctions (source pod, destination peers, ports); an egress-isolated source "
           "no rule allows is dropped."),
@@ -95,6 +99,29 @@ TABLES: tuple[Table, ...] = (
     Table("Reject", "services", Miss.DROP,
           "Connections to a service with no usable endpoint go to the agent, which answers at once "
           "with a TCP RST or an ICMP port unreachable."),
+)
+
+
+# The pipeline of a secondary-network bridge (a VLAN provider bridge, br-l2): switching stays OVS's
+# MAC learning (NORMAL, which also applies access tags and trunks); in front of it the spoof guard and
+# MultiNetworkPolicy, with the same policy tables (names and meaning) as br-int's, per network.
+SECONDARY_TABLES: tuple[Table, ...] = (
+    Table("NetworkClassifier", "classification", Miss.NORMAL,
+          "IPv4 from a pod port (from its own MAC and addresses only, when Sanderling gave them), from the "
+          "uplink by VLAN or from a layer2 tunnel gets its network in SECONDARY_NETWORK and goes on to "
+          "policy; a guarded port's other IPv4 is dropped; ARP (a guarded port's only for its addresses) and "
+          "everything else is switched."),
+    Table("PolicyConntrack", "policy", Miss.NEXT,
+          "Traffic of pods a MultiNetworkPolicy isolates on this network goes through the network's "
+          "conntrack zone; everything else is switched.", miss_to="Switch"),
+    POLICY_STATE,
+    Table("EgressRule", "policy", Miss.NEXT,
+          "Egress rules as conjunctions (source pod, destination peers' addresses on this network, ports)."),
+    Table("IngressRule", "policy", Miss.NEXT,
+          "Ingress rules as conjunctions (destination pod, source peers' addresses on this network, ports)."),
+    Table("PolicyCommit", "policy", Miss.NEXT,
+          "Allowed new connections are committed to the network's zone, so their replies always pass."),
+    Table("Switch", "output", Miss.NORMAL, "OVS's MAC learning (NORMAL) delivers the frame."),
 )
 
 
@@ -126,12 +153,19 @@ class Pipeline:
             raise PipelineError(f"{name} is the last table")
         return table_id
 
+    def after(self, name: str) -> int:
+        """Where a packet the table does not match goes on (its miss_to, or the next table)."""
+        table = self.tables[self[name]]
+        return self[table.miss_to] if table.miss_to else self.next_of(name)
+
     def miss_flows(self, cookie: int) -> list[ir.Flow]:
         flows = []
         for i, table in enumerate(self.tables):
             actions: tuple[ir.Action, ...] = ()
             if table.miss is Miss.NEXT:
                 actions = (ir.Goto(self[table.miss_to] if table.miss_to else i + 1),)
+            elif table.miss is Miss.NORMAL:
+                actions = (ir.Output(ir.NORMAL),)
             flows.append(ir.Flow(i, 0, ir.Match(), actions, cookie))
         return flows
 
@@ -145,3 +179,4 @@ class Pipeline:
 
 
 PIPELINE = Pipeline()
+SECONDARY_PIPELINE = Pipeline(SECONDARY_TABLES)

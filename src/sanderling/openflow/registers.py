@@ -88,8 +88,12 @@ ENDPOINT_IP = RegField("ENDPOINT_IP", 2, 0, 31, "the endpoint a service's group 
 ENDPOINT_PORT = RegField("ENDPOINT_PORT", 3, 0, 15, "the chosen endpoint's port")
 SERVICE_GROUP = RegField("SERVICE_GROUP", 4, 0, 31, "the service port (its group id) the endpoint was chosen for")
 
+SECONDARY_NETWORK = RegField("SECONDARY_NETWORK", 5, 0, 15,
+                             "secondary-network bridges only: the network of the packet (every policy flow of a "
+                             "network matches it; it is also the network's conntrack zone)")
+
 REG_FIELDS: tuple[RegField, ...] = (PORT_CLASS, TARGET_OFPORT, SERVICE_MASQ, AFFINITY_HIT, DIRECT_TARGET, ENDPOINT_IP,
-                                    ENDPOINT_PORT, SERVICE_GROUP)
+                                    ENDPOINT_PORT, SERVICE_GROUP, SECONDARY_NETWORK)
 
 FROM_POD = RegMark("FROM_POD", PORT_CLASS, 1, "the packet came from a local pod's port")
 FROM_GATEWAY = RegMark("FROM_GATEWAY", PORT_CLASS, 2, "the packet came from the node's gateway (host) port")
@@ -109,6 +113,7 @@ SNAT_ZONE = 0xFFF1  # masqueraded service connections
 POLICY_ZONE = 0xFFF2  # connections of pods isolated by a NetworkPolicy
 CT_MARK_MASQ = 0x1  # ct_mark bit: the connection was masqueraded, re-SNAT its later packets
 ORIGIN_ZONE = 0xFFF3  # local pods' connections to target ports, by their endpoint tuple: direct or service?
+FIRST_NETWORK_ZONE, LAST_NETWORK_ZONE = 0x8000, 0xBFFF  # a conntrack zone per secondary network (policy)
 CT_MARK_DIRECT = 0x2  # ct_mark bit in the origin zone: the tuple's latest connection was direct (not a service's)
 
 

@@ -7,9 +7,11 @@
   network on its own local VLAN tag, so networks share the bridge and never each other's frames.
 
 Neither bridge is joined to br-int: a secondary network is isolated from the pod network by
-construction. Flows (NORMAL switching plus a spoof guard on ports with IPAM) come from
-`compiler.secondary` and are replaced as a whole (`ovs-ofctl replace-flows` sends only the
-difference) after every port change. Every port carries its pod, container, interface, network
+construction. Flows (NORMAL switching, a spoof guard on ports with IPAM, each packet's network, and
+MultiNetworkPolicy) come from `compiler.secondary` and `compiler.policy` and are replaced as a whole
+(`ovs-ofctl replace-flows --bundle` sends only the difference, atomically) after every port change
+and every policy change. This class is their one owner: policy producers hand it their flows per
+network through `NetworkFlows`, never touching the bridge. Every port carries its pod, container, interface, network
 and addresses in external_ids: that is what DEL, the restart reconcile and GC go by.
 """
 
@@ -18,11 +20,15 @@ from __future__ import annotations
 import logging
 import tempfile
 import threading
+import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sanderling.compiler.secondary import GuardedPort, compile_bridge
+from sanderling.compiler.secondary import GuardedPort, NetworkPort, compile_bridge, on_network
 from sanderling.model.attachments import Network
 from sanderling.netlink import veth, vxlan
+from sanderling.openflow import ir
+from sanderling.openflow.registers import FIRST_NETWORK_ZONE, LAST_NETWORK_ZONE
 from sanderling.ovs import ovsdb
 from sanderling.ovs.ovsdb import Ovsdb, PortChange, PortRecord
 from sanderling.ovs.runtime import OvsError, OvsRuntime
@@ -71,6 +77,10 @@ class SecondaryBridges:
         self.tx_checksum_off = tx_checksum_off
         self._lock = threading.Lock()
         self._vteps: set[str] = set()
+        self._network_ids: dict[str, int] = {}
+        # bridge -> (network, object key) -> that object's policy flows (already on their network)
+        self._policy: dict[str, dict[tuple[str, str], tuple[ir.Flow, ...]]] = {}
+        self._dirty: set[str] = set()
 
     # ---- set-up ---------------------------------------------------------------------------
 
@@ -123,7 +133,7 @@ class SecondaryBridges:
             self.db.apply_port_changes(bridge, [PortChange(host_if, external_ids=tuple(sorted(ext.items())),
                                                            ofport_request=self._free_ofport(bridge, host_if),
                                                            tag=tag, trunks=trunks)])
-            self.sync_flows(bridge)
+            self._sync_flows(bridge)
         return host_if
 
     def detach(self, container_id: str, ifname: str) -> str | None:
@@ -135,7 +145,7 @@ class SecondaryBridges:
                 records = self.db.ports(bridge)
                 if any(r.name == host_if for r in records):
                     self.db.apply_port_changes(bridge, [PortChange(host_if, delete=True)])
-                    self.sync_flows(bridge)
+                    self._sync_flows(bridge)
                     found = bridge
                     if bridge == L2_BRIDGE:
                         self._prune_layer2()
@@ -197,20 +207,116 @@ class SecondaryBridges:
                 if vni:
                     vxlan.set_flood(self.node_netns, int(vni), self._vteps)
 
+    # ---- policy -------------------------------------------------------------------------
+
+    def network_id(self, network: str) -> int:
+        """The network's number on this node: what its packets carry in SECONDARY_NETWORK and its
+        conntrack zone. Derived from the name (the same after a restart, so tracked connections
+        survive it), the next free one on a collision."""
+        with self._lock:
+            return self._network_id(network)
+
+    def _network_id(self, network: str) -> int:
+        nid = self._network_ids.get(network)
+        if nid is None:
+            span = LAST_NETWORK_ZONE - FIRST_NETWORK_ZONE + 1
+            taken = set(self._network_ids.values())
+            start = zlib.crc32(network.encode()) % span
+            nid = next(FIRST_NETWORK_ZONE + (start + i) % span for i in range(span)
+                       if FIRST_NETWORK_ZONE + (start + i) % span not in taken)
+            self._network_ids[network] = nid
+        return nid
+
+    def flows_for(self, network: Network) -> NetworkFlows:
+        """The desired-state window of one network's policy (SecondaryError: not carried here)."""
+        return NetworkFlows(self, network)
+
+    def set_policy(self, bridge: str, network: str, key: str, flows: Iterable[ir.Flow]) -> bool:
+        """One policy object of a network (no flows: removed); installed by the next
+        `flush_policy`. True if it changed."""
+        flows = tuple(flows)
+        with self._lock:
+            objects = self._policy.setdefault(bridge, {})
+            if objects.get((network, key), ()) == flows:
+                return False
+            if flows:
+                objects[(network, key)] = flows
+            else:
+                objects.pop((network, key), None)
+            self._dirty.add(bridge)
+        return True
+
+    def clear_network(self, network: str) -> None:
+        """Every policy object of a network (its NAD went away or changed)."""
+        with self._lock:
+            for bridge, objects in self._policy.items():
+                gone = [k for k in objects if k[0] == network]
+                for k in gone:
+                    del objects[k]
+                if gone:
+                    self._dirty.add(bridge)
+
+    def flush_policy(self) -> None:
+        """Install what producers changed (blocking: call it off the event loop)."""
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+            for bridge in sorted(dirty):
+                self._sync_flows(bridge)
+
+    def policy_flow_count(self, bridge: str) -> int:
+        with self._lock:
+            return sum(len(f) for f in self._policy.get(bridge, {}).values())
+
     # ---- flows ----------------------------------------------------------------------------
 
     def sync_flows(self, bridge: str) -> None:
-        guarded = []
-        for r in self.db.ports(bridge):
+        with self._lock:
+            self._sync_flows(bridge)
+
+    def _sync_flows(self, bridge: str) -> None:
+        guarded, networks = [], []
+        records = self.db.ports(bridge)
+        uplink = next((r for r in records if r.external_ids.get("sanderling.io/uplink")), None)
+        vlans: dict[int, str] = {}
+        for r in records:
+            network = r.external_ids.get(ovsdb.EXT_NETWORK, "")
+            if not network or r.effective_ofport <= 0:
+                continue
+            nid = self._network_id(network)
             ips = tuple(i for i in r.external_ids.get(ovsdb.EXT_IP, "").split(",") if i)
             mac = r.external_ids.get(ovsdb.EXT_MAC, "")
-            if ips and mac and r.effective_ofport > 0:
-                guarded.append(GuardedPort(r.effective_ofport, mac, ips))
-        flows = compile_bridge(guarded)
+            if ips and mac:
+                guarded.append(GuardedPort(r.effective_ofport, mac, ips, nid))
+            elif r.tag:  # an unguarded access port, or a layer2 network's tunnel device
+                networks.append(NetworkPort(r.effective_ofport, nid))
+            if r.tag and r.external_ids.get(ovsdb.EXT_CONTAINER_ID):
+                vlans.setdefault(r.tag, network)  # one network per VLAN of the uplink (the first by port)
+        if uplink is not None and uplink.effective_ofport > 0:
+            networks += [NetworkPort(uplink.effective_ofport, self._network_id(n), vlan) for vlan, n in vlans.items()]
+        flows = [f.text() for f in compile_bridge(guarded, networks)]
+        for objects in self._policy.get(bridge, {}).values():
+            flows += (f.text() for f in objects)
         with tempfile.NamedTemporaryFile("w", suffix=".flows") as f:
             f.write("\n".join(flows) + "\n")
             f.flush()
             try:
-                self.runtime.ofctl(bridge, "replace-flows", f.name)
+                self.runtime.ofctl(bridge, "replace-flows", f.name, options=("--bundle",))
             except OvsError as exc:
                 raise SecondaryError(f"flows of {bridge} not replaced: {exc}") from exc
+
+
+class NetworkFlows:
+    """One network's policy flows as a producer sees them (set or remove its own objects): each
+    flow is put on the network (matches SECONDARY_NETWORK) and goes to the network's bridge."""
+
+    def __init__(self, bridges: SecondaryBridges, network: Network) -> None:
+        self.bridges = bridges
+        self.network = network.key
+        self.bridge = bridges.bridge_for(network)
+        self.network_id = bridges.network_id(network.key)
+
+    def set_object(self, key: str, flows: Iterable[ir.Flow], groups: Iterable[ir.Group] = ()) -> None:
+        self.bridges.set_policy(self.bridge, self.network, key, on_network(flows, self.network_id))
+
+    def remove_object(self, key: str) -> None:
+        self.bridges.set_policy(self.bridge, self.network, key, ())

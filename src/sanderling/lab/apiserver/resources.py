@@ -32,6 +32,9 @@ RESOURCES: tuple[Resource, ...] = (
     Resource("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", True),
     Resource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", True),
     Resource("k8s.cni.cncf.io", "v1", "network-attachment-definitions", "NetworkAttachmentDefinition", True),
+    # one store, two served versions (their schemas are the same but for v1beta2's endPort)
+    Resource("k8s.cni.cncf.io", "v1beta1", "multi-networkpolicies", "MultiNetworkPolicy", True),
+    Resource("k8s.cni.cncf.io", "v1beta2", "multi-networkpolicies", "MultiNetworkPolicy", True),
     Resource("ipam.sanderling.io", "v1alpha1", "ippools", "IPPool", False, ("status",)),
 )
 
