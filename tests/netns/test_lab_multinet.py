@@ -324,3 +324,56 @@ def test_bad_input_fails_that_pod_only_with_a_message_and_an_event(multinet_lab,
         for name in BAD:
             assert f'"{name}"' not in ports, (node, name)
     assert reaches("a1", "10.30.0.12") and reaches("a2", "10.100.0.10")
+
+
+def mnp_manifest(name: str, policy_for: str, spec: dict) -> str:
+    return json.dumps({"apiVersion": "k8s.cni.cncf.io/v1beta1", "kind": "MultiNetworkPolicy", "metadata": {
+        "name": name, "namespace": "default", "annotations": {"k8s.v1.cni.cncf.io/policy-for": policy_for}},
+        "spec": spec})
+
+
+def test_multi_network_policy_filters_its_network_only_and_names_what_it_cannot_enforce(multinet_lab, tmp_path):
+    """a1 (node1) accepts on vlan100 only from pods labelled role=friend (r1, node1, whose default
+    route is on vlan100: network-status marks that entry "default"); a2 (node2)
+    is refused there over the VLAN, and still reaches a1 on l2a and on the pod network. Policies
+    naming a missing NAD, a delegated network or a malformed list get an Event each saying so, and
+    change nothing else."""
+    st = {name: {e["interface"]: e for e in status_of(p)} for name, p in pods().items()}
+    a1_l2a = st["a1"]["net2"]["ips"][0]
+    a1_pod_ip = pods()["a1"]["status"]["podIP"]
+    assert reaches("a2", "10.100.0.10") and reaches("r1", "10.100.0.10")
+    for name, label in (("a1", "role=locked"), ("r1", "role=friend")):
+        out = kubectl("label", "pod", name, label, "--overwrite")
+        assert out.returncode == 0, out.stderr
+    manifest = tmp_path / "mnp.json"
+    manifest.write_text("\n---\n".join([
+        mnp_manifest("locked", "vlan100", {
+            "podSelector": {"matchLabels": {"role": "locked"}}, "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "friend"}}}]}]}),
+        mnp_manifest("half-enforced", "default/vlan100,nosuch,mv", {"podSelector": {"matchLabels": {"role": "none"}}}),
+        mnp_manifest("malformed", "vlan100,,l2a", {"podSelector": {}}),
+    ]))
+    assert lab("apply", "-f", str(manifest)).returncode == 0
+    try:
+        wait_for(lambda: not reaches("a2", "10.100.0.10"), what="a2 refused by a1 on vlan100")
+        assert reaches("r1", "10.100.0.10")            # the friend, on the same node
+        assert not reaches("a3", "10.100.0.10")        # from node3, over the VLAN
+        assert reaches("a2", a1_l2a) and reaches("a2", a1_pod_ip)  # other networks stay open
+        assert reaches("a1", st["a2"]["net1"]["ips"][0])  # a1's own connections (egress) are not isolated
+
+        def events() -> dict[str, str] | None:
+            items = json.loads(kubectl("get", "events", "-o", "json").stdout)["items"]
+            said = {e["involvedObject"]["name"]: e["message"] for e in items
+                    if e["reason"] == "MultiNetworkPolicyNotEnforced"}
+            return said if {"half-enforced", "malformed"} <= set(said) else None
+
+        said = wait_for(events, what="Events on the policies that cannot be enforced")
+        assert "default/nosuch: no such NetworkAttachmentDefinition" in said["half-enforced"]
+        assert "default/mv: a delegated network (macvlan)" in said["half-enforced"]
+        assert "default/vlan100" not in said["half-enforced"].split("not enforced on", 1)[1]
+        assert "entry 2" in said["malformed"] and "locked" not in said
+    finally:
+        assert lab("delete", "-f", str(manifest)).returncode == 0
+        for name in ("a1", "r1"):
+            kubectl("label", "pod", name, "role-")
+    wait_for(lambda: reaches("a2", "10.100.0.10"), what="vlan100 open again once the policy is gone")

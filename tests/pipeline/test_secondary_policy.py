@@ -130,3 +130,61 @@ def test_multi_network_policy_isolates_on_its_network_only(bridges: SecondaryBri
     bridges.flush_policy()
     assert local(dummy_ovs, "other", "server", 80) == "pass"
     assert bridges.policy_flow_count(provider_bridge(PHYSNET)) == 4  # the network's static policy flows
+
+
+def test_logged_multi_network_policy_reports_each_connection_with_its_network(
+        bridges: SecondaryBridges, dummy_ovs: OvsRuntime, caplog: pytest.LogCaptureFixture):
+    """A real packet (netdev-dummy/receive on the client's port) through the logged policy: the
+    meter the bridges installed, the packet-in on the listener's connection, one log line that
+    names the MultiNetworkPolicy, the rule, both pods and the network."""
+    import asyncio
+    import logging
+
+    from sanderling.agent.multi_policy import listen_packet_ins
+
+    agents = MultiPolicyAgents("n1", lambda: None)
+    agents.attach(bridges)
+    for name, vlan in (("red", 100), ("blue", 200)):
+        agents.nad_changed(f"ns1/{name}", nad(name, vlan))
+    # the namespace logs what is denied to its pods, the policy what it allows
+    agents.namespace_changed("ns1", {"metadata": {"name": "ns1", "annotations": {"policy.sanderling.io/log": "true"}}})
+    for name in PODS:
+        agents.pod_changed(f"ns1/{name}", pod(name))
+    logged = json.loads(json.dumps(POLICY))
+    logged["metadata"]["annotations"]["policy.sanderling.io/log"] = "true"
+    agents.policy_changed("ns1/server-from-clients", logged)
+    bridges.flush_policy()
+    assert "meter_id=1" in dummy_ovs.ofctl(provider_bridge(PHYSNET), "dump-flows")
+
+    def send(src: str, dport: int) -> None:
+        network, _vlan, _ofport, ip, _node, _labels = PODS[src]
+        server = PODS["server"]
+        dummy_ovs.appctl("netdev-dummy/receive", f"pnpol-{src}",
+                         f"eth(src={mac(ip, network)},dst={mac(server[3], network)}),eth_type(0x0800),"
+                         f"ipv4(src={ip},dst={server[3]},proto=6,tos=0,ttl=64,frag=no),tcp(src=40000,dst={dport}),"
+                         "tcp_flags(syn)")
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        resynced = asyncio.Event()
+        task = asyncio.create_task(listen_packet_ins(dummy_ovs.mgmt_target(provider_bridge(PHYSNET)), agents, stop,
+                                                     resynced.set))
+        await asyncio.wait_for(resynced.wait(), 10)
+        with caplog.at_level(logging.INFO, logger="sanderling.agent.policy_agent"):
+            for src, port in (("client", 80), ("other", 80)):
+                await asyncio.to_thread(send, src, port)
+            deadline = asyncio.get_running_loop().time() + 10
+            while sum("policy-log" in r.getMessage() for r in caplog.records) < 2:
+                assert asyncio.get_running_loop().time() < deadline, [r.getMessage() for r in caplog.records]
+                await asyncio.sleep(0.05)
+        stop.set()
+        await task
+
+    asyncio.run(go())
+    lines = sorted(r.getMessage() for r in caplog.records if "policy-log" in r.getMessage())
+    assert lines == [
+        "policy-log verdict=allow multinetworkpolicy=ns1/server-from-clients rule=ingress/0/ports "
+        "src=ns1/client(10.1.0.3) dst=ns1/server(10.1.0.2) proto=TCP port=80 network=ns1/red",
+        "policy-log verdict=deny multinetworkpolicy=- rule=default-deny src=ns1/other(10.1.0.4) "
+        "dst=ns1/server(10.1.0.2) proto=TCP port=80 network=ns1/red",
+    ], lines

@@ -59,6 +59,9 @@ def test_a_pod_is_its_address_on_the_network():
     pod = {"metadata": {"annotations": {ANNOTATION_STATUS: json.dumps(status)}}}
     assert network_address(pod, "ns1/red") == "10.1.0.5"
     assert network_address(pod, "ns1/blue") is None
+    routed = {"metadata": {"annotations": {ANNOTATION_STATUS: json.dumps(  # its default route on red
+        [{"name": "ns1/pods", "ips": ["10.244.0.5"]}, {"name": "ns1/red", "ips": ["10.1.0.6"], "default": True}])}}}
+    assert network_address(routed, "ns1/red") == "10.1.0.6"
     assert network_address({"metadata": {"annotations": {ANNOTATION_STATUS: "[{"}}}, "ns1/red") is None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import ipaddress
 import logging
@@ -518,7 +519,13 @@ async def serve(args: AgentConfig) -> int:
 
             remote_hooks.append(vteps_changed)
             if multi is not None:
+                from sanderling.agent.multi_policy import listen_packet_ins
+
                 multi.attach(bridges)
+                stopping = asyncio.Event()
+                proxy_tasks += [asyncio.create_task(listen_packet_ins(
+                    runtime.mgmt_target(b), multi, stopping, functools.partial(bridges.sync_flows, b)))
+                    for b in bridges.bridges()]
             if view is not None and view.remotes:
                 vteps_changed(view.remotes)
         handler = CniHandler(node, db, args.bridge, allocator, pod_flows, args.node_netns, args.mtu, cluster,
@@ -571,8 +578,12 @@ def secondary_networks(args: AgentConfig, db: Ovsdb, runtime: OvsRuntime, cluste
             raise ModelError(f"node/{node}", "--provider-network", f"{item!r}: want PHYSNET=INTERFACE")
         providers[physnet] = iface
     checksum_off = args.mode == "overlay" or not db.userspace_tso_enabled()
+    from sanderling.compiler.policy import LOG_METER, LOG_RATE_PPS
+    from sanderling.openflow.ir import Meter
+
     bridges = SecondaryBridges(db, runtime, args.node_netns, providers, args.layer2_port, args.datapath,
-                               args.underlay_mtu, tx_checksum_off=checksum_off)
+                               args.underlay_mtu, tx_checksum_off=checksum_off,
+                               meters=(Meter(LOG_METER, LOG_RATE_PPS, LOG_RATE_PPS // 5),))
     bridges.setup()
     return MultiNetwork(cluster.api, cluster, store, bridges, Records(args.state_dir / node / "attachments"),
                         tuple(p for p in args.cni_path.split(":") if p), node, args.node_netns)

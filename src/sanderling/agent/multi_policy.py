@@ -13,6 +13,7 @@ policy still applies on every other network it names.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -23,7 +24,9 @@ from sanderling.model.attachments import Network, parse_nad
 from sanderling.model.errors import ModelError
 from sanderling.model.multi_policy import KIND, multi_policy_from, pod_on_network, policy_networks
 from sanderling.model.policy import PodInfo
+from sanderling.openflow import ir
 from sanderling.openflow.pipeline import SECONDARY_PIPELINE
+from sanderling.openflow.registers import SECONDARY_NETWORK
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +116,17 @@ class MultiPolicyAgents:
 
     # ---- routing -------------------------------------------------------------------------
 
+    def packet_in(self, table_id: int, cookie: int, match: ir.Match, data: bytes) -> None:
+        """A logged connection from a secondary bridge: the network's agent writes the line (the
+        network by SECONDARY_NETWORK in the packet-in's match; every agent if it is absent)."""
+        if self.bridges is None:
+            return
+        reg = match.get(f"reg{SECONDARY_NETWORK.reg}")
+        nid = (reg[0] & SECONDARY_NETWORK.mask) >> SECONDARY_NETWORK.start if reg is not None else None
+        for network, agent in self.agents.items():
+            if nid is None or self.bridges.network_id(network) == nid:
+                agent.packet_in(table_id, cookie, data)
+
     def _named(self, key: str) -> tuple[str, ...]:
         raw = self.raw_policies.get(key)
         if raw is None:
@@ -188,7 +202,8 @@ class MultiPolicyAgents:
         agent = PolicyAgent(self.node_name, flows, self.changed, self.schedule, self.report,
                             pipeline=SECONDARY_PIPELINE, zone=self.bridges.network_id(network),
                             pod_view=pod_view, parse=multi_policy_from,
-                            kind=KIND, logging=False, rule_ids=NetworkRuleIds(self.rule_ids, network))
+                            kind=KIND, rule_ids=NetworkRuleIds(self.rule_ids, network))
+        agent.log_context = f" network={network}"
         agent.start()
         for ns_key, ns in self.raw_namespaces.items():
             agent.namespace_changed(ns_key, ns)
@@ -198,3 +213,34 @@ class MultiPolicyAgents:
         log.info("%s: MultiNetworkPolicy enforced on node %s (network id %#x)", network, self.node_name,
                  self.bridges.network_id(network))
         return agent
+
+
+async def listen_packet_ins(target: str, agents: MultiPolicyAgents, stop: asyncio.Event,
+                            resync: Callable[[], None]) -> None:
+    """Policy-log packet-ins of one secondary bridge (its flows are installed by ovs-ofctl; this
+    connection only listens), reconnecting while the bridge is away; at every (re)connect the
+    bridge's flows are replaced whole (`resync`): an ovs-vswitchd that restarted has none."""
+    from sanderling.openflow.connection import Connection, ConnectionLost
+
+    delay = 0.1
+    while not stop.is_set():
+        try:
+            conn = await Connection.open(target, timeout=2.0)
+        except (TimeoutError, OSError, ConnectionLost) as exc:
+            log.debug("packet-ins of %s: connect failed (%s); retry in %.1fs", target, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            continue
+        delay = 0.1
+        try:
+            await asyncio.to_thread(resync)
+        except Exception as exc:
+            log.error("%s: flows not restored after connecting: %s", target, exc)
+        conn.packet_in_handlers.append(lambda pin: agents.packet_in(pin.table_id, pin.cookie, pin.match, pin.data))
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            waiters: set[asyncio.Future[Any]] = {conn.closed, stopping}
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            conn.close()

@@ -144,7 +144,8 @@ class PolicyAgent:
         self.pod_view = pod_view
         self.parse = parse
         self.kind = kind
-        self.logging = logging  # packet-ins reach the agent (br-int); False: log annotations are ignored
+        self.logging = logging  # packet-ins reach the agent; False: log annotations are ignored
+        self.log_context = ""  # appended to policy-log lines (" network=ns/name" on a secondary network)
         self.realizer = realizer
         self.changed = changed
         self.schedule = schedule
@@ -377,7 +378,7 @@ class PolicyAgent:
 
     def packet_in(self, table_id: int, cookie: int, data: bytes) -> None:
         """A logged connection (rate-limited by the meter): one structured line in the agent log."""
-        if table_id not in (PIPELINE["EgressRule"], PIPELINE["IngressRule"]):
+        if table_id not in (self.pipeline["EgressRule"], self.pipeline["IngressRule"]):
             return
         fields = parse_l3l4(data)
         if fields is None:
@@ -391,9 +392,9 @@ class PolicyAgent:
             ns_name, _, rest = rule.partition("/")
             name, _, rule_text = rest.partition("/")
             policy = f"{ns_name}/{name}"
-        log.info("policy-log verdict=%s policy=%s rule=%s src=%s(%s) dst=%s(%s) proto=%s port=%s", verdict,
-                 policy or "-", rule_text or "default-deny", by_ip.get(src, "-"), src, by_ip.get(dst, "-"), dst,
-                 proto, dport)
+        log.info("policy-log verdict=%s %s=%s rule=%s src=%s(%s) dst=%s(%s) proto=%s port=%s%s", verdict, self.kind
+                 if self.kind != "networkpolicy" else "policy", policy or "-", rule_text or "default-deny",
+                 by_ip.get(src, "-"), src, by_ip.get(dst, "-"), dst, proto, dport, self.log_context)
 
 
 def _recording(ids: RuleIds | NetworkRuleIds, used: set[str]) -> Callable[[str], int]:
@@ -409,6 +410,8 @@ def parse_l3l4(frame: bytes) -> tuple[str, str, str, int, int] | None:
     import socket
     import struct
 
+    if frame[12:14] == b"\x81\x00":  # 802.1Q (from a provider network's uplink): skip the tag
+        frame = frame[:12] + frame[16:]
     if len(frame) < 34 or frame[12:14] != b"\x08\x00":
         return None
     ip = frame[14:]

@@ -67,7 +67,8 @@ def network_address(raw: dict[str, Any], network: str) -> str | None:
     if not isinstance(entries, list):
         return None
     for entry in entries:
-        if isinstance(entry, dict) and entry.get("name") == network and not entry.get("default"):
+        # by name only: "default" marks the interface with the default route, which may be this one
+        if isinstance(entry, dict) and entry.get("name") == network:
             for ip in entry.get("ips") or []:
                 if isinstance(ip, str) and "." in ip:
                     return ip.split("/")[0]

@@ -66,7 +66,7 @@ def provider_bridge(physnet: str) -> str:
 class SecondaryBridges:
     def __init__(self, db: Ovsdb, runtime: OvsRuntime, node_netns: str | None, providers: dict[str, str],
                  vxlan_port: int = 8472, datapath: str = "netdev", underlay_mtu: int = 1500,
-                 tx_checksum_off: bool = False) -> None:
+                 tx_checksum_off: bool = False, meters: tuple[ir.Meter, ...] = ()) -> None:
         self.db = db
         self.runtime = runtime
         self.node_netns = node_netns
@@ -75,12 +75,15 @@ class SecondaryBridges:
         self.datapath = datapath
         self.underlay_mtu = underlay_mtu
         self.tx_checksum_off = tx_checksum_off
+        self.meters = meters  # on every bridge before any flow: policy logging's packet-ins use them
         self._lock = threading.Lock()
         self._vteps: set[str] = set()
         self._network_ids: dict[str, int] = {}
         # bridge -> (network, object key) -> that object's policy flows (already on their network)
         self._policy: dict[str, dict[tuple[str, str], tuple[ir.Flow, ...]]] = {}
-        self._dirty: set[str] = set()
+        # what the last sync put on each bridge, per policy object; objects changed since
+        self._installed: dict[str, dict[tuple[str, str], tuple[ir.Flow, ...]]] = {}
+        self._dirty: dict[str, set[tuple[str, str]]] = {}
 
     # ---- set-up ---------------------------------------------------------------------------
 
@@ -93,10 +96,20 @@ class SecondaryBridges:
             bridge = provider_bridge(physnet)
             self.db.ensure_bridge(bridge, self.datapath)
             self.db.add_port(bridge, uplink, external_ids={"sanderling.io/uplink": physnet})
+            self._ensure_meters(bridge)
             self.sync_flows(bridge)
             log.info("provider network %s: bridge %s, uplink %s", physnet, bridge, uplink)
         self.db.ensure_bridge(L2_BRIDGE, self.datapath)
+        self._ensure_meters(L2_BRIDGE)
         self.sync_flows(L2_BRIDGE)
+
+    def _ensure_meters(self, bridge: str) -> None:
+        """Add, or modify if it exists (never delete: OpenFlow deletes a meter's flows with it)."""
+        for meter in self.meters:
+            try:
+                self.runtime.ofctl(bridge, "add-meter", meter.text())
+            except OvsError:
+                self.runtime.ofctl(bridge, "mod-meter", meter.text())
 
     def bridge_for(self, network: Network) -> str:
         if network.topology == "layer2":
@@ -243,7 +256,7 @@ class SecondaryBridges:
                 objects[(network, key)] = flows
             else:
                 objects.pop((network, key), None)
-            self._dirty.add(bridge)
+            self._dirty.setdefault(bridge, set()).add((network, key))
         return True
 
     def clear_network(self, network: str) -> None:
@@ -253,15 +266,45 @@ class SecondaryBridges:
                 gone = [k for k in objects if k[0] == network]
                 for k in gone:
                     del objects[k]
-                if gone:
-                    self._dirty.add(bridge)
+                self._dirty.setdefault(bridge, set()).update(gone)
 
     def flush_policy(self) -> None:
-        """Install what producers changed (blocking: call it off the event loop)."""
+        """Install what producers changed (blocking: call it off the event loop): only the
+        difference of the changed objects, in one bundle; the whole bridge if that fails."""
         with self._lock:
-            dirty, self._dirty = self._dirty, set()
-            for bridge in sorted(dirty):
-                self._sync_flows(bridge)
+            dirty, self._dirty = self._dirty, {}
+            for bridge, keys in sorted(dirty.items()):
+                if bridge not in self._installed:
+                    self._sync_flows(bridge)
+                    continue
+                try:
+                    self._apply_delta(bridge, keys)
+                except SecondaryError as exc:
+                    log.error("%s: policy change not applied (%s); replacing all its flows", bridge, exc)
+                    self._sync_flows(bridge)
+
+    def _apply_delta(self, bridge: str, keys: set[tuple[str, str]]) -> None:
+        installed, desired = self._installed[bridge], self._policy.get(bridge, {})
+        old = {f.key: f for k in keys for f in installed.get(k, ())}
+        new = {f.key: f for k in keys for f in desired.get(k, ())}
+        lines = [f"add {f.text()}" for key, f in new.items() if old.get(key) != f]
+        lines += [f"delete_strict {f.text(cookie=0).split(' actions=')[0]}" for key, f in old.items() if key not in new]
+        if lines:
+            self._ofctl_file(bridge, "add-flows", lines)
+        for k in keys:
+            if k in desired:
+                installed[k] = desired[k]
+            else:
+                installed.pop(k, None)
+
+    def _ofctl_file(self, bridge: str, command: str, lines: list[str]) -> None:
+        with tempfile.NamedTemporaryFile("w", suffix=".flows") as f:
+            f.write("\n".join(lines) + "\n")
+            f.flush()
+            try:
+                self.runtime.ofctl(bridge, command, f.name, options=("--bundle",))
+            except OvsError as exc:
+                raise SecondaryError(f"flows of {bridge} not replaced: {exc}") from exc
 
     def policy_flow_count(self, bridge: str) -> int:
         with self._lock:
@@ -294,15 +337,12 @@ class SecondaryBridges:
         if uplink is not None and uplink.effective_ofport > 0:
             networks += [NetworkPort(uplink.effective_ofport, self._network_id(n), vlan) for vlan, n in vlans.items()]
         flows = [f.text() for f in compile_bridge(guarded, networks)]
-        for objects in self._policy.get(bridge, {}).values():
-            flows += (f.text() for f in objects)
-        with tempfile.NamedTemporaryFile("w", suffix=".flows") as f:
-            f.write("\n".join(flows) + "\n")
-            f.flush()
-            try:
-                self.runtime.ofctl(bridge, "replace-flows", f.name, options=("--bundle",))
-            except OvsError as exc:
-                raise SecondaryError(f"flows of {bridge} not replaced: {exc}") from exc
+        objects = dict(self._policy.get(bridge, {}))
+        for object_flows in objects.values():
+            flows += (f.text() for f in object_flows)
+        self._ofctl_file(bridge, "replace-flows", flows)
+        self._installed[bridge] = objects
+        self._dirty.pop(bridge, None)
 
 
 class NetworkFlows:
