@@ -17,6 +17,17 @@ from sanderling.lab.node import LocalNode, teardown_prefix
 from ..conftest import require_ovs
 
 
+def wait_for(predicate, timeout: float = 60.0, what: str = ""):
+    """The first truthy value of `predicate()`, polled until `timeout` (observable state, not a sleep)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def require_root() -> None:
     if os.geteuid() != 0:
         pytest.fail("network-namespace tests need root (they create netns, veths and OVS ports)")

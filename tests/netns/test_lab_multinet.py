@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from sanderling.model.attachments import ANNOTATION_STATUS
 
-from .conftest import LabCli
+from .conftest import LabCli, wait_for
 
 NAME = "slmn"
 lab = LabCli(NAME)
@@ -86,14 +85,6 @@ def pods() -> dict[str, dict]:
     return {p["metadata"]["name"]: p for p in json.loads(lab("get", "pods", "-o", "json").stdout)}
 
 
-def wait_for(predicate, timeout: float = 60.0, what: str = ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def in_pod(name: str, *argv: str) -> subprocess.CompletedProcess[str]:

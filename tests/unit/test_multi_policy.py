@@ -68,7 +68,8 @@ def test_a_pod_is_its_address_on_the_network():
 def test_bridge_classifier_golden():
     flows = compile_bridge([GuardedPort(3, "0a:58:0a:0a:00:05", ("10.10.0.5",), 0x8001),
                             GuardedPort(2, "02:00:00:00:00:09", ())],
-                           [NetworkPort(1, 0x8001, vlan=100), NetworkPort(4, 0x8002), NetworkPort(5, 0)])
+                           [NetworkPort(1, 0x8001, vlan=100, uplink=True), NetworkPort(4, 0x8002),
+                            NetworkPort(5, 0)])
 
     def named(flow: ir.Flow) -> str:
         text = re.sub(r"goto_table:(\d+)", lambda m: f"goto:{P.name_of(int(m.group(1)))}", flow.text(cookie=0))
@@ -76,22 +77,34 @@ def test_bridge_classifier_golden():
 
     assert [named(f) for f in flows] == [
         "NetworkClassifier,priority=0 actions=output:NORMAL",
-        "PolicyConntrack,priority=0 actions=goto:Switch",
+        "ServiceARP,priority=0 actions=output:NORMAL",
+        "ServiceLB,priority=0 actions=goto:ServiceDNAT",
+        "ServiceAffinity,priority=0 actions=drop",
+        "ServiceAffinitySelect,priority=0 actions=drop",
+        "ServiceAffinityLearn,priority=0 actions=drop",
+        "ServiceDNAT,priority=0 actions=goto:PolicyConntrack",
+        "PolicyConntrack,priority=0 actions=goto:ServiceUnDNAT",
         "PolicyState,priority=0 actions=goto:EgressRule",
         "EgressRule,priority=0 actions=goto:IngressRule",
         "IngressRule,priority=0 actions=goto:PolicyCommit",
-        "PolicyCommit,priority=0 actions=goto:Switch",
+        "PolicyCommit,priority=0 actions=goto:ServiceUnDNAT",
+        "ServiceUnDNAT,priority=0 actions=goto:Switch",
         "Switch,priority=0 actions=output:NORMAL",
-        # a guarded pod port: its own MAC and address only, into policy with its network
+        "Reject,priority=0 actions=drop",
+        # a guarded pod port: its own MAC and address only, on with its network
         "NetworkClassifier,priority=100,ip,in_port=3,dl_src=0a:58:0a:0a:00:05,nw_src=10.10.0.5 "
-        "actions=load:0x8001->NXM_NX_REG5[0..15],goto:PolicyConntrack",
+        "actions=load:0x8001->NXM_NX_REG5[0..15],goto:ServiceLB",
         "NetworkClassifier,priority=100,arp,in_port=3,dl_src=0a:58:0a:0a:00:05,arp_spa=10.10.0.5,"
-        "arp_sha=0a:58:0a:0a:00:05 actions=output:NORMAL",
+        "arp_sha=0a:58:0a:0a:00:05 actions=load:0x8001->NXM_NX_REG5[0..15],goto:ServiceARP",
         "NetworkClassifier,priority=90,in_port=3 actions=drop",
-        # the uplink, per VLAN (100 = 0x64, with the present bit), and a tunnel or unguarded port
+        # the uplink, per VLAN (100 = 0x64, with the present bit), marked as from other nodes; an
+        # unguarded port (or a layer2 tunnel) by port
         "NetworkClassifier,priority=50,ip,in_port=1,vlan_vid=0x1064 "
-        "actions=load:0x8001->NXM_NX_REG5[0..15],goto:PolicyConntrack",
-        "NetworkClassifier,priority=50,ip,in_port=4 actions=load:0x8002->NXM_NX_REG5[0..15],goto:PolicyConntrack",
+        "actions=load:0x8001->NXM_NX_REG5[0..15],load:0x1->NXM_NX_REG5[16],goto:ServiceLB",
+        "NetworkClassifier,priority=50,arp,in_port=1,vlan_vid=0x1064 "
+        "actions=load:0x8001->NXM_NX_REG5[0..15],load:0x1->NXM_NX_REG5[16],goto:ServiceARP",
+        "NetworkClassifier,priority=50,ip,in_port=4 actions=load:0x8002->NXM_NX_REG5[0..15],goto:ServiceLB",
+        "NetworkClassifier,priority=50,arp,in_port=4 actions=load:0x8002->NXM_NX_REG5[0..15],goto:ServiceARP",
     ]
     for flow in flows:
         P.check_flow(flow)

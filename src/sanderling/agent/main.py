@@ -221,10 +221,10 @@ async def open_gate(informers: list[Any], sync: SyncLoop, view: Any) -> None:
 
 
 def policy_informers(client: Any, api: Any, sync: SyncLoop, args: AgentConfig, sources: Any = None,
-                     multi: Any = None) -> list[Any]:
-    """NetworkPolicy, Namespace and Pod informers feeding policy enforcement; with `multi` (the
-    MultiNetworkPolicy agents), their MultiNetworkPolicy and NAD informers too, and the same Pod and
-    Namespace informers feed both."""
+                     pod_hooks: tuple[Callable[[str, Any], None], ...] = (),
+                     namespace_hooks: tuple[Callable[[str, Any], None], ...] = ()) -> list[Any]:
+    """NetworkPolicy, Namespace and Pod informers feeding policy enforcement (and, through the
+    hooks, whoever else needs every Pod and Namespace: one watch each)."""
     from lightkube.resources.core_v1 import Namespace, Pod
     from lightkube.resources.networking_v1 import NetworkPolicy
 
@@ -234,7 +234,7 @@ def policy_informers(client: Any, api: Any, sync: SyncLoop, args: AgentConfig, s
     def report(namespace: str, name: str, message: str) -> None:
         asyncio.get_running_loop().run_in_executor(
             None, lambda: api.event(namespace, name, "InvalidNetworkPolicy", message, args.node,
-                                    involved_kind="NetworkPolicy"))
+                                    involved_kind="NetworkPolicy", api_version="networking.k8s.io/v1"))
 
     agent = PolicyAgent(args.node, sync.scope("policy"), sync.kick, asyncio.get_running_loop().call_soon, report)
     agent.start()
@@ -245,23 +245,36 @@ def policy_informers(client: Any, api: Any, sync: SyncLoop, args: AgentConfig, s
 
     sync.meters.append(Meter(LOG_METER, LOG_RATE_PPS, LOG_RATE_PPS // 5))
     sync.packet_in_hooks.append(agent.packet_in)
-    if multi is None:
-        return [Informer(client, NetworkPolicy, agent.policy_changed), Informer(client, Pod, agent.pod_changed),
-                Informer(client, Namespace, agent.namespace_changed, namespaced=False)]
+    return [Informer(client, NetworkPolicy, agent.policy_changed),
+            Informer(client, Pod, fan_out(agent.pod_changed, *pod_hooks)),
+            Informer(client, Namespace, fan_out(agent.namespace_changed, *namespace_hooks), namespaced=False)]
+
+
+def fan_out(*hooks: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
+    """One informer callback calling several consumers in turn."""
+    if len(hooks) == 1:
+        return hooks[0]
+
+    def call(key: str, obj: Any) -> None:
+        for hook in hooks:
+            hook(key, obj)
+    return call
+
+
+def secondary_informers(client: Any, multi: Any, services: Any) -> list[Any]:
+    """The informers only secondary networks need: NADs (both), MultiNetworkPolicies, Services."""
+    from lightkube.resources.core_v1 import Service
+
     from sanderling.kube.client import MultiNetworkPolicyResource, NadResource
+    from sanderling.kube.informer import Informer
 
-    def pod_changed(key: str, obj: dict[str, Any] | None) -> None:
-        agent.pod_changed(key, obj)
-        multi.pod_changed(key, obj)
-
-    def namespace_changed(key: str, obj: dict[str, Any] | None) -> None:
-        agent.namespace_changed(key, obj)
-        multi.namespace_changed(key, obj)
-
-    return [Informer(client, NetworkPolicy, agent.policy_changed), Informer(client, Pod, pod_changed),
-            Informer(client, Namespace, namespace_changed, namespaced=False),
-            Informer(client, MultiNetworkPolicyResource, multi.policy_changed),
-            Informer(client, NadResource, multi.nad_changed)]
+    nad_hooks = [c.nad_changed for c in (multi, services) if c is not None]
+    informers = [Informer(client, NadResource, fan_out(*nad_hooks))] if nad_hooks else []
+    if multi is not None:
+        informers.append(Informer(client, MultiNetworkPolicyResource, multi.policy_changed))
+    if services is not None:
+        informers.append(Informer(client, Service, services.service_changed))
+    return informers
 
 
 def multi_policy_served(api: Any, args: AgentConfig) -> bool:
@@ -283,36 +296,78 @@ def multi_policy_served(api: Any, args: AgentConfig) -> bool:
     return True
 
 
-def multi_policy_agents(api: Any, args: AgentConfig) -> Any:
-    """The MultiNetworkPolicy agents of this node (their bridges are attached later)."""
-    from sanderling.agent.multi_policy import MultiPolicyAgents
+class SecondaryFlusher:
+    """Installs what the secondary networks' producers (MultiNetworkPolicy, Services) changed on
+    the node's secondary bridges: coalesced, off the loop (ovs-ofctl blocks)."""
 
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self.bridges: Any = None  # set once the bridges exist
+        self._loop = asyncio.get_running_loop()
+        self._pending = False
+
+    def changed(self) -> None:
+        if not self._pending:
+            self._pending = True
+            self._loop.run_in_executor(None, self._install)
+
+    def _install(self) -> None:
+        self._pending = False
+        if self.bridges is not None:
+            try:
+                self.bridges.flush_policy()
+            except Exception as exc:
+                log.error("node %s: secondary-network flows not installed: %s", self.node, exc)
+
+
+def _reporter(api: Any, args: AgentConfig, reason: str, kind: str, api_version: str) -> Callable[[str, str, str], None]:
     loop = asyncio.get_running_loop()
 
     def report(namespace: str, name: str, message: str) -> None:
-        loop.run_in_executor(None, lambda: api.event(namespace, name, "MultiNetworkPolicyNotEnforced", message,
-                                                     args.node, involved_kind="MultiNetworkPolicy",
-                                                     api_version="k8s.cni.cncf.io/v1beta1"))
+        loop.run_in_executor(None, lambda: api.event(namespace, name, reason, message, args.node,
+                                                     involved_kind=kind, api_version=api_version))
+    return report
 
-    pending = False
 
-    def install() -> None:
-        nonlocal pending
-        pending = False
-        if multi.bridges is not None:
-            try:
-                multi.bridges.flush_policy()
-            except Exception as exc:
-                log.error("node %s: MultiNetworkPolicy flows not installed: %s", args.node, exc)
+def multi_policy_agents(api: Any, args: AgentConfig, flusher: SecondaryFlusher) -> Any:
+    """The MultiNetworkPolicy agents of this node (their bridges are attached later)."""
+    from sanderling.agent.multi_policy import MultiPolicyAgents
 
-    def changed() -> None:  # coalesced, off the loop (ovs-ofctl blocks)
-        nonlocal pending
-        if not pending:
-            pending = True
-            loop.run_in_executor(None, install)
+    return MultiPolicyAgents(args.node, flusher.changed, asyncio.get_running_loop().call_soon,
+                             _reporter(api, args, "MultiNetworkPolicyNotEnforced", "MultiNetworkPolicy",
+                                       "k8s.cni.cncf.io/v1beta1"))
 
-    multi = MultiPolicyAgents(args.node, changed, loop.call_soon, report)
-    return multi
+
+def network_services(api: Any, args: AgentConfig, flusher: SecondaryFlusher) -> Any:
+    """Services on secondary networks (their bridges are attached later); this node's
+    EndpointSlices of them are written off the loop."""
+    from sanderling.agent.network_services import NetworkServices
+
+    loop = asyncio.get_running_loop()
+
+    def write(namespace: str, name: str, obj: dict[str, Any] | None) -> None:
+        loop.run_in_executor(None, _write_slice, api, namespace, name, obj)
+
+    return NetworkServices(args.node, flusher.changed, write,
+                           _reporter(api, args, "NetworkServiceNotBalanced", "Service", "v1"))
+
+
+def _write_slice(api: Any, namespace: str, name: str, obj: dict[str, Any] | None) -> None:
+    from lightkube import ApiError, codecs
+    from lightkube.resources.discovery_v1 import EndpointSlice
+
+    from sanderling.kube.apply import create_or_replace
+
+    try:
+        if obj is None:
+            api.client.delete(EndpointSlice, name, namespace=namespace)
+        else:
+            create_or_replace(api.client, codecs.from_dict(obj))
+    except ApiError as exc:
+        if obj is not None or exc.status.code != 404:
+            log.error("endpointslice/%s/%s: not written: %s", namespace, name, exc)
+    except Exception as exc:
+        log.error("endpointslice/%s/%s: not written: %s", namespace, name, exc)
 
 
 class RouteKeeper:
@@ -425,6 +480,8 @@ async def serve(args: AgentConfig) -> int:
         api = KubeApi(args.kubeconfig)
     remote_hooks: list[Callable[[list[Remote]], None]] = []  # more listeners to the other nodes
     multi: Any = None  # MultiNetworkPolicy agents, given the secondary bridges once they exist
+    net_services: Any = None  # Services on secondary networks, the same
+    flusher = SecondaryFlusher(args.node)
     proxy_tasks: list[asyncio.Task[None]] = []
     if _kube_enabled(args):
         from sanderling.agent.cluster_view import ClusterView
@@ -465,8 +522,22 @@ async def serve(args: AgentConfig) -> int:
                 await steering.steer()
         if not args.no_policy:  # its own switch: --no-proxy does not turn policy off
             if not args.no_cni and await asyncio.to_thread(multi_policy_served, api, args):
-                multi = multi_policy_agents(api, args)
-            informers += policy_informers(client, api, sync, args, sources, multi)
+                multi = multi_policy_agents(api, args, flusher)
+        if not args.no_cni and not args.no_proxy:
+            net_services = network_services(api, args, flusher)
+            remote_hooks.append(lambda remotes: net_services.nodes_changed([r.node for r in remotes]))
+        consumers = [c for c in (multi, net_services) if c is not None]
+        if not args.no_policy:
+            informers += policy_informers(client, api, sync, args, sources,
+                                          tuple(c.pod_changed for c in consumers),
+                                          (multi.namespace_changed,) if multi is not None else ())
+        elif net_services is not None:
+            from lightkube.resources.core_v1 import Pod
+
+            from sanderling.kube.informer import Informer
+
+            informers.append(Informer(client, Pod, net_services.pod_changed))
+        informers += secondary_informers(client, multi, net_services)
         proxy_tasks = [asyncio.create_task(i.run()) for i in informers]
         sync.gate = asyncio.Event()
         listed += [*view.informers, *informers]
@@ -518,10 +589,16 @@ async def serve(args: AgentConfig) -> int:
                 loop.run_in_executor(None, bridges.set_vteps, {str(r.via) for r in remotes})
 
             remote_hooks.append(vteps_changed)
+            flusher.bridges = bridges
+            if net_services is not None:
+                net_services.attach(bridges)
+                if view is not None and view.remotes:
+                    net_services.nodes_changed([r.node for r in view.remotes])
             if multi is not None:
+                multi.attach(bridges)
+            if multi is not None or net_services is not None:
                 from sanderling.agent.multi_policy import listen_packet_ins
 
-                multi.attach(bridges)
                 stopping = asyncio.Event()
                 proxy_tasks += [asyncio.create_task(listen_packet_ins(
                     runtime.mgmt_target(b), multi, stopping, functools.partial(bridges.sync_flows, b)))
@@ -578,12 +655,16 @@ def secondary_networks(args: AgentConfig, db: Ovsdb, runtime: OvsRuntime, cluste
             raise ModelError(f"node/{node}", "--provider-network", f"{item!r}: want PHYSNET=INTERFACE")
         providers[physnet] = iface
     checksum_off = args.mode == "overlay" or not db.userspace_tso_enabled()
+    from sanderling.compiler.network_services import static_flows as service_static_flows
     from sanderling.compiler.policy import LOG_METER, LOG_RATE_PPS
+    from sanderling.compiler.services import REJECT_METER, REJECT_RATE_PPS
     from sanderling.openflow.ir import Meter
 
     bridges = SecondaryBridges(db, runtime, args.node_netns, providers, args.layer2_port, args.datapath,
                                args.underlay_mtu, tx_checksum_off=checksum_off,
-                               meters=(Meter(LOG_METER, LOG_RATE_PPS, LOG_RATE_PPS // 5),))
+                               meters=(Meter(LOG_METER, LOG_RATE_PPS, LOG_RATE_PPS // 5),
+                                       Meter(REJECT_METER, REJECT_RATE_PPS, REJECT_RATE_PPS // 4)),
+                               static_flows=tuple(service_static_flows(REJECT_METER)))
     bridges.setup()
     return MultiNetwork(cluster.api, cluster, store, bridges, Records(args.state_dir / node / "attachments"),
                         tuple(p for p in args.cni_path.split(":") if p), node, args.node_netns)

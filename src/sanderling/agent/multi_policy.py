@@ -215,11 +215,14 @@ class MultiPolicyAgents:
         return agent
 
 
-async def listen_packet_ins(target: str, agents: MultiPolicyAgents, stop: asyncio.Event,
+async def listen_packet_ins(target: str, agents: MultiPolicyAgents | None, stop: asyncio.Event,
                             resync: Callable[[], None]) -> None:
-    """Policy-log packet-ins of one secondary bridge (its flows are installed by ovs-ofctl; this
-    connection only listens), reconnecting while the bridge is away; at every (re)connect the
-    bridge's flows are replaced whole (`resync`): an ovs-vswitchd that restarted has none."""
+    """The packet-ins of one secondary bridge (its flows are installed by ovs-ofctl; this
+    connection listens): policy-log copies go to the network's policy agent, Rejects (a Service
+    of the network with no endpoint) are answered at once with a TCP RST or an ICMP port
+    unreachable through the port the request came from. Reconnects while the bridge is away; at
+    every (re)connect the bridge's flows are replaced whole (`resync`): an ovs-vswitchd that
+    restarted has none."""
     from sanderling.openflow.connection import Connection, ConnectionLost
 
     delay = 0.1
@@ -236,7 +239,16 @@ async def listen_packet_ins(target: str, agents: MultiPolicyAgents, stop: asynci
             await asyncio.to_thread(resync)
         except Exception as exc:
             log.error("%s: flows not restored after connecting: %s", target, exc)
-        conn.packet_in_handlers.append(lambda pin: agents.packet_in(pin.table_id, pin.cookie, pin.match, pin.data))
+        def handle(pin: Any, conn: Any = conn) -> None:
+            if pin.table_id == SECONDARY_PIPELINE["Reject"]:
+                reply = reject_tagged(pin.data)
+                in_port = pin.match.get("in_port")
+                if reply is not None and in_port is not None:
+                    asyncio.ensure_future(conn.packet_out(reply, (ir.Output(ir.IN_PORT),), in_port[0]))
+            elif agents is not None:
+                agents.packet_in(pin.table_id, pin.cookie, pin.match, pin.data)
+
+        conn.packet_in_handlers.append(handle)
         stopping = asyncio.ensure_future(stop.wait())
         try:
             waiters: set[asyncio.Future[Any]] = {conn.closed, stopping}
@@ -244,3 +256,13 @@ async def listen_packet_ins(target: str, agents: MultiPolicyAgents, stop: asynci
         finally:
             stopping.cancel()
             conn.close()
+
+
+def reject_tagged(frame: bytes) -> bytes | None:
+    """The refusal of `frame`, an 802.1Q tag (from a provider network's uplink) kept on the answer."""
+    from sanderling.agent.reject import reject_reply
+
+    if frame[12:14] == b"\x81\x00":
+        reply = reject_reply(frame[:12] + frame[16:])
+        return reply[:12] + frame[12:16] + reply[12:] if reply is not None else None
+    return reject_reply(frame)

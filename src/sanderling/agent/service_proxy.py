@@ -20,6 +20,7 @@ from typing import Any
 from sanderling.agent.object_errors import ObjectErrors
 from sanderling.agent.sync import DesiredState
 from sanderling.compiler import services as compiler
+from sanderling.model.network_services import MANAGED_BY, MANAGER
 from sanderling.model.services import SERVICE_NAME_LABEL, Service, endpoints_by_port, service_from, usable
 
 log = logging.getLogger(__name__)
@@ -117,8 +118,10 @@ class ServiceProxy:
         owner = None
         if obj is not None:
             meta = obj.get("metadata") or {}
-            svc_name = (meta.get("labels") or {}).get(SERVICE_NAME_LABEL)
-            if svc_name:
+            labels = meta.get("labels") or {}
+            svc_name = labels.get(SERVICE_NAME_LABEL)
+            # a secondary network's endpoints (written by the agents): never the pod network's
+            if svc_name and labels.get(MANAGED_BY) != MANAGER:
                 owner = f"{meta.get('namespace', '')}/{svc_name}"
                 self.slices.setdefault(owner, {})[key] = obj
                 self.slice_owner[key] = owner

@@ -125,6 +125,11 @@ def _selector(obj: str, field: str, raw: Any) -> Selector:
     return Selector(tuple(sorted((str(k), str(v)) for k, v in labels.items())), tuple(exprs))
 
 
+def label_selector(obj: str, field: str, raw: Any) -> Selector:
+    """A metav1.LabelSelector (also a Service's selector, as {"matchLabels": ...})."""
+    return _selector(obj, field, raw)
+
+
 def _block(obj: str, field: str, raw: Any, notes: list[str]) -> Peer | None:
     """An ipBlock peer; None when it cannot match IPv4 traffic at all (an IPv6 CIDR)."""
     if not isinstance(raw, dict):

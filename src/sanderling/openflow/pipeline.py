@@ -107,13 +107,34 @@ TABLES: tuple[Table, ...] = (
 # MultiNetworkPolicy, with the same policy tables (names and meaning) as br-int's, per network.
 SECONDARY_TABLES: tuple[Table, ...] = (
     Table("NetworkClassifier", "classification", Miss.NORMAL,
-          "IPv4 from a pod port (from its own MAC and addresses only, when Sanderling gave them), from the "
-          "uplink by VLAN or from a layer2 tunnel gets its network in SECONDARY_NETWORK and goes on to "
-          "policy; a guarded port's other IPv4 is dropped; ARP (a guarded port's only for its addresses) and "
-          "everything else is switched."),
+          "IPv4 and ARP from a pod port (from its own MAC and addresses only, when Sanderling gave them), "
+          "from the uplink by VLAN or from a layer2 tunnel get their network in SECONDARY_NETWORK and go "
+          "on (ARP to ServiceARP); a guarded port's other frames are dropped; everything else is switched."),
+    Table("ServiceARP", "services", Miss.NORMAL,
+          "ARP requests for a Service's virtual IP on this network are answered with the Service's virtual "
+          "MAC (from the network's pods; from the uplink only on the node announcing the Service); other "
+          "ARP is switched. Non-ARP never comes here."),
+    Table("ServiceLB", "services", Miss.NEXT,
+          "A request to a virtual IP and port (addressed to its virtual MAC) gets an endpoint: the learned "
+          "one with ClientIP affinity, else the service's select group's (a bucket per endpoint: its MAC as "
+          "destination); no endpoint: Reject. Other traffic to a virtual IP is dropped.",
+          miss_to="ServiceDNAT"),
+    Table("ServiceAffinity", "services", Miss.DROP,
+          "Learned flows (client, virtual IP, port -> the endpoint's MAC, idle timeout = the affinity "
+          "timeout). Only entered by resubmit."),
+    Table("ServiceAffinitySelect", "services", Miss.DROP,
+          "A remembered endpoint goes straight to ServiceDNAT; otherwise the service's group picks one "
+          "(its bucket continues at ServiceAffinityLearn). Only entered from ServiceLB."),
+    Table("ServiceAffinityLearn", "services", Miss.DROP,
+          "Remembers the endpoint the group chose for this client in ServiceAffinity (learn: OVS does not "
+          "run learn inside a group bucket), then ServiceDNAT. Only entered by resubmit from a bucket."),
+    Table("ServiceDNAT", "services", Miss.NEXT,
+          "A request for a virtual IP addressed to a local endpoint's MAC is translated to the endpoint "
+          "(committed with DNAT in the network's service zone): the endpoint's node translates, so its "
+          "reply is translated back there and leaves from the virtual IP, whoever the client is."),
     Table("PolicyConntrack", "policy", Miss.NEXT,
           "Traffic of pods a MultiNetworkPolicy isolates on this network goes through the network's "
-          "conntrack zone; everything else is switched.", miss_to="Switch"),
+          "conntrack zone; everything else skips policy.", miss_to="ServiceUnDNAT"),
     POLICY_STATE,
     Table("EgressRule", "policy", Miss.NEXT,
           "Egress rules as conjunctions (source pod, destination peers' addresses on this network, ports)."),
@@ -121,7 +142,15 @@ SECONDARY_TABLES: tuple[Table, ...] = (
           "Ingress rules as conjunctions (destination pod, source peers' addresses on this network, ports)."),
     Table("PolicyCommit", "policy", Miss.NEXT,
           "Allowed new connections are committed to the network's zone, so their replies always pass."),
-    Table("Switch", "output", Miss.NORMAL, "OVS's MAC learning (NORMAL) delivers the frame."),
+    Table("ServiceUnDNAT", "services", Miss.NEXT,
+          "Replies from a local endpoint's target port go through the service zone with nat: those of "
+          "translated connections leave from the virtual IP and MAC."),
+    Table("Switch", "output", Miss.NORMAL,
+          "OVS's MAC learning (NORMAL) delivers the frame; a request that came in from the uplink for "
+          "another node's endpoint goes back out of it (NORMAL never returns a frame where it came from)."),
+    Table("Reject", "services", Miss.DROP,
+          "Connections to a Service with no endpoint go to the agent, which answers at once with a TCP RST "
+          "or an ICMP port unreachable."),
 )
 
 

@@ -92,8 +92,17 @@ SECONDARY_NETWORK = RegField("SECONDARY_NETWORK", 5, 0, 15,
                              "secondary-network bridges only: the network of the packet (every policy flow of a "
                              "network matches it; it is also the network's conntrack zone)")
 
+SECONDARY_FROM_UPLINK = RegField("SECONDARY_FROM_UPLINK", 5, 16, 16,
+                                 "secondary-network bridges only: 1: the packet came in from the uplink")
+SECONDARY_AFFINITY_HIT = RegField("SECONDARY_AFFINITY_HIT", 5, 17, 17,
+                                  "secondary-network bridges only: 1: ServiceAffinity found this client's endpoint")
+
+SECONDARY_REMOTE_ENDPOINT = RegField("SECONDARY_REMOTE_ENDPOINT", 5, 18, 18,
+                                     "secondary-network bridges only: 1: the chosen endpoint is on another node")
+
 REG_FIELDS: tuple[RegField, ...] = (PORT_CLASS, TARGET_OFPORT, SERVICE_MASQ, AFFINITY_HIT, DIRECT_TARGET, ENDPOINT_IP,
-                                    ENDPOINT_PORT, SERVICE_GROUP, SECONDARY_NETWORK)
+                                    ENDPOINT_PORT, SERVICE_GROUP, SECONDARY_NETWORK, SECONDARY_FROM_UPLINK,
+                                    SECONDARY_AFFINITY_HIT, SECONDARY_REMOTE_ENDPOINT)
 
 FROM_POD = RegMark("FROM_POD", PORT_CLASS, 1, "the packet came from a local pod's port")
 FROM_GATEWAY = RegMark("FROM_GATEWAY", PORT_CLASS, 2, "the packet came from the node's gateway (host) port")
@@ -113,7 +122,9 @@ SNAT_ZONE = 0xFFF1  # masqueraded service connections
 POLICY_ZONE = 0xFFF2  # connections of pods isolated by a NetworkPolicy
 CT_MARK_MASQ = 0x1  # ct_mark bit: the connection was masqueraded, re-SNAT its later packets
 ORIGIN_ZONE = 0xFFF3  # local pods' connections to target ports, by their endpoint tuple: direct or service?
-FIRST_NETWORK_ZONE, LAST_NETWORK_ZONE = 0x8000, 0xBFFF  # a conntrack zone per secondary network (policy)
+# a conntrack zone per secondary network for its policy, and one for its Services (+ NETWORK_SERVICE_ZONE_OFFSET)
+FIRST_NETWORK_ZONE, LAST_NETWORK_ZONE = 0x8000, 0xBFEF
+NETWORK_SERVICE_ZONE_OFFSET = 0x4000
 CT_MARK_DIRECT = 0x2  # ct_mark bit in the origin zone: the tuple's latest connection was direct (not a service's)
 
 

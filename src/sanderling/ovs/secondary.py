@@ -66,7 +66,8 @@ def provider_bridge(physnet: str) -> str:
 class SecondaryBridges:
     def __init__(self, db: Ovsdb, runtime: OvsRuntime, node_netns: str | None, providers: dict[str, str],
                  vxlan_port: int = 8472, datapath: str = "netdev", underlay_mtu: int = 1500,
-                 tx_checksum_off: bool = False, meters: tuple[ir.Meter, ...] = ()) -> None:
+                 tx_checksum_off: bool = False, meters: tuple[ir.Meter, ...] = (),
+                 static_flows: tuple[ir.Flow, ...] = ()) -> None:
         self.db = db
         self.runtime = runtime
         self.node_netns = node_netns
@@ -76,13 +77,17 @@ class SecondaryBridges:
         self.underlay_mtu = underlay_mtu
         self.tx_checksum_off = tx_checksum_off
         self.meters = meters  # on every bridge before any flow: policy logging's packet-ins use them
+        self.static_flows = static_flows  # on every bridge, beside the classifier (the Services' static flows)
         self._lock = threading.Lock()
         self._vteps: set[str] = set()
         self._network_ids: dict[str, int] = {}
         # bridge -> (network, object key) -> that object's policy flows (already on their network)
         self._policy: dict[str, dict[tuple[str, str], tuple[ir.Flow, ...]]] = {}
+        self._groups: dict[str, dict[tuple[str, str], tuple[ir.Group, ...]]] = {}  # bridge -> object -> groups
+        self._group_ids: dict[str, dict[str, int]] = {}
         # what the last sync put on each bridge, per policy object; objects changed since
         self._installed: dict[str, dict[tuple[str, str], tuple[ir.Flow, ...]]] = {}
+        self._installed_groups: dict[str, dict[tuple[str, str], tuple[ir.Group, ...]]] = {}
         self._dirty: dict[str, set[tuple[str, str]]] = {}
 
     # ---- set-up ---------------------------------------------------------------------------
@@ -244,18 +249,30 @@ class SecondaryBridges:
         """The desired-state window of one network's policy (SecondaryError: not carried here)."""
         return NetworkFlows(self, network)
 
-    def set_policy(self, bridge: str, network: str, key: str, flows: Iterable[ir.Flow]) -> bool:
-        """One policy object of a network (no flows: removed); installed by the next
-        `flush_policy`. True if it changed."""
-        flows = tuple(flows)
+    def group_id(self, bridge: str, key: str) -> int:
+        """A group number on `bridge` for `key` (a service port), stable while the agent runs."""
+        with self._lock:
+            ids = self._group_ids.setdefault(bridge, {})
+            return ids.setdefault(key, len(ids) + 1)
+
+    def set_policy(self, bridge: str, network: str, key: str, flows: Iterable[ir.Flow],
+                   groups: Iterable[ir.Group] = ()) -> bool:
+        """One object (a policy's, a Service's) of a network (no flows: removed); installed by the
+        next `flush_policy`. True if it changed."""
+        flows, groups = tuple(flows), tuple(groups)
         with self._lock:
             objects = self._policy.setdefault(bridge, {})
-            if objects.get((network, key), ()) == flows:
+            object_groups = self._groups.setdefault(bridge, {})
+            if objects.get((network, key), ()) == flows and object_groups.get((network, key), ()) == groups:
                 return False
             if flows:
                 objects[(network, key)] = flows
             else:
                 objects.pop((network, key), None)
+            if groups:
+                object_groups[(network, key)] = groups
+            else:
+                object_groups.pop((network, key), None)
             self._dirty.setdefault(bridge, set()).add((network, key))
         return True
 
@@ -266,6 +283,7 @@ class SecondaryBridges:
                 gone = [k for k in objects if k[0] == network]
                 for k in gone:
                     del objects[k]
+                    self._groups.get(bridge, {}).pop(k, None)
                 self._dirty.setdefault(bridge, set()).update(gone)
 
     def flush_policy(self) -> None:
@@ -284,18 +302,39 @@ class SecondaryBridges:
                     self._sync_flows(bridge)
 
     def _apply_delta(self, bridge: str, keys: set[tuple[str, str]]) -> None:
+        """Groups added or changed first, then the flows in one bundle, then groups gone."""
         installed, desired = self._installed[bridge], self._policy.get(bridge, {})
+        installed_groups, desired_groups = self._installed_groups.setdefault(bridge, {}), self._groups.get(bridge, {})
+        old_groups = {g.group_id: g for k in keys for g in installed_groups.get(k, ())}
+        new_groups = {g.group_id: g for k in keys for g in desired_groups.get(k, ())}
+        self._put_groups(bridge, [g for gid, g in new_groups.items() if old_groups.get(gid) != g])
         old = {f.key: f for k in keys for f in installed.get(k, ())}
         new = {f.key: f for k in keys for f in desired.get(k, ())}
         lines = [f"add {f.text()}" for key, f in new.items() if old.get(key) != f]
         lines += [f"delete_strict {f.text(cookie=0).split(' actions=')[0]}" for key, f in old.items() if key not in new]
         if lines:
             self._ofctl_file(bridge, "add-flows", lines)
+        for gid in sorted(set(old_groups) - set(new_groups)):
+            self._ofctl(bridge, "del-groups", f"group_id={gid}")
         for k in keys:
             if k in desired:
                 installed[k] = desired[k]
             else:
                 installed.pop(k, None)
+            if k in desired_groups:
+                installed_groups[k] = desired_groups[k]
+            else:
+                installed_groups.pop(k, None)
+
+    def _put_groups(self, bridge: str, groups: list[ir.Group]) -> None:
+        for group in groups:
+            self._ofctl(bridge, "mod-group", group.text(), options=("--may-create",))
+
+    def _ofctl(self, bridge: str, command: str, *args: str, options: tuple[str, ...] = ()) -> None:
+        try:
+            self.runtime.ofctl(bridge, command, *args, options=options)
+        except OvsError as exc:
+            raise SecondaryError(f"{command} on {bridge} failed: {exc}") from exc
 
     def _ofctl_file(self, bridge: str, command: str, lines: list[str]) -> None:
         with tempfile.NamedTemporaryFile("w", suffix=".flows") as f:
@@ -330,18 +369,22 @@ class SecondaryBridges:
             mac = r.external_ids.get(ovsdb.EXT_MAC, "")
             if ips and mac:
                 guarded.append(GuardedPort(r.effective_ofport, mac, ips, nid))
-            elif r.tag:  # an unguarded access port, or a layer2 network's tunnel device
-                networks.append(NetworkPort(r.effective_ofport, nid))
+            elif r.tag:  # an unguarded access port, or a layer2 network's tunnel device (other nodes)
+                networks.append(NetworkPort(r.effective_ofport, nid, uplink=bool(r.external_ids.get(ovsdb.EXT_VNI))))
             if r.tag and r.external_ids.get(ovsdb.EXT_CONTAINER_ID):
                 vlans.setdefault(r.tag, network)  # one network per VLAN of the uplink (the first by port)
         if uplink is not None and uplink.effective_ofport > 0:
-            networks += [NetworkPort(uplink.effective_ofport, self._network_id(n), vlan) for vlan, n in vlans.items()]
-        flows = [f.text() for f in compile_bridge(guarded, networks)]
+            networks += [NetworkPort(uplink.effective_ofport, self._network_id(n), vlan, uplink=True)
+                         for vlan, n in vlans.items()]
+        flows = [f.text() for f in compile_bridge(guarded, networks)] + [f.text() for f in self.static_flows]
         objects = dict(self._policy.get(bridge, {}))
+        groups = dict(self._groups.get(bridge, {}))
+        self._put_groups(bridge, [g for object_groups in groups.values() for g in object_groups])
         for object_flows in objects.values():
             flows += (f.text() for f in object_flows)
         self._ofctl_file(bridge, "replace-flows", flows)
         self._installed[bridge] = objects
+        self._installed_groups[bridge] = groups
         self._dirty.pop(bridge, None)
 
 
@@ -356,7 +399,7 @@ class NetworkFlows:
         self.network_id = bridges.network_id(network.key)
 
     def set_object(self, key: str, flows: Iterable[ir.Flow], groups: Iterable[ir.Group] = ()) -> None:
-        self.bridges.set_policy(self.bridge, self.network, key, on_network(flows, self.network_id))
+        self.bridges.set_policy(self.bridge, self.network, key, on_network(flows, self.network_id), groups)
 
     def remove_object(self, key: str) -> None:
         self.bridges.set_policy(self.bridge, self.network, key, ())
