@@ -35,7 +35,7 @@ REQUIRED: tuple[Permission, ...] = tuple(
     + _all("", "namespaces", "get", "list", "watch")
     + _all("", "services", "list", "watch")
     + _all("", "events", "create")
-    + _all("discovery.k8s.io", "endpointslices", "list", "watch")
+    + _all("discovery.k8s.io", "endpointslices", "list", "watch", "get", "create", "update", "delete")
     + _all("networking.k8s.io", "networkpolicies", "list", "watch")
     + _all("ipam.sanderling.io", "ippools", "get", "list", "watch", "create")
     + _all("ipam.sanderling.io", "ippools", "update", subresource="status")
