@@ -3,7 +3,9 @@ traffic: a host on VLAN 100 (a namespace cabled to a node's provider bridge as a
 its frames cross the fabric tagged) and a pod on the network connect to the virtual IP; 300
 connections spread over the three endpoints (one per node); ClientIP affinity pins; with no
 endpoint the connection is refused at once; Sanderling's EndpointSlices list the endpoints'
-addresses on the network; a Service without a virtual IP gets an Event and nothing else changes."""
+addresses on the network; a Service without an address gets one from the network's IPPool and
+gives it back when deleted; one with an address outside the subnet gets an Event, nothing else
+changes."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ HOST_IP = "10.100.0.250"
 NODES = ["node1", "node2", "node3"]
 # the host hangs off another node than the one announcing the Service: its frames cross the fabric
 HOST_NODE = next(n for n in NODES if n != announcer("default/web", NODES))
+AUTO = next(f"auto-{i}" for i in range(20) if announcer(f"default/auto-{i}", NODES) != HOST_NODE)
 
 
 def manifest() -> str:
@@ -47,8 +50,9 @@ def manifest() -> str:
     service = {"apiVersion": "v1", "kind": "Service", "metadata": {
         "name": "web", "namespace": "default", "annotations": {**on_net, "service.sanderling.io/network-ip": VIP}},
         "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}
+    outside = {**on_net, "service.sanderling.io/network-ip": "10.200.0.1"}
     no_vip = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "novip", "namespace": "default",
-                                                                  "annotations": on_net},
+                                                                  "annotations": outside},
               "spec": {"selector": {"app": "web"}, "ports": [{"port": 81, "targetPort": 8080}]}}
     objs = [nad, *(pod(f"web-{i}", n, "web") for i, n in enumerate(NODES, 1)), pod("client", "node1", "client"),
             service, no_vip]
@@ -136,6 +140,33 @@ def test_sanderlings_endpoint_slices_list_the_addresses_on_the_network(services_
     wait_for(listed, 30, "EndpointSlices with the pods' vlan100 addresses")
 
 
+def test_a_service_without_an_address_gets_one_from_the_networks_pool_and_gives_it_back(services_lab, tmp_path):
+    auto = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": AUTO, "namespace": "default", "annotations": {
+        "k8s.v1.cni.cncf.io/service-network": "vlan100"}},
+        "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}
+    path = tmp_path / "auto.json"
+    path.write_text(json.dumps(auto))
+    assert lab("apply", "-f", str(path)).returncode == 0
+
+    def allocated() -> tuple[str, str] | None:
+        meta = json.loads(kubectl("get", "service", AUTO, "-o", "json").stdout)["metadata"]
+        annotations = meta.get("annotations") or {}
+        ip, pool = annotations.get("service.sanderling.io/network-ip"), annotations.get(
+            "service.sanderling.io/network-ip-pool")
+        return (ip, pool) if ip and pool else None
+
+    ip, pool = wait_for(allocated, 30, f"a virtual IP allocated for default/{AUTO}")
+    owners = json.loads(kubectl("get", "ippool", pool, "-o", "json").stdout)["status"]["allocations"]
+    assert owners[ip] == {"service": f"default/{AUTO}"}, owners
+    argv = [sys.executable, "-m", "sanderling.probe", "spread", "tcp", ip, "80", "--count", "30", "--timeout", "2"]
+    counts = wait_for(lambda: (c := json.loads(host(*argv).stdout)) and set(c) - {"_slowest_ms"} <= {
+        "web-1", "web-2", "web-3"} and len(c) > 2 and c, 30, f"{ip} answering from the endpoints")
+    assert lab("delete", "-f", str(path)).returncode == 0
+    wait_for(lambda: ip not in (json.loads(kubectl("get", "ippool", pool, "-o", "json").stdout)["status"].get(
+        "allocations") or {}), 30, f"{ip} given back to {pool}")
+    print(f"default/{AUTO}: {ip} from {pool}; {counts}")
+
+
 def test_client_ip_affinity_pins_and_no_endpoint_is_refused_at_once(services_lab):
     patch = {"spec": {"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 600}}}}
     assert kubectl("patch", "service", "web", "--type", "merge", "-p", json.dumps(patch)).returncode == 0
@@ -148,15 +179,17 @@ def test_client_ip_affinity_pins_and_no_endpoint_is_refused_at_once(services_lab
                        "connections refused once no pod is selected")
     started = time.monotonic()
     assert spread(10) == {"error: ConnectionRefusedError": 10}
-    assert time.monotonic() - started < 5, "refusals must come at once, not after a timeout"
-    print(f"affinity: {counts}; no endpoint: {refused}")
+    elapsed = time.monotonic() - started
+    assert elapsed < 5, "refusals must come at once, not after a timeout"
+    print(f"affinity: {counts}; no endpoint: {refused}, 10 refusals in {elapsed * 1000:.0f} ms (with the probe's "
+          "start-up)")
 
 
-def test_a_service_without_a_virtual_ip_gets_an_event(services_lab):
+def test_a_service_with_a_virtual_ip_outside_the_subnet_gets_an_event(services_lab):
     def event() -> str | None:
         items = json.loads(kubectl("get", "events", "-o", "json").stdout)["items"]
         return next((e["message"] for e in items if e["reason"] == "NetworkServiceNotBalanced"
                      and e["involvedObject"]["name"] == "novip"), None)
 
     message = wait_for(event, 30, "an Event on default/novip")
-    assert "service.sanderling.io/network-ip" in message, message
+    assert "virtual IP 10.200.0.1 is outside the network's subnet 10.100.0.0/24" in message, message

@@ -166,3 +166,22 @@ def test_what_is_wrong_with_a_service_is_said_and_others_keep_working():
     assert slices["web-n1"] is not None and slices["web-n1"]["endpoints"][0]["addresses"] == ["10.1.0.5"]
     svc.service_changed("ns1/web", None)
     assert bridges.objects["service/ns1/web"] == ((), ()) and slices["web-n1"] is None
+
+
+def test_without_an_address_one_is_asked_for_once_and_given_back_when_the_service_goes():
+    asked, released = [], []
+    svc = NetworkServices("n1", lambda: None, allocate_vip=asked.append, release_vip=released.append)
+    bridges = Recorder()
+    svc.attach(bridges)
+    svc.nad_changed("ns1/red", {"metadata": {"namespace": "ns1", "name": "red"}, "spec": {"config": json.dumps(
+        {"type": "sanderling", "topology": "vlan", "vlanID": 10, "subnet": "10.1.0.0/24"})}})
+    bare = service()
+    del bare["metadata"]["annotations"]["service.sanderling.io/network-ip"]
+    svc.service_changed("ns1/web", bare)
+    svc.service_changed("ns1/web", bare)  # a relist: not asked again
+    assert [s.key for s in asked] == ["ns1/web"] and not bridges.objects
+    given = service(**{"service.sanderling.io/network-ip-pool": "net-ns1-red"})
+    svc.service_changed("ns1/web", given)  # the allocation written back: balanced
+    assert "service/ns1/web" in bridges.objects
+    svc.service_changed("ns1/web", None)
+    assert [(str(s.vip), s.vip_pool) for s in released] == [("10.1.0.100", "net-ns1-red")]

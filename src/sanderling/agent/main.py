@@ -352,6 +352,45 @@ def network_services(api: Any, args: AgentConfig, flusher: SecondaryFlusher) -> 
                            _reporter(api, args, "NetworkServiceNotBalanced", "Service", "v1"))
 
 
+class VirtualIps:
+    """Virtual IPs of Services on secondary networks, from the network's IPPool (blocking: run in a
+    thread). The address is written into the Service's annotations, with the pool it came from."""
+
+    def __init__(self, cluster: Any, api: Any, node: str) -> None:
+        self.cluster = cluster
+        self.api = api
+        self.node = node
+
+    def allocate(self, svc: Any) -> None:
+        from lightkube.resources.core_v1 import Service
+        from lightkube.types import PatchType
+
+        from sanderling.model.network_services import NETWORK_IP, NETWORK_IP_POOL
+
+        where = f"service/{svc.key}"
+        try:
+            pools = self.cluster.pools(svc.network)
+            if not pools:
+                raise RuntimeError(f"network {svc.network} has no IPPool yet (it is made with the network's first "
+                                   "pod); give the address in service.sanderling.io/network-ip")
+            ip = self.cluster.allocate_service(pools[0], svc.key)
+            self.api.client.patch(Service, svc.name, {"metadata": {"annotations": {
+                NETWORK_IP: ip, NETWORK_IP_POOL: pools[0].name}}}, namespace=svc.namespace,
+                patch_type=PatchType.MERGE)
+            log.info("%s: virtual IP %s on %s from IPPool %s", where, ip, svc.network, pools[0].name)
+        except Exception as exc:
+            log.error("%s: no virtual IP allocated: %s", where, exc)
+            self.api.event(svc.namespace, svc.name, "NetworkServiceNotBalanced",
+                           f"{where}: no virtual IP allocated on {svc.network}: {exc}", self.node,
+                           involved_kind="Service")
+
+    def release(self, svc: Any) -> None:
+        try:
+            self.cluster.release_service(svc.vip_pool, svc.key)
+        except Exception as exc:
+            log.error("service/%s: virtual IP %s not given back to IPPool %s: %s", svc.key, svc.vip, svc.vip_pool, exc)
+
+
 def _write_slice(api: Any, namespace: str, name: str, obj: dict[str, Any] | None) -> None:
     from lightkube import ApiError, codecs
     from lightkube.resources.discovery_v1 import EndpointSlice
@@ -591,6 +630,9 @@ async def serve(args: AgentConfig) -> int:
             remote_hooks.append(vteps_changed)
             flusher.bridges = bridges
             if net_services is not None:
+                vips = VirtualIps(cluster, api, args.node)
+                net_services.allocate_vip = lambda svc: loop.run_in_executor(None, vips.allocate, svc)
+                net_services.release_vip = lambda svc: loop.run_in_executor(None, vips.release, svc)
                 net_services.attach(bridges)
                 if view is not None and view.remotes:
                     net_services.nodes_changed([r.node for r in view.remotes])

@@ -8,7 +8,10 @@ this node carries it:
 - writes the EndpointSlice of its own node's endpoints (`<service>-<node>`, labelled
   `endpointslice.kubernetes.io/managed-by: sanderling.io`, the network in the annotation
   `k8s.v1.cni.cncf.io/service-network`): one writer per slice, so agents never race;
-- says what is wrong with a Service (no virtual IP, a network that does not exist or is not a
+- without a virtual IP in its annotation, asks for one from the network's IPPool (`allocate_vip`:
+  every agent asks, the pool's compare-and-swap hands the same address to all; it is written into
+  the annotation, which brings the Service back here) and gives it back when the Service goes;
+- says what is wrong with a Service (a bad virtual IP, a network that does not exist or is not a
   Sanderling vlan/layer2 one, ...) as an Event on it, and leaves the others alone.
 
 The node announcing a Service's virtual IP to the VLAN (ARP from the uplink) is one of the nodes,
@@ -80,8 +83,13 @@ def endpoint_slice(svc: NetService, node: str, endpoints: list[NetEndpoint]) -> 
 class NetworkServices:
     def __init__(self, node_name: str, changed: Callable[[], None],
                  write_slice: Callable[[str, str, dict[str, Any] | None], None] | None = None,
-                 report: Callable[[str, str, str], None] | None = None) -> None:
+                 report: Callable[[str, str, str], None] | None = None,
+                 allocate_vip: Callable[[NetService], None] | None = None,
+                 release_vip: Callable[[NetService], None] | None = None) -> None:
         self.node_name = node_name
+        self.allocate_vip = allocate_vip  # off the loop; set once the cluster IPAM exists
+        self.release_vip = release_vip
+        self._asked: set[str] = set()  # services whose virtual IP was asked for
         self.changed = changed  # the bridges have flows to install
         self.write_slice = write_slice  # (namespace, name, slice or None to delete), off the loop
         self._errors = ObjectErrors(report)
@@ -106,6 +114,10 @@ class NetworkServices:
         if network is None and key not in self.raw_services:
             return  # an ordinary Service: not ours
         if obj is None or network is None:
+            gone = self.services.get(key)
+            if gone is not None and gone.vip_pool and self.release_vip is not None:
+                self.release_vip(gone)  # allocated by Sanderling: back to its pool
+            self._asked.discard(key)
             self.raw_services.pop(key, None)
         else:
             self.raw_services[key] = obj
@@ -159,6 +171,12 @@ class NetworkServices:
             self._remove(key)
             return
         self.services[key] = svc
+        if svc.vip is None:
+            self._remove(key)
+            if self.allocate_vip is not None and key not in self._asked:
+                self._asked.add(key)
+                self.allocate_vip(svc)
+            return
         if self.bridges is None:
             return
         network = self.networks[svc.network]
@@ -194,7 +212,10 @@ class NetworkServices:
             return "its NetworkAttachmentDefinition is invalid"
         if not network.sanderling or network.trunk:
             return "only Sanderling vlan (access) and layer2 networks carry Services"
-        if network.subnet is not None and svc.vip not in network.subnet:
+        if svc.vip is None and network.subnet is None:
+            return ("no virtual IP: give one in service.sanderling.io/network-ip (the network has no subnet to "
+                    "allocate it from)")
+        if network.subnet is not None and svc.vip is not None and svc.vip not in network.subnet:
             return f"virtual IP {svc.vip} is outside the network's subnet {network.subnet}"
         return ""
 

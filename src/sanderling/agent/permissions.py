@@ -33,7 +33,7 @@ REQUIRED: tuple[Permission, ...] = tuple(
     _all("", "pods", "get", "list", "watch", "patch")
     + _all("", "nodes", "get", "list", "watch")
     + _all("", "namespaces", "get", "list", "watch")
-    + _all("", "services", "list", "watch")
+    + _all("", "services", "list", "watch", "patch")
     + _all("", "events", "create")
     + _all("discovery.k8s.io", "endpointslices", "list", "watch", "get", "create", "update", "delete")
     + _all("networking.k8s.io", "networkpolicies", "list", "watch")

@@ -83,6 +83,7 @@ def _affinity_learn(svc: NetService, port: NetPort, cookie: int) -> ir.Learn:
 def service_flows(svc: NetService, endpoints: Iterable[NetEndpoint], node: str, announcer: bool, network_id: int,
                   group_id: GroupIds) -> tuple[list[ir.Flow], list[ir.Group]]:
     cookie = cookies.cookie(cookies.Category.SERVICE, f"network/{svc.key}")
+    assert svc.vip is not None, "a Service is compiled once its virtual IP is known"
     net = SECONDARY_NETWORK.equals(network_id)
     vip, vmac = int(svc.vip), svc.vip_mac
     ready = sorted((e for e in endpoints if e.ready), key=lambda e: (e.node, int(e.ip)))

@@ -127,6 +127,33 @@ class ClusterIpam:
         except LookupError:
             pass  # the pool is gone, and its allocations with it
 
+    def allocate_service(self, pool: IPPool, service: str) -> str:
+        """A virtual IP for a Service (`namespace/name`) from `pool`: the one it has if it has one,
+        so every agent asking gets the same address (compare-and-swap on the pool)."""
+        def change(_obj: Any, allocations: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+            mine = [ip for ip, o in allocations.items() if o.get("service") == service]
+            if mine:
+                return None, mine[0]
+            for ip in pool.usable():
+                if str(ip) not in allocations:
+                    allocations[str(ip)] = {"service": service}
+                    return allocations, str(ip)
+            raise IpamError(E_EXHAUSTED, f"IPPool {pool.name} ({pool.usable_count()} addresses) is exhausted")
+
+        return str(self.api.update_pool_allocations(pool.name, change))
+
+    def release_service(self, pool: str, service: str) -> None:
+        def change(_obj: Any, allocations: dict[str, Any]) -> tuple[dict[str, Any] | None, None]:
+            gone = [ip for ip, o in allocations.items() if o.get("service") == service]
+            for ip in gone:
+                del allocations[ip]
+            return (allocations if gone else None), None
+
+        try:
+            self.api.update_pool_allocations(pool, change)
+        except LookupError:
+            pass  # the pool is gone, and its allocations with it
+
     def reconcile(self, live: set[tuple[str, str]]) -> int:
         """Release this node's pool allocations that no local record or live container backs."""
         local = {(a.container_id, a.ifname) for a in self.store.all()}

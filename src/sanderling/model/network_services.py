@@ -2,7 +2,9 @@
 
 A Service annotated `k8s.v1.cni.cncf.io/service-network: ns/net` (a bare name is in the Service's
 namespace) is balanced over the addresses its selected pods have *on that network* (their
-network-status), at a virtual IP of the network's subnet given in `service.sanderling.io/network-ip`.
+network-status), at a virtual IP of the network's subnet given in `service.sanderling.io/network-ip`
+or, without it, allocated from the network's IPPool (and then written there, with
+`service.sanderling.io/network-ip-pool` naming the pool it must go back to).
 Its ports (TCP, UDP; targetPort a number or a container port's name), sessionAffinity ClientIP
 and its timeout are read as on the pod network. Pure: parsing and validation only.
 """
@@ -21,6 +23,7 @@ from sanderling.model.policy import Selector, label_selector
 
 SERVICE_NETWORK = "k8s.v1.cni.cncf.io/service-network"
 NETWORK_IP = "service.sanderling.io/network-ip"
+NETWORK_IP_POOL = "service.sanderling.io/network-ip-pool"  # set when Sanderling allocated the virtual IP
 MANAGED_BY = "endpointslice.kubernetes.io/managed-by"
 MANAGER = "sanderling.io"
 DEFAULT_AFFINITY_S = 10800
@@ -40,10 +43,11 @@ class NetService:
     namespace: str
     name: str
     network: str  # namespace/name of the NAD
-    vip: ipaddress.IPv4Address
+    vip: ipaddress.IPv4Address | None  # None: to be allocated from the network's pool
     ports: tuple[NetPort, ...]
     selector: Selector
     affinity_timeout: int = 0  # seconds; 0: no session affinity
+    vip_pool: str = ""  # the IPPool the virtual IP was allocated from ("": given by the user)
 
     @property
     def key(self) -> str:
@@ -52,6 +56,7 @@ class NetService:
     @property
     def vip_mac(self) -> str:
         """The virtual IP's MAC, the same on every node (ARP answers name it)."""
+        assert self.vip is not None
         return "0a:5a:" + ":".join(f"{b:02x}" for b in self.vip.packed)
 
 
@@ -93,11 +98,14 @@ def net_service_from(raw: dict[str, Any]) -> NetService:
     if network is None:
         raise ModelError(where, f"annotation {SERVICE_NETWORK}", "missing")
     text = (meta.get("annotations") or {}).get(NETWORK_IP)
-    try:
-        vip = ipaddress.IPv4Address(str(text))
-    except ValueError:
-        raise ModelError(where, f"annotation {NETWORK_IP}", f"{text!r}: give the Service's virtual IPv4 address on "
-                                                            f"{network} (an unused address of its subnet)") from None
+    vip = None
+    if text is not None:
+        try:
+            vip = ipaddress.IPv4Address(str(text))
+        except ValueError:
+            raise ModelError(where, f"annotation {NETWORK_IP}", f"{text!r}: give the Service's virtual IPv4 address "
+                                                                f"on {network} (an unused address of its subnet), or "
+                                                                "remove the annotation to have one allocated") from None
     if not spec.get("selector"):
         raise ModelError(where, "spec.selector", f"a Service on {network} balances over the pods it selects: give "
                                                  "a selector")
@@ -122,7 +130,8 @@ def net_service_from(raw: dict[str, Any]) -> NetService:
         cfg = ((spec.get("sessionAffinityConfig") or {}).get("clientIP") or {})
         affinity = int(cfg.get("timeoutSeconds") or DEFAULT_AFFINITY_S)
     selector = label_selector(where, "spec.selector", {"matchLabels": spec["selector"]})
-    return NetService(meta.get("namespace", ""), meta.get("name", ""), network, vip, tuple(ports), selector, affinity)
+    return NetService(meta.get("namespace", ""), meta.get("name", ""), network, vip, tuple(ports), selector, affinity,
+                      str((meta.get("annotations") or {}).get(NETWORK_IP_POOL) or ""))
 
 
 def endpoint_of(svc: NetService, pod: dict[str, Any]) -> NetEndpoint | None:
