@@ -1,4 +1,4 @@
-"""bench lab-pods: a 3-node lab from nothing, then 100 pods from apply to all Running with IPs.
+"""bench lab-pods [--pods N]: a 3-node lab from nothing, then 100 (N) pods from apply to all Running with IPs.
 
 Times `lab up` (namespaces, OVS instances, agents, control plane) and then the pods: every pod is
 created through the API at once, as `lab apply` of one file would; the clock stops when the API

@@ -277,22 +277,28 @@ def secondary_informers(client: Any, multi: Any, services: Any) -> list[Any]:
     return informers
 
 
-def multi_policy_served(api: Any, args: AgentConfig) -> bool:
+def multi_policy_served(args: AgentConfig) -> bool:
     """Whether the cluster serves MultiNetworkPolicy (its CRD is in deploy/crds); without it
-    secondary networks are unfiltered, and the log says so (blocking: run it in a thread)."""
+    secondary networks are unfiltered, and the log says so (blocking: run it in a thread). An API
+    that does not answer now is no reason to stop (an agent restarts while the control plane is
+    down): assume it does, its informer retries."""
     from lightkube import ApiError
 
-    from sanderling.kube.client import MultiNetworkPolicyResource
+    from sanderling.kube.client import KubeApi, MultiNetworkPolicyResource
 
     try:
-        next(iter(api.client.list(MultiNetworkPolicyResource, namespace="*", chunk_size=1)), None)
+        client = KubeApi(args.kubeconfig, timeout=3).client
+        next(iter(client.list(MultiNetworkPolicyResource, namespace="*", chunk_size=1)), None)
     except ApiError as exc:
         if exc.status.code == 404:
             log.warning("node %s: the API serves no MultiNetworkPolicy (k8s.cni.cncf.io/v1beta1): secondary "
                         "networks are not filtered; install deploy/crds/multi-networkpolicies.k8s.cni.cncf.io.yaml",
                         args.node)
             return False
-        raise
+        log.warning("node %s: MultiNetworkPolicy not listed (%s); watching it anyway", args.node, exc)
+    except Exception as exc:
+        log.warning("node %s: MultiNetworkPolicy not listed, the API did not answer (%s); watching it anyway",
+                    args.node, exc)
     return True
 
 
@@ -560,7 +566,7 @@ async def serve(args: AgentConfig) -> int:
             if steering is not None:
                 await steering.steer()
         if not args.no_policy:  # its own switch: --no-proxy does not turn policy off
-            if not args.no_cni and await asyncio.to_thread(multi_policy_served, api, args):
+            if not args.no_cni and await asyncio.to_thread(multi_policy_served, args):
                 multi = multi_policy_agents(api, args, flusher)
         if not args.no_cni and not args.no_proxy:
             net_services = network_services(api, args, flusher)
@@ -576,8 +582,10 @@ async def serve(args: AgentConfig) -> int:
             from sanderling.kube.informer import Informer
 
             informers.append(Informer(client, Pod, net_services.pod_changed))
-        informers += secondary_informers(client, multi, net_services)
-        proxy_tasks = [asyncio.create_task(i.run()) for i in informers]
+        # secondary networks' own informers do not hold br-int's gate (a cluster without the
+        # MultiNetworkPolicy CRD must not keep Services and NetworkPolicies pending)
+        secondary = secondary_informers(client, multi, net_services)
+        proxy_tasks = [asyncio.create_task(i.run()) for i in [*informers, *secondary]]
         sync.gate = asyncio.Event()
         listed += [*view.informers, *informers]
         proxy_tasks.append(asyncio.create_task(open_gate(listed, sync, view)))

@@ -37,6 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--changes", type=int, default=None, help="services: single-endpoint changes (default 1000)")
     p.add_argument("--seconds", type=int, default=None, help="chaos: how long to churn (default 300)")
     p.add_argument("--seed", type=int, default=None, help="chaos: seed of the writes and faults (default 1)")
+    p.add_argument("--pods", type=int, default=None, help="lab-pods: how many pods (default 100)")
     p.add_argument("--network", action="store_true", default=None,
                    help="policy: MultiNetworkPolicies on a secondary network (the pod network as reference)")
     p.set_defaults(func=run)
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     module = load(args.name)
     options = (("flows", args.flows), ("repeats", args.repeats), ("rounds", args.rounds),
                ("concurrency", args.concurrency), ("services", args.services), ("changes", args.changes),
-               ("seconds", args.seconds), ("seed", args.seed), ("network", args.network))
+               ("seconds", args.seconds), ("seed", args.seed), ("network", args.network), ("pods", args.pods))
     kwargs = {k: v for k, v in options if v is not None}
     result = module.run(progress=progress, **kwargs)
     verdicts = check_floors(result)
