@@ -26,7 +26,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,15 @@ def world(rng: random.Random) -> tuple[dict[str, dict[str, Any]], dict[str, dict
             spec["policyTypes"] = ["Ingress", "Egress"]
         policies.append({"metadata": {"namespace": ns, "name": f"np-{i}"}, "spec": spec})
     return namespaces, pods, policies
+
+
+def _edits(target: dict[str, Any], count: int = 100) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(key, policy) for `count` edits of one policy: its first ingress rule's port changes."""
+    key = f"{target['metadata']['namespace']}/{target['metadata']['name']}"
+    for n in range(count):
+        edited = json.loads(json.dumps(target))
+        edited["spec"]["ingress"][0]["ports"] = [{"protocol": "TCP", "port": 1000 + n}]
+        yield key, edited
 
 
 def _realize(progress: Callable[[str], None]) -> dict[str, Any]:
@@ -121,11 +130,7 @@ def _realize(progress: Callable[[str], None]) -> dict[str, Any]:
             shared_sets = agent.shared.set_count()
             progress("100 edits of one policy, one bundle each")
             times = []
-            target = policies[7]
-            key = f"{target['metadata']['namespace']}/{target['metadata']['name']}"
-            for n in range(100):
-                edited = json.loads(json.dumps(target))
-                edited["spec"]["ingress"][0]["ports"] = [{"protocol": "TCP", "port": 1000 + n}]
+            for key, edited in _edits(policies[7]):
                 t0 = time.perf_counter()
                 agent.policy_changed(key, edited)
                 for fn in deferred:
@@ -331,13 +336,9 @@ def _realize_network(progress: Callable[[str], None]) -> dict[str, Any]:
         bridge = provider_bridge("physnet1")
         installed = len([line for line in runtime.ofctl(bridge, "dump-flows", options=("--no-stats",)).splitlines()
                          if "actions=" in line])
-        progress("100 edits of one policy, one replace-flows each")
+        progress("100 edits of one policy, one add-flows bundle each")
         times = []
-        target = policies[7]
-        key = f"{target['metadata']['namespace']}/{target['metadata']['name']}"
-        for n in range(100):
-            edited = json.loads(json.dumps(target))
-            edited["spec"]["ingress"][0]["ports"] = [{"protocol": "TCP", "port": 1000 + n}]
+        for key, edited in _edits(policies[7]):
             t0 = time.perf_counter()
             agents.policy_changed(key, edited)
             drain()
