@@ -8,6 +8,10 @@ rounds of `concurrency` simultaneous ADDs, each timed from exec to exit, DELs be
 `breakdown_ms`: the mean ADD taken apart with the agent's own metrics (its steps ipam, plumbing,
 ovsdb, flows; the rest of its time; and the time it did not see: the plugin's start and socket
 round trip, the exec).
+
+The plugin is the compiled front (cni-shim/, built by scripts/setup.sh) when the node's agent
+installed it; the Python shim it falls back to is measured in the same run (`python_shim`), so
+the two fronts compare on the same node, agent and sandboxes.
 """
 
 from __future__ import annotations
@@ -98,14 +102,24 @@ def run(concurrency: int = 20, rounds: int = 5, progress: Callable[[str], None] 
         for path in ours_ns + ref_ns:
             veth.ensure_netns(Path(path).name)
         veth.ensure_netns(f"{PREFIX}-ref")
-        progress(f"sanderling: {rounds} rounds of {concurrency} concurrent ADDs")
+        python_shim = node.cni_bin.with_name(node.cni_bin.name + "-py")
+        front = "compiled" if python_shim.exists() else "python"
+
+        def drive_ours(plugin: Path) -> dict[str, Any]:
+            return _drive({
+                "plugin": str(plugin), "rounds": rounds, "sandboxes": ours_ns,
+                "conf": {"cniVersion": "1.1.0", "name": node.cni_network, "type": "sanderling-cni",
+                         "agentSocket": str(node.cni_socket)},
+                "env": {"CNI_PATH": str(node.cni_bin.parent)}})
+
+        progress(f"sanderling ({front} front): {rounds} rounds of {concurrency} concurrent ADDs")
         before = _agent_sums()
-        ours = _drive({
-            "plugin": str(node.cni_bin), "rounds": rounds, "sandboxes": ours_ns,
-            "conf": {"cniVersion": "1.1.0", "name": node.cni_network, "type": "sanderling-cni",
-                     "agentSocket": str(node.cni_socket)},
-            "env": {"CNI_PATH": str(node.cni_bin.parent)}})
+        ours = drive_ours(node.cni_bin)
         after = _agent_sums()
+        python = None
+        if front == "compiled":
+            progress(f"sanderling (Python shim): {rounds} rounds of {concurrency} concurrent ADDs")
+            python = drive_ours(python_shim)
         progress(f"reference bridge + host-local: {rounds} rounds of {concurrency} concurrent ADDs")
         ref = _drive({
             "plugin": str(REFERENCE_DIR / "bridge"), "rounds": rounds, "sandboxes": ref_ns,
@@ -117,11 +131,20 @@ def run(concurrency: int = 20, rounds: int = 5, progress: Callable[[str], None] 
         node.teardown()
         teardown_prefix(f"{PREFIX}-ref")
         teardown_prefix(f"{PREFIX}-n1")
-    if ours["failures"] or ref["failures"]:
-        raise RuntimeError(f"ADDs failed: ours {ours['failures'][:2]} reference {ref['failures'][:2]}")
+    failed = ours["failures"] + (python["failures"] if python else [])
+    if failed or ref["failures"]:
+        raise RuntimeError(f"ADDs failed: ours {failed[:2]} reference {ref['failures'][:2]}")
     lat, rlat = ours["latencies_ms"], ref["latencies_ms"]
+    extra: dict[str, Any] = {}
+    if python is not None:
+        plat = python["latencies_ms"]
+        extra["python_shim"] = {
+            "p50_ms": round(statistics.median(plat), 1), "p99_ms": round(_percentile(plat, 99), 1),
+            "p50_ratio": round(statistics.median(plat) / statistics.median(rlat), 2),
+            "p99_ratio": round(_percentile(plat, 99) / _percentile(rlat, 99), 2)}
     return {
         "benchmark": "cni",
+        "front": front,
         "concurrency": concurrency,
         "rounds": rounds,
         "adds": len(lat),
@@ -134,6 +157,7 @@ def run(concurrency: int = 20, rounds: int = 5, progress: Callable[[str], None] 
         "p99_ratio": round(_percentile(lat, 99) / _percentile(rlat, 99), 2),
         # where an ADD's time goes, mean ms per ADD (the agent's own metrics, over this run's ADDs)
         "breakdown_ms": _breakdown(before, after, statistics.mean(lat)),
+        **extra,
         # (the absolute p50 <= 30 ms was withdrawn: 20 interpreters starting at once on 2 cores cost more)
         "floors": {"p50_ratio": ["<=", 1.0], "p99_ratio": ["<=", 1.0]},
     }

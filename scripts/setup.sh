@@ -52,3 +52,17 @@ ln -sfn "$OSKEN_VENV" /var/cache/sanderling/osken
 
 # upstream components built from their Go modules, once per machine, outside the repository
 bash scripts/build-upstream.sh
+
+# the compiled front of the CNI plugin (cni-shim/: Go's standard library only, so no download),
+# keyed by its source; the agent installs it with the Python shim beside it (agent key cni-shim)
+SHIM_BIN=${SANDERLING_UPSTREAM_BIN:-/var/cache/sanderling/bin}
+SHIM_STAMP="$SHIM_BIN/.sanderling-cni-$(cat cni-shim/go.mod cni-shim/main.go | sha256sum | cut -c1-12)"
+if [ ! -x "$SHIM_BIN/sanderling-cni" ] || [ ! -f "$SHIM_STAMP" ]; then
+    echo "setup: building the compiled CNI front (cni-shim/) into $SHIM_BIN"
+    mkdir -p "$SHIM_BIN"
+    (cd cni-shim && CGO_ENABLED=0 GOFLAGS=-buildvcs=false go build -trimpath -ldflags "-s -w" \
+        -o "$SHIM_BIN/sanderling-cni.tmp" .)
+    mv "$SHIM_BIN/sanderling-cni.tmp" "$SHIM_BIN/sanderling-cni"
+    rm -f "$SHIM_BIN"/.sanderling-cni-*
+    touch "$SHIM_STAMP"
+fi

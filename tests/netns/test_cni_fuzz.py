@@ -89,3 +89,33 @@ def test_shim_answers_hostile_env_and_stdin_with_spec_errors(env, stdin):
         assert "supportedVersions" in out
         return
     assert code == 1 and out is not None and out["code"] in CODES and isinstance(out["msg"], str), (env, stdin, out)
+
+
+raw_requests = st.one_of(
+    junk,
+    st.fixed_dictionaries({"env": st.one_of(junk, st.dictionaries(st.sampled_from(list(BASE_ENV) + ["CNI_ARGS"]),
+                                                                   st.one_of(st.sampled_from(WORDS), junk),
+                                                                   max_size=6)),
+                           "stdin": st.one_of(junk, st.text(max_size=100), junk.map(json.dumps),
+                                              st.just(json.dumps(CONF)))}))
+
+
+def test_agent_socket_answers_hostile_raw_requests_as_the_shim_prints(cni_node):
+    """The compiled front's requests (`raw`: env and stdin as the runtime gave them): every answer
+    is an exit code and what the plugin prints, a spec error whenever the exit code is not 0."""
+    path = str(cni_node.cni_socket)
+
+    @settings(max_examples=max(30, EXAMPLES // 3), deadline=None, suppress_health_check=list(HealthCheck))
+    @given(raw_requests)
+    def one(raw):
+        reply = _ask(path, json.dumps({"raw": raw}).encode())
+        assert set(reply) == {"exit", "stdout"} and isinstance(reply["stdout"], str), (raw, reply)
+        if reply["exit"] == 0:
+            return
+        out = json.loads(reply["stdout"])
+        assert reply["exit"] == 1 and out["code"] in CODES and isinstance(out["msg"], str), (raw, reply)
+        assert "internal error" not in out["msg"], (raw, reply)
+
+    one()
+    version = _ask(path, json.dumps({"raw": {"env": {"CNI_COMMAND": "VERSION"}, "stdin": "{}"}}).encode())
+    assert version["exit"] == 0 and "supportedVersions" in json.loads(version["stdout"])

@@ -30,7 +30,9 @@ def test_install_cni_then_cleanup_leaves_nothing(node: LocalNode, tmp_path: Path
     assert installed.returncode == 0, installed.stdout + installed.stderr
     conflist = json.loads((tmp_path / "net.d" / "10-sanderling.conflist").read_text())
     assert conflist["plugins"][0]["type"] == "sanderling-cni"
-    plugin = (tmp_path / "bin" / "sanderling-cni").read_text()
+    # the compiled front setup built, with the Python shim (the configured interpreter) as its fall back
+    assert (tmp_path / "bin" / "sanderling-cni").read_bytes().startswith(b"\x7fELF")
+    plugin = (tmp_path / "bin" / "sanderling-cni-py").read_text()
     assert plugin.startswith("#!/usr/bin/python3 -IS\n") and "/run/sanderling/test.sock" in plugin
     bad = node_cli("install-cni", "--", "--mtu", "70000")
     assert bad.returncode == 2 and "mtu" in bad.stdout and len(bad.stdout.strip().splitlines()) == 1, bad.stdout
@@ -60,6 +62,7 @@ def test_install_cni_then_cleanup_leaves_nothing(node: LocalNode, tmp_path: Path
         db.close()
     assert not plugged & node.host_links(), node.host_links()
     assert not (conf_dir / "10-sanderling.conflist").exists() and not (bin_dir / "sanderling-cni").exists()
+    assert not (bin_dir / "sanderling-cni-py").exists()
     assert not node.cni_socket.exists() and not (node.dir / "state").exists()
     again = node_cli("cleanup", "--", *flags)
     assert again.returncode == 0 and "0 things removed" in again.stdout, again.stdout

@@ -110,3 +110,69 @@ def test_an_agent_dying_mid_request_is_try_again_later(tmp_path):
     assert code == 1 and out is not None and out["code"] == 11, out
     assert "closed the connection before answering" in out["msg"]
 
+
+
+# ---- the compiled front (cni-shim/, built by scripts/setup.sh) ---------------------------------
+
+def _installed_front(tmp_path: Path) -> Path:
+    from sanderling.cni.install import COMPILED_SHIM, install_binary
+
+    assert os.access(COMPILED_SHIM, os.X_OK), f"{COMPILED_SHIM} missing: scripts/setup.sh builds it"
+    return install_binary(tmp_path / "bin", socket=tmp_path / "default.sock", compiled=COMPILED_SHIM)
+
+
+def _run_front(plugin: Path, env: dict, stdin: str) -> tuple[int, dict | None]:
+    proc = subprocess.run([str(plugin)], input=stdin, env=env, capture_output=True, text=True)
+    assert proc.stderr == "", proc.stderr
+    return proc.returncode, json.loads(proc.stdout) if proc.stdout.strip() else None
+
+
+def test_compiled_front_without_an_agent_answers_as_the_python_shim(tmp_path):
+    """No agent at the named socket, or no socket named at all: the Python shim beside the front
+    runs and answers in the spec's terms (it knows the node's default socket)."""
+    plugin = _installed_front(tmp_path)
+    assert plugin.with_name("sanderling-cni-py").exists()
+    code, out = _run_front(plugin, {**BASE_ENV, "CNI_COMMAND": "DEL"}, json.dumps(CONF))
+    assert code == 1 and out is not None and out["code"] == 11 and "/nonexistent.sock" in out["msg"], out
+    no_socket = {k: v for k, v in CONF.items() if k != "agentSocket"}
+    code, out = _run_front(plugin, {**BASE_ENV, "CNI_COMMAND": "DEL"}, json.dumps(no_socket))
+    assert code == 1 and out is not None and str(tmp_path / "default.sock") in out["msg"], out
+    code, out = _run_front(plugin, {"CNI_COMMAND": "VERSION"}, json.dumps({"cniVersion": "1.0.0"}))
+    assert code == 0 and out == {"cniVersion": "1.0.0", "supportedVersions": ["0.4.0", "1.0.0", "1.1.0"]}
+
+
+def test_compiled_front_forwards_env_and_stdin_and_prints_the_agents_answer(tmp_path):
+    """The front's whole job: the CNI_* environment and stdin to the socket, the answer's stdout
+    and exit code back; an agent that closes without answering is try-again-later."""
+    import socket
+    import threading
+
+    plugin = _installed_front(tmp_path)
+    path = tmp_path / "agent.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(2)
+    seen: list[dict] = []
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        seen.append(json.loads(conn.makefile().readline()))
+        conn.sendall(json.dumps({"exit": 3, "stdout": '{"answer": 42}'}).encode() + b"\n")
+        conn.close()
+        conn, _ = server.accept()
+        conn.recv(65536)
+        conn.close()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    conf = json.dumps({**CONF, "agentSocket": str(path)})
+    try:
+        first = _run_front(plugin, {**BASE_ENV, "CNI_ARGS": "K8S_POD_NAME=p", "OTHER": "x"}, conf)
+        second = _run_front(plugin, BASE_ENV, conf)
+    finally:
+        thread.join(10)
+        server.close()
+    assert first == (3, {"answer": 42})
+    assert seen == [{"raw": {"env": {**BASE_ENV, "CNI_ARGS": "K8S_POD_NAME=p"}, "stdin": conf}}]
+    assert second[0] == 1 and second[1] is not None and second[1]["code"] == 11, second
+    assert "bad reply from the sanderling agent" in second[1]["msg"]

@@ -93,6 +93,9 @@ class AgentConfig:
     cni_interpreter: str = _opt("", "the host's Python 3 the installed plugin runs with (it uses the standard library "
                                     "only; default: the agent's own interpreter, right when the agent runs on the "
                                     "host; /usr/bin/python3 when it runs in a container)")
+    cni_shim: str = _opt("auto", "the plugin binary the runtime runs: auto (the compiled front scripts/setup.sh "
+                                 "builds, when it is there; else the Python shim), python, or a PATH to the "
+                                 "compiled front; the Python shim is installed beside it as its fall back")
     external_bridge: str = _opt("", "an OVS bridge handed to an external SDN controller (e.g. br-ext): the agent "
                                     "creates it, its patch pair to br-int and its uplinks, and never programs it")
     external_uplink: list[str] = _opt([], "an interface of the node on the external bridge; repeatable", "names")

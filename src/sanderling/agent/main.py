@@ -24,7 +24,7 @@ from sanderling.agent.pod_flows import PodFlows
 from sanderling.agent.pods_source import pods_from_ports
 from sanderling.agent.sync import SyncLoop
 from sanderling.cni.handler import CniHandler
-from sanderling.cni.install import install_binary, write_conflist
+from sanderling.cni.install import compiled_shim, install_binary, write_conflist
 from sanderling.cni.server import CniServer
 from sanderling.compiler.nodes import TUNNEL_OFPORT, TUNNEL_PORT_NAME
 from sanderling.ipam.allocator import Allocator, Pool
@@ -57,9 +57,11 @@ def tune_gc() -> None:
 def install_cni(args: AgentConfig, secondary: bool) -> None:
     """The plugin and the conflist on the host (the agent at start; `sanderling node install-cni`,
     the DaemonSet's init container, the same before the agent runs)."""
-    install_binary(args.cni_bin_dir, socket=args.cni_socket, interpreter=args.cni_interpreter)
+    compiled = compiled_shim(args.cni_shim)
+    install_binary(args.cni_bin_dir, socket=args.cni_socket, interpreter=args.cni_interpreter, compiled=compiled)
     if secondary:  # the plugin of `"type": "sanderling"` networks (Multus calls it by that name)
-        install_binary(args.cni_bin_dir, SANDERLING_TYPE, socket=args.cni_socket, interpreter=args.cni_interpreter)
+        install_binary(args.cni_bin_dir, SANDERLING_TYPE, socket=args.cni_socket, interpreter=args.cni_interpreter,
+                       compiled=compiled)
     write_conflist(args.cni_conf_dir, args.cni_network, args.cni_socket, args.mtu, version=args.cni_conf_version)
 
 

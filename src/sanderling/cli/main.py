@@ -72,7 +72,7 @@ def _conformance(args: argparse.Namespace) -> int:
                           network_topology=args.network_topology)
     from sanderling.conformance import cni
 
-    return cni.run(args.files, args.only)
+    return cni.run(args.files, args.only, front=args.cni_front)
 
 
 def _trace(args: argparse.Namespace) -> int:
@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--network", metavar="NS/NAD", default=None,
                    help="netpol: run the files over this secondary network (created by the run) as "
                         "MultiNetworkPolicies, instead of the pod network")
+    p.add_argument("--cni-front", choices=["compiled", "python"], default="compiled",
+                   help="cni: the plugin binary run, the compiled front (built by setup) or the Python shim")
     p.add_argument("--network-topology", choices=["layer2", "vlan"], default="layer2",
                    help="netpol --network: a layer2 overlay (default) or VLAN 177 of the lab's provider network")
     p.set_defaults(func=_conformance)

@@ -101,8 +101,9 @@ def cleanup(cfg: Any, keep_state: bool = False) -> list[str]:
     _, dropped = routes.sync_routes(cfg.node_netns, {}, prune=True)
     if dropped:
         removed.append(f"{dropped} routes of the agent (protocol {routes.RTPROT_SANDERLING})")
-    files = (cfg.cni_conf_dir / CONFLIST_NAME, cfg.cni_bin_dir / "sanderling-cni", cfg.cni_bin_dir / SANDERLING_TYPE,
-             cfg.cni_socket)
+    plugins = [cfg.cni_bin_dir / name for name in ("sanderling-cni", SANDERLING_TYPE)]
+    files = (cfg.cni_conf_dir / CONFLIST_NAME, *plugins, *(p.with_name(p.name + "-py") for p in plugins),
+             cfg.cni_socket)  # a compiled front has the Python shim beside it as <name>-py
     for path in files:
         if path.exists() or path.is_symlink():
             path.unlink()

@@ -158,7 +158,7 @@ class CniHandler:
             raise CniFailure(E.E_BAD_CONFIG, "runtimeConfig.ips must be a list with at most one IPv4 address")
         if not self.dataplane.connected():
             raise CniFailure(E.E_TRY_LATER, f"agent of node {self.node.name} is not connected to OVS yet")
-        if await asyncio.to_thread(veth.interface_in_netns, netns, ifname) is not None:
+        if await asyncio.to_thread(veth.interface_exists, netns, ifname):
             raise CniFailure(E.E_INTERFACE_EXISTS, f"interface {ifname} already exists in {netns}")
         try:
             mac = parse_mac(f"pod/{who.namespace}/{who.name}", "runtimeConfig.mac", runtime["mac"]) \

@@ -216,43 +216,66 @@ def call_agent(path, request, timeout=60.0):
     return loads(b"".join(chunks).decode())
 
 
+def request_for(command, env, conf):
+    """The request the agent takes, from a validated environment and configuration."""
+    return {
+        "command": command,
+        "containerID": env.get("CNI_CONTAINERID", ""),
+        "netns": env.get("CNI_NETNS", ""),
+        "ifname": env.get("CNI_IFNAME", ""),
+        "args": parse_cni_args(env.get("CNI_ARGS", "")),
+        "config": conf,
+    }
+
+
+def config_version(conf, default="1.1.0"):
+    version = conf.get("cniVersion", default)
+    return version if isinstance(version, str) else default
+
+
+def version_output(version):
+    return 0, dumps({"cniVersion": version or "1.1.0", "supportedVersions": list(SUPPORTED)})
+
+
+def reply_output(reply):
+    """(exit code, stdout) for the agent's reply to a request."""
+    if reply.get("error"):
+        err = reply["error"]
+        raise CniError(int(err.get("code", 999)), str(err.get("msg", "agent error")), str(err.get("details", "")))
+    result = reply.get("result")
+    return 0, "" if result is None else dumps(result)
+
+
+def error_output(exc, version):
+    """(exit code, stdout) for a failure: always the spec's error object, never a traceback."""
+    if not isinstance(exc, CniError):
+        exc = CniError(E_INTERNAL, "internal error in sanderling-cni: %s" % exc)
+    out = {"cniVersion": version if version in SUPPORTED else "1.1.0", "code": exc.code, "msg": exc.msg}
+    if exc.details:
+        out["details"] = exc.details
+    return 1, dumps(out)
+
+
 def run(env, stdin_text):
     """Return (exit code, stdout text)."""
     version = "1.1.0"
     try:
         command, conf = validate(env, stdin_text)
-        version = conf.get("cniVersion", version) if isinstance(conf.get("cniVersion"), str) else version
+        version = config_version(conf, version)
         if command == "VERSION":
-            return 0, dumps({"cniVersion": version or "1.1.0", "supportedVersions": list(SUPPORTED)})
+            return version_output(version)
         socket_path = conf.get("agentSocket") or env.get("SANDERLING_CNI_SOCKET") or DEFAULT_SOCKET
-        request = {
-            "command": command,
-            "containerID": env.get("CNI_CONTAINERID", ""),
-            "netns": env.get("CNI_NETNS", ""),
-            "ifname": env.get("CNI_IFNAME", ""),
-            "args": parse_cni_args(env.get("CNI_ARGS", "")),
-            "config": conf,
-        }
         try:
-            reply = call_agent(socket_path, request)
+            reply = call_agent(socket_path, request_for(command, env, conf))
         except OSError as exc:
             code = E_NOT_AVAILABLE if command == "STATUS" else E_TRY_LATER
             raise CniError(code, "sanderling agent not reachable at %s: %s" % (socket_path, exc),
                            "is sanderling-agent running on this node?") from None
         except ValueError as exc:
             raise CniError(E_IO, "bad reply from the sanderling agent: %s" % exc) from None
-        if reply.get("error"):
-            err = reply["error"]
-            raise CniError(int(err.get("code", 999)), str(err.get("msg", "agent error")), str(err.get("details", "")))
-        result = reply.get("result")
-        return 0, "" if result is None else dumps(result)
-    except Exception as exc:  # never a traceback: always the spec's error object
-        if not isinstance(exc, CniError):
-            exc = CniError(E_INTERNAL, "internal error in sanderling-cni: %s" % exc)
-        out = {"cniVersion": version if version in SUPPORTED else "1.1.0", "code": exc.code, "msg": exc.msg}
-        if exc.details:
-            out["details"] = exc.details
-        return 1, dumps(out)
+        return reply_output(reply)
+    except Exception as exc:
+        return error_output(exc, version)
 
 
 def main():

@@ -67,11 +67,23 @@ class Context:
     executions: list[Execution] = field(default_factory=list)
 
 
+def plugin_for(node: LocalNode, front: str) -> Path:
+    """The binary of the chosen front: the node installs the compiled one (when setup built it)
+    with the Python shim beside it as <name>-py; without it, the Python shim is the plugin."""
+    python_beside = node.cni_bin.with_name(node.cni_bin.name + "-py")
+    if front == "compiled":
+        if not python_beside.exists():
+            raise SystemExit("conformance cni --cni-front compiled: the node installed no compiled front "
+                             "(build it with scripts/setup.sh)")
+        return node.cni_bin
+    return python_beside if python_beside.exists() else node.cni_bin
+
+
 class CniRunner:
-    def __init__(self, spec: dict[str, Any], node: LocalNode) -> None:
+    def __init__(self, spec: dict[str, Any], node: LocalNode, plugin: Path | None = None) -> None:
         self.spec = spec
         self.node = node
-        self.plugin = str(node.cni_bin)
+        self.plugin = str(plugin or node.cni_bin)
         self.all_executions: list[Execution] = []
 
     # ---- plumbing ------------------------------------------------------------------------
@@ -511,7 +523,7 @@ def teardown_prefix_pods() -> None:
             veth.delete_netns(name)
 
 
-def run(paths: list[Path], only: list[str] | None = None) -> int:
+def run(paths: list[Path], only: list[str] | None = None, front: str = "compiled") -> int:
     teardown_prefix(f"{PREFIX}-n1")
     base = Path(tempfile.mkdtemp(prefix="sanderling-conformance-"))
     node = LocalNode("n1", "10.244.250.0/26", base, prefix=PREFIX)
@@ -519,9 +531,11 @@ def run(paths: list[Path], only: list[str] | None = None) -> int:
     try:
         node.start()
         wait_until(lambda: node.agent_status_code() == 0, 20)
+        plugin = plugin_for(node, front)
+        print(f"plugin: {plugin} ({front} front)")
         for path in paths:
             spec = yaml.safe_load(path.read_text())
-            runner = CniRunner(spec, node)
+            runner = CniRunner(spec, node, plugin)
             deferred = []
             for check in spec.get("checks", []):
                 if only and check.get("id") not in only:

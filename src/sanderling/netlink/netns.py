@@ -43,7 +43,7 @@ def _setns(fd: int) -> None:
 
 
 @contextmanager
-def _inside(ns: str) -> Iterator[None]:
+def inside(ns: str) -> Iterator[None]:
     """This thread inside namespace ns for the duration of the block, then back in its own."""
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
@@ -64,7 +64,7 @@ def open_ipr(ns: str | None) -> IPRoute:
     """A new IPRoute whose socket lives in namespace `ns` (a name or a path; None = this one)."""
     if ns is None:
         return IPRoute()
-    with _inside(ns):
+    with inside(ns):
         return IPRoute()
 
 
@@ -108,5 +108,5 @@ def drop_cached() -> None:
 
 def run_in_netns(ns: str, fn: Callable[[], T]) -> T:
     """Call fn with this thread inside namespace ns (e.g. to write its /proc/sys/net files)."""
-    with _inside(ns):
+    with inside(ns):
         return fn()

@@ -1,0 +1,3 @@
+module sanderling.io/cni-shim
+
+go 1.21
