@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 DEBS=(openvswitch-switch openvswitch-common iproute2 ethtool iperf3 iputils-ping tcpdump procps
       podman runc busybox-static containernetworking-plugins openssl prometheus debootstrap
-      python3 python3-venv python3-dev)
+      python3 python3-venv python3-dev python3-openvswitch)
 missing=()
 for pkg in "${DEBS[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -35,6 +35,16 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt
     .venv/bin/pip install -q --upgrade pip >/dev/null
     .venv/bin/pip install -q -c constraints.txt -e '.[test]'
     touch "$stamp"
+fi
+
+# ovs's C JSON parser for the agent's OVSDB replica (pure Python lexes every update a character at a
+# time): PyPI's ovs sdist builds it only against libopenvswitch's headers, which Debian does not ship;
+# Debian's python3-openvswitch has it, self-contained, for this same interpreter (same ABI suffix)
+ext=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+venv_ovs=$(.venv/bin/python -c 'import os, ovs; print(os.path.dirname(ovs.__file__))' 2>/dev/null)
+if [ -f "/usr/lib/python3/dist-packages/ovs/_json$ext" ] && [ ! -e "$venv_ovs/_json$ext" ]; then
+    echo "setup: linking Debian's ovs C JSON parser into .venv"
+    ln -s "/usr/lib/python3/dist-packages/ovs/_json$ext" "$venv_ovs/_json$ext"
 fi
 
 # the example external controller's os-ken (3.1.1: the last release with osken-manager) in a venv

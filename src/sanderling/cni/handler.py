@@ -263,41 +263,65 @@ class CniHandler:
         except veth.PlumbingError as exc:
             raise CniFailure(E.E_PLUMBING, str(exc)) from None
         t1 = time.perf_counter()
-        ofport = await self._add_port(host_if, {
+        ofport, cfg = await self._commit_port(host_if, {
             ovsdb.EXT_POD_NAMESPACE: who.namespace, ovsdb.EXT_POD_NAME: who.name, ovsdb.EXT_CONTAINER_ID: cid,
             ovsdb.EXT_INTERFACE: ifname, ovsdb.EXT_IP: alloc.ip, ovsdb.EXT_MAC: mac})
         key = PodPort.build(who.namespace, who.name, ofport, mac, alloc.ip, ifname).key
-        t2 = time.perf_counter()
-        await self.dataplane.converge()
+        # the flows go in while ovs-vswitchd opens the port; the ADD answers when both are done
+        opened = asyncio.ensure_future(self._port_opened(host_if, ofport, cfg))
+        try:
+            await self.ports.visible(host_if)  # the pod's flows are compiled from the replica
+            t2 = time.perf_counter()  # the wait for the replica counts as OVSDB's time, not the flows'
+            await self.dataplane.converge()
+        except BaseException:
+            opened.cancel()
+            raise
         t3 = time.perf_counter()
+        await opened
+        t4 = time.perf_counter()
         problem = self.dataplane.problem(key)
         if problem is not None:
             raise CniFailure(E.E_PLUMBING, f"flows for pod {who.namespace}/{who.name} refused: {problem}")
         if not self.dataplane.installed(key):
             raise CniFailure(E.E_TRY_LATER, f"flows for pod {who.namespace}/{who.name} not installed yet")
-        self._steps(ipam=ipam_seconds, plumbing=t1 - t0, ovsdb=t2 - t1, flows=t3 - t2)
+        self._steps(ipam=ipam_seconds, plumbing=t1 - t0, ovsdb=t2 - t1 + t4 - t3, flows=t3 - t2)
         log.info("pod %s/%s: %s %s on %s (ofport %d, container %s); veth %.1f ms, OVS port %.1f ms, "
                  "flows %.1f ms", who.namespace, who.name, address, mac, host_if, ofport, cid[:12],
-                 (t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000)
+                 (t1 - t0) * 1000, (t2 - t1 + t4 - t3) * 1000, (t3 - t2) * 1000)
         return add_result(conf.get("cniVersion", "1.1.0"), host_if, host_mac, ifname, mac, netns, address,
                           str(self.node.gateway_ip), conf.get("prevResult"))
 
-    async def _add_port(self, host_if: str, external_ids: dict[str, str]) -> int:
+    async def _commit_port(self, host_if: str, external_ids: dict[str, str]) -> tuple[int, int]:
+        """The port in OVSDB with a free ofport requested: (ofport, configuration number). The
+        ofport stays reserved until ovs-vswitchd has opened the port (`_port_opened`)."""
         async with self._ofport_lock:
-            records = await asyncio.to_thread(self.db.ports, self.bridge)
+            records = self.db.ports(self.bridge)  # the in-memory replica: no I/O
             taken = {r.ofport for r in records} | {r.ofport_request for r in records} | self._reserved_ofports
             existing = next((r for r in records if r.name == host_if), None)
             ofport = existing.effective_ofport if existing and existing.effective_ofport > 0 else \
                 next(n for n in range(1, 0xFF00) if n not in taken)
             self._reserved_ofports.add(ofport)
         try:
-            await self.ports.apply(PortChange(host_if, external_ids=tuple(sorted(external_ids.items())),
-                                              ofport_request=ofport))
+            cfg = await self.ports.commit(PortChange(host_if, external_ids=tuple(sorted(external_ids.items())),
+                                                     ofport_request=ofport))
+        except OvsError as exc:
+            self._reserved_ofports.discard(ofport)
+            raise CniFailure(E.E_PLUMBING, str(exc)) from None
+        return ofport, cfg
+
+    async def _port_opened(self, host_if: str, ofport: int, cfg: int) -> None:
+        """ovs-vswitchd has applied the port's configuration and opened it at its ofport."""
+        try:
+            await self.ports.applied(cfg)
         except OvsError as exc:
             raise CniFailure(E.E_PLUMBING, str(exc)) from None
         finally:
             self._reserved_ofports.discard(ofport)
-        return ofport
+        record = next((r for r in self.db.ports(self.bridge) if r.name == host_if), None)
+        if record is None or record.ofport != ofport:
+            got = "no port" if record is None else f"ofport {record.ofport}"
+            raise CniFailure(E.E_PLUMBING, f"ovs-vswitchd did not open {host_if} at ofport {ofport} on {self.bridge} "
+                                           f"({got}): see ovs-vswitchd's log for the reason")
 
     async def _undo(self, cid: str, ifname: str, host_if: str, release: bool) -> None:
         try:

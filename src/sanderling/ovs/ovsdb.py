@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,8 +64,10 @@ class Ovsdb:
             warnings.simplefilter("ignore")
             from ovsdbapp.backend.ovs_idl import connection
             from ovsdbapp.schema.open_vswitch import impl_idl
+        self._listeners: list[Callable[[], None]] = []
         try:
-            idl = connection.OvsdbIdl(endpoint, self._schema_helper(endpoint))
+            idl = _idl_class(connection.OvsdbIdl)(endpoint, self._schema_helper(endpoint))
+            idl.on_change = self._changed
             self._conn = connection.Connection(idl=idl, timeout=timeout)
             # ovsdbapp keeps the connection in a class attribute (one per process); a subclass
             # per instance lets one process talk to several ovsdb-servers (one per lab node).
@@ -152,7 +155,48 @@ class Ovsdb:
         self._run(self.api.add_port(bridge, port, may_exist=True), self.api.db_set("Interface", port, *cols))
 
     def apply_port_changes(self, bridge: str, changes: list[PortChange]) -> None:
-        """Many port adds/deletes in one transaction (one ovs-vswitchd reconfiguration)."""
+        """Many port adds/deletes in one transaction (one ovs-vswitchd reconfiguration); returns
+        once ovs-vswitchd has applied it."""
+        self._run(*self._port_commands(bridge, changes))
+
+    def commit_port_changes(self, bridge: str, changes: list[PortChange]) -> int:
+        """The same transaction, returning as soon as ovsdb-server has it (the replica too): the
+        `next_cfg` it set, which `cur_cfg` reaches once ovs-vswitchd has applied it.
+
+        ovsdbapp's own transactions wait for ovs-vswitchd inside its connection thread, so a
+        second batch of ports could not even be committed while ovs-vswitchd worked on the
+        first; committed this way, ovs-vswitchd takes whatever arrived meanwhile in its next
+        reconfiguration, and each caller waits (`cur_cfg`, `on_cfg_change`) for its own."""
+        commands = self._port_commands(bridge, changes)
+        if not commands:
+            return self.cur_cfg()
+        try:
+            txn = _no_wait_transaction(self.api)
+            for cmd in commands:
+                txn.add(cmd)
+            txn.commit()
+        except Exception as exc:
+            raise OvsError(f"OVSDB transaction on {self.endpoint} failed: {exc}") from exc
+        return int(txn.next_cfg)
+
+    def cur_cfg(self) -> int:
+        """The last configuration ovs-vswitchd has applied (from the replica)."""
+        rows = list(self.api.tables["Open_vSwitch"].rows.values())
+        return int(rows[0].cur_cfg) if rows else 0
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener` (from the IDL's thread, so it must only hand over) after every change
+        the replica takes in: a row inserted, updated or deleted."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener()
+            except Exception:  # a listener's failure must not break the IDL's thread
+                log.exception("OVSDB change listener failed")
+
+    def _port_commands(self, bridge: str, changes: list[PortChange]) -> list[Any]:
         cmds: list[Any] = []
         for ch in changes:
             if ch.delete:
@@ -170,8 +214,7 @@ class Ovsdb:
                 cmds.append(self.api.db_set("Port", ch.name, ("tag", ch.tag), ("vlan_mode", "access")))
             elif ch.trunks:
                 cmds.append(self.api.db_set("Port", ch.name, ("trunks", list(ch.trunks)), ("vlan_mode", "trunk")))
-        if cmds:
-            self._run(*cmds)
+        return cmds
 
     def delete_port(self, bridge: str, port: str) -> None:
         self._run(self.api.del_port(port, bridge=bridge, if_exists=True))
@@ -227,6 +270,40 @@ class Ovsdb:
             self._conn.stop(timeout=2)
         except Exception:  # already stopped
             pass
+
+
+def _idl_class(base: type) -> type:
+    """ovsdbapp's IDL, telling `on_change` about every change of a row (cur_cfg moves when
+    ovs-vswitchd has applied a configuration, a port appears), and without its yield per row.
+
+    ovsdbapp's IDL calls time.sleep(0) for every row of every update, for green threads; in a
+    process of real threads each is a syscall, a timer-slack sleep and a fight for the GIL with
+    the event loop: 20 ports committed in 71 ms with it, 50 ms without (lab node, unloaded)."""
+    class Idl(base):  # type: ignore[valid-type,misc]
+        on_change: Callable[[], None] | None = None
+
+        def cooperative_yield(self) -> None:
+            """No green threads here: the interpreter switches threads on its own."""
+
+        def notify(self, event: Any, row: Any, updates: Any = None) -> None:
+            super().notify(event, row, updates)
+            if self.on_change is not None:
+                self.on_change()
+    return Idl
+
+
+def _no_wait_transaction(api: Any) -> Any:
+    """An ovs-vsctl-style transaction (it increments next_cfg) that records the new next_cfg
+    instead of waiting for ovs-vswitchd to reach it."""
+    from ovsdbapp.schema.open_vswitch.impl_idl import OvsVsctlTransaction
+
+    class NoWait(OvsVsctlTransaction):  # type: ignore[misc]
+        next_cfg = 0
+
+        def do_post_commit(self, txn: Any) -> None:
+            self.next_cfg = txn.get_increment_new_value()
+
+    return NoWait(api, api.ovsdb_connection, api.ovsdb_connection.timeout, check_error=True, log_errors=False)
 
 
 def _optional_int(value: Any, default: int) -> int:
