@@ -110,3 +110,41 @@ def test_a_slash_8_pool_is_computed_not_enumerated():
     small = IPPool("s", (_ip.IPv4Network("10.1.0.0/29"),), (_ip.IPv4Network("10.1.0.2/32"),), None, None)
     assert [str(a) for a in small.usable()] == ["10.1.0.1", "10.1.0.3", "10.1.0.4", "10.1.0.5", "10.1.0.6"]
     assert small.usable_count() == 5
+
+
+def test_a_batch_is_one_transaction_where_each_request_fails_alone(tmp_path):
+    """A burst of ADDs allocates together (one commit); an address already held or a pool run
+    dry fails that request only, and what the others got is kept."""
+    a = allocator(tmp_path)
+    a.allocate(Request("held", "eth0", "default", "holder", "10.244.1.4"))
+    out = a.allocate_many([Request("b1", "eth0"), Request("b2", "eth0", ip="10.244.1.4"), Request("b3", "eth0"),
+                           Request("b1", "eth0"), Request("b4", "eth0"), Request("b5", "eth0")])
+    assert [getattr(r, "ip", None) for r in out] == ["10.244.1.2", None, "10.244.1.3", "10.244.1.2",
+                                                      "10.244.1.5", "10.244.1.6"]
+    assert isinstance(out[1], IpamError) and out[1].code == E_IP_IN_USE and "default/holder" in out[1].msg
+    last = a.allocate_many([Request("b6", "eth0")])[0]
+    assert isinstance(last, IpamError) and last.code == E_EXHAUSTED
+    reopened = {x.container_id: x.ip for x in AllocationStore(tmp_path / "ipam.db").all()}
+    assert reopened == {"held": "10.244.1.4", "b1": "10.244.1.2", "b3": "10.244.1.3", "b4": "10.244.1.5",
+                        "b5": "10.244.1.6"}
+
+
+def test_group_commit_batches_what_arrives_meanwhile_and_delivers_each_result():
+    import asyncio
+
+    from sanderling.group_commit import GroupCommit
+
+    batches: list[list[int]] = []
+
+    def write(requests: list[int]) -> list[int | BaseException]:
+        batches.append(requests)
+        return [ValueError(f"odd {r}") if r % 2 else r * 10 for r in requests]
+
+    async def scenario() -> list[object]:
+        group: GroupCommit[int, int] = GroupCommit(write, in_thread=False)
+        return await asyncio.gather(*(group.submit(i) for i in range(6)), return_exceptions=True)
+
+    results = asyncio.run(scenario())
+    assert batches == [[0, 1, 2, 3, 4, 5]]
+    assert results[0::2] == [0, 20, 40]
+    assert [str(r) for r in results[1::2]] == ["odd 1", "odd 3", "odd 5"]

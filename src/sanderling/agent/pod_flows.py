@@ -31,10 +31,14 @@ class PodFlows:
         self._compiled: dict[PodPort, list[Flow]] = {}
         self.errors: dict[str, str] = {}
         self.by_ofport: dict[int, PodPort] = {}  # the pods of the last refresh (metrics label port counters)
+        self._expected: dict[str, PodPort] = {}  # pods the CNI side is plugging, not in OVSDB yet
         sync.before_sync.append(self.refresh)
 
     def refresh(self) -> None:
         pods = self._list_pods()
+        if self._expected:
+            present = {pod.key for pod in pods}
+            pods += [pod for key, pod in self._expected.items() if key not in present]
         self.by_ofport = {pod.ofport: pod for pod in pods}
         seen = set()
         for pod in pods:
@@ -65,6 +69,12 @@ class PodFlows:
 
     def connected(self) -> bool:
         return self.sync.conn is not None
+
+    def expect(self, pod: PodPort) -> None:
+        self._expected[pod.key] = pod
+
+    def withdraw(self, key: str) -> None:
+        self._expected.pop(key, None)
 
     async def converge(self) -> None:
         await self.sync.flush()

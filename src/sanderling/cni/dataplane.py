@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from sanderling.model.network import PodPort
+
 
 class PodDataplane(Protocol):
     @property
@@ -17,6 +19,15 @@ class PodDataplane(Protocol):
 
     def connected(self) -> bool:
         """The agent holds its OpenFlow session to the bridge (ADDs wait for it)."""
+        ...
+
+    def expect(self, pod: PodPort) -> None:
+        """A pod being plugged: its flows go in with the next converge, before its OVS port
+        exists (OVSDB, once it has the port, describes the same pod)."""
+        ...
+
+    def withdraw(self, key: str) -> None:
+        """The ADD of this pod is over (done or undone): OVSDB alone says whether it is there."""
         ...
 
     async def converge(self) -> None:

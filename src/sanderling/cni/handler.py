@@ -22,6 +22,7 @@ from sanderling.cni.attachments import MultiNetwork, PodCall, Primary, from_resu
 from sanderling.cni.dataplane import PodDataplane
 from sanderling.cni.errors import CniFailure
 from sanderling.cni.result import add_result
+from sanderling.group_commit import GroupCommit
 from sanderling.ipam.allocator import Allocator, IpamError, Request
 from sanderling.ipam.cluster import PREFIX as POOL_PREFIX
 from sanderling.ipam.cluster import ClusterIpam
@@ -73,8 +74,10 @@ class CniHandler:
         self.dataplane = dataplane
         self.node_netns = node_netns
         self.mtu = mtu
-        self._ofport_lock = asyncio.Lock()
         self.ports = PortBatcher(db, bridge)
+        # the node's own pool: concurrent ADDs' allocations share one SQLite transaction, run on the
+        # event loop (a handful of indexed statements; the agent is the database's only writer)
+        self.allocations: GroupCommit[Request, Allocation] = GroupCommit(allocator.allocate_many, in_thread=False)
         # without userspace TSO the userspace datapath needs tx checksum offload off on veths; so do
         # VXLAN tunnels in OVS 3.1's userspace datapath, which never fill in an inner checksum left
         # to offload (ICMP passes, TCP and UDP arrive with bad checksums)
@@ -175,7 +178,7 @@ class CniHandler:
                                                                 requested, mac, self.node.pod_cidr)
             request = Request(cid, ifname, who.namespace, who.name, requested, mac)
             if pool is None:
-                alloc = await asyncio.to_thread(self.allocator.allocate, request)
+                alloc = await self.allocations.submit(request)
             else:
                 assert self.cluster is not None
                 alloc = await asyncio.to_thread(self.cluster.allocate, pool, request)
@@ -249,74 +252,77 @@ class CniHandler:
         cid, ifname, netns = req["containerID"], req["ifname"], req["netns"]
         prefix = self.node.pod_cidr.prefixlen if alloc.pool == "node" else 32  # pool addresses: /32, on-link gw
         address = f"{alloc.ip}/{prefix}"
-        pod = PodPort.build(who.namespace, who.name, 1, mac, alloc.ip, ifname)
         try:
-            self.node.check_pod(pod)
+            self.node.check_pod(PodPort.build(who.namespace, who.name, 1, mac, alloc.ip, ifname))
         except ModelError as exc:
             raise CniFailure(E.E_BAD_CONFIG, str(exc)) from None
         mtu = int(conf.get("mtu") or self.mtu)
-        t0 = time.perf_counter()
+        ofport = self._reserve_ofport(host_if)
         try:
-            host_mac = await asyncio.to_thread(veth.plumb, veth.PodInterface(netns, host_if, address, mac,
-                                                                  str(self.node.gateway_ip), ifname, mtu),
-                                    self.node_netns, self.tx_checksum_off)
-        except veth.PlumbingError as exc:
-            raise CniFailure(E.E_PLUMBING, str(exc)) from None
-        t1 = time.perf_counter()
-        ofport, cfg = await self._commit_port(host_if, {
-            ovsdb.EXT_POD_NAMESPACE: who.namespace, ovsdb.EXT_POD_NAME: who.name, ovsdb.EXT_CONTAINER_ID: cid,
-            ovsdb.EXT_INTERFACE: ifname, ovsdb.EXT_IP: alloc.ip, ovsdb.EXT_MAC: mac})
-        key = PodPort.build(who.namespace, who.name, ofport, mac, alloc.ip, ifname).key
-        # the flows go in while ovs-vswitchd opens the port; the ADD answers when both are done
-        opened = asyncio.ensure_future(self._port_opened(host_if, ofport, cfg))
+            pod = PodPort.build(who.namespace, who.name, ofport, mac, alloc.ip, ifname)
+        except ModelError as exc:
+            self._reserved_ofports.discard(ofport)
+            raise CniFailure(E.E_BAD_CONFIG, str(exc)) from None
         try:
-            await self.ports.visible(host_if)  # the pod's flows are compiled from the replica
-            t2 = time.perf_counter()  # the wait for the replica counts as OVSDB's time, not the flows'
-            await self.dataplane.converge()
-        except BaseException:
-            opened.cancel()
-            raise
-        t3 = time.perf_counter()
-        await opened
-        t4 = time.perf_counter()
-        problem = self.dataplane.problem(key)
+            # the pod's flows go in while its veth is made and its OVS port opened
+            self.dataplane.expect(pod)
+            flows = asyncio.ensure_future(self.dataplane.converge())
+            try:
+                t0 = time.perf_counter()
+                try:
+                    host_mac = await asyncio.to_thread(
+                        veth.plumb, veth.PodInterface(netns, host_if, address, mac, str(self.node.gateway_ip), ifname,
+                                                      mtu), self.node_netns, self.tx_checksum_off)
+                except veth.PlumbingError as exc:
+                    raise CniFailure(E.E_PLUMBING, str(exc)) from None
+                t1 = time.perf_counter()
+                await self._open_port(host_if, ofport, {
+                    ovsdb.EXT_POD_NAMESPACE: who.namespace, ovsdb.EXT_POD_NAME: who.name,
+                    ovsdb.EXT_CONTAINER_ID: cid, ovsdb.EXT_INTERFACE: ifname, ovsdb.EXT_IP: alloc.ip,
+                    ovsdb.EXT_MAC: mac})
+                t2 = time.perf_counter()
+            finally:
+                # never cancelled: a sync stopped half-way would leave the realizer unsure of the switch
+                await asyncio.wait([flows])
+            flows.result()
+            t3 = time.perf_counter()
+        finally:
+            self.dataplane.withdraw(pod.key)
+            self._reserved_ofports.discard(ofport)
+        problem = self.dataplane.problem(pod.key)
         if problem is not None:
             raise CniFailure(E.E_PLUMBING, f"flows for pod {who.namespace}/{who.name} refused: {problem}")
-        if not self.dataplane.installed(key):
+        if not self.dataplane.installed(pod.key):
             raise CniFailure(E.E_TRY_LATER, f"flows for pod {who.namespace}/{who.name} not installed yet")
-        self._steps(ipam=ipam_seconds, plumbing=t1 - t0, ovsdb=t2 - t1 + t4 - t3, flows=t3 - t2)
+        # flows: what the ADD still waited for them once its port was open (they went in meanwhile)
+        self._steps(ipam=ipam_seconds, plumbing=t1 - t0, ovsdb=t2 - t1, flows=t3 - t2)
         log.info("pod %s/%s: %s %s on %s (ofport %d, container %s); veth %.1f ms, OVS port %.1f ms, "
-                 "flows %.1f ms", who.namespace, who.name, address, mac, host_if, ofport, cid[:12],
-                 (t1 - t0) * 1000, (t2 - t1 + t4 - t3) * 1000, (t3 - t2) * 1000)
+                 "then flows %.1f ms", who.namespace, who.name, address, mac, host_if, ofport, cid[:12],
+                 (t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000)
         return add_result(conf.get("cniVersion", "1.1.0"), host_if, host_mac, ifname, mac, netns, address,
                           str(self.node.gateway_ip), conf.get("prevResult"))
 
-    async def _commit_port(self, host_if: str, external_ids: dict[str, str]) -> tuple[int, int]:
-        """The port in OVSDB with a free ofport requested: (ofport, configuration number). The
-        ofport stays reserved until ovs-vswitchd has opened the port (`_port_opened`)."""
-        async with self._ofport_lock:
-            records = self.db.ports(self.bridge)  # the in-memory replica: no I/O
+    def _reserve_ofport(self, host_if: str) -> int:
+        """A free ofport for the pod's port (the one it has, when it has one), held until the ADD
+        ends; read from the in-memory replica, so no I/O."""
+        records = self.db.ports(self.bridge)
+        existing = next((r for r in records if r.name == host_if), None)
+        if existing is not None and existing.effective_ofport > 0:
+            ofport = existing.effective_ofport
+        else:
             taken = {r.ofport for r in records} | {r.ofport_request for r in records} | self._reserved_ofports
-            existing = next((r for r in records if r.name == host_if), None)
-            ofport = existing.effective_ofport if existing and existing.effective_ofport > 0 else \
-                next(n for n in range(1, 0xFF00) if n not in taken)
-            self._reserved_ofports.add(ofport)
+            ofport = next(n for n in range(1, 0xFF00) if n not in taken)
+        self._reserved_ofports.add(ofport)
+        return ofport
+
+    async def _open_port(self, host_if: str, ofport: int, external_ids: dict[str, str]) -> None:
+        """The port in OVSDB at `ofport`; returns once ovs-vswitchd has opened it there."""
         try:
             cfg = await self.ports.commit(PortChange(host_if, external_ids=tuple(sorted(external_ids.items())),
                                                      ofport_request=ofport))
-        except OvsError as exc:
-            self._reserved_ofports.discard(ofport)
-            raise CniFailure(E.E_PLUMBING, str(exc)) from None
-        return ofport, cfg
-
-    async def _port_opened(self, host_if: str, ofport: int, cfg: int) -> None:
-        """ovs-vswitchd has applied the port's configuration and opened it at its ofport."""
-        try:
             await self.ports.applied(cfg)
         except OvsError as exc:
             raise CniFailure(E.E_PLUMBING, str(exc)) from None
-        finally:
-            self._reserved_ofports.discard(ofport)
         record = next((r for r in self.db.ports(self.bridge) if r.name == host_if), None)
         if record is None or record.ofport != ofport:
             got = "no port" if record is None else f"ofport {record.ofport}"

@@ -94,11 +94,11 @@ class AllocationStore:
             self._local.conn = conn
         return conn
 
-    def transaction(self) -> _Txn:
+    def transaction(self) -> Txn:
         # Serialize this process's writers on a mutex: on a busy database SQLite's busy handler
         # sleeps with backoff (up to 100 ms a try), which turned 20 concurrent ADDs into a queue
         # with gaps. Other processes still serialize on SQLite's own lock.
-        return _Txn(self._conn(), self._write_lock)
+        return Txn(self._conn(), self._write_lock)
 
     def all(self) -> list[Allocation]:
         rows = self._conn().execute(
@@ -125,14 +125,14 @@ class AllocationStore:
             self._local.conn = None
 
 
-class _Txn:
+class Txn:
     """BEGIN IMMEDIATE ... COMMIT (or ROLLBACK on an exception)."""
 
     def __init__(self, db: sqlite3.Connection, lock: threading.Lock) -> None:
         self.db = db
         self._lock = lock
 
-    def __enter__(self) -> _Txn:
+    def __enter__(self) -> Txn:
         self._lock.acquire()
         try:
             self.db.execute("BEGIN IMMEDIATE")
