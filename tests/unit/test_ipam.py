@@ -136,12 +136,12 @@ def test_group_commit_batches_what_arrives_meanwhile_and_delivers_each_result():
 
     batches: list[list[int]] = []
 
-    def write(requests: list[int]) -> list[int | BaseException]:
+    async def write(requests: list[int]) -> list[int | BaseException]:
         batches.append(requests)
         return [ValueError(f"odd {r}") if r % 2 else r * 10 for r in requests]
 
     async def scenario() -> list[object]:
-        group: GroupCommit[int, int] = GroupCommit(write, in_thread=False)
+        group: GroupCommit[int, int] = GroupCommit(write)
         return await asyncio.gather(*(group.submit(i) for i in range(6)), return_exceptions=True)
 
     results = asyncio.run(scenario())
