@@ -4,7 +4,8 @@ Sanderling: the installed `sanderling-cni` binary talking to a lab node's agent 
 datapath, IPAM, flows). Reference, in the same run: Debian's containernetworking-plugins
 `bridge` + `host-local`, run with a network namespace of their own as "the host" (so the host
 is not touched). Both are driven by the same driver (benchmarks/_cni_driver.py): `rounds`
-rounds of `concurrency` simultaneous ADDs, each timed from exec to exit, DELs between rounds.
+rounds of `concurrency` simultaneous ADDs, each timed from exec to exit, DELs between rounds; the
+plugins take turns round by round, so drift in the machine's load falls on each alike.
 `breakdown_ms`: the mean ADD taken apart with the agent's own metrics (its steps ipam, plumbing,
 ovsdb, flows; the rest of its time; and the time it did not see: the plugin's start and socket
 round trip, the exec).
@@ -85,6 +86,29 @@ def _breakdown(before: dict[str, tuple[float, float]], after: dict[str, tuple[fl
             "shim_and_exec": round(client_mean_ms - agent, 1)}
 
 
+class _Runs:
+    """The ADD latencies and failures of one plugin over the rounds."""
+
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.failures: list[str] = []
+
+    def add(self, result: dict[str, Any]) -> None:
+        self.latencies += result["latencies_ms"]
+        self.failures += result["failures"]
+
+
+def _add_sums(total: dict[str, tuple[float, float]], before: dict[str, tuple[float, float]],
+              after: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    """`total` plus what the agent's sums grew by between `before` and `after`."""
+    out = dict(total)
+    for step, (seconds, count) in after.items():
+        was_s, was_n = before.get(step, (0.0, 0.0))
+        have_s, have_n = out.get(step, (0.0, 0.0))
+        out[step] = (have_s + seconds - was_s, have_n + count - was_n)
+    return out
+
+
 def run(concurrency: int = 20, rounds: int = 5, progress: Callable[[str], None] = lambda _m: None,
         **_: Any) -> dict[str, Any]:
     if not (REFERENCE_DIR / "bridge").exists():
@@ -107,37 +131,44 @@ def run(concurrency: int = 20, rounds: int = 5, progress: Callable[[str], None] 
 
         def drive_ours(plugin: Path) -> dict[str, Any]:
             return _drive({
-                "plugin": str(plugin), "rounds": rounds, "sandboxes": ours_ns,
+                "plugin": str(plugin), "rounds": 1, "sandboxes": ours_ns,
                 "conf": {"cniVersion": "1.1.0", "name": node.cni_network, "type": "sanderling-cni",
                          "agentSocket": str(node.cni_socket)},
                 "env": {"CNI_PATH": str(node.cni_bin.parent)}})
 
-        progress(f"sanderling ({front} front): {rounds} rounds of {concurrency} concurrent ADDs")
-        before = _agent_sums()
-        ours = drive_ours(node.cni_bin)
-        after = _agent_sums()
-        python = None
-        if front == "compiled":
-            progress(f"sanderling (Python shim): {rounds} rounds of {concurrency} concurrent ADDs")
-            python = drive_ours(python_shim)
-        progress(f"reference bridge + host-local: {rounds} rounds of {concurrency} concurrent ADDs")
-        ref = _drive({
-            "plugin": str(REFERENCE_DIR / "bridge"), "rounds": rounds, "sandboxes": ref_ns,
-            "conf": {"cniVersion": "1.0.0", "name": "slbenchref", "type": "bridge", "bridge": "slref0",
-                     "isGateway": True, "ipMasq": False,
-                     "ipam": {"type": "host-local", "subnet": "10.99.0.0/16", "dataDir": str(base / "host-local")}},
-            "env": {"CNI_PATH": str(REFERENCE_DIR)}}, netns=f"{PREFIX}-ref")
+        def drive_reference() -> dict[str, Any]:
+            return _drive({
+                "plugin": str(REFERENCE_DIR / "bridge"), "rounds": 1, "sandboxes": ref_ns,
+                "conf": {"cniVersion": "1.0.0", "name": "slbenchref", "type": "bridge", "bridge": "slref0",
+                         "isGateway": True, "ipMasq": False,
+                         "ipam": {"type": "host-local", "subnet": "10.99.0.0/16",
+                                  "dataDir": str(base / "host-local")}},
+                "env": {"CNI_PATH": str(REFERENCE_DIR)}}, netns=f"{PREFIX}-ref")
+
+        # round by round, each plugin in turn: the machine's own drift (other work on the host, a
+        # noisy neighbour) falls on all of them alike
+        ours, python, ref = _Runs(), _Runs() if front == "compiled" else None, _Runs()
+        steps: dict[str, tuple[float, float]] = {}
+        for rnd in range(rounds):
+            progress(f"round {rnd + 1}/{rounds}: {concurrency} concurrent ADDs each: sanderling ({front} front)"
+                     + (", the Python shim" if python is not None else "") + ", bridge + host-local")
+            before = _agent_sums()
+            ours.add(drive_ours(node.cni_bin))
+            steps = _add_sums(steps, before, _agent_sums())
+            if python is not None:
+                python.add(drive_ours(python_shim))
+            ref.add(drive_reference())
     finally:
         node.teardown()
         teardown_prefix(f"{PREFIX}-ref")
         teardown_prefix(f"{PREFIX}-n1")
-    failed = ours["failures"] + (python["failures"] if python else [])
-    if failed or ref["failures"]:
-        raise RuntimeError(f"ADDs failed: ours {failed[:2]} reference {ref['failures'][:2]}")
-    lat, rlat = ours["latencies_ms"], ref["latencies_ms"]
+    failed = ours.failures + (python.failures if python else [])
+    if failed or ref.failures:
+        raise RuntimeError(f"ADDs failed: ours {failed[:2]} reference {ref.failures[:2]}")
+    lat, rlat = ours.latencies, ref.latencies
     extra: dict[str, Any] = {}
     if python is not None:
-        plat = python["latencies_ms"]
+        plat = python.latencies
         extra["python_shim"] = {
             "p50_ms": round(statistics.median(plat), 1), "p99_ms": round(_percentile(plat, 99), 1),
             "p50_ratio": round(statistics.median(plat) / statistics.median(rlat), 2),
@@ -156,7 +187,7 @@ def run(concurrency: int = 20, rounds: int = 5, progress: Callable[[str], None] 
         "p50_ratio": round(statistics.median(lat) / statistics.median(rlat), 2),
         "p99_ratio": round(_percentile(lat, 99) / _percentile(rlat, 99), 2),
         # where an ADD's time goes, mean ms per ADD (the agent's own metrics, over this run's ADDs)
-        "breakdown_ms": _breakdown(before, after, statistics.mean(lat)),
+        "breakdown_ms": _breakdown({}, steps, statistics.mean(lat)),
         **extra,
         # (the absolute p50 <= 30 ms was withdrawn: 20 interpreters starting at once on 2 cores cost more)
         "floors": {"p50_ratio": ["<=", 1.0], "p99_ratio": ["<=", 1.0]},
