@@ -28,6 +28,7 @@ NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
 NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x100, 0x200, 0x400
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_NET_NS_FD = 1, 3, 4, 18, 28
 IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
+IFLA_AF_SPEC, AF_INET6, IFLA_INET6_ADDR_GEN_MODE, IN6_ADDR_GEN_MODE_NONE = 26, 10, 8, 1
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 RTA_DST, RTA_OIF, RTA_GATEWAY = 1, 4, 5
 IFF_UP = 0x1
@@ -121,16 +122,22 @@ class Rtnl:
         self.request(RTM_NEWLINK, 0, _IFINFO.pack(0, 0, 0, IFF_UP, IFF_UP) + _name(IFLA_IFNAME, ifname))
 
     def add_veth(self, host: str, host_mac: str, peer: str, peer_mac: str, peer_netns_fd: int, mtu: int) -> None:
-        """Both ends at once: `host` here and up, `peer` already in the pod's namespace (still down:
-        the kernel refuses to bring a peer up in the request that creates it, ENOTCONN)."""
+        """Both ends: `host` here, `peer` already in the pod's namespace (still down: the kernel
+        refuses to bring a peer up in the request that creates it, ENOTCONN). The host end comes
+        up without IPv6 addresses: OVS reads it below IP, and a link-local address on it would
+        only have the node's kernel send duplicate-address probes, MLD reports and router
+        solicitations out of it, straight into the pod."""
         peer_info = (_IFINFO.pack(0, 0, 0, 0, 0) + _name(IFLA_IFNAME, peer)
                      + (_mac(IFLA_ADDRESS, peer_mac) if peer_mac else b"")
                      + _u32(IFLA_MTU, mtu) + _u32(IFLA_NET_NS_FD, peer_netns_fd))
         linkinfo = _attr(IFLA_LINKINFO, _name(IFLA_INFO_KIND, "veth")
                          + _attr(IFLA_INFO_DATA, _attr(VETH_INFO_PEER, peer_info)))
-        body = (_IFINFO.pack(0, 0, 0, IFF_UP, IFF_UP) + _name(IFLA_IFNAME, host) + _mac(IFLA_ADDRESS, host_mac)
+        body = (_IFINFO.pack(0, 0, 0, 0, 0) + _name(IFLA_IFNAME, host) + _mac(IFLA_ADDRESS, host_mac)
                 + _u32(IFLA_MTU, mtu) + linkinfo)
         self.request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body)
+        # (the address generation mode cannot be given with the creation: EAFNOSUPPORT)
+        no_ipv6 = _attr(IFLA_AF_SPEC, _attr(AF_INET6, _attr(IFLA_INET6_ADDR_GEN_MODE, bytes([IN6_ADDR_GEN_MODE_NONE]))))
+        self.request(RTM_NEWLINK, 0, _IFINFO.pack(0, 0, 0, IFF_UP, IFF_UP) + _name(IFLA_IFNAME, host) + no_ipv6)
 
     def add_address(self, index: int, cidr: str) -> None:
         iface = ipaddress.IPv4Interface(cidr)
