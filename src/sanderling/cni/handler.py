@@ -4,6 +4,11 @@ ADD allocates an address (IPAM), creates the veth pair into the pod's namespace,
 end to br-int with the pod's external_ids and a chosen ofport, has the agent's dataplane install the
 pod's flows, and only then answers. Any failure undoes every step already taken, so a failed ADD
 leaves nothing allocated or plumbed. DEL undoes all of it and is idempotent.
+
+Under concurrent ADDs the steps overlap rather than queue: allocations that arrive together share
+one transaction, the pod's flows go in while its veth and port are made, the pod's side of the
+veth is configured while ovs-vswitchd opens the host's, and new ports that arrive together are
+one OVSDB transaction.
 """
 
 from __future__ import annotations

@@ -124,10 +124,16 @@ class CniRunner:
         self.all_executions.append(ex)
         return ex
 
-    def cleanup(self) -> None:
+    def cleanup(self, retry: bool = False) -> None:
+        """GC of every attachment (with `retry`, until the agent, just restarted, takes it)."""
         env = {"CNI_COMMAND": "GC", "CNI_PATH": str(Path(self.plugin).parent)}
         conf = {**self.base_conf(), "cniVersion": "1.1.0", "cni.dev/valid-attachments": []}
-        subprocess.run([self.plugin], input=json.dumps(conf), env=env, capture_output=True, text=True, timeout=120)
+
+        def gc() -> bool:
+            return subprocess.run([self.plugin], input=json.dumps(conf), env=env, capture_output=True, text=True,
+                                  timeout=120).returncode == 0
+        if not gc() and retry:
+            wait_until(gc, 20)
         teardown_prefix_pods()
 
     # ---- steps ---------------------------------------------------------------------------
@@ -208,11 +214,11 @@ class CniRunner:
             raise ValueError(f"unknown step {action!r}")
 
     def restore(self) -> None:
-        """Undo node-level perturbations: OVS and agent back up and serving."""
+        """Undo node-level perturbations: OVS and agent back up (serving again once the
+        cleanup's GC has freed a pool the check exhausted)."""
         self.node.ovs.start_vswitchd()
         if self.node.agent is None:
             self.node.start_agent()
-        wait_until(lambda: self.node.agent_status_code() == 0, 20)
 
     def exhaust_pool(self, ctx: Context) -> None:
         for i in range(self.node.network.pod_cidr.num_addresses):
@@ -291,7 +297,9 @@ class CniRunner:
         finally:
             if perturbed:
                 self.restore()
-            self.cleanup()
+            self.cleanup(retry=perturbed)
+            if perturbed:  # (an exhausted pool is free again only after the cleanup's GC)
+                wait_until(lambda: self.node.agent_status_code() == 0, 20)
 
     def run_implied(self, check: dict[str, Any]) -> Outcome:
         text = f"{check.get('spec', '')} {check.get('test', '')}"

@@ -67,7 +67,7 @@ class PortBatcher:
             self._listening = True
 
             def changed() -> None:  # the IDL's thread: hand over, at most one call queued at a time
-                if not self._scheduled:
+                if not self._scheduled and not loop.is_closed():
                     self._scheduled = True
                     loop.call_soon_threadsafe(self._notify)
             self.db.on_change(changed)
