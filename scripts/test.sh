@@ -7,4 +7,4 @@ bash scripts/setup.sh
 echo "== ruff"; .venv/bin/ruff check src tests benchmarks
 echo "== mypy"; .venv/bin/mypy
 echo "== pytest"
-exec .venv/bin/python -m pytest -p no:cacheprovider "$@"
+exec .venv/bin/python -m pytest -p no:cacheprovider --durations=25 "$@"
