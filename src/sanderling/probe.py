@@ -13,18 +13,38 @@ import sys
 import threading
 
 
+def _bound(kind: int, port: int) -> socket.socket:
+    """A socket on `port` of every address, IPv4 and IPv6 (IPv4 alone where IPv6 is off)."""
+    try:
+        srv = socket.socket(socket.AF_INET6, kind)
+        srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        address: tuple[str, int] = ("::", port)
+    except OSError:
+        srv = socket.socket(socket.AF_INET, kind)
+        address = ("0.0.0.0", port)
+    if kind == socket.SOCK_STREAM:
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(address)
+    return srv
+
+
 def _tcp_listener(port: int) -> socket.socket:
-    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("0.0.0.0", port))
+    srv = _bound(socket.SOCK_STREAM, port)
     srv.listen(128)
     return srv
 
 
 def _udp_socket(port: int) -> socket.socket:
-    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    srv.bind(("0.0.0.0", port))
-    return srv
+    return _bound(socket.SOCK_DGRAM, port)
+
+
+def _peer_text(address: str) -> str:
+    """An IPv4 peer of a dual-stack socket is shown as IPv4 (not ::ffff:a.b.c.d)."""
+    return address.removeprefix("::ffff:") if "." in address else address
+
+
+def _family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 def _serve_tcp(srv: socket.socket, name: bytes) -> None:
@@ -43,7 +63,7 @@ def _serve_udp(srv: socket.socket, name: bytes) -> None:
     while True:
         data, peer = srv.recvfrom(2048)
         if data.startswith(b"whoami"):  # who the server sees: shows whether the source was translated
-            srv.sendto(name + b" " + peer[0].encode() + b"\n", peer)
+            srv.sendto(name + b" " + _peer_text(peer[0]).encode() + b"\n", peer)
         else:
             srv.sendto(name + b"\n", peer)
 
@@ -71,7 +91,7 @@ def _bind_in(sock: socket.socket, ports: tuple[int, int] | None) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     for _ in range(50):
         try:
-            sock.bind(("0.0.0.0", random.randint(*ports)))
+            sock.bind(("::" if sock.family == socket.AF_INET6 else "0.0.0.0", random.randint(*ports)))
             return
         except OSError:
             continue
@@ -81,12 +101,12 @@ def _bind_in(sock: socket.socket, ports: tuple[int, int] | None) -> None:
 def connect(proto: str, host: str, port: int, timeout: float, send: bytes = b"probe\n",
             source_ports: tuple[int, int] | None = None) -> str:
     if proto == "tcp":
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        with socket.socket(_family(host), socket.SOCK_STREAM) as s:
             _bind_in(s, source_ports)
             s.settimeout(timeout)
             s.connect((host, port))
             return s.recv(256).decode().strip()
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    with socket.socket(_family(host), socket.SOCK_DGRAM) as s:
         _bind_in(s, source_ports)
         s.settimeout(timeout)
         s.connect((host, port))  # as DNS clients do: an answer from any other address is dropped

@@ -15,8 +15,8 @@ from sanderling.openflow import encoder as E
 from sanderling.openflow import ir
 from sanderling.openflow.connection import Connection
 
-NODE = NodeNetwork.build("n", "10.244.7.0/24")
-POD = PodPort.build("ns", "p", 2, "0a:58:0a:f4:07:02", "10.244.7.2")
+NODE = NodeNetwork.build("n", "10.244.7.0/24,fd00:10:244:7::/64")  # dual-stack: NDP and IPv6 fields too
+POD = PodPort.build("ns", "p", 2, "0a:58:0a:f4:07:02", "10.244.7.2,fd00:10:244:7::2")
 
 FLOWS = [
     *pods.static_flows(NODE),
@@ -40,6 +40,8 @@ FLOWS = [
     ir.Flow(2, 7, ir.match(tun_id=(0x10, 0xFF), in_port=1), (ir.set_field("tun_id", 99), ir.Output(ir.LOCAL))),
     ir.Flow(2, 8, ir.match(proto="icmp", icmp_type=8), (ir.MeterAction(1), ir.Output(ir.CONTROLLER, 128))),
     ir.Flow(3, 1, ir.match(proto="arp"), (ir.Output(ir.NORMAL),)),
+    ir.Flow(3, 2, ir.match(proto="tcp6", ipv6_dst="fd00:10:96::/112", tp_dst=443), (ir.Output(3),)),
+    ir.Flow(3, 3, ir.match(proto="icmp6", icmpv6_type=136, nd_target="fd00::1", nd_tll="0a:58:00:00:00:01"), ()),
 ]
 GROUP = ir.Group(1, "select", (ir.Bucket((ir.Output(1),), 10), ir.Bucket((ir.Output(2),), 20)))
 METER = ir.Meter(1, 100)

@@ -31,10 +31,11 @@ def test_pipeline_table_lists_tables_in_order():
     proc = run("sanderling.cli.main", "pipeline")
     assert proc.returncode == 0
     names = [line.split()[1] for line in proc.stdout.splitlines()[2:]]
-    assert names == ["Classifier", "SpoofGuard", "ARPResponder", "UnSNAT", "Conntrack", "ReplyOrigin", "ServiceLB",
+    assert names == ["Classifier", "SpoofGuard", "NeighborResponder", "UnSNAT", "Conntrack",
+                     "ReplyOrigin", "ServiceLB",
                      "SessionAffinity", "AffinitySelect", "EndpointDNAT", "RequestOrigin", "PolicyConntrack",
                      "PolicyState",
-                     "EgressRule", "IngressRule", "PolicyCommit", "ServiceMasq", "L3Forwarding", "Output", "Reject"]
+                     "EgressRule", "IngressRule", "PolicyCommit", "ServiceMasq", "L3Forwarding", "Output", "Reject", "NeighborAdvert"]
 
 
 def test_bench_flows_small_run_reports_its_reference():

@@ -62,15 +62,56 @@ def test_static_flows_golden():
         "table=17,priority=0 actions=drop",  # L3Forwarding
         "table=18,priority=0 actions=drop",  # Output
         "table=19,priority=0 actions=drop",  # Reject
+        "table=20,priority=0 actions=drop",  # NeighborAdvert (entered by resubmit only)
         "table=2,priority=200,arp,arp_op=1,arp_tpa=10.244.1.1 actions=" + ARP_REPLY.format(ip="10.244.1.1"),
         "table=2,priority=190,arp actions=drop",
         "table=18,priority=200 actions=output:NXM_NX_REG1[]",
     ])
 
 
+NODE6 = NodeNetwork.build("node-1", "10.244.1.0/24,fd00:10:244:1::/64")
+POD6 = PodPort.build("default", "web", 3, "0a:58:0a:f4:01:0a", "10.244.1.10,fd00:10:244:1::a")
+NA_REPLY = ("move:NXM_OF_ETH_SRC[]->NXM_OF_ETH_DST[],set_field:0a:58:0a:f4:00:01->dl_src,"
+            "move:NXM_NX_IPV6_SRC[]->NXM_NX_IPV6_DST[],set_field:{ip}->ipv6_src,set_field:136->icmpv6_type,"
+            "set_field:0xe0000000->nd_reserved,set_field:2->nd_options_type,resubmit(,20)")
+
+
+def test_dual_stack_pod_flows_golden():
+    """What a dual-stack pod adds to its IPv4 flows: its IPv6 source (and, for ICMPv6 only, its
+    link-local one and DAD's ::), solicitations for its address answered, delivery with the hop limit
+    decremented."""
+    extra = set(texts(pods.pod_flows(NODE6, POD6))) - set(texts(pods.pod_flows(NODE, POD)))
+    assert sorted(extra) == sorted([
+        "table=1,priority=200,ipv6,in_port=3,dl_src=0a:58:0a:f4:01:0a,ipv6_src=fd00:10:244:1::a actions=goto_table:2",
+        "table=1,priority=200,icmp6,in_port=3,dl_src=0a:58:0a:f4:01:0a,ipv6_src=fe80::858:aff:fef4:10a "
+        "actions=goto_table:2",
+        "table=1,priority=200,icmp6,in_port=3,dl_src=0a:58:0a:f4:01:0a,ipv6_src=::,icmpv6_type=135 "
+        "actions=goto_table:2",
+        "table=2,priority=200,icmp6,icmpv6_type=135,icmpv6_code=0,nd_target=fd00:10:244:1::a actions="
+        + NA_REPLY.format(ip="fd00:10:244:1::a"),
+        "table=17,priority=200,ipv6,dl_dst=0a:58:0a:f4:00:01,ipv6_dst=fd00:10:244:1::a actions=set_field:"
+        "0a:58:0a:f4:00:01->dl_src,set_field:0a:58:0a:f4:01:0a->dl_dst,dec_ttl,load:0x3->NXM_NX_REG1[],"
+        "goto_table:18",
+    ])
+    static = set(texts(pods.static_flows(NODE6))) - set(texts(pods.static_flows(NODE)))
+    assert "table=2,priority=200,icmp6,icmpv6_type=135,icmpv6_code=0,nd_target=fd00:10:244:1::1 actions=" \
+        + NA_REPLY.format(ip="fd00:10:244:1::1") in static
+    assert "table=20,priority=200,icmp6,icmpv6_type=136 actions=set_field:0a:58:0a:f4:00:01->nd_tll,IN_PORT" in static
+    assert "table=2,priority=210,icmp6,ipv6_src=::,icmpv6_type=135 actions=drop" in static  # DAD: never answered
+    assert "table=2,priority=190,icmp6,icmpv6_type=136 actions=drop" in static  # no advertisement forwarded
+    assert "table=2,priority=189,ipv6,ipv6_dst=ff00::/8 actions=drop" in static  # no multicast flooded
+
+
+def test_link_local_is_the_kernels_eui64():
+    from sanderling.model.network import link_local
+
+    assert str(link_local("0a:58:0a:f4:06:0a")) == "fe80::858:aff:fef4:60a"  # what `ip -6 addr` showed
+
+
 def test_every_pod_flow_carries_the_pods_cookie_and_only_goes_forward():
     expected = cookies.cookie(cookies.Category.POD, POD.key)
-    for flow in pods.pod_flows(NODE, POD) + pods.static_flows(NODE):
+    for flow in pods.pod_flows(NODE, POD) + pods.static_flows(NODE) + pods.pod_flows(NODE6, POD6) + \
+            pods.static_flows(NODE6):
         PIPELINE.check_flow(flow)
     assert {f.cookie for f in pods.pod_flows(NODE, POD)} == {expected}
     assert cookies.category_of(expected) == cookies.Category.POD

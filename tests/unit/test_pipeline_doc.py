@@ -13,6 +13,6 @@ def test_pipeline_doc_matches_the_code():
 
 def test_doc_names_every_table_and_register():
     text = pipeline_doc.render()
-    for name in ("Classifier", "SpoofGuard", "ARPResponder", "L3Forwarding", "Output", "PORT_CLASS",
+    for name in ("Classifier", "SpoofGuard", "NeighborResponder", "L3Forwarding", "Output", "PORT_CLASS",
                  "TARGET_OFPORT", "FROM_POD"):
         assert name in text

@@ -23,6 +23,7 @@ import yaml
 
 from sanderling import VERSION
 from sanderling.agent.status import DEFAULT_ADDRESS as STATUS_ADDRESS
+from sanderling.model.network import split_cidrs
 from sanderling.ovs.runtime import SYSTEM_RUNDIR
 
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
@@ -43,8 +44,9 @@ def _opt(default: Any, help: str, kind: str = "str", choices: tuple[str, ...] = 
 @dataclass
 class AgentConfig:
     node: str = _opt("", "this node's name (required)")
-    pod_cidr: str | None = _opt(None, "this node's pod subnet, e.g. 10.244.1.0/24 (default: spec.podCIDR of this "
-                                      "node's Node object)", "cidr")
+    pod_cidr: str | None = _opt(None, "this node's pod subnet, e.g. 10.244.1.0/24, or its IPv4 and IPv6 subnets "
+                                      "joined by a comma (dual-stack; default: spec.podCIDRs of this node's Node "
+                                      "object)", "podcidrs")
     mode: str = _opt("routed", "across nodes: routed (pod addresses on the underlay, no NAT) or overlay (VXLAN)",
                      "choice", ("routed", "overlay"))
     gateway_mac: str = _opt("0a:58:0a:f4:00:01", "MAC pods see for their gateway", "mac")
@@ -167,6 +169,17 @@ def _check(key: str, meta: dict[str, Any], value: Any) -> Any:
         return Path(text)
     if kind == "choice" and text not in meta["choices"]:
         raise ConfigError(f"{key}: {text!r} is not one of {', '.join(meta['choices'])}")
+    if kind == "podcidrs":
+        try:
+            v4, v6 = split_cidrs(text)
+            if not v4:
+                raise ValueError("an IPv4 subnet is required (IPv6-only nodes are not supported yet)")
+            ipaddress.IPv4Network(v4)
+            if v6:
+                ipaddress.IPv6Network(v6)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {text!r}: {exc} (e.g. 10.244.1.0/24 or 10.244.1.0/24,fd00:10:244:1::/64)") \
+                from None
     if kind in ("cidr", "cidrs"):
         for part in ([text] if kind == "cidr" else [c for c in text.split(",") if c.strip()]):
             try:

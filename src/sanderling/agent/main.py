@@ -474,7 +474,8 @@ async def serve(args: AgentConfig) -> int:
                 log.warning("node %s: Node object not readable (%s); NodePorts need --node-ip", args.node, exc)
                 own = None
         if own is not None:
-            args.pod_cidr = args.pod_cidr or own["spec"]["podCIDR"]
+            spec = own.get("spec") or {}
+            args.pod_cidr = args.pod_cidr or ",".join(spec.get("podCIDRs") or [spec["podCIDR"]])
             node_ips = node_ips or [a["address"] for a in (own.get("status") or {}).get("addresses") or []
                                     if a.get("type") == "InternalIP"]
     if args.pod_cidr is None:
@@ -490,7 +491,8 @@ async def serve(args: AgentConfig) -> int:
         db.set_bridge_hwaddr(args.bridge, node.gateway_mac)
         # pyroute2's sync API runs its own event loop: keep it off this one
         await asyncio.to_thread(ensure_gateway, args.bridge, f"{node.gateway_ip}/{node.pod_cidr.prefixlen}",
-                                node.gateway_mac, args.node_netns)
+                                node.gateway_mac, args.node_netns,
+                                f"{node.gateway_ip6}/{node.pod_cidr6.prefixlen}" if node.pod_cidr6 else "")
     previous = int(db.bridge_external_ids(args.bridge).get(GENERATION_KEY, "0") or 0)
     generation = cookies.next_generation(previous)
     db.set_bridge_external_id(args.bridge, GENERATION_KEY, str(generation))
@@ -622,7 +624,9 @@ async def serve(args: AgentConfig) -> int:
         masquerading = (_kube_enabled(args) and not args.no_proxy) or \
             bool(args.external_bridge and args.external_masquerade)
         reserved = {node.gateway_ip} | ({masquerade_ip(node)} if masquerading else set())
-        allocator = Allocator(store, [Pool("node", node.pod_cidr, frozenset(reserved))])
+        pool6 = Pool("node6", node.pod_cidr6, frozenset({node.gateway_ip6} if node.gateway_ip6 else set())) \
+            if node.pod_cidr6 is not None else None
+        allocator = Allocator(store, [Pool("node", node.pod_cidr, frozenset(reserved))], pool6)
         cluster = None
         if _kube_enabled(args):
             from sanderling.ipam.cluster import ClusterIpam

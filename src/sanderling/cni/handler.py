@@ -41,7 +41,7 @@ from sanderling.model.attachments import (
     network_from_config,
 )
 from sanderling.model.errors import ModelError
-from sanderling.model.network import NodeNetwork, PodPort, mac_for_ip, parse_mac
+from sanderling.model.network import NodeNetwork, PodPort, mac_for_ip, parse_mac, split_cidrs
 from sanderling.netlink import veth
 from sanderling.ovs import ovsdb
 from sanderling.ovs.ovsdb import Ovsdb, PortChange
@@ -161,8 +161,7 @@ class CniHandler:
         who = PodIdentity.from_args(req.get("args") or {}, cid)
         runtime = conf.get("runtimeConfig") or {}
         requested_ips = runtime.get("ips") or []
-        if not isinstance(requested_ips, list) or len(requested_ips) > 1:
-            raise CniFailure(E.E_BAD_CONFIG, "runtimeConfig.ips must be a list with at most one IPv4 address")
+        requested, requested6 = _requested_ips(requested_ips, self.node.pod_cidr6 is not None)
         if not self.dataplane.connected():
             raise CniFailure(E.E_TRY_LATER, f"agent of node {self.node.name} is not connected to OVS yet")
         if await asyncio.to_thread(veth.interface_exists, netns, ifname):
@@ -172,7 +171,6 @@ class CniHandler:
                 if runtime.get("mac") else ""
         except ModelError as exc:
             raise CniFailure(E.E_BAD_CONFIG, str(exc)) from None
-        requested = requested_ips[0] if requested_ips else None
         pool = None
         k8s_pod = "K8S_POD_NAME" in (req.get("args") or {})
         ipam_started = time.perf_counter()
@@ -180,7 +178,7 @@ class CniHandler:
             if self.cluster is not None and k8s_pod:
                 requested, mac, pool = await asyncio.to_thread(self.cluster.decide, who.namespace, who.name,
                                                                 requested, mac, self.node.pod_cidr)
-            request = Request(cid, ifname, who.namespace, who.name, requested, mac)
+            request = Request(cid, ifname, who.namespace, who.name, requested, mac, requested6)
             if pool is None:
                 alloc = await self.allocations.submit(request)
             else:
@@ -262,14 +260,16 @@ class CniHandler:
         cid, ifname, netns = req["containerID"], req["ifname"], req["netns"]
         prefix = self.node.pod_cidr.prefixlen if alloc.pool == "node" else 32  # pool addresses: /32, on-link gw
         address = f"{alloc.ip}/{prefix}"
+        address6 = f"{alloc.ip6}/{self.node.pod_cidr6.prefixlen}" if alloc.ip6 and self.node.pod_cidr6 else ""
+        ips = ",".join(alloc.ips)
         try:
-            self.node.check_pod(PodPort.build(who.namespace, who.name, 1, mac, alloc.ip, ifname))
+            self.node.check_pod(PodPort.build(who.namespace, who.name, 1, mac, ips, ifname))
         except ModelError as exc:
             raise CniFailure(E.E_BAD_CONFIG, str(exc)) from None
         mtu = int(conf.get("mtu") or self.mtu)
         ofport = self._reserve_ofport(host_if)
         try:
-            pod = PodPort.build(who.namespace, who.name, ofport, mac, alloc.ip, ifname)
+            pod = PodPort.build(who.namespace, who.name, ofport, mac, ips, ifname)
         except ModelError as exc:
             self._reserved_ofports.discard(ofport)
             raise CniFailure(E.E_BAD_CONFIG, str(exc)) from None
@@ -279,10 +279,12 @@ class CniHandler:
             flows = asyncio.ensure_future(self.dataplane.converge())
             try:
                 t0 = time.perf_counter()
-                iface = veth.PodInterface(netns, host_if, address, mac, str(self.node.gateway_ip), ifname, mtu)
+                iface = veth.PodInterface(netns, host_if, address, mac, str(self.node.gateway_ip), ifname, mtu,
+                                          ip6_cidr=address6,
+                                          gateway6=str(self.node.gateway_ip6) if address6 else "")
                 host_mac, t1 = await self._plumb_and_open(iface, ofport, {
                     ovsdb.EXT_POD_NAMESPACE: who.namespace, ovsdb.EXT_POD_NAME: who.name,
-                    ovsdb.EXT_CONTAINER_ID: cid, ovsdb.EXT_INTERFACE: ifname, ovsdb.EXT_IP: alloc.ip,
+                    ovsdb.EXT_CONTAINER_ID: cid, ovsdb.EXT_INTERFACE: ifname, ovsdb.EXT_IP: ips,
                     ovsdb.EXT_MAC: mac})
                 t2 = time.perf_counter()
             finally:
@@ -302,10 +304,12 @@ class CniHandler:
         # configured (meanwhile); flows: what the ADD still waited for them (they went in meanwhile)
         self._steps(ipam=ipam_seconds, plumbing=t1 - t0, ovsdb=t2 - t1, flows=t3 - t2)
         log.info("pod %s/%s: %s %s on %s (ofport %d, container %s); veth %.1f ms, OVS port %.1f ms, "
-                 "then flows %.1f ms", who.namespace, who.name, address, mac, host_if, ofport, cid[:12],
+                 "then flows %.1f ms", who.namespace, who.name, " ".join(filter(None, (address, address6))), mac,
+                 host_if, ofport, cid[:12],
                  (t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000)
         return add_result(conf.get("cniVersion", "1.1.0"), host_if, host_mac, ifname, mac, netns, address,
-                          str(self.node.gateway_ip), conf.get("prevResult"))
+                          str(self.node.gateway_ip), conf.get("prevResult"),
+                          (address6, str(self.node.gateway_ip6)) if address6 else None)
 
     async def _plumb_and_open(self, iface: veth.PodInterface, ofport: int,
                               external_ids: dict[str, str]) -> tuple[str, float]:
@@ -404,10 +408,13 @@ class CniHandler:
         inside = await asyncio.to_thread(veth.interface_in_netns, netns, ifname)
         if inside is None:
             raise CniFailure(E.E_CHECK_FAILED, f"interface {ifname} is missing in {netns}")
-        if not any(a.split("/")[0] == alloc.ip for a in inside.addresses):
-            raise CniFailure(E.E_CHECK_FAILED, f"{ifname} in {netns} does not carry {alloc.ip}")
+        for ip in alloc.ips:
+            if not any(a.split("/")[0] == ip for a in inside.addresses):
+                raise CniFailure(E.E_CHECK_FAILED, f"{ifname} in {netns} does not carry {ip}")
         if inside.gateway != str(self.node.gateway_ip):
             raise CniFailure(E.E_CHECK_FAILED, f"default route via {self.node.gateway_ip} missing in {netns}")
+        if alloc.ip6 and inside.gateway6 != str(self.node.gateway_ip6):
+            raise CniFailure(E.E_CHECK_FAILED, f"IPv6 default route via {self.node.gateway_ip6} missing in {netns}")
         host_if = veth.host_veth_name(cid, ifname)
         ports = {r.name: r for r in await asyncio.to_thread(self.db.ports, self.bridge)}
         record = ports.get(host_if)
@@ -415,7 +422,7 @@ class CniHandler:
             raise CniFailure(E.E_CHECK_FAILED, f"OVS port {host_if} for {cid}/{ifname} is missing from {self.bridge}")
         ext = record.external_ids
         key = PodPort.build(ext.get(ovsdb.EXT_POD_NAMESPACE, ""), ext.get(ovsdb.EXT_POD_NAME, ""),
-                            record.effective_ofport, ext.get(ovsdb.EXT_MAC, ""), alloc.ip, ifname).key
+                            record.effective_ofport, ext.get(ovsdb.EXT_MAC, ""), ",".join(alloc.ips), ifname).key
         if not self.dataplane.installed(key):
             raise CniFailure(E.E_CHECK_FAILED, f"flows for {key} are not installed")
         if self.dataplane.connected():
@@ -494,10 +501,15 @@ class CniHandler:
         found = []
         for rec in await asyncio.to_thread(self.db.ports, self.bridge):
             ext = rec.external_ids
-            ip, cid = ext.get(ovsdb.EXT_IP, ""), ext.get(ovsdb.EXT_CONTAINER_ID, "")
-            if not ip or not cid:
+            ips, cid = ext.get(ovsdb.EXT_IP, ""), ext.get(ovsdb.EXT_CONTAINER_ID, "")
+            if not ips or not cid:
                 continue
-            addr = ipaddress.IPv4Address(ip)
+            try:
+                ip, ip6 = split_cidrs(ips)
+                addr = ipaddress.IPv4Address(ip)
+            except ValueError:
+                log.error("restore: port %s carries %r, not a pod's addresses; not restored", rec.name, ips)
+                continue
             pool = "node" if addr in self.node.pod_cidr else next(
                 (POOL_PREFIX + p.name for p in pools if p.contains(addr)), "")
             if not pool:
@@ -505,7 +517,7 @@ class CniHandler:
                 continue
             found.append(Allocation(ip, pool, cid, ext.get(ovsdb.EXT_INTERFACE, "eth0"),
                                     ext.get(ovsdb.EXT_POD_NAMESPACE, ""), ext.get(ovsdb.EXT_POD_NAME, ""),
-                                    ext.get(ovsdb.EXT_MAC, "")))
+                                    ext.get(ovsdb.EXT_MAC, ""), ip6))
         return await asyncio.to_thread(self.allocator.store.restore, found)
 
     async def reconcile(self) -> None:
@@ -566,3 +578,28 @@ def _check_request(request: dict[str, Any]) -> None:
     for key in ("config", "args"):
         if not isinstance(request.get(key, {}), dict):
             raise CniFailure(E.E_DECODE, f"request field {key!r} must be an object")
+
+
+def _requested_ips(raw: object, dual_stack: bool) -> tuple[str | None, str | None]:
+    """runtimeConfig.ips: at most one address per family (IPv6 only on a dual-stack node)."""
+    if not isinstance(raw, list) or not all(isinstance(i, str) for i in raw):
+        raise CniFailure(E.E_BAD_CONFIG, "runtimeConfig.ips must be a list of addresses")
+    v4: str | None = None
+    v6: str | None = None
+    for text in raw:
+        try:
+            addr = ipaddress.ip_interface(text).ip
+        except ValueError:
+            raise CniFailure(E.E_BAD_CONFIG, f"runtimeConfig.ips: {text!r} is not an IP address") from None
+        if addr.version == 4:
+            if v4 is not None:
+                raise CniFailure(E.E_BAD_CONFIG, "runtimeConfig.ips names two IPv4 addresses; a pod has one per family")
+            v4 = text
+        else:
+            if not dual_stack:
+                raise CniFailure(E.E_BAD_CONFIG, f"runtimeConfig.ips: {text} is IPv6 but this node has no IPv6 "
+                                                 "pod subnet (give the Node an IPv6 podCIDR)")
+            if v6 is not None:
+                raise CniFailure(E.E_BAD_CONFIG, "runtimeConfig.ips names two IPv6 addresses; a pod has one per family")
+            v6 = text
+    return v4, v6

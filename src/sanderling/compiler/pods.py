@@ -1,21 +1,32 @@
-"""Local pod forwarding: classification, spoof guard, ARP responder and L3 delivery.
+"""Local pod forwarding: classification, spoof guard, neighbour responder and L3 delivery.
 
-Routed model: every ARP request a pod sends for the gateway or another local pod is answered
-with the gateway MAC, so every packet between pods is routed by L3Forwarding (MAC rewrite,
-TTL decrement), the same path it will take to pods on other nodes.
+Routed model: every ARP request and IPv6 neighbour solicitation a pod sends for the gateway or
+another local pod is answered with the gateway MAC, so every packet between pods is routed by
+L3Forwarding (MAC rewrite, TTL or hop-limit decrement), the same path it will take to pods on
+other nodes. No neighbour discovery packet is forwarded: what is not answered is dropped, so a
+pod's DAD probes, router solicitations and MLD reports flood nobody, and an advertisement it
+forges reaches no cache.
 """
 
 from __future__ import annotations
 
-from sanderling.model.network import NodeNetwork, PodPort
+from sanderling.model.network import NodeNetwork, PodPort, link_local
 from sanderling.openflow import cookies, ir
 from sanderling.openflow.pipeline import PIPELINE, Pipeline
 from sanderling.openflow.registers import CT_MARK_DIRECT, FROM_POD, ORIGIN_ZONE, TARGET_OFPORT, TO_TARGET_PORT
 
 ARP_REQUEST = 1
 ARP_REPLY = 2
+ND_SOLICIT = 135
+ND_ADVERT = 136
+ND_OPTION_TLL = 2
+# the advertisement's flags: Router (the gateway routes), Solicited, Override
+ND_FLAGS_RSO = 0xE0000000
+LINK_LOCAL = "fe80::/10"
+MULTICAST6 = "ff00::/8"
 
 PRIO_HIGH = 200
+PRIO_DAD = 210  # above the answers: a probe for a taken address must not be answered (DAD would fail)
 PRIO_ARP_DROP = 190
 PRIO_DIRECT_COMMIT = 4  # in ServiceLB: below every service flow, so only what is not a service connection
 
@@ -34,15 +45,54 @@ def arp_reply_actions(gateway_mac: str, answer_ip: int) -> tuple[ir.Action, ...]
     )
 
 
+def na_reply_actions(gateway_mac: str, answer_ip: int, pipeline: Pipeline = PIPELINE) -> tuple[ir.Action, ...]:
+    """Turn a neighbour solicitation into the advertisement 'answer_ip is at gateway_mac' (router,
+    solicited, override): OVS rewrites the ICMPv6 type, flags and option type in place (the
+    solicitation's source link-layer option becomes a target link-layer one) and fixes the
+    checksum; NeighborAdvert then writes the MAC into the option and sends it back."""
+    return (
+        ir.Move(ir.FieldRef("dl_src"), ir.FieldRef("dl_dst")),
+        ir.set_field("dl_src", gateway_mac),
+        ir.Move(ir.FieldRef("ipv6_src"), ir.FieldRef("ipv6_dst")),
+        ir.SetField("ipv6_src", answer_ip),
+        ir.set_field("icmpv6_type", ND_ADVERT),
+        ir.set_field("nd_reserved", ND_FLAGS_RSO),
+        ir.set_field("nd_options_type", ND_OPTION_TLL),
+        ir.Resubmit(pipeline["NeighborAdvert"]),
+    )
+
+
+def ns_answer(node: NodeNetwork, target: int, cookie: int, pipeline: Pipeline = PIPELINE) -> ir.Flow:
+    """A solicitation for `target` (the gateway or a local pod) answered with the gateway MAC."""
+    return ir.Flow(pipeline["NeighborResponder"], PRIO_HIGH,
+                   ir.match(proto="icmp6", icmpv6_type=ND_SOLICIT, icmpv6_code=0, nd_target=target),
+                   na_reply_actions(node.gateway_mac, target, pipeline), cookie)
+
+
 def static_flows(node: NodeNetwork, pipeline: Pipeline = PIPELINE) -> list[ir.Flow]:
-    """Flows that exist once per node: table misses, the gateway ARP answer, output by register."""
+    """Flows that exist once per node: table misses, the gateway ARP (and NDP) answer, output by
+    register."""
     cookie = cookies.cookie(cookies.Category.PIPELINE, f"node/{node.name}")
     flows = pipeline.miss_flows(cookie)
-    arp = pipeline["ARPResponder"]
+    arp = pipeline["NeighborResponder"]
     gw = int(node.gateway_ip)
     flows.append(ir.Flow(arp, PRIO_HIGH, ir.match(proto="arp", arp_op=ARP_REQUEST, arp_tpa=gw),
                          arp_reply_actions(node.gateway_mac, gw), cookie))
     flows.append(ir.Flow(arp, PRIO_ARP_DROP, ir.match(proto="arp"), (), cookie))
+    if node.gateway_ip6 is not None:
+        flows.append(ns_answer(node, int(node.gateway_ip6), cookie, pipeline))
+        flows.append(ir.Flow(pipeline["NeighborAdvert"], PRIO_HIGH, ir.match(proto="icmp6", icmpv6_type=ND_ADVERT),
+                             (ir.set_field("nd_tll", node.gateway_mac), ir.Output(ir.IN_PORT)), cookie))
+        # duplicate address detection probes (from ::) are never answered; the rest of neighbour
+        # discovery, router solicitations and MLD go nowhere; so does anything link-local or
+        # multicast (nothing behind the gateway shares a link with the pod)
+        flows.append(ir.Flow(arp, PRIO_DAD, ir.match(proto="icmp6", ipv6_src="::", icmpv6_type=ND_SOLICIT),
+                             (), cookie))
+        for icmp_type in (130, 131, 132, 133, 134, ND_SOLICIT, ND_ADVERT, 137, 143):
+            flows.append(ir.Flow(arp, PRIO_ARP_DROP, ir.match(proto="icmp6", icmpv6_type=icmp_type), (), cookie))
+        flows.append(ir.Flow(arp, PRIO_ARP_DROP - 1, ir.match(proto="ipv6", ipv6_src=LINK_LOCAL), (), cookie))
+        flows.append(ir.Flow(arp, PRIO_ARP_DROP - 1, ir.match(proto="ipv6", ipv6_dst=LINK_LOCAL), (), cookie))
+        flows.append(ir.Flow(arp, PRIO_ARP_DROP - 1, ir.match(proto="ipv6", ipv6_dst=MULTICAST6), (), cookie))
     flows.append(ir.Flow(pipeline["Output"], PRIO_HIGH, ir.Match(), (ir.OutputReg(TARGET_OFPORT.ref),), cookie))
     return flows
 
@@ -60,7 +110,7 @@ def pod_flows(node: NodeNetwork, pod: PodPort, pipeline: Pipeline = PIPELINE) ->
         ir.Flow(pipeline["SpoofGuard"], PRIO_HIGH,
                 ir.match(proto="arp", in_port=port, dl_src=pod.mac, arp_spa=ip, arp_sha=pod.mac),
                 (ir.Goto(pipeline.next_of("SpoofGuard")),), cookie),
-        ir.Flow(pipeline["ARPResponder"], PRIO_HIGH, ir.match(proto="arp", arp_op=ARP_REQUEST, arp_tpa=ip),
+        ir.Flow(pipeline["NeighborResponder"], PRIO_HIGH, ir.match(proto="arp", arp_op=ARP_REQUEST, arp_tpa=ip),
                 arp_reply_actions(node.gateway_mac, ip), cookie),
         ir.Flow(pipeline["L3Forwarding"], PRIO_HIGH, ir.match(proto="ip", dl_dst=node.gateway_mac, nw_dst=ip),
                 (ir.set_field("dl_src", node.gateway_mac), ir.set_field("dl_dst", pod.mac), ir.DecTTL(),
@@ -70,6 +120,30 @@ def pod_flows(node: NodeNetwork, pod: PodPort, pipeline: Pipeline = PIPELINE) ->
         ir.Flow(pipeline["Output"], PRIO_HIGH + 10, ir.match(TARGET_OFPORT.equals(port), in_port=port),
                 (ir.Output(ir.IN_PORT),), cookie),
         *direct_commit_flows(pod, cookie, pipeline),
+        *pod_flows6(node, pod, cookie, pipeline),
+    ]
+
+
+def pod_flows6(node: NodeNetwork, pod: PodPort, cookie: int, pipeline: Pipeline = PIPELINE) -> list[ir.Flow]:
+    """A dual-stack pod's IPv6: its address from its MAC; ICMPv6 also from its link-local address
+    (the kernel solicits the gateway from it) and DAD probes from ::; solicitations for its
+    address answered; delivery by address with the hop limit decremented."""
+    if pod.ip6 is None:
+        return []
+    ip6 = int(pod.ip6)
+    port = pod.ofport
+    guard = pipeline["SpoofGuard"]
+    on = (ir.Goto(pipeline.next_of("SpoofGuard")),)
+    return [
+        ir.Flow(guard, PRIO_HIGH, ir.match(proto="ipv6", in_port=port, dl_src=pod.mac, ipv6_src=ip6), on, cookie),
+        ir.Flow(guard, PRIO_HIGH, ir.match(proto="icmp6", in_port=port, dl_src=pod.mac,
+                                           ipv6_src=int(link_local(pod.mac))), on, cookie),
+        ir.Flow(guard, PRIO_HIGH, ir.match(proto="icmp6", in_port=port, dl_src=pod.mac, ipv6_src="::",
+                                           icmpv6_type=ND_SOLICIT), on, cookie),
+        ns_answer(node, ip6, cookie, pipeline),
+        ir.Flow(pipeline["L3Forwarding"], PRIO_HIGH, ir.match(proto="ipv6", dl_dst=node.gateway_mac, ipv6_dst=ip6),
+                (ir.set_field("dl_src", node.gateway_mac), ir.set_field("dl_dst", pod.mac), ir.DecTTL(),
+                 TARGET_OFPORT.load(port), ir.Goto(pipeline["Output"])), cookie),
     ]
 
 

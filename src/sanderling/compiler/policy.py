@@ -172,6 +172,16 @@ def isolation_flows(pod: PodInfo, ingress: bool, egress: bool, pipeline: Pipelin
     if ingress:
         flows.append(ir.Flow(pipeline["IngressRule"], PRIO_DEFAULT_DENY, ir.match(proto="ip", nw_dst=ip), deny,
                              cookie))
+    if pod.ip6 is not None:
+        # rules are compiled for IPv4 only so far: the isolated direction of the pod's IPv6
+        # traffic is denied outright (fail closed) rather than left open
+        ip6 = int(pod.ip6)
+        if egress:
+            flows.append(ir.Flow(pipeline["EgressRule"], PRIO_DEFAULT_DENY, ir.match(proto="ipv6", ipv6_src=ip6),
+                                 (), cookie))
+        if ingress:
+            flows.append(ir.Flow(pipeline["IngressRule"], PRIO_DEFAULT_DENY, ir.match(proto="ipv6", ipv6_dst=ip6),
+                                 (), cookie))
     return flows
 
 

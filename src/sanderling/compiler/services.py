@@ -134,7 +134,7 @@ def static_flows(cfg: ProxyConfig, pipeline: Pipeline = PIPELINE) -> list[ir.Flo
     if cfg.answer_masq_arp:
         from sanderling.compiler.pods import ARP_REQUEST, PRIO_HIGH, arp_reply_actions
 
-        flows.append(ir.Flow(pipeline["ARPResponder"], PRIO_HIGH,
+        flows.append(ir.Flow(pipeline["NeighborResponder"], PRIO_HIGH,
                              ir.match(proto="arp", arp_op=ARP_REQUEST, arp_tpa=masq),
                              arp_reply_actions(cfg.gateway_mac, masq), cookie))
     return flows

@@ -30,6 +30,9 @@ CREATE TABLE IF NOT EXISTS allocations (
 );
 CREATE TABLE IF NOT EXISTS cursors (pool TEXT PRIMARY KEY, last INTEGER NOT NULL);
 """
+# a dual-stack pod's IPv6 address, in the row of its IPv4 one (added to stores made before it)
+SCHEMA_IP6 = "CREATE UNIQUE INDEX IF NOT EXISTS allocations_ip6 ON allocations(ip6)"
+COLUMNS = "ip, pool, container_id, ifname, pod_namespace, pod_name, mac, COALESCE(ip6, '')"
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,11 @@ class Allocation:
     pod_namespace: str
     pod_name: str
     mac: str
+    ip6: str = ""  # the IPv6 address of a dual-stack pod
+
+    @property
+    def ips(self) -> tuple[str, ...]:
+        return (self.ip, self.ip6) if self.ip6 else (self.ip,)
 
     @property
     def pod(self) -> str:
@@ -55,6 +63,9 @@ class AllocationStore:
         self._write_lock = threading.Lock()
         with self._conn() as db:
             db.executescript(SCHEMA)
+            if "ip6" not in {row[1] for row in db.execute("PRAGMA table_info(allocations)")}:
+                db.execute("ALTER TABLE allocations ADD COLUMN ip6 TEXT")
+            db.execute(SCHEMA_IP6)
 
     @classmethod
     def open_or_replace(cls, path: Path) -> tuple[AllocationStore, Path | None]:
@@ -80,7 +91,8 @@ class AllocationStore:
         added = 0
         with self.transaction() as txn:
             for alloc in allocations:
-                if txn.holder(alloc.ip) is None and txn.find(alloc.container_id, alloc.ifname) is None:
+                if (all(txn.holder(ip) is None for ip in alloc.ips)
+                        and txn.find(alloc.container_id, alloc.ifname) is None):
                     txn.insert(alloc)
                     added += 1
         return added
@@ -101,14 +113,12 @@ class AllocationStore:
         return Txn(self._conn(), self._write_lock)
 
     def all(self) -> list[Allocation]:
-        rows = self._conn().execute(
-            "SELECT ip, pool, container_id, ifname, pod_namespace, pod_name, mac FROM allocations").fetchall()
+        rows = self._conn().execute(f"SELECT {COLUMNS} FROM allocations").fetchall()
         return [Allocation(*r) for r in rows]
 
     def find(self, container_id: str, ifname: str) -> Allocation | None:
-        row = self._conn().execute(
-            "SELECT ip, pool, container_id, ifname, pod_namespace, pod_name, mac FROM allocations "
-            "WHERE container_id=? AND ifname=?", (container_id, ifname)).fetchone()
+        row = self._conn().execute(f"SELECT {COLUMNS} FROM allocations WHERE container_id=? AND ifname=?",
+                                   (container_id, ifname)).fetchone()
         return Allocation(*row) if row else None
 
     def release(self, container_id: str, ifname: str) -> Allocation | None:
@@ -148,17 +158,19 @@ class Txn:
             self._lock.release()
 
     def holder(self, ip: str) -> Allocation | None:
-        row = self.db.execute("SELECT ip, pool, container_id, ifname, pod_namespace, pod_name, mac FROM allocations "
-                              "WHERE ip=?", (ip,)).fetchone()
+        row = self.db.execute(f"SELECT {COLUMNS} FROM allocations WHERE ip=? OR ip6=?", (ip, ip)).fetchone()
         return Allocation(*row) if row else None
 
     def find(self, container_id: str, ifname: str) -> Allocation | None:
-        row = self.db.execute("SELECT ip, pool, container_id, ifname, pod_namespace, pod_name, mac FROM allocations "
-                              "WHERE container_id=? AND ifname=?", (container_id, ifname)).fetchone()
+        row = self.db.execute(f"SELECT {COLUMNS} FROM allocations WHERE container_id=? AND ifname=?",
+                              (container_id, ifname)).fetchone()
         return Allocation(*row) if row else None
 
     def used(self, pool: str) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT ip FROM allocations WHERE pool=?", (pool,))}
+
+    def used6(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT ip6 FROM allocations WHERE ip6 IS NOT NULL")}
 
     def cursor(self, pool: str) -> int:
         row = self.db.execute("SELECT last FROM cursors WHERE pool=?", (pool,)).fetchone()
@@ -169,7 +181,7 @@ class Txn:
                         "ON CONFLICT(pool) DO UPDATE SET last=excluded.last", (pool, last))
 
     def insert(self, alloc: Allocation) -> None:
-        self.db.execute("INSERT INTO allocations(ip, pool, container_id, ifname, pod_namespace, pod_name, mac, created)"
-                        " VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
+        self.db.execute("INSERT INTO allocations(ip, pool, container_id, ifname, pod_namespace, pod_name, mac, created,"
+                        " ip6) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (alloc.ip, alloc.pool, alloc.container_id, alloc.ifname, alloc.pod_namespace,
-                         alloc.pod_name, alloc.mac, time.time()))
+                         alloc.pod_name, alloc.mac, time.time(), alloc.ip6 or None))

@@ -40,6 +40,7 @@ class Pod:
     mac: str
     netns: str
     host_ifname: str
+    ip6: str = ""
 
 
 class LocalNode:
@@ -102,7 +103,8 @@ class LocalNode:
     def agent_flags(self) -> list[str]:
         """This node's agent configuration as flags (`sanderling node cleanup` takes the same)."""
         return ["--node", self.name,
-                *([] if self.pod_cidr_from_api else ["--pod-cidr", str(self.network.pod_cidr)]),
+                *([] if self.pod_cidr_from_api else
+                  ["--pod-cidr", ",".join(str(c) for c in self.network.pod_cidrs)]),
                 "--gateway-mac", self.network.gateway_mac, "--mode", self.mode, "--mtu", str(self.mtu),
                 "--bridge", self.bridge, "--ovs-run-dir", str(self.ovs.run_dir), "--node-netns", self.netns,
                 "--state-dir", str(self.dir / "state"), "--cni-socket", str(self.cni_socket),
@@ -172,16 +174,21 @@ class LocalNode:
         with ipr(self.netns) as h:
             h.route("replace", dst=cidr, gateway=via)
 
-    def add_pod(self, namespace: str, name: str, ip: str) -> Pod:
+    def add_pod(self, namespace: str, name: str, ip: str, ip6: str = "") -> Pod:
+        """A pod plugged by hand (no CNI); `ip6`: its IPv6 address on a dual-stack node."""
         assert self.db is not None
         index = len(self.pods) + 1
         pod = Pod(namespace, name, ip, mac_for_ip(ip), f"{self.netns}-{namespace}-{name}"[:40],
-                  f"{self.prefix}{self.name[-4:]}p{index}"[:15])
+                  f"{self.prefix}{self.name[-4:]}p{index}"[:15], ip6)
         prefix = self.network.pod_cidr.prefixlen
+        cidr6 = self.network.pod_cidr6
         veth.plumb(veth.PodInterface(pod.netns, pod.host_ifname, f"{ip}/{prefix}", pod.mac,
-                                     str(self.network.gateway_ip)), node_netns=self.netns)
+                                     str(self.network.gateway_ip),
+                                     ip6_cidr=f"{ip6}/{cidr6.prefixlen}" if ip6 and cidr6 else "",
+                                     gateway6=str(self.network.gateway_ip6) if ip6 else ""), node_netns=self.netns)
         self.db.add_port(self.bridge, pod.host_ifname, external_ids={
-            ovsdb.EXT_POD_NAMESPACE: namespace, ovsdb.EXT_POD_NAME: name, ovsdb.EXT_IP: ip,
+            ovsdb.EXT_POD_NAMESPACE: namespace, ovsdb.EXT_POD_NAME: name,
+            ovsdb.EXT_IP: ",".join(filter(None, (ip, ip6))),
             ovsdb.EXT_MAC: pod.mac, ovsdb.EXT_INTERFACE: "eth0"})
         self.pods[f"{namespace}/{name}"] = pod
         return pod

@@ -34,32 +34,72 @@ def parse_mac(obj: str, field: str, value: str) -> str:
     return mac
 
 
+def link_local(mac: str) -> ipaddress.IPv6Address:
+    """The EUI-64 link-local address Linux gives an interface with this MAC (fe80::, the MAC with
+    its universal/local bit flipped and ff:fe in the middle)."""
+    raw = bytearray(bytes.fromhex(mac.replace(":", "")))
+    raw[0] ^= 0x02
+    return ipaddress.IPv6Address(b"\xfe\x80" + bytes(6) + bytes(raw[:3]) + b"\xff\xfe" + bytes(raw[3:]))
+
+
+def split_cidrs(text: str) -> tuple[str, str]:
+    """'10.244.1.0/24,fd00:10:244:1::/64' (either order, either alone) -> (IPv4 CIDR, IPv6 CIDR);
+    the form of a Node's spec.podCIDRs joined by commas, and of the agent's --pod-cidr."""
+    v4 = v6 = ""
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if ":" in part:
+            if v6:
+                raise ValueError(f"{text!r} names two IPv6 CIDRs; a node has one pod subnet per family")
+            v6 = part
+        else:
+            if v4:
+                raise ValueError(f"{text!r} names two IPv4 CIDRs; a node has one pod subnet per family")
+            v4 = part
+    return v4, v6
+
+
 @dataclass(frozen=True, slots=True)
 class NodeNetwork:
-    """This node's pod subnet and its gateway (the address pods route through)."""
+    """This node's pod subnet and its gateway (the address pods route through); on a dual-stack
+    node also its IPv6 pod subnet and IPv6 gateway (the same gateway MAC answers for both)."""
 
     name: str
     pod_cidr: ipaddress.IPv4Network
     gateway_ip: ipaddress.IPv4Address
     gateway_mac: str
+    pod_cidr6: ipaddress.IPv6Network | None = None
+    gateway_ip6: ipaddress.IPv6Address | None = None
+
+    @property
+    def pod_cidrs(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return (self.pod_cidr,) + ((self.pod_cidr6,) if self.pod_cidr6 is not None else ())
 
     @staticmethod
     def build(name: str, pod_cidr: str, gateway_mac: str = "0a:58:0a:f4:00:01",
               gateway_ip: str | None = None) -> NodeNetwork:
+        """`pod_cidr`: the IPv4 subnet, or it and the IPv6 one joined by a comma (dual-stack)."""
         obj = f"node/{name}"
         try:
-            cidr = ipaddress.IPv4Network(pod_cidr, strict=True)
+            text4, text6 = split_cidrs(pod_cidr)
+            if not text4:
+                raise ValueError(f"{pod_cidr!r} has no IPv4 CIDR; IPv6-only nodes are not supported yet")
+            cidr = ipaddress.IPv4Network(text4, strict=True)
+            cidr6 = ipaddress.IPv6Network(text6, strict=True) if text6 else None
         except ValueError as exc:
             raise ModelError(obj, "podCIDR", str(exc)) from None
         if cidr.num_addresses < 4:
             raise ModelError(obj, "podCIDR", f"{pod_cidr} is too small for a gateway and pods")
+        if cidr6 is not None and cidr6.prefixlen > 120:
+            raise ModelError(obj, "podCIDRs", f"{cidr6} is too small for a gateway and pods (at most /120)")
         gw = ipaddress.IPv4Address(gateway_ip) if gateway_ip else cidr.network_address + 1
         if gw not in cidr:
             raise ModelError(obj, "gateway", f"{gw} is outside {cidr}")
-        return NodeNetwork(name, cidr, gw, parse_mac(obj, "gatewayMAC", gateway_mac))
+        gw6 = cidr6.network_address + 1 if cidr6 is not None else None
+        return NodeNetwork(name, cidr, gw, parse_mac(obj, "gatewayMAC", gateway_mac), cidr6, gw6)
 
     def check_pod(self, pod: PodPort) -> None:
-        """A pod may not take the gateway's, the subnet's or the broadcast address."""
+        """A pod may not take the gateway's, the subnet's or the broadcast address; its IPv6
+        address, if any, must be a pod address of this node's IPv6 subnet."""
         obj = f"pod/{pod.namespace}/{pod.name}"
         if pod.ip == self.gateway_ip:
             raise ModelError(obj, "ip", f"{pod.ip} is the gateway address of node {self.name}")
@@ -67,6 +107,11 @@ class NodeNetwork:
             raise ModelError(obj, "ip", f"{pod.ip} is the network or broadcast address of {self.pod_cidr}")
         if pod.mac == self.gateway_mac:
             raise ModelError(obj, "mac", f"{pod.mac} is the gateway MAC of node {self.name}")
+        if pod.ip6 is not None:
+            if self.pod_cidr6 is None:
+                raise ModelError(obj, "ip", f"{pod.ip6} is IPv6 but node {self.name} has no IPv6 pod subnet")
+            if pod.ip6 in (self.gateway_ip6, self.pod_cidr6.network_address):
+                raise ModelError(obj, "ip", f"{pod.ip6} is the gateway or subnet address of {self.pod_cidr6}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,20 +124,34 @@ class PodPort:
     mac: str
     ip: ipaddress.IPv4Address
     interface: str = "eth0"
+    ip6: ipaddress.IPv6Address | None = None  # dual-stack: the pod's IPv6 address
 
     @property
     def key(self) -> str:
         return f"pod/{self.namespace}/{self.name}/{self.interface}"
 
+    @property
+    def ips(self) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
+        return (self.ip,) + ((self.ip6,) if self.ip6 is not None else ())
+
     @staticmethod
     def build(namespace: str, name: str, ofport: int, mac: str, ip: str, interface: str = "eth0") -> PodPort:
+        """`ip`: the pod's IPv4 address, or it and its IPv6 address joined by a comma (the form
+        of the port's external_ids)."""
         obj = f"pod/{namespace}/{name}"
         if not namespace or not name:
             raise ModelError(obj, "metadata", "namespace and name are required")
         if not isinstance(ofport, int) or not 1 <= ofport < 0xFF00:
             raise ModelError(obj, "ofport", f"{ofport!r} is not a usable OpenFlow port number")
         try:
-            addr = ipaddress.IPv4Address(ip.split("/")[0])
+            text4, text6 = split_cidrs(ip)
+            addr = ipaddress.IPv4Address(text4.split("/")[0])
         except ValueError:
-            raise ModelError(obj, "ip", f"{ip!r} is not an IPv4 address") from None
-        return PodPort(namespace, name, ofport, parse_mac(obj, "mac", mac), addr, interface)
+            raise ModelError(obj, "ip", f"{ip!r} is not an IPv4 address (optionally with an IPv6 one)") from None
+        try:
+            addr6 = ipaddress.IPv6Address(text6.split("/")[0]) if text6 else None
+        except ValueError:
+            raise ModelError(obj, "ip", f"{text6!r} is not an IPv6 address") from None
+        if addr6 is not None and (addr6.is_link_local or addr6.is_multicast or addr6.is_unspecified):
+            raise ModelError(obj, "ip", f"{addr6} is not a unicast global or unique-local IPv6 address")
+        return PodPort(namespace, name, ofport, parse_mac(obj, "mac", mac), addr, interface, addr6)

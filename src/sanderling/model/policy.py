@@ -90,6 +90,7 @@ class PodInfo:
     ip: ipaddress.IPv4Address | None
     node: str
     ports: tuple[tuple[str, int, str], ...] = ()  # (name, containerPort, protocol)
+    ip6: ipaddress.IPv6Address | None = None  # a dual-stack pod's IPv6 address (status.podIPs)
 
     @property
     def key(self) -> str:
@@ -250,10 +251,20 @@ def pod_info(raw: dict[str, Any], ip_text: str | None = None) -> PodInfo:
             ip = ipaddress.IPv4Address(text)
         except ValueError:
             ip = None
+    ip6 = None
+    if ip_text is None:
+        for entry in status.get("podIPs") or []:
+            try:
+                found = ipaddress.ip_address((entry or {}).get("ip") or "")
+            except (ValueError, AttributeError, TypeError):
+                continue
+            if isinstance(found, ipaddress.IPv6Address):
+                ip6 = found
+                break
     ports = tuple((p.get("name", ""), int(p["containerPort"]), p.get("protocol") or "TCP")
                   for c in spec.get("containers") or [] for p in c.get("ports") or [] if "containerPort" in p)
     return PodInfo(meta.get("namespace", ""), meta.get("name", ""),
-                   tuple(sorted((meta.get("labels") or {}).items())), ip, spec.get("nodeName") or "", ports)
+                   tuple(sorted((meta.get("labels") or {}).items())), ip, spec.get("nodeName") or "", ports, ip6)
 
 
 def selects(policy: Policy, pod: PodInfo) -> bool:

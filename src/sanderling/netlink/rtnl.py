@@ -30,6 +30,7 @@ IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_NET_NS_FD = 1, 3, 4, 18
 IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
 IFLA_AF_SPEC, AF_INET6, IFLA_INET6_ADDR_GEN_MODE, IN6_ADDR_GEN_MODE_NONE = 26, 10, 8, 1
 IFA_ADDRESS, IFA_LOCAL = 1, 2
+IFA_F_NODAD = 0x02  # an IPv6 address usable at once: the node's IPAM already made it unique
 RTA_DST, RTA_OIF, RTA_GATEWAY = 1, 4, 5
 IFF_UP = 0x1
 RT_TABLE_MAIN, RTPROT_BOOT, RTN_UNICAST = 254, 3, 1
@@ -140,10 +141,13 @@ class Rtnl:
         self.request(RTM_NEWLINK, 0, _IFINFO.pack(0, 0, 0, IFF_UP, IFF_UP) + _name(IFLA_IFNAME, host) + no_ipv6)
 
     def add_address(self, index: int, cidr: str) -> None:
-        iface = ipaddress.IPv4Interface(cidr)
+        iface = ipaddress.ip_interface(cidr)
         packed = iface.ip.packed
-        body = (_IFADDR.pack(socket.AF_INET, iface.network.prefixlen, 0, RT_SCOPE_UNIVERSE, index)
-                + _attr(IFA_LOCAL, packed) + _attr(IFA_ADDRESS, packed))
+        if iface.version == 4:
+            head = _IFADDR.pack(socket.AF_INET, iface.network.prefixlen, 0, RT_SCOPE_UNIVERSE, index)
+        else:
+            head = _IFADDR.pack(socket.AF_INET6, iface.network.prefixlen, IFA_F_NODAD, RT_SCOPE_UNIVERSE, index)
+        body = head + _attr(IFA_LOCAL, packed) + _attr(IFA_ADDRESS, packed)
         try:
             self.request(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, body)
         except RtnlError as exc:
@@ -152,13 +156,14 @@ class Rtnl:
 
     def replace_route(self, dst: str, index: int, gateway: str | None = None) -> None:
         """dst (a CIDR) through `index`, via `gateway` when given, on-link otherwise."""
-        net = ipaddress.IPv4Network(dst)
-        scope = RT_SCOPE_UNIVERSE if gateway else RT_SCOPE_LINK
-        body = _RTMSG.pack(socket.AF_INET, net.prefixlen, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, scope, RTN_UNICAST, 0)
+        net = ipaddress.ip_network(dst)
+        family = socket.AF_INET if net.version == 4 else socket.AF_INET6
+        scope = RT_SCOPE_UNIVERSE if gateway or net.version == 6 else RT_SCOPE_LINK
+        body = _RTMSG.pack(family, net.prefixlen, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, scope, RTN_UNICAST, 0)
         if net.prefixlen:
             body += _attr(RTA_DST, net.network_address.packed)
         if gateway:
-            body += _attr(RTA_GATEWAY, ipaddress.IPv4Address(gateway).packed)
+            body += _attr(RTA_GATEWAY, ipaddress.ip_address(gateway).packed)
         body += _u32(RTA_OIF, index)
         self.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, body)
 

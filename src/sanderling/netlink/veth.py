@@ -35,6 +35,8 @@ class PodInterface:
     ifname: str = "eth0"
     mtu: int = 1500
     extra_cidrs: tuple[str, ...] = ()  # more addresses (secondary networks); ip_cidr "" and gateway "": none
+    ip6_cidr: str = ""  # a dual-stack pod's IPv6 address, e.g. fd00:10:244:1::5/64
+    gateway6: str = ""
 
 
 def ensure_netns(name: str) -> None:
@@ -54,9 +56,10 @@ def host_veth_name(container_id: str, ifname: str) -> str:
 @dataclass(frozen=True)
 class InterfaceState:
     mac: str
-    addresses: list[str]  # CIDR
+    addresses: list[str]  # CIDR (IPv4, then global IPv6)
     gateway: str | None
     state: str
+    gateway6: str | None = None
 
 
 def interface_in_netns(ns: str, ifname: str) -> InterfaceState | None:
@@ -71,11 +74,15 @@ def interface_in_netns(ns: str, ifname: str) -> InterfaceState | None:
                 raise
             idx = link["index"]
             addrs = [f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for a in h.get_addr(index=idx, family=2)]
-            gateway = None
-            for route in h.get_routes(family=2, oif=idx):
-                if route["dst_len"] == 0 and route.get_attr("RTA_GATEWAY"):
-                    gateway = route.get_attr("RTA_GATEWAY")
-            return InterfaceState(link.get_attr("IFLA_ADDRESS"), addrs, gateway, link.get_attr("IFLA_OPERSTATE"))
+            addrs += [f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for a in h.get_addr(index=idx, family=10)
+                      if not a.get_attr("IFA_ADDRESS", "").startswith("fe80:")]
+            gateways: dict[int, str | None] = {2: None, 10: None}
+            for family in gateways:
+                for route in h.get_routes(family=family, oif=idx):
+                    if route["dst_len"] == 0 and route.get_attr("RTA_GATEWAY"):
+                        gateways[family] = route.get_attr("RTA_GATEWAY")
+            return InterfaceState(link.get_attr("IFLA_ADDRESS"), addrs, gateways[2], link.get_attr("IFLA_OPERSTATE"),
+                                  gateways[10])
     except NetlinkError as exc:
         if exc.code == errno.ENODEV:  # deleted while we looked
             return None
@@ -166,12 +173,14 @@ def configure_inside(pod: PodInterface, tx_checksum_off: bool = False) -> None:
             if idx is None:
                 raise PlumbingError(f"veth peer {pod.ifname} of {pod.host_ifname} is missing in netns {pod.netns}")
             inner.set_up(pod.ifname)
-            for cidr in (c for c in (pod.ip_cidr, *pod.extra_cidrs) if c):
+            for cidr in (c for c in (pod.ip_cidr, *pod.extra_cidrs, pod.ip6_cidr) if c):
                 inner.add_address(idx, cidr)
             if pod.gateway:
                 if ipaddress.IPv4Interface(pod.ip_cidr).network.prefixlen == 32:
                     inner.replace_route(f"{pod.gateway}/32", idx)  # a pool address: the gateway is on-link
                 inner.replace_route("0.0.0.0/0", idx, pod.gateway)
+            if pod.gateway6:
+                inner.replace_route("::/0", idx, pod.gateway6)
     except OSError as exc:
         raise PlumbingError(f"configuring {pod.ifname} in netns {pod.netns} failed: {exc}") from exc
     if tx_checksum_off:
@@ -202,10 +211,11 @@ def _plumb_converge(pod: PodInterface, node_netns: str | None) -> str:
                     raise PlumbingError(f"veth peer of {pod.host_ifname} is missing in netns {pod.netns}")
                 inner.link("set", index=idx, address=pod.mac, mtu=pod.mtu)
             inner.link("set", index=idx, state="up")
-            for cidr in (c for c in (pod.ip_cidr, *pod.extra_cidrs) if c):
-                iface = ipaddress.IPv4Interface(cidr)
+            for cidr in (c for c in (pod.ip_cidr, *pod.extra_cidrs, pod.ip6_cidr) if c):
+                iface = ipaddress.ip_interface(cidr)
                 try:
-                    inner.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+                    inner.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen,
+                               **({"flags": rtnl.IFA_F_NODAD} if iface.version == 6 else {}))
                 except NetlinkError as exc:
                     if exc.code != errno.EEXIST:
                         raise
@@ -214,6 +224,8 @@ def _plumb_converge(pod: PodInterface, node_netns: str | None) -> str:
                     # a pool address: the gateway is on-link, not in a subnet
                     inner.route("replace", dst=f"{pod.gateway}/32", oif=idx, scope=253)
                 inner.route("replace", dst="0.0.0.0/0", gateway=pod.gateway, oif=idx)
+            if pod.gateway6:
+                inner.route("replace", dst="::/0", gateway=pod.gateway6, oif=idx, family=10)
     except PlumbingError:
         raise
     except Exception as exc:

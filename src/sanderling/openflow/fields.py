@@ -13,6 +13,7 @@ from enum import Enum
 OXM_CLASS_BASIC = 0x8000
 NXM_CLASS_0 = 0x0000
 NXM_CLASS_1 = 0x0001
+ERICSSON_CLASS = 0x1000
 
 
 class Kind(Enum):
@@ -94,6 +95,11 @@ _SPECS: list[FieldSpec] = [
     _basic("arp_tha", "NXM_NX_ARP_THA", 25, 6, Kind.MAC),
     _basic("ipv6_src", "NXM_NX_IPV6_SRC", 26, 16, Kind.IPV6),
     _basic("ipv6_dst", "NXM_NX_IPV6_DST", 27, 16, Kind.IPV6),
+    _basic("icmpv6_type", "NXM_NX_ICMPV6_TYPE", 29, 1, Kind.INT, maskable=False),
+    _basic("icmpv6_code", "NXM_NX_ICMPV6_CODE", 30, 1, Kind.INT, maskable=False),
+    _basic("nd_target", "NXM_NX_ND_TARGET", 31, 16, Kind.IPV6),
+    _basic("nd_sll", "NXM_NX_ND_SLL", 32, 6, Kind.MAC),
+    _basic("nd_tll", "NXM_NX_ND_TLL", 33, 6, Kind.MAC),
     _basic("tun_id", "NXM_NX_TUN_ID", 38, 8, Kind.HEX),
     *[_nx(f"reg{i}", f"NXM_NX_REG{i}", i, 4, Kind.HEX) for i in range(16)],
     _nx("tun_src", "NXM_NX_TUN_IPV4_SRC", 31, 4, Kind.IPV4),
@@ -103,6 +109,11 @@ _SPECS: list[FieldSpec] = [
     _nx("ct_zone", "NXM_NX_CT_ZONE", 106, 2, Kind.INT, maskable=False),
     _nx("ct_mark", "NXM_NX_CT_MARK", 107, 4, Kind.HEX),
     _nx("ct_label", "NXM_NX_CT_LABEL", 108, 16, Kind.HEX),
+    # Ericsson's OXM class: the NS -> NA rewrite of the neighbour responder (OVS >= 2.12)
+    FieldSpec("nd_reserved", "ERICOXM_OF_ICMPV6_ND_RESERVED", ERICSSON_CLASS, 1, 4, Kind.HEX, maskable=False,
+              needs_l4=True),
+    FieldSpec("nd_options_type", "ERICOXM_OF_ICMPV6_ND_OPTIONS_TYPE", ERICSSON_CLASS, 2, 1, Kind.INT,
+              maskable=False, needs_l4=True),
 ]
 
 FIELDS: dict[str, FieldSpec] = {spec.name: spec for spec in _SPECS}
@@ -132,6 +143,7 @@ IPPROTO_ICMP = 1
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
 IPPROTO_SCTP = 132
+IPPROTO_ICMPV6 = 58
 
 # Protocol shorthands as ovs-ofctl spells them: name -> (dl_type, nw_proto or None).
 PROTOCOLS: dict[str, tuple[int, int | None]] = {
@@ -142,6 +154,10 @@ PROTOCOLS: dict[str, tuple[int, int | None]] = {
     "tcp": (ETH_TYPE_IP, IPPROTO_TCP),
     "udp": (ETH_TYPE_IP, IPPROTO_UDP),
     "sctp": (ETH_TYPE_IP, IPPROTO_SCTP),
+    "icmp6": (ETH_TYPE_IPV6, IPPROTO_ICMPV6),
+    "tcp6": (ETH_TYPE_IPV6, IPPROTO_TCP),
+    "udp6": (ETH_TYPE_IPV6, IPPROTO_UDP),
+    "sctp6": (ETH_TYPE_IPV6, IPPROTO_SCTP),
 }
 PROTOCOL_NAMES: dict[tuple[int, int | None], str] = {v: k for k, v in PROTOCOLS.items()}
 
@@ -232,13 +248,22 @@ def format_flags(kind: Kind, value: int, mask: int) -> str:
     return "".join(("+" if value & bit else "-") + name for name, bit in FLAG_BITS[kind].items() if mask & bit)
 
 
+def prefix_mask(spec: FieldSpec, prefixlen: int) -> int:
+    """The mask of a /prefixlen on an address field (IPv4 or IPv6)."""
+    full = (1 << spec.nbits) - 1
+    if not 0 <= prefixlen <= spec.nbits:
+        raise FieldError(f"{spec.name}: /{prefixlen} is not a prefix length of a {spec.nbits}-bit address")
+    return (full << (spec.nbits - prefixlen)) & full
+
+
 def format_match_value(spec: FieldSpec, value: int, mask: int | None) -> str:
     if spec.kind in FLAG_BITS:
         return format_flags(spec.kind, value, mask if mask is not None else (1 << spec.nbits) - 1)
     if mask is None:
         return format_value(spec, value)
-    if spec.kind is Kind.IPV4:
-        net = ipaddress.IPv4Network((value, bin(mask).count("1")), strict=False)
+    if spec.kind in (Kind.IPV4, Kind.IPV6):
+        net = ipaddress.ip_network((value if spec.kind is Kind.IPV4 else ipaddress.IPv6Address(value),
+                                    bin(mask).count("1")), strict=False)
         if int(net.netmask) == mask:
-            return str(net) if net.prefixlen != 32 else str(net.network_address)
+            return str(net) if net.prefixlen != spec.nbits else str(net.network_address)
     return f"{format_value(spec, value)}/{format_value(spec, mask) if spec.kind is not Kind.INT else hex(mask)}"

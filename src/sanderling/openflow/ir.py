@@ -118,10 +118,10 @@ class Match:
                 value, mask = F.parse_flags(spec.kind, raw)
             elif isinstance(raw, tuple):
                 value, mask = F.parse_value(spec, raw[0]), F.parse_value(spec, raw[1])
-            elif isinstance(raw, str) and "/" in raw and spec.kind is F.Kind.IPV4:
+            elif isinstance(raw, str) and "/" in raw and spec.kind in (F.Kind.IPV4, F.Kind.IPV6):
                 addr, plen = raw.split("/")
                 value = F.parse_value(spec, addr)
-                mask = (0xFFFFFFFF << (32 - int(plen))) & 0xFFFFFFFF
+                mask = F.prefix_mask(spec, int(plen))
             else:
                 value = F.parse_value(spec, raw)
             _merge(items, name, value, mask)

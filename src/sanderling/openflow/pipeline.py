@@ -38,10 +38,14 @@ TABLES: tuple[Table, ...] = (
     Table("Classifier", "classification", Miss.DROP,
           "Marks the packet with the class of its ingress port (FROM_POD, ...); unknown ports are dropped."),
     Table("SpoofGuard", "validation", Miss.DROP,
-          "A pod may only send from its own MAC and IP (ARP: sender MAC and IP); anything else is dropped."),
-    Table("ARPResponder", "arp", Miss.NEXT,
-          "Answers ARP requests for the gateway and for local pods with the gateway MAC, so all pod "
-          "traffic is routed; other ARP is dropped, non-ARP continues."),
+          "A pod may only send from its own MAC and IP (ARP: sender MAC and IP; IPv6: its address, and "
+          "for ICMPv6 only also its link-local one, or none for duplicate address detection); anything "
+          "else is dropped."),
+    Table("NeighborResponder", "neighbour", Miss.NEXT,
+          "Answers ARP requests and IPv6 neighbour solicitations for the gateway and for local pods with "
+          "the gateway MAC, so all pod traffic is routed; other ARP and neighbour discovery (DAD probes, "
+          "advertisements, router solicitations, MLD, anything to a multicast or from a link-local "
+          "address) is dropped, so it neither floods the node nor poisons a cache; the rest continues."),
     Table("UnSNAT", "conntrack", Miss.NEXT,
           "Packets to the node's masquerade address go through the SNAT zone first, so replies of "
           "masqueraded service connections get their client address back."),
@@ -99,6 +103,11 @@ TABLES: tuple[Table, ...] = (
     Table("Reject", "services", Miss.DROP,
           "Connections to a service with no usable endpoint go to the agent, which answers at once "
           "with a TCP RST or an ICMP port unreachable."),
+    Table("NeighborAdvert", "neighbour", Miss.DROP,
+          "Finishes an advertisement NeighborResponder made of a solicitation: its target link-layer "
+          "option gets the gateway MAC (OVS only sets that field on a packet that already is an "
+          "advertisement) and it goes back out of the port it came in on. Last, as resubmits only go "
+          "forward; only entered by resubmit."),
 )
 
 
