@@ -4,6 +4,7 @@ neighbour advertisements reaches nobody and poisons no cache."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -11,8 +12,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from sanderling.lab import fabric
 from sanderling.lab.node import LocalNode, Pod
-from tests.netns.conftest import one_node, wait_for
+from sanderling.netlink import veth
+from ..conftest import require_ovs
+from .conftest import one_node, require_root, wait_for
 
 GW6 = "fd00:10:244:6::1"
 
@@ -114,3 +118,104 @@ def test_a_pod_forging_ipv6_sources_or_neighbour_advertisements_reaches_nobody(n
     assert node6.probe(b, "tcp", a.ip6, 8080)
     assert node6.probe(a, "tcp", b.ip6, 8080)
     assert node6.probe(b, "tcp", a.ip, 8080)
+
+
+@pytest.fixture
+def cni_node6(tmp_path) -> Iterator[LocalNode]:
+    yield from one_node(tmp_path, "sl6c", "10.244.16.0/24,fd00:10:244:16::/64")
+
+
+def _cni(node: LocalNode, command: str, cid: str, ips: list[str] | None = None) -> tuple[int, dict]:
+    ns = f"sl6c-n1-{cid}"
+    veth.ensure_netns(ns)
+    conf: dict = {"cniVersion": "1.1.0", "name": node.cni_network, "type": "sanderling-cni",
+                  "agentSocket": str(node.cni_socket)}
+    if ips:
+        conf["runtimeConfig"] = {"ips": ips}
+    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": f"/var/run/netns/{ns}",
+           "CNI_IFNAME": "eth0", "CNI_PATH": str(node.cni_bin.parent),
+           "CNI_ARGS": f"K8S_POD_NAMESPACE=prod;K8S_POD_NAME=pod-{cid}"}
+    if command != "ADD":
+        conf["prevResult"] = {}
+    proc = subprocess.run([str(node.cni_bin)], input=json.dumps(conf), env=env, capture_output=True, text=True)
+    return proc.returncode, json.loads(proc.stdout) if proc.stdout.strip() else {}
+
+
+def _in(cid: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", "netns", "exec", f"sl6c-n1-{cid}", *argv], capture_output=True, text=True,
+                          timeout=30)
+
+
+def test_cni_add_on_a_dual_stack_node_gives_one_address_per_family(cni_node6):
+    code, first = _cni(cni_node6, "ADD", "c1")
+    assert code == 0, first
+    addresses = {ip["address"] for ip in first["ips"]}
+    v4 = next(a for a in addresses if "." in a)
+    v6 = next(a for a in addresses if ":" in a)
+    assert v4.endswith("/24") and v6.startswith("fd00:10:244:16::") and v6.endswith("/64"), first
+    assert {(r["dst"], r["gw"]) for r in first["routes"]} == {("0.0.0.0/0", "10.244.16.1"),
+                                                              ("::/0", "fd00:10:244:16::1")}
+    inside = _in("c1", "ip", "-6", "addr", "show", "dev", "eth0").stdout
+    assert v6 in inside, inside
+    # fixed addresses of both families, by runtimeConfig
+    code, second = _cni(cni_node6, "ADD", "c2", ["10.244.16.50/24", "fd00:10:244:16::50/64"])
+    assert code == 0, second
+    assert {ip["address"] for ip in second["ips"]} == {"10.244.16.50/24", "fd00:10:244:16::50/64"}
+    # an IPv6 address already taken: refused, naming the holder, and the ADD leaves nothing (no IPv4 either)
+    code, out = _cni(cni_node6, "ADD", "c3", ["fd00:10:244:16::50"])
+    assert code == 1 and out["code"] == 100 and "prod/pod-c2" in out["msg"], out
+    assert "c3" not in {a.container_id for a in cni_node6.allocations()}
+    # the two pods talk over IPv6 through the pipeline
+    server = subprocess.Popen(["ip", "netns", "exec", "sl6c-n1-c2", sys.executable, "-m", "sanderling.probe",
+                               "serve", "--name", "c2", "--tcp", "8080"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        reply = _in("c1", sys.executable, "-m", "sanderling.probe", "connect", "tcp", "fd00:10:244:16::50", "8080",
+                    "--timeout", "2")
+        assert reply.returncode == 0 and reply.stdout.strip() == "c2", reply
+    finally:
+        server.kill()
+        server.wait()
+    assert _cni(cni_node6, "CHECK", "c1")[0] == 0
+    # DEL releases both families
+    assert _cni(cni_node6, "DEL", "c1")[0] == 0
+    held = {a.container_id: a for a in cni_node6.allocations()}
+    assert "c1" not in held and held["c2"].ip6 == "fd00:10:244:16::50"
+
+
+def test_ipv6_pods_on_two_routed_nodes_over_the_underlay_link(tmp_path):
+    """Routed mode: IPv6 pod addresses on the wire (no encapsulation, no NAT); the underlay is
+    addressed in IPv4 only, the nodes route each other's IPv6 pod subnets via the link-local
+    addresses of their uplinks."""
+    require_root()
+    require_ovs()
+    nodes = fabric.routed_nodes("sl6r", tmp_path, ["10.244.33.0/24,fd00:10:244:33::/64",
+                                                   "10.244.34.0/24,fd00:10:244:34::/64"], "172.31.249.0/24")
+    try:
+        n1, n2 = nodes
+        for n in nodes:
+            n.wait_ready()
+        a = n1.add_pod("default", "a", "10.244.33.10", "fd00:10:244:33::a")
+        b = n2.add_pod("default", "b", "10.244.34.10", "fd00:10:244:34::a")
+        n1.wait_programmed(a)
+        n2.wait_programmed(b)
+        n2.serve(b)
+        capture = subprocess.Popen(["ip", "netns", "exec", "sl6r-fabric", "tcpdump", "--immediate-mode", "-n", "-l",
+                                    "-i", "fabric0", "-c", "20", "ip6 and not icmp6"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        assert capture.stderr is not None
+        while "listening on" not in (line := capture.stderr.readline()):
+            assert line, "tcpdump ended before it listened"
+        assert n1.probe(a, "tcp", b.ip6, 8080, timeout=2)
+        assert n1.probe(a, "udp", b.ip6, 8081, timeout=2)
+        assert n1.probe(a, "icmp", b.ip6, timeout=2)
+        assert n1.probe(a, "tcp", b.ip, 8080, timeout=2)  # and IPv4 alongside
+        capture.terminate()
+        lines = (capture.communicate(timeout=10)[0] or "").splitlines()
+        assert any(f"{a.ip6}." in line and f"> {b.ip6}.8080" in line for line in lines), lines
+        out = n1.pod_exec(a, ["ping", "-6", "-c", "1", b.ip6]).stdout
+        # the reply's hops: n2's kernel, n1's kernel, n1's pipeline delivering to a (a pipeline
+        # sending to its node does not decrement: the node's kernel does): 64 - 3
+        assert re.search(r"(ttl|hlim)=61", out), out
+    finally:
+        fabric.teardown("sl6r", nodes)

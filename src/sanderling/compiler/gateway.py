@@ -26,8 +26,9 @@ def gateway_flows(node: NodeNetwork, pipeline: Pipeline = PIPELINE) -> list[ir.F
         ir.Flow(pipeline["Classifier"], 200, ir.match(in_port=ir.LOCAL),
                 (FROM_GATEWAY.load(), ir.Goto(pipeline.next_of("SpoofGuard"))), cookie),
         # everything routed that is not a local pod goes to the node
-        ir.Flow(pipeline["L3Forwarding"], PRIO_DEFAULT_ROUTE, ir.match(proto="ip", dl_dst=node.gateway_mac),
-                (TARGET_OFPORT.load(LOCAL_PORT_16), ir.Goto(pipeline["Output"])), cookie),
+        *(ir.Flow(pipeline["L3Forwarding"], PRIO_DEFAULT_ROUTE, ir.match(proto=proto, dl_dst=node.gateway_mac),
+                  (TARGET_OFPORT.load(LOCAL_PORT_16), ir.Goto(pipeline["Output"])), cookie)
+          for proto in ("ip", *(("ipv6",) if node.pod_cidr6 is not None else ()))),
         # back to the node what came from the node (NodePorts steered in from the uplink, replies
         # to the masquerade address): OpenFlow only outputs to the ingress port as IN_PORT
         ir.Flow(pipeline["Output"], 210, ir.match(TARGET_OFPORT.equals(LOCAL_PORT_16), in_port=ir.LOCAL),

@@ -170,9 +170,26 @@ class LocalNode:
             h.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
         self.underlay_ip = str(iface.ip)
 
-    def route(self, cidr: str, via: str) -> None:
+    def route(self, cidr: str, via: str, dev: str | None = None) -> None:
         with ipr(self.netns) as h:
-            h.route("replace", dst=cidr, gateway=via)
+            if dev is None:
+                h.route("replace", dst=cidr, gateway=via)
+            else:
+                h.route("replace", dst=cidr, gateway=via, oif=h.link_lookup(ifname=dev)[0])
+
+    def uplink_link_local(self) -> str:
+        """The IPv6 link-local address of this node's underlay interface: the next hop other nodes
+        route this node's IPv6 pod subnet to when the underlay is IPv4 (Linux takes no IPv4 next
+        hop for an IPv6 route; a link-local one needs no IPv6 addressing of the underlay)."""
+        with ipr(self.netns) as h:
+            idx = h.link_lookup(ifname="uplink")[0]
+            for _ in range(100):
+                for addr in h.get_addr(index=idx, family=10):
+                    text = addr.get_attr("IFA_ADDRESS")
+                    if text.startswith("fe80:") and not addr["flags"] & 0x40:  # not IFA_F_TENTATIVE
+                        return str(text)
+                time.sleep(0.05)
+        raise RuntimeError(f"node {self.name}: its uplink has no usable IPv6 link-local address")
 
     def add_pod(self, namespace: str, name: str, ip: str, ip6: str = "") -> Pod:
         """A pod plugged by hand (no CNI); `ip6`: its IPv6 address on a dual-stack node."""
