@@ -15,6 +15,7 @@ import pytest
 from sanderling.lab import fabric
 from sanderling.lab.node import LocalNode, Pod
 from sanderling.netlink import veth
+
 from ..conftest import require_ovs
 from .conftest import one_node, require_root, wait_for
 

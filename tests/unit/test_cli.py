@@ -35,7 +35,8 @@ def test_pipeline_table_lists_tables_in_order():
                      "ReplyOrigin", "ServiceLB",
                      "SessionAffinity", "AffinitySelect", "EndpointDNAT", "RequestOrigin", "PolicyConntrack",
                      "PolicyState",
-                     "EgressRule", "IngressRule", "PolicyCommit", "ServiceMasq", "L3Forwarding", "Output", "Reject", "NeighborAdvert"]
+                     "EgressRule", "IngressRule", "PolicyCommit", "ServiceMasq", "L3Forwarding", "Output", "Reject",
+                     "NeighborAdvert"]
 
 
 def test_bench_flows_small_run_reports_its_reference():
