@@ -1,4 +1,5 @@
-"""The lab end to end: 3 nodes (routed), the demo workload, the full probe matrix, kubectl, down."""
+"""The lab end to end: 3 dual-stack nodes (routed, then overlay), the demo workload, the full probe
+matrix over both families, kubectl, down."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def running_lab(request):
     require_ovs()
     lab("down")
     started = time.monotonic()
-    up = lab("up", "--nodes", "3", "--mode", request.param, "--demo")
+    up = lab("up", "--nodes", "3", "--mode", request.param, "--ip-family", "dual", "--demo")
     elapsed = time.monotonic() - started
     yield request.param, up, elapsed
     down = lab("down")
@@ -59,18 +60,24 @@ def capture(argv: list[str], seconds: float, *probes: list[str]) -> list[str]:
 
 def test_lab_both_modes_matrix_capture_kubectl_and_down(running_lab):
     mode, up, elapsed = running_lab
-    print(f"\nlab up --nodes 3 --mode {mode} --demo took {elapsed:.1f}s")
+    print(f"\nlab up --nodes 3 --mode {mode} --ip-family dual --demo took {elapsed:.1f}s")
     assert up.returncode == 0, up.stdout + up.stderr
-    assert "90 of 90 probes succeeded" in up.stdout, up.stdout
+    assert "(180 probes over IPv4 and IPv6)" in up.stderr, up.stderr  # progress goes to stderr
+    assert "180 of 180 probes succeeded" in up.stdout, up.stdout
     status = lab("status")
     assert status.stdout.count("running") >= 4, status.stdout  # 3 agents + control plane
     pods = pods_by_name()
     src, dst = pods["web-0"], pods["web-1"]
     assert src["spec"]["nodeName"] != dst["spec"]["nodeName"]
     a, b = src["status"]["podIP"], dst["status"]["podIP"]
-    lines = capture(["not", "arp", "and", "not", "tcp", "port", "6443"], 0.5,
+    a6, b6 = (next(e["ip"] for e in p["status"]["podIPs"] if ":" in e["ip"]) for p in (src, dst))
+    lines = capture(["not", "arp", "and", "not", "tcp", "port", "6443", "and", "not", "icmp6"], 0.5,
                     ["demo/web-0", "--", "ping", "-c", "2", "-i", "0.2", b],
-                    ["demo/web-0", "--", sys.executable, "-m", "sanderling.probe", "connect", "tcp", b, "8080"])
+                    ["demo/web-0", "--", sys.executable, "-m", "sanderling.probe", "connect", "tcp", b, "8080"],
+                    ["demo/web-0", "--", sys.executable, "-m", "sanderling.probe", "connect", "tcp", b6, "8080"])
+    # IPv6 between the pods' own addresses: on the wire in routed mode (via the nodes' link-local next
+    # hops), inside VXLAN over the IPv4 underlay in overlay mode
+    assert any(f"{a6}." in line and f"> {b6}.8080" in line for line in lines), lines
     if mode == "routed":
         # the pods' own addresses on the wire: no encapsulation, no address translation
         assert any(f"{a} > {b}: ICMP echo request" in line for line in lines), lines

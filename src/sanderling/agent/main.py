@@ -34,7 +34,7 @@ from sanderling.model.errors import ModelError
 from sanderling.model.network import NodeNetwork
 from sanderling.model.nodes import Remote
 from sanderling.netlink.gateway import ensure_gateway
-from sanderling.netlink.routes import sync_routes
+from sanderling.netlink.routes import link_local_toward, sync_routes
 from sanderling.openflow import cookies
 from sanderling.openflow.pipeline import PIPELINE
 from sanderling.openflow.realizer import Realizer
@@ -417,6 +417,31 @@ def _write_slice(api: Any, namespace: str, name: str, obj: dict[str, Any] | None
         log.error("endpointslice/%s/%s: not written: %s", namespace, name, exc)
 
 
+async def publish_next_hop6(args: AgentConfig, address: str) -> None:
+    """Routed dual-stack: other nodes route this node's IPv6 pod subnet to the link-local address
+    of its underlay interface (Linux takes no IPv4 next hop for an IPv6 route), which they read from
+    an annotation of this Node. Retried while the address is tentative or the API refuses."""
+    from sanderling.kube.client import KubeApi
+    from sanderling.model.nodes import NEXT_HOP6
+
+    problem = ""
+    for _ in range(120):
+        hop = await asyncio.to_thread(link_local_toward, args.node_netns, address)
+        if hop is None:
+            problem = f"no IPv6 link-local address on the interface holding {address}"
+        else:
+            try:
+                api = KubeApi(args.kubeconfig, timeout=5)
+                await asyncio.to_thread(api.annotate_node, args.node, {NEXT_HOP6: hop})
+                log.info("node %s: IPv6 pod subnet reachable via %s (annotation %s)", args.node, hop, NEXT_HOP6)
+                return
+            except Exception as exc:
+                problem = f"annotating node {args.node}: {exc}"
+        await asyncio.sleep(1.0)
+    log.error("node %s: IPv6 next hop not published (%s): other nodes cannot route to its IPv6 pods",
+              args.node, problem)
+
+
 class RouteKeeper:
     """Kernel routes the agent owns (other nodes' destinations in routed mode, the service CIDR),
     synced off the event loop, latest wins."""
@@ -431,7 +456,9 @@ class RouteKeeper:
     def update(self, remotes: list[Remote] | None) -> None:
         """Other nodes' destinations from the cluster view; None before it has listed (only the
         extra routes are ensured, nothing is removed)."""
-        self._wanted = {**self.extra, **{str(r.dst): str(r.via) for r in remotes or ()}}
+        # an IPv6 subnet is routed once its node has published its link-local next hop
+        self._wanted = {**self.extra, **{str(r.dst): str(r.via) if r.dst.version == 4 else f"{r.via6}%{r.via}"
+                                         for r in remotes or () if r.dst.version == 4 or r.via6}}
         self._prune = self._prune or remotes is not None
         if not self._running:
             self._running = True
@@ -542,6 +569,8 @@ async def serve(args: AgentConfig) -> int:
         routes = RouteKeeper(args.node_netns, extra_routes) if args.gateway else None
         if routes is not None:
             routes.update(None)
+            if args.mode == "routed" and node.pod_cidr6 is not None and node_ips:
+                asyncio.ensure_future(publish_next_hop6(args, node_ips[0]))
 
         def remotes_changed(remotes: list[Remote]) -> None:
             node_flows.set_remotes(remotes)

@@ -31,7 +31,7 @@ def _all(group: str, resource: str, *verbs: str, subresource: str = "") -> list[
 
 REQUIRED: tuple[Permission, ...] = tuple(
     _all("", "pods", "get", "list", "watch", "patch")
-    + _all("", "nodes", "get", "list", "watch")
+    + _all("", "nodes", "get", "list", "watch", "patch")
     + _all("", "namespaces", "get", "list", "watch")
     + _all("", "services", "list", "watch", "patch")
     + _all("", "events", "create")

@@ -36,6 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     up = cmds.add_parser("up", parents=[common], help="build the lab and start everything")
     up.add_argument("--nodes", type=int, default=3)
     up.add_argument("--mode", choices=["routed", "overlay"], default="routed")
+    up.add_argument("--ip-family", choices=["ipv4", "dual"], default="ipv4",
+                    help="dual: every node gets an IPv6 pod subnet too, every pod an IPv6 address")
     up.add_argument("--demo", action="store_true", help="also deploy the demo workload and run lab check")
     up.add_argument("--multus", action="store_true",
                     help="Multus (built from its Go module by setup) in front of Sanderling on every node")
@@ -104,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     if cmd == "up":
         lab.up(args.nodes, args.mode, allow_workload_commands=args.allow_workload_commands,
                multus=args.multus, control_plane=args.control_plane, monitoring=args.monitoring,
-               agents=args.agents, br_ext=args.br_ext)
+               agents=args.agents, br_ext=args.br_ext, ip_family=args.ip_family)
         if args.demo:
             apply(lab, Path(__file__).resolve().parents[1] / "lab" / "demo.yaml")
             wait_running(lab, 60)
@@ -462,7 +464,9 @@ def check(lab: Lab) -> int:
     pods = [p.to_dict() for p in _api(lab).list(Pod, namespace="*")]
     node_netns = {n["name"]: n["netns"] for n in lab.state()["nodes"]}
     targets = probe.targets(pods, node_netns)
-    progress(f"probing {len(targets)} pods ({sum(len(t.probes) for t in targets) * (len(targets) - 1)} probes)")
+    count = sum(len(d.probes) * (1 + bool(s.ip6 and d.ip6)) for s in targets for d in targets if s is not d)
+    dual = " over IPv4 and IPv6" if any(t.ip6 for t in targets) else ""
+    progress(f"probing {len(targets)} pods ({count} probes{dual})")
     results = probe.matrix(targets)
     names = [t.key for t in targets]
     rows = []

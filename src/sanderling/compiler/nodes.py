@@ -26,9 +26,11 @@ TUNNEL_OFPORT = 65000  # requested for the VXLAN port, far above the ports pods 
 
 def remote_flows(node: NodeNetwork, remote: Remote, mode: str, pipeline: Pipeline = PIPELINE) -> list[ir.Flow]:
     cookie = cookies.cookie(cookies.Category.NODE, remote.key)
-    prio = PRIO_REMOTE_HOST if remote.dst.prefixlen == 32 else PRIO_REMOTE_SUBNET
-    dst = str(remote.dst.network_address) if remote.dst.prefixlen == 32 else str(remote.dst)
-    match = ir.match(proto="ip", nw_dst=dst)
+    host = remote.dst.prefixlen == remote.dst.max_prefixlen
+    prio = PRIO_REMOTE_HOST if host else PRIO_REMOTE_SUBNET
+    dst = str(remote.dst.network_address) if host else str(remote.dst)
+    # an IPv6 subnet: the same way (overlay: IPv6 in VXLAN over the IPv4 underlay)
+    match = ir.match(proto="ip", nw_dst=dst) if remote.dst.version == 4 else ir.match(proto="ipv6", ipv6_dst=dst)
     if mode == "overlay":
         actions: tuple[ir.Action, ...] = (
             ir.set_field("dl_dst", node.gateway_mac), ir.SetField("tun_dst", int(remote.via)),

@@ -102,6 +102,13 @@ class KubeApi:
         self.client.patch(Pod, name, {"metadata": {"annotations": annotations}}, namespace=namespace,
                           patch_type=PatchType.MERGE)
 
+    def annotate_node(self, name: str, annotations: dict[str, str | None]) -> None:
+        """Merge-patch the node's annotations (None removes one)."""
+        from lightkube.resources.core_v1 import Node
+        from lightkube.types import PatchType
+
+        self.client.patch(Node, name, {"metadata": {"annotations": annotations}}, patch_type=PatchType.MERGE)
+
     def ensure_pool(self, name: str, spec: dict[str, Any]) -> None:
         """Create the IPPool if it does not exist (a secondary network's pool, created on first use)."""
         if self.pool(name) is not None:

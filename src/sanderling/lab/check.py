@@ -1,4 +1,5 @@
-"""`sanderling lab check`: every pod probes every other pod (ICMP and each containerPort)."""
+"""`sanderling lab check`: every pod probes every other pod (ICMP and each containerPort), over
+each family both pods have (IPv6 too on a dual-stack lab: `icmp6`, `tcp6/8080`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ class Target:
     ip: str
     sandbox: str
     probes: tuple[tuple[str, int], ...]  # ("icmp", 0), ("tcp", 8080), ...
+    ip6: str = ""  # a dual-stack pod's IPv6 address (status.podIPs)
 
 
 def targets(pods: list[dict[str, Any]], node_netns: dict[str, str]) -> list[Target]:
@@ -26,30 +28,36 @@ def targets(pods: list[dict[str, Any]], node_netns: dict[str, str]) -> list[Targ
         ports = [("tcp" if p.get("protocol", "TCP") == "TCP" else p["protocol"].lower(), int(p["containerPort"]))
                  for c in spec.get("containers") or [] for p in c.get("ports") or []]
         prefix = node_netns.get(spec.get("nodeName", ""), "")
+        ip6 = next((e.get("ip", "") for e in status.get("podIPs") or [] if ":" in (e.get("ip") or "")), "")
         out.append(Target(f"{meta['namespace']}/{meta['name']}", status["podIP"],
-                          f"{prefix}-{meta['namespace']}-{meta['name']}"[:60], (("icmp", 0), *ports)))
+                          f"{prefix}-{meta['namespace']}-{meta['name']}"[:60], (("icmp", 0), *ports), ip6))
     return out
 
 
-def probe(src: Target, dst: Target, proto: str, port: int) -> bool:
+def probe(src: Target, dst_ip: str, proto: str, port: int) -> bool:
     if proto == "icmp":
         # a second echo request if the first got no answer: in overlay mode OVS's userspace tunnel
         # drops the very first packet to a node whose underlay MAC it has not resolved yet (it sends
         # the ARP itself); ICMP goes first, so the port probes after it find the path resolved
-        argv = ["sh", "-c", f"ping -c 1 -W 1 {dst.ip} || ping -c 1 -W 1 {dst.ip}"]
+        argv = ["sh", "-c", f"ping -c 1 -W 1 {dst_ip} || ping -c 1 -W 1 {dst_ip}"]
     else:
-        argv = [sys.executable, "-m", "sanderling.probe", "connect", proto, dst.ip, str(port), "--timeout", "1"]
+        argv = [sys.executable, "-m", "sanderling.probe", "connect", proto, dst_ip, str(port), "--timeout", "1"]
     return subprocess.run(["ip", "netns", "exec", src.sandbox, *argv], capture_output=True).returncode == 0
 
 
 def matrix(pods: list[Target]) -> dict[tuple[str, str], list[tuple[str, bool]]]:
-    jobs = [(s, d, proto, port) for s in pods for d in pods if s is not d for proto, port in d.probes]
-    icmp = [j for j in jobs if j[2] == "icmp"]
-    ports = [j for j in jobs if j[2] != "icmp"]
+    jobs = [(s, d, d.ip, proto, port) for s in pods for d in pods if s is not d for proto, port in d.probes]
+    jobs += [(s, d, d.ip6, proto, port) for s in pods for d in pods if s is not d and s.ip6 and d.ip6
+             for proto, port in d.probes]
+    icmp = [j for j in jobs if j[3] == "icmp"]
+    ports = [j for j in jobs if j[3] != "icmp"]
     jobs = icmp + ports
     with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(lambda j: probe(*j), icmp)) + list(pool.map(lambda j: probe(*j), ports))
+        results = list(pool.map(lambda j: probe(j[0], *j[2:]), icmp)) + \
+            list(pool.map(lambda j: probe(j[0], *j[2:]), ports))
     out: dict[tuple[str, str], list[tuple[str, bool]]] = {}
-    for (s, d, proto, port), ok in zip(jobs, results, strict=True):
-        out.setdefault((s.key, d.key), []).append((proto if proto == "icmp" else f"{proto}/{port}", ok))
+    for (s, d, ip, proto, port), ok in zip(jobs, results, strict=True):
+        family = "6" if ":" in ip else ""
+        out.setdefault((s.key, d.key), []).append((proto + family if proto == "icmp" else f"{proto}{family}/{port}",
+                                                   ok))
     return out

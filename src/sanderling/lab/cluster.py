@@ -63,6 +63,7 @@ class Lab:
     multus: bool = False  # Multus in front of Sanderling on every node (`lab up --multus`)
     agents: str = "process"  # or "daemonset": installed by helm, run by the lab kubelets
     br_ext: str = ""  # "on" or "masquerade": every node has br-ext, its controller on the fabric (`lab up --br-ext`)
+    ip_family: str = "ipv4"  # or "dual": pods get an IPv6 address too (`lab up --ip-family dual`)
 
     @property
     def state_dir(self) -> Path:
@@ -93,9 +94,13 @@ class Lab:
 
     def up(self, nodes: int = 3, mode: str = "routed", allow_workload_commands: bool = False,
            multus: bool = False, control_plane: str = "sanderling", monitoring: bool = False,
-           agents: str = "process", br_ext: str = "") -> None:
+           agents: str = "process", br_ext: str = "", ip_family: str = "ipv4") -> None:
         if mode not in ("routed", "overlay"):
             raise SystemExit(f"sanderling lab: --mode {mode}: choose routed or overlay")
+        if ip_family not in ("ipv4", "dual"):
+            raise SystemExit(f"sanderling lab: --ip-family {ip_family}: choose ipv4 or dual (IPv6-only nodes are "
+                             "not supported yet)")
+        self.ip_family = ip_family
         if agents == "daemonset" and (control_plane != "kubernetes" or multus):
             raise SystemExit("sanderling lab: --agents daemonset needs --control-plane kubernetes (the DaemonSet "
                              "controller and scheduler place the agents) and runs without --multus")
@@ -167,7 +172,8 @@ class Lab:
                 rec["agent_pid"] = node.agent.pid if node.agent else 0
         state = {"name": self.name, "mode": mode, "api_port": port, "controlplane_pid": cp_pid, "nodes": records,
                  "allow_workload_commands": allow_workload_commands, "multus": multus,
-                 "control_plane": control_plane, "agents": agents, "br_ext": br_ext, **extra}
+                 "control_plane": control_plane, "agents": agents, "br_ext": br_ext, "ip_family": ip_family,
+                 **extra}
         (self.state_dir / "state.json").write_text(json.dumps(state, indent=2))
         if agents == "daemonset":
             self.progress("helm install sanderling (charts/sanderling): CRDs, RBAC, ConfigMap, DaemonSet; the "
@@ -201,7 +207,7 @@ class Lab:
         self._save_partial(port, extra)
         pids["relay"] = self._start_relay(port)
         kcp = KubernetesControlPlane(self.state_dir, self.controlplane_netns, pki, str(API_UNDERLAY_IP), API_PORT,
-                                     port)
+                                     port, self.ip_family == "dual")
         try:
             pids.update(kcp.start(nodes))
         finally:
@@ -270,10 +276,13 @@ class Lab:
         pki = self.pki
         allow = ["--allow-workload-commands"] if self.allow_workload_commands \
             or self.state().get("allow_workload_commands") else []
+        dual = self.ip_family == "dual" or self.state().get("ip_family") == "dual"
+        from sanderling.lab.kubernetes import CLUSTER_CIDR6
         cp = subprocess.Popen([sys.executable, "-m", "sanderling.lab.controlplane", "--state", str(self.state_dir),
                                "--listen", f"127.0.0.1:{port}", "--netns", self.controlplane_netns,
                                "--netns-listen", f"{API_UNDERLAY_IP}:{API_PORT}", "--tls-cert", str(pki.server_cert),
-                               "--tls-key", str(pki.server_key), "--token-file", str(pki.token_file), *allow],
+                               "--tls-key", str(pki.server_key), "--token-file", str(pki.token_file), *allow,
+                               *(["--cluster-cidr6", CLUSTER_CIDR6] if dual else [])],
                               stdout=subprocess.PIPE, stderr=cp_log, start_new_session=True)
         assert cp.stdout is not None
         if cp.stdout.readline().strip() != b"ready":
@@ -331,7 +340,7 @@ class Lab:
             if while_down is not None:
                 while_down()
             kcp = KubernetesControlPlane(self.state_dir, self.controlplane_netns, self.pki, str(API_UNDERLAY_IP),
-                                         API_PORT, state["api_port"])
+                                         API_PORT, state["api_port"], state.get("ip_family") == "dual")
             state["pids"]["kube-apiserver"] = kcp.start_apiserver()
             (self.state_dir / "state.json").write_text(json.dumps(state, indent=2))
             kcp.wait_ready(90)
@@ -368,9 +377,10 @@ class Lab:
         for rec in records:
             while True:
                 node = api.node(rec["name"]) or {}
-                cidr = (node.get("spec") or {}).get("podCIDR")
-                if cidr:
-                    rec["pod_cidr"] = cidr
+                spec = node.get("spec") or {}
+                cidr = spec.get("podCIDR")
+                if cidr and (self.ip_family != "dual" or len(spec.get("podCIDRs") or []) > 1):
+                    rec["pod_cidr"] = ",".join(spec.get("podCIDRs") or [cidr])
                     break
                 if time.monotonic() > deadline:
                     raise SystemExit(f"node {rec['name']} got no podCIDR; see {self.state_dir / 'controlplane.log'}")

@@ -38,14 +38,16 @@ SLICES = "discovery.k8s.io/endpointslices"
 ANN_BIN, ANN_CONF, ANN_NETNS = "lab.sanderling.io/cni-bin", "lab.sanderling.io/cni-conf", "lab.sanderling.io/netns"
 CLUSTER_CIDR = ipaddress.IPv4Network("10.244.0.0/16")
 NODE_PREFIX = 24
+NODE_PREFIX6 = 64
 
 
 class ControlPlane:
     def __init__(self, store: Store, cluster_cidr: ipaddress.IPv4Network = CLUSTER_CIDR,
-                 allow_commands: bool = False) -> None:
+                 allow_commands: bool = False, cluster_cidr6: ipaddress.IPv6Network | None = None) -> None:
         self.store = store
         self.allow_commands = allow_commands
         self.cluster_cidr = cluster_cidr
+        self.cluster_cidr6 = cluster_cidr6  # dual-stack: every node also gets a /64 of it
         self.kubelets: dict[str, Kubelet] = {}
         self.queue: asyncio.Queue[WatchEvent] = asyncio.Queue()
         self._busy: set[str] = set()
@@ -95,18 +97,23 @@ class ControlPlane:
             log.info("kubelet for node %s", name)
 
     def _allocate_pod_cidr(self, node: dict[str, Any]) -> None:
-        """Node IPAM: a node without spec.podCIDR gets the first free /24 of the cluster CIDR."""
+        """Node IPAM: a node without spec.podCIDR gets the first free /24 of the cluster CIDR (and,
+        dual-stack, the first free /64 of the IPv6 one: spec.podCIDRs lists both, IPv4 first)."""
         if (node.get("spec") or {}).get("podCIDR"):
             return
-        taken = {(n.get("spec") or {}).get("podCIDR") for n in self.store.list(NODES, None)[0]}
-        for subnet in self.cluster_cidr.subnets(new_prefix=NODE_PREFIX):
-            if str(subnet) not in taken:
-                name = node["metadata"]["name"]
-                self.store.patch(NODES, "", name, {"spec": {"podCIDR": str(subnet), "podCIDRs": [str(subnet)]}})
-                log.info("node %s: podCIDR %s", name, subnet)
+        name = node["metadata"]["name"]
+        taken = {c for n in self.store.list(NODES, None)[0] for c in (n.get("spec") or {}).get("podCIDRs") or []}
+        cidrs = []
+        for cluster, prefix in ((self.cluster_cidr, NODE_PREFIX), (self.cluster_cidr6, NODE_PREFIX6)):
+            if cluster is None:
+                continue
+            free = next((str(net) for net in cluster.subnets(new_prefix=prefix) if str(net) not in taken), None)
+            if free is None:
+                log.error("node %s: no free /%d left in the cluster CIDR %s", name, prefix, cluster)
                 return
-        log.error("node %s: no free /%d left in the cluster CIDR %s", node["metadata"]["name"], NODE_PREFIX,
-                  self.cluster_cidr)
+            cidrs.append(free)
+        self.store.patch(NODES, "", name, {"spec": {"podCIDR": cidrs[0], "podCIDRs": cidrs}})
+        log.info("node %s: podCIDRs %s", name, ", ".join(cidrs))
 
     def _sync_slices(self, namespace: str, only: str | None = None) -> None:
         """EndpointSlices of the namespace's Services (or of one Service) equal to what its pods say."""
@@ -253,7 +260,8 @@ async def main_async(args: argparse.Namespace) -> int:
         tls.load_cert_chain(args.tls_cert, args.tls_key)
     token = args.token_file.read_text().strip() if args.token_file else None
     runner = await serve(store, sockets, token=token, ssl_context=tls)
-    plane = ControlPlane(store, ipaddress.IPv4Network(args.cluster_cidr), args.allow_workload_commands)
+    plane = ControlPlane(store, ipaddress.IPv4Network(args.cluster_cidr), args.allow_workload_commands,
+                         ipaddress.IPv6Network(args.cluster_cidr6) if args.cluster_cidr6 else None)
     plane.start()
     task = asyncio.create_task(plane.run())
     await until_signalled()
@@ -270,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--netns", help="control-plane network namespace to run in")
     p.add_argument("--netns-listen", action="append", default=[], help="HOST:PORT inside --netns")
     p.add_argument("--cluster-cidr", default=str(CLUSTER_CIDR))
+    p.add_argument("--cluster-cidr6", default="", help="dual-stack: the cluster's IPv6 pod CIDR (a /64 per node)")
     p.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (and --tls-key)")
     p.add_argument("--tls-key", type=Path)
     p.add_argument("--token-file", type=Path, help="every client must send this bearer token")

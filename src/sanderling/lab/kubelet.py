@@ -127,12 +127,17 @@ class Kubelet:
                                                         "reason": "NetworkSetupFailed",
                                                         "message": str(out.get("msg", out))}]}
         self.retry_later.discard(key)
-        ip = out["ips"][0]["address"].split("/")[0]
+        first = out["ips"][0]
+        ip = first["address"].split("/")[0]
+        # a dual-stack pod: its IPv6 address on the same interface is its second podIP
+        ip6 = next((e["address"].split("/")[0] for e in out["ips"][1:]
+                    if ":" in e.get("address", "") and ":" not in ip and e.get("interface") == first.get("interface")),
+                   "")
         running = RunningPod(netns_name, cid)
         running.workload = self._workload(pod, netns_name)
         self.pods[key] = running
         log.info("pod %s running on %s with %s", key, self.node.name, ip)
-        return {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+        return {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}] + ([{"ip": ip6}] if ip6 else []),
                 "conditions": [{"type": "Ready", "status": "True"}]}
 
     def _workload(self, pod: dict[str, Any], netns_name: str) -> subprocess.Popen[bytes] | None:

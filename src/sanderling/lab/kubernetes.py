@@ -33,6 +33,8 @@ DEPLOY = Path(__file__).resolve().parents[3] / "deploy"
 SERVICE_CIDR = "10.96.0.0/16"     # as the embedded server's
 NODE_PORT_RANGE = "30000-32767"
 CLUSTER_CIDR = "10.244.0.0/16"
+CLUSTER_CIDR6 = "fd00:10:244::/56"  # dual-stack labs: a /64 per node
+SERVICE_CIDR6 = "fd00:10:96::/112"
 AGENT_SA = ("sanderling-system", "sanderling-agent")
 
 
@@ -85,6 +87,7 @@ class KubernetesControlPlane:
     api_ip: str
     api_port: int
     host_port: int  # the lab's relay from the host's loopback to the API
+    dual_stack: bool = False  # pod and service CIDRs of both families (IPv4 first)
 
     @property
     def tokens(self) -> Tokens:
@@ -100,6 +103,17 @@ class KubernetesControlPlane:
             subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True, capture_output=True)
             key.chmod(0o600)
         return key
+
+    def _service_cidrs(self) -> str:
+        return f"{SERVICE_CIDR},{SERVICE_CIDR6}" if self.dual_stack else SERVICE_CIDR
+
+    def _cidr_flags(self) -> list[str]:
+        """The controller manager's node IPAM: a /24 per node, and a /64 when dual-stack."""
+        if not self.dual_stack:
+            return ["--cluster-cidr", CLUSTER_CIDR, "--node-cidr-mask-size", "24",
+                    "--service-cluster-ip-range", SERVICE_CIDR]
+        return ["--cluster-cidr", f"{CLUSTER_CIDR},{CLUSTER_CIDR6}", "--node-cidr-mask-size-ipv4", "24",
+                "--node-cidr-mask-size-ipv6", "64", "--service-cluster-ip-range", self._service_cidrs()]
 
     def kubeconfig_for(self, user: str) -> Path:
         """A kubeconfig with one of the static identities (the controllers', a node's, kube-proxy's)."""
@@ -126,8 +140,7 @@ class KubernetesControlPlane:
         kcm_kubeconfig = self.kubeconfig_for("system:kube-controller-manager")
         pids["kube-controller-manager"] = self._run("kube-controller-manager", [
             str(bins["kube-controller-manager"]), "--kubeconfig", str(kcm_kubeconfig),
-            "--allocate-node-cidrs", "--cluster-cidr", CLUSTER_CIDR, "--node-cidr-mask-size", "24",
-            "--service-cluster-ip-range", SERVICE_CIDR, "--service-account-private-key-file", str(sa_key),
+            "--allocate-node-cidrs", *self._cidr_flags(), "--service-account-private-key-file", str(sa_key),
             "--root-ca-file", str(self.pki.ca_cert), "--use-service-account-credentials",
             "--controllers", "*",  # the cloud controllers stay off without --cloud-provider
             "--secure-port", "0", *common])
@@ -146,7 +159,7 @@ class KubernetesControlPlane:
             "--tls-cert-file", str(self.pki.server_cert), "--tls-private-key-file", str(self.pki.server_key),
             "--client-ca-file", str(self.pki.ca_cert), "--token-auth-file", str(self.tokens.path),
             "--authorization-mode", "Node,RBAC", "--enable-admission-plugins", "NodeRestriction",
-            "--service-cluster-ip-range", SERVICE_CIDR, "--service-node-port-range", NODE_PORT_RANGE,
+            "--service-cluster-ip-range", self._service_cidrs(), "--service-node-port-range", NODE_PORT_RANGE,
             "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
             "--service-account-key-file", str(sa_key), "--service-account-signing-key-file", str(sa_key),
             "--allow-privileged", "--profiling=false", "--v", "1"])

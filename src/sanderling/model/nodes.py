@@ -22,14 +22,23 @@ from typing import Any
 
 from sanderling.model.errors import ModelError
 
+NEXT_HOP6 = "sanderling.io/ipv6-next-hop"
 
-@dataclass(frozen=True, slots=True, order=True)
+
+@dataclass(frozen=True, slots=True)
 class Remote:
-    """Traffic for `dst` goes to node `node` at underlay address `via`."""
+    """Traffic for `dst` goes to node `node` at underlay address `via`. An IPv6 `dst` (a node's
+    IPv6 pod subnet) goes the same way in overlay mode (IPv6 in VXLAN over the IPv4 underlay); in
+    routed mode the node's kernel routes it via `via6`, the link-local address of the other node's
+    uplink that node publishes ("" while it has not: no route)."""
 
-    dst: ipaddress.IPv4Network
+    dst: ipaddress.IPv4Network | ipaddress.IPv6Network
     via: ipaddress.IPv4Address
     node: str
+    via6: str = ""
+
+    def sort_key(self) -> tuple[int, int, int, str]:
+        return (self.dst.version, int(self.dst.network_address), self.dst.prefixlen, self.node)
 
     @property
     def key(self) -> str:
@@ -42,6 +51,8 @@ class NodeInfo:
     pod_cidr: ipaddress.IPv4Network | None
     internal_ip: ipaddress.IPv4Address | None
     created: str = ""  # metadata.creationTimestamp (RFC 3339 sorts as text): the older of two overlaps wins
+    pod_cidr6: ipaddress.IPv6Network | None = None  # a dual-stack node's IPv6 podCIDR (spec.podCIDRs)
+    next_hop6: str = ""  # its uplink's link-local address (annotation NEXT_HOP6, published by its agent)
 
 
 def node_info(obj: dict[str, Any]) -> NodeInfo:
@@ -64,7 +75,20 @@ def node_info(obj: dict[str, Any]) -> NodeInfo:
                 raise ModelError(f"node/{name}", "status.addresses", f"InternalIP {addr.get('address')!r} is not "
                                                                       "an IPv4 address") from None
             break
-    return NodeInfo(name, cidr, internal, str(meta.get("creationTimestamp") or ""))
+    cidr6 = None
+    for text in spec.get("podCIDRs") or []:
+        if isinstance(text, str) and ":" in text:
+            try:
+                cidr6 = ipaddress.IPv6Network(text, strict=True)
+            except ValueError as exc:
+                raise ModelError(f"node/{name}", "spec.podCIDRs", str(exc)) from None
+            break
+    hop = str((meta.get("annotations") or {}).get(NEXT_HOP6) or "")
+    try:
+        next_hop6 = hop if hop and ipaddress.IPv6Address(hop).is_link_local else ""
+    except ValueError:
+        next_hop6 = ""
+    return NodeInfo(name, cidr, internal, str(meta.get("creationTimestamp") or ""), cidr6, next_hop6)
 
 
 MIN_POD_PREFIX = 8  # a podCIDR shorter than this would capture a large part of the address space
@@ -113,6 +137,10 @@ def remotes(self_name: str, nodes: Iterable[NodeInfo], pods: Iterable[tuple[str,
             continue
         if info.name != self_name and info.pod_cidr is not None and info.internal_ip is not None:
             out.add(Remote(info.pod_cidr, info.internal_ip, info.name))
+            if info.pod_cidr6 is not None and not any(
+                    o.pod_cidr6 is not None and o.name != info.name and o.pod_cidr6.overlaps(info.pod_cidr6)
+                    and (o.created or "~", o.name) < (info.created or "~", info.name) for o in by_name.values()):
+                out.add(Remote(info.pod_cidr6, info.internal_ip, info.name, info.next_hop6))
     for node_name, ip_text in pods:
         host = by_name.get(node_name)
         if node_name == self_name or host is None or host.internal_ip is None or not ip_text:
@@ -127,4 +155,4 @@ def remotes(self_name: str, nodes: Iterable[NodeInfo], pods: Iterable[tuple[str,
             out.add(Remote(ipaddress.IPv4Network(f"{ip}/32"), host.internal_ip, host.name))
         elif untrusted is not None:
             untrusted.append(f"{ip} on node {host.name}")
-    return sorted(out)
+    return sorted(out, key=Remote.sort_key)
