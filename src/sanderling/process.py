@@ -29,6 +29,35 @@ def terminate(pid: int, timeout: float = 10.0, hard: bool = False) -> None:
         pass
 
 
+def terminate_all(pids: list[int], timeout: float = 5.0, hard: bool = False) -> None:
+    """`terminate` for many processes at once: every one signalled first, then all waited for
+    together (one after another, a lab's dozen processes took ~20 s to stop)."""
+    live = []
+    for pid in (p for p in pids if p > 0):
+        try:
+            os.kill(pid, signal.SIGKILL if hard else signal.SIGTERM)
+            live.append(pid)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while live and time.monotonic() < deadline:
+        still = []
+        for pid in live:
+            try:
+                os.kill(pid, 0)
+                still.append(pid)
+            except ProcessLookupError:
+                pass
+        live = still
+        if live:
+            time.sleep(0.02)
+    for pid in live:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 async def until_signalled() -> None:
     """Print `ready` (parents wait for that line) and return on SIGTERM or SIGINT."""
     stop = asyncio.Event()

@@ -157,3 +157,22 @@ def test_one_mac_helper():
     from sanderling.model.network import mac_for_ip
 
     assert mac_for_ip("10.244.1.10") == "0a:58:0a:f4:01:0a" == POD.mac
+
+
+def test_an_isolated_dual_stack_pods_ipv6_fails_closed():
+    """Policy rules are compiled for IPv4 only so far: the isolated direction of a pod's IPv6 is
+    dropped, never left open."""
+    import ipaddress
+
+    from sanderling.compiler.policy import isolation_flows
+    from sanderling.model.policy import pod_info
+
+    raw = {"metadata": {"namespace": "prod", "name": "db"}, "spec": {"nodeName": "node-1"},
+           "status": {"podIP": "10.244.1.10", "podIPs": [{"ip": "10.244.1.10"}, {"ip": "fd00:10:244:1::a"}]}}
+    pod = pod_info(raw)
+    assert pod.ip6 == ipaddress.IPv6Address("fd00:10:244:1::a")
+    ingress_only = texts(isolation_flows(pod, ingress=True, egress=False))
+    assert "table=14,priority=10,ipv6,ipv6_dst=fd00:10:244:1::a actions=drop" in ingress_only, ingress_only
+    assert not any("ipv6_src" in f for f in ingress_only)
+    both = texts(isolation_flows(pod, ingress=True, egress=True))
+    assert "table=13,priority=10,ipv6,ipv6_src=fd00:10:244:1::a actions=drop" in both, both

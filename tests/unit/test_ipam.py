@@ -148,3 +148,45 @@ def test_group_commit_batches_what_arrives_meanwhile_and_delivers_each_result():
     assert batches == [[0, 1, 2, 3, 4, 5]]
     assert results[0::2] == [0, 20, 40]
     assert [str(r) for r in results[1::2]] == ["odd 1", "odd 3", "odd 5"]
+
+
+def test_a_dual_stack_allocation_holds_one_address_per_family_and_fails_whole(tmp_path):
+    store = AllocationStore(tmp_path / "ipam.db")
+    alloc = Allocator(store, [Pool("node", ipaddress.IPv4Network("10.244.1.0/24"),
+                                   frozenset({ipaddress.IPv4Address("10.244.1.1")}))],
+                      Pool("node6", ipaddress.IPv6Network("fd00:10:244:1::/64"),
+                           frozenset({ipaddress.IPv6Address("fd00:10:244:1::1")})))
+    first = alloc.allocate(Request("c1", "eth0", "prod", "a"))
+    assert (first.ip, first.ip6) == ("10.244.1.2", "fd00:10:244:1::2")
+    fixed = alloc.allocate(Request("c2", "eth0", "prod", "b", ip6="fd00:10:244:1::50"))
+    assert fixed.ip6 == "fd00:10:244:1::50"
+    # the IPv6 address taken: the request fails whole (its IPv4 address is not kept either)
+    with pytest.raises(IpamError) as taken:
+        alloc.allocate(Request("c3", "eth0", "prod", "c", ip6="fd00:10:244:1::50"))
+    assert taken.value.code == 100 and "prod/b" in taken.value.msg
+    assert store.find("c3", "eth0") is None
+    with pytest.raises(IpamError) as outside:
+        alloc.allocate(Request("c4", "eth0", ip6="fd00:99::5"))
+    assert outside.value.code == 101 and "fd00:10:244:1::/64" in outside.value.msg
+    assert ("node6", 2, 2 ** 64 - 2 - 1 - 2) in alloc.usage()  # less subnet and last, gateway, the two
+    store.release("c1", "eth0")
+    again = alloc.allocate(Request("c5", "eth0"))
+    assert again.ip6 not in ("fd00:10:244:1::2", "fd00:10:244:1::50")  # round-robin, not reused at once
+    # a store made before dual-stack gets the column on opening
+    old = tmp_path / "old.db"
+    import sqlite3
+
+    db = sqlite3.connect(old)
+    db.executescript(SCHEMA_V1)
+    db.execute("INSERT INTO allocations VALUES ('10.0.0.5', 'node', 'c', 'eth0', '', '', '', 0)")
+    db.commit()
+    db.close()
+    assert AllocationStore(old).find("c", "eth0").ip6 == ""
+
+
+SCHEMA_V1 = """
+CREATE TABLE allocations (ip TEXT PRIMARY KEY, pool TEXT NOT NULL, container_id TEXT NOT NULL,
+    ifname TEXT NOT NULL, pod_namespace TEXT NOT NULL DEFAULT '', pod_name TEXT NOT NULL DEFAULT '',
+    mac TEXT NOT NULL DEFAULT '', created REAL NOT NULL, UNIQUE (container_id, ifname));
+CREATE TABLE cursors (pool TEXT PRIMARY KEY, last INTEGER NOT NULL);
+"""

@@ -40,3 +40,27 @@ def test_podcidrs_that_would_capture_what_is_not_the_nodes_are_refused():
     got = remotes("n1", nodes, [("late", "10.244.2.3")], {}, refused)
     assert [str(r.dst) for r in got] == ["10.244.2.0/24"]  # n2 keeps its subnet; nothing of the refused ones
     assert got[0].node == "n2"
+
+
+def test_a_dual_stack_node_is_an_ipv6_destination_too_with_its_published_next_hop():
+    from sanderling.compiler.nodes import remote_flows
+    from sanderling.model.network import NodeNetwork
+    from sanderling.model.nodes import NEXT_HOP6, node_info
+
+    def dual(name: str, v4: str, v6: str, ip: str, hop: str = "") -> dict:
+        return {"metadata": {"name": name, "annotations": {NEXT_HOP6: hop} if hop else {}},
+                "spec": {"podCIDR": v4, "podCIDRs": [v4, v6]},
+                "status": {"addresses": [{"type": "InternalIP", "address": ip}]}}
+
+    nodes = [node_info(dual("n1", "10.244.1.0/24", "fd00:10:244:1::/64", "172.30.0.11")),
+             node_info(dual("n2", "10.244.2.0/24", "fd00:10:244:2::/64", "172.30.0.12", "fe80::1")),
+             node_info(dual("bad", "10.244.3.0/24", "fd00:10:244:3::/64", "172.30.0.13", "2001:db8::1"))]
+    assert nodes[2].next_hop6 == ""  # only a link-local address is a next hop
+    got = remotes("n1", nodes, [])
+    assert [(str(r.dst), str(r.via), r.via6) for r in got] == [
+        ("10.244.2.0/24", "172.30.0.12", ""), ("10.244.3.0/24", "172.30.0.13", ""),
+        ("fd00:10:244:2::/64", "172.30.0.12", "fe80::1"), ("fd00:10:244:3::/64", "172.30.0.13", "")]
+    local = NodeNetwork.build("n1", "10.244.1.0/24,fd00:10:244:1::/64")
+    assert [f.text(cookie=0) for f in remote_flows(local, got[2], "overlay")] == [
+        "table=17,priority=100,ipv6,ipv6_dst=fd00:10:244:2::/64 actions=set_field:0a:58:0a:f4:00:01->dl_dst,"
+        "set_field:172.30.0.12->tun_dst,load:0xfde8->NXM_NX_REG1[],goto_table:18"]

@@ -41,7 +41,7 @@ from sanderling.lab.node import LocalNode, teardown_prefix
 from sanderling.lab.pki import Pki, ensure_pki
 from sanderling.netlink.netns import ipr
 from sanderling.ovs.runtime import OvsRuntime
-from sanderling.process import terminate
+from sanderling.process import terminate, terminate_all
 
 PHYSNET = "physnet1"   # the lab's provider network: VLANs of the fabric, through each node's PROVIDER_NIC
 PROVIDER_NIC = "phys0"
@@ -393,11 +393,12 @@ class Lab:
         state = self.state()
         pids = [state.get("controlplane_pid", 0)] + [n.get("agent_pid", 0) for n in state.get("nodes", [])]
         pids += list((state.get("pids") or {}).values())  # the upstream control plane's processes
-        for pid in pids:
-            _kill(pid)
+        terminate_all(pids)  # agents and control plane together, then every node's OVS together
         if self.state_dir.exists():
-            for ovs_dir in self.state_dir.glob("*/ovs"):
-                OvsRuntime(ovs_dir, datapath="netdev").stop()
+            runtimes = [OvsRuntime(ovs_dir, datapath="netdev") for ovs_dir in self.state_dir.glob("*/ovs")]
+            terminate_all([pid for rt in runtimes for pid in rt.daemon_pids()])
+            for rt in runtimes:
+                rt.forget_pids()
         for ns in _netns_with_prefix(self.name + "-"):
             teardown_prefix(ns)
         shutil.rmtree(self.state_dir, ignore_errors=True)

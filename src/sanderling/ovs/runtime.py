@@ -170,6 +170,19 @@ class OvsRuntime:
         self._stop("ovs-vswitchd", False)
         self._stop("ovsdb-server", False)
 
+    def daemon_pids(self) -> list[int]:
+        """The pids of this private instance's ovs-vswitchd and ovsdb-server (for stopping many
+        instances together; `forget_pids` afterwards)."""
+        if not self.private:
+            return []
+        return [pid for pid in (self._pid("ovs-vswitchd"), self._pid("ovsdb-server")) if pid is not None]
+
+    def forget_pids(self) -> None:
+        for daemon in ("ovs-vswitchd", "ovsdb-server"):
+            (self.run_dir / f"{daemon}.pid").unlink(missing_ok=True)
+        for mgmt in self.run_dir.glob("*.mgmt"):
+            mgmt.unlink(missing_ok=True)
+
     def _stop(self, daemon: str, hard: bool) -> None:
         pid = self._pid(daemon)
         if pid is None:
