@@ -129,7 +129,8 @@ def test_multi_network_policy_isolates_on_its_network_only(bridges: SecondaryBri
     agents.policy_changed("ns1/server-from-clients", None)
     bridges.flush_policy()
     assert local(dummy_ovs, "other", "server", 80) == "pass"
-    assert bridges.policy_flow_count(provider_bridge(PHYSNET)) == 4  # the network's static policy flows
+    # the network's static policy flows (conntrack state and commit, IPv4 and IPv6)
+    assert bridges.policy_flow_count(provider_bridge(PHYSNET)) == 8
 
 
 def test_logged_multi_network_policy_reports_each_connection_with_its_network(

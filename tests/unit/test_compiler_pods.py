@@ -159,12 +159,12 @@ def test_one_mac_helper():
     assert mac_for_ip("10.244.1.10") == "0a:58:0a:f4:01:0a" == POD.mac
 
 
-def test_an_isolated_dual_stack_pods_ipv6_fails_closed():
-    """Policy rules are compiled for IPv4 only so far: the isolated direction of a pod's IPv6 is
-    dropped, never left open."""
+def test_an_isolated_dual_stack_pods_ipv6_is_isolated_like_its_ipv4():
+    """Both of a dual-stack pod's addresses are tracked in the policy zone and denied by default in
+    the isolated direction; a peer is every address of a pod."""
     import ipaddress
 
-    from sanderling.compiler.policy import isolation_flows
+    from sanderling.compiler.policy import _addr_matches, addresses, isolation_flows
     from sanderling.model.policy import pod_info
 
     raw = {"metadata": {"namespace": "prod", "name": "db"}, "spec": {"nodeName": "node-1"},
@@ -172,7 +172,11 @@ def test_an_isolated_dual_stack_pods_ipv6_fails_closed():
     pod = pod_info(raw)
     assert pod.ip6 == ipaddress.IPv6Address("fd00:10:244:1::a")
     ingress_only = texts(isolation_flows(pod, ingress=True, egress=False))
-    assert "table=14,priority=10,ipv6,ipv6_dst=fd00:10:244:1::a actions=drop" in ingress_only, ingress_only
-    assert not any("ipv6_src" in f for f in ingress_only)
+    assert [f for f in ingress_only if "ipv6" in f] == [
+        "table=11,priority=190,ipv6,ipv6_dst=fd00:10:244:1::a actions=ct(zone=65522,table=12)",
+        "table=11,priority=200,ipv6,ipv6_src=fd00:10:244:1::a actions=ct(zone=65522,table=12)",
+        "table=14,priority=10,ipv6,ipv6_dst=fd00:10:244:1::a actions=drop"]
     both = texts(isolation_flows(pod, ingress=True, egress=True))
     assert "table=13,priority=10,ipv6,ipv6_src=fd00:10:244:1::a actions=drop" in both, both
+    assert [m.text() for m in _addr_matches("nw_src", addresses([pod]), [ipaddress.ip_network("fd00:99::/48")])] \
+        == ["ip,nw_src=10.244.1.10", "ipv6,ipv6_src=fd00:10:244:1::a", "ipv6,ipv6_src=fd00:99::/48"]

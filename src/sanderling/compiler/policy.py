@@ -48,6 +48,18 @@ LOGGED_PEER_CONJ = {"ingress": 0xFFFFFF01, "egress": 0xFFFFFF02}  # far above th
 PRIO_STATE = 200
 
 RuleIds = Callable[[str], int]
+IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+Net = ipaddress.IPv4Network | ipaddress.IPv6Network
+V6_FIELD = {"nw_src": "ipv6_src", "nw_dst": "ipv6_dst"}  # an address clause's field for IPv6 values
+
+
+def addresses(pods: Iterable[PodInfo]) -> Iterator[IP]:
+    """Every address of the pods (a dual-stack pod's IPv4 and IPv6 ones): a peer is all of them."""
+    for pod in pods:
+        if pod.ip is not None:
+            yield pod.ip
+        if pod.ip6 is not None:
+            yield pod.ip6
 FlowKey = tuple[int, int, ir.Match]  # (table, priority, match): what OpenFlow calls the same flow
 
 
@@ -124,13 +136,13 @@ class ClusterPods:
         key = (field, peers, policy_namespace)
         clause = self._clauses.get(key)
         if clause is None:
-            ips: list[ipaddress.IPv4Address] = []
-            nets: list[ipaddress.IPv4Network] = []
+            ips: list[IP] = []
+            nets: list[Net] = []
             for peer in peers:
                 if peer.cidr is not None:
                     nets += _nets(peer)
                 else:
-                    ips += (p.ip for p in self.peer_pods(peer, policy_namespace) if p.ip is not None)
+                    ips += addresses(self.peer_pods(peer, policy_namespace))
             clause = self._clauses[key] = _addr_matches(field, ips, nets)
         return clause
 
@@ -139,13 +151,12 @@ def static_flows(pipeline: Pipeline = PIPELINE, zone: int = POLICY_ZONE) -> list
     cookie = cookies.cookie(cookies.Category.POLICY, "static")
     after = pipeline.after("PolicyConntrack")
     state = pipeline["PolicyState"]
-    return [
-        ir.Flow(state, PRIO_STATE, ir.match(proto="ip", ct_state="-new+est+trk"), (ir.Goto(after),), cookie),
-        ir.Flow(state, PRIO_STATE, ir.match(proto="ip", ct_state="+rel+trk"), (ir.Goto(after),), cookie),
-        ir.Flow(state, PRIO_STATE - 10, ir.match(proto="ip", ct_state="+inv+trk"), (), cookie),
-        ir.Flow(pipeline["PolicyCommit"], PRIO_STATE, ir.match(proto="ip", ct_state="+new+trk"),
-                (ir.CT(commit=True, zone=zone, table=after),), cookie),
-    ]
+    return [flow for proto in ("ip", "ipv6") for flow in (
+        ir.Flow(state, PRIO_STATE, ir.match(proto=proto, ct_state="-new+est+trk"), (ir.Goto(after),), cookie),
+        ir.Flow(state, PRIO_STATE, ir.match(proto=proto, ct_state="+rel+trk"), (ir.Goto(after),), cookie),
+        ir.Flow(state, PRIO_STATE - 10, ir.match(proto=proto, ct_state="+inv+trk"), (), cookie),
+        ir.Flow(pipeline["PolicyCommit"], PRIO_STATE, ir.match(proto=proto, ct_state="+new+trk"),
+                (ir.CT(commit=True, zone=zone, table=after),), cookie))]
 
 
 def log_action() -> ir.Controller:
@@ -160,33 +171,28 @@ def isolation_flows(pod: PodInfo, ingress: bool, egress: bool, pipeline: Pipelin
     assert pod.ip is not None
     cookie = cookies.cookie(cookies.Category.POLICY, f"isolated/{pod.key}")
     track = (ir.CT(zone=zone, table=pipeline["PolicyState"]),)
-    ip = int(pod.ip)
+    ip = pod.ip
     # both directions are tracked whatever the isolation: replies to the pod's own connections must
     # find them committed (an ingress-isolated pod's outgoing connection, an egress-isolated pod's
-    # incoming one)
-    flows = [ir.Flow(pipeline["PolicyConntrack"], 200, ir.match(proto="ip", nw_src=ip), track, cookie),
-             ir.Flow(pipeline["PolicyConntrack"], 190, ir.match(proto="ip", nw_dst=ip), track, cookie)]
+    # incoming one); a dual-stack pod's IPv6 traffic alike
+    flows: list[ir.Flow] = []
     deny: tuple[ir.Action, ...] = (log_action(),) if log_denied else ()
-    if egress:
-        flows.append(ir.Flow(pipeline["EgressRule"], PRIO_DEFAULT_DENY, ir.match(proto="ip", nw_src=ip), deny, cookie))
-    if ingress:
-        flows.append(ir.Flow(pipeline["IngressRule"], PRIO_DEFAULT_DENY, ir.match(proto="ip", nw_dst=ip), deny,
-                             cookie))
-    if pod.ip6 is not None:
-        # rules are compiled for IPv4 only so far: the isolated direction of the pod's IPv6
-        # traffic is denied outright (fail closed) rather than left open
-        ip6 = int(pod.ip6)
+    for proto, src, dst, addr in (("ip", "nw_src", "nw_dst", ip), ("ipv6", "ipv6_src", "ipv6_dst", pod.ip6)):
+        if addr is None:
+            continue
+        value = int(addr)
+        flows += [ir.Flow(pipeline["PolicyConntrack"], 200, ir.match(proto=proto, **{src: value}), track, cookie),
+                  ir.Flow(pipeline["PolicyConntrack"], 190, ir.match(proto=proto, **{dst: value}), track, cookie)]
         if egress:
-            flows.append(ir.Flow(pipeline["EgressRule"], PRIO_DEFAULT_DENY, ir.match(proto="ipv6", ipv6_src=ip6),
-                                 (), cookie))
+            flows.append(ir.Flow(pipeline["EgressRule"], PRIO_DEFAULT_DENY, ir.match(proto=proto, **{src: value}),
+                                 deny, cookie))
         if ingress:
-            flows.append(ir.Flow(pipeline["IngressRule"], PRIO_DEFAULT_DENY, ir.match(proto="ipv6", ipv6_dst=ip6),
-                                 (), cookie))
+            flows.append(ir.Flow(pipeline["IngressRule"], PRIO_DEFAULT_DENY, ir.match(proto=proto, **{dst: value}),
+                                 deny, cookie))
     return flows
 
 
-def logged_peer_flows(ingress_isolated: Iterable[ipaddress.IPv4Address],
-                      egress_isolated: Iterable[ipaddress.IPv4Address], logged: Iterable[ipaddress.IPv4Address],
+def logged_peer_flows(ingress_isolated: Iterable[IP], egress_isolated: Iterable[IP], logged: Iterable[IP],
                       pipeline: Pipeline = PIPELINE) -> list[ir.Flow]:
     """Denials the *other* side's namespace asks to log: a pod of a logged namespace refused by an
     isolated local pod's ingress, or a local pod's egress refused towards it. One conjunction per
@@ -210,22 +216,23 @@ def logged_peer_flows(ingress_isolated: Iterable[ipaddress.IPv4Address],
     return flows
 
 
-def _nets(peer: Peer) -> list[ipaddress.IPv4Network]:
+def _nets(peer: Peer) -> list[Net]:
     """The ipBlock minus its excepts as CIDRs: one sweep over the sorted, merged excepts, each gap
-    summarized into at most 32 CIDRs per side, so 2,000 excepts cost milliseconds (n log n), not
-    the quadratic carving of one network by each except in turn."""
+    summarized into at most 32 (IPv6: 128) CIDRs per side, so 2,000 excepts cost milliseconds
+    (n log n), not the quadratic carving of one network by each except in turn."""
     assert peer.cidr is not None
+    kind = type(peer.cidr.network_address)
     lo, hi = int(peer.cidr.network_address), int(peer.cidr.broadcast_address)
-    holes = ipaddress.collapse_addresses(e for e in peer.excepts if e.overlaps(peer.cidr))
-    out: list[ipaddress.IPv4Network] = []
+    holes = ipaddress.collapse_addresses(e for e in peer.excepts if e.overlaps(peer.cidr))  # type: ignore[arg-type,type-var]
+    out: list[Net] = []
     cur = lo
     for hole in holes:  # sorted and disjoint
         start, end = max(int(hole.network_address), lo), min(int(hole.broadcast_address), hi)
         if start > cur:
-            out += ipaddress.summarize_address_range(ipaddress.IPv4Address(cur), ipaddress.IPv4Address(start - 1))
+            out += ipaddress.summarize_address_range(kind(cur), kind(start - 1))  # type: ignore[arg-type]
         cur = max(cur, end + 1)
     if cur <= hi:
-        out += ipaddress.summarize_address_range(ipaddress.IPv4Address(cur), ipaddress.IPv4Address(hi))
+        out += ipaddress.summarize_address_range(kind(cur), kind(hi))  # type: ignore[arg-type]
     return out
 
 
@@ -233,31 +240,42 @@ def _nets(peer: Peer) -> list[ipaddress.IPv4Network]:
 def _addr_match(field: str, value: int, mask: int | None) -> ir.Match:
     """One address match, built once: the same pod is in the clauses of many rules, and an
     interned match makes every dictionary lookup of a shared flow an identity hit."""
-    return ir.Match.from_items([("dl_type", 0x0800, None), (field, value, mask)])
+    return ir.Match.from_items([("dl_type", 0x86DD if field.startswith("ipv6") else 0x0800, None),
+                                (field, value, mask)])
 
 
-def _addr_matches(field: str, ips: Iterable[ipaddress.IPv4Address], nets: Iterable[ipaddress.IPv4Network]) -> Clause:
-    """Canonical (sorted) address matches, so equal sets are equal keys."""
-    items: set[tuple[int, int]] = {(int(ip), 0xFFFFFFFF) for ip in ips}
+def _addr_matches(field: str, ips: Iterable[IP], nets: Iterable[Net]) -> Clause:
+    """Canonical (sorted) address matches, so equal sets are equal keys. IPv6 values match the
+    IPv6 field: a clause may hold both families (a packet can only match the flows of its own)."""
+    items: set[tuple[int, int, int]] = {(ip.version, int(ip), ip.max_prefixlen) for ip in ips}
     for net in nets:
-        items.add((int(net.network_address), int(net.netmask)))
-    return Clause(_addr_match(field, value, None if mask == 0xFFFFFFFF else mask) for value, mask in sorted(items))
+        items.add((net.version, int(net.network_address), net.prefixlen))
+    out = []
+    for version, value, plen in sorted(items):
+        bits = 32 if version == 4 else 128
+        mask = ((1 << bits) - 1) ^ ((1 << (bits - plen)) - 1)
+        out.append(_addr_match(field if version == 4 else V6_FIELD[field], value, None if plen == bits else mask))
+    return Clause(out)
 
 
 def _port_matches(protocol: str, numbers: list[tuple[int, int]]) -> Clause:
-    """(first, last) port ranges of one protocol as masked tp_dst matches."""
-    dl_type, nw_proto = F.PROTOCOLS[protocol.lower()]
-    assert nw_proto is not None
-    tp_dst = F.TRANSPORT_FIELDS[nw_proto][1]
-    base = [("dl_type", dl_type, None), ("nw_proto", nw_proto, None)]
-    return Clause(ir.Match.from_items([*base, (tp_dst, value, None if mask == 0xFFFF else mask)])
-                  for first, last in numbers for value, mask in port_blocks(first, last))
+    """(first, last) port ranges of one protocol as masked tp_dst matches, over IPv4 and IPv6."""
+    out = []
+    for dl_type in (F.ETH_TYPE_IP, F.ETH_TYPE_IPV6):
+        _, nw_proto = F.PROTOCOLS[protocol.lower()]
+        assert nw_proto is not None
+        tp_dst = F.TRANSPORT_FIELDS[nw_proto][1]
+        base = [("dl_type", dl_type, None), ("nw_proto", nw_proto, None)]
+        out += [ir.Match.from_items([*base, (tp_dst, value, None if mask == 0xFFFF else mask)])
+                for first, last in numbers for value, mask in port_blocks(first, last)]
+    return Clause(out)
 
 
-def _proto_only(protocol: str) -> ir.Match:
-    dl_type, nw_proto = F.PROTOCOLS[protocol.lower()]
+def _proto_only(protocol: str) -> list[ir.Match]:
+    _, nw_proto = F.PROTOCOLS[protocol.lower()]
     assert nw_proto is not None
-    return ir.Match.from_items([("dl_type", dl_type, None), ("nw_proto", nw_proto, None)])
+    return [ir.Match.from_items([("dl_type", dl_type, None), ("nw_proto", nw_proto, None)])
+            for dl_type in (F.ETH_TYPE_IP, F.ETH_TYPE_IPV6)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,7 +342,7 @@ def _rule_variants(rule: Rule, targets: list[PodInfo], peers: list[PodInfo] | No
                 if number is not None:
                     named.setdefault((port.protocol, number), []).append(pod)
         elif port.port is None:
-            plain.append(_proto_only(port.protocol))
+            plain += _proto_only(port.protocol)
         else:
             plain += _port_matches(port.protocol, [(int(port.port), int(port.end_port or port.port))])
     variants: list[tuple[str, list[PodInfo], list[PodInfo] | None, Clause | None]] = []
@@ -367,10 +385,10 @@ def compile_policy(policy: Policy, local: list[PodInfo], cluster: ClusterPods, r
                 key = f"{policy.key}/{direction}/{i}/{variant}"
                 if rules_by_cookie is not None:
                     rules_by_cookie[cookies.cookie(cookies.Category.POLICY, key)] = key
-                clauses = [_addr_matches(target_field, (p.ip for p in tgts if p.ip is not None), ())]
+                clauses = [_addr_matches(target_field, addresses(tgts), ())]
                 if not ingress and variant not in ("all", "ports"):
                     # a named port resolved on some destination pods: those pods are the peers
-                    clauses.append(_addr_matches(peer_field, (p.ip for p in peers or [] if p.ip is not None), ()))
+                    clauses.append(_addr_matches(peer_field, addresses(peers or []), ()))
                 elif rule.peers:
                     clauses.append(cluster.peers_clause(peer_field, rule.peers, policy.namespace))
                 if port_clause is not None:

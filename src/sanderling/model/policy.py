@@ -4,8 +4,8 @@ Selectors follow metav1.LabelSelector (matchLabels AND matchExpressions In / Not
 DoesNotExist; an empty selector selects everything). policyTypes default as the API server
 defaults them: Ingress always, Egress when the policy has egress rules.
 
-Fail closed: a rule the agent cannot fully translate (an IPv6 ipBlock on this IPv4 pipeline, a
-value of the wrong type, anything unknown) is left out, so it allows nothing, while the policy
+Fail closed: a rule the agent cannot fully translate (a value of the wrong type, anything
+unknown) is left out, so it allows nothing, while the policy
 still isolates the pods it selects; `Policy.unenforced` says what was left out and why (the agent
 reports it as an Event). Only a policy whose own podSelector is unreadable is a ModelError: then
 nobody can tell which pods it isolates.
@@ -50,8 +50,8 @@ class Selector:
 class Peer:
     pods: Selector | None = None
     namespaces: Selector | None = None
-    cidr: ipaddress.IPv4Network | None = None
-    excepts: tuple[ipaddress.IPv4Network, ...] = ()
+    cidr: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+    excepts: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +132,7 @@ def label_selector(obj: str, field: str, raw: Any) -> Selector:
 
 
 def _block(obj: str, field: str, raw: Any, notes: list[str]) -> Peer | None:
-    """An ipBlock peer; None when it cannot match IPv4 traffic at all (an IPv6 CIDR)."""
+    """An ipBlock peer, IPv4 or IPv6 (an except of the other family takes nothing out of it)."""
     if not isinstance(raw, dict):
         raise ModelError(obj, field, "must be an object with cidr and except")
     if not isinstance(raw.get("cidr"), str):
@@ -142,12 +142,7 @@ def _block(obj: str, field: str, raw: Any, notes: list[str]) -> Peer | None:
         excepts = [ipaddress.ip_network(str(e), strict=False) for e in _list(obj, f"{field}.except", raw.get("except"))]
     except (ValueError, TypeError) as exc:
         raise ModelError(obj, field, str(exc)) from None
-    if not isinstance(cidr, ipaddress.IPv4Network):
-        notes.append(f"{field}: {cidr} is IPv6, which this node's pipeline does not carry (IPv4 only): "
-                     "the peer allows nothing")
-        return None
-    # an IPv6 except cannot take anything out of an IPv4 CIDR
-    return Peer(cidr=cidr, excepts=tuple(e for e in excepts if isinstance(e, ipaddress.IPv4Network)))
+    return Peer(cidr=cidr, excepts=tuple(e for e in excepts if e.version == cidr.version))
 
 
 def _list(obj: str, field: str, raw: Any) -> list[Any]:
