@@ -64,6 +64,13 @@ class Bridge:
                 return line.split(":", 1)[1].strip()
         raise AssertionError(f"no datapath actions in trace:\n{out}")
 
+    def allows_new(self, flow: str) -> bool:
+        """Whether a new connection's first packet leaves the bridge (conntrack answers trk,new
+        at every ct())."""
+        trace = self.runtime.appctl("ofproto/trace", *(["--ct-next", "trk,new"] * 4), self.name, flow)
+        actions = [line for line in trace.splitlines() if line.startswith("Datapath actions:")][-1]
+        return actions.split(":", 1)[1].strip() != "drop"
+
     def dp_port(self, ofport: int) -> str:
         """The datapath port number of an OpenFlow port (what trace's datapath actions name)."""
         out = self.runtime.appctl("dpif/show")

@@ -149,12 +149,8 @@ def worlds(draw):
 
 def ovs_allowed(bridge: Bridge, src, dst, proto: str, port: int) -> bool:
     p = proto.lower()
-    trace = bridge.runtime.appctl(
-        "ofproto/trace", *(["--ct-next", "trk,new"] * 4), bridge.name,
-        f"in_port={src['ofport']},dl_src={mac(src)},dl_dst={NODE.gateway_mac},{p},nw_src={src['ip']},"
-        f"nw_dst={dst['ip']},nw_ttl=64,{p}_src=40000,{p}_dst={port}")
-    actions = [line for line in trace.splitlines() if line.startswith("Datapath actions:")][-1]
-    return actions.split(":", 1)[1].strip() != "drop"
+    return bridge.allows_new(f"in_port={src['ofport']},dl_src={mac(src)},dl_dst={NODE.gateway_mac},{p},"
+                             f"nw_src={src['ip']},nw_dst={dst['ip']},nw_ttl=64,{p}_src=40000,{p}_dst={port}")
 
 
 DOOMED = {"metadata": {"namespace": "x", "name": "doomed"}, "spec": {
