@@ -246,15 +246,24 @@ def _addr_match(field: str, value: int, mask: int | None) -> ir.Match:
 
 def _addr_matches(field: str, ips: Iterable[IP], nets: Iterable[Net]) -> Clause:
     """Canonical (sorted) address matches, so equal sets are equal keys. IPv6 values match the
-    IPv6 field: a clause may hold both families (a packet can only match the flows of its own)."""
-    items: set[tuple[int, int, int]] = {(ip.version, int(ip), ip.max_prefixlen) for ip in ips}
+    IPv6 field: a clause may hold both families (a packet can only match the flows of its own).
+    (Hot: clauses of thousands of pods; IPv4 first, without per-address attribute lookups.)"""
+    four: set[tuple[int, int]] = set()
+    six: set[tuple[int, int]] = set()
+    for ip in ips:
+        if type(ip) is ipaddress.IPv4Address:
+            four.add((int(ip), 32))
+        else:
+            six.add((int(ip), 128))
     for net in nets:
-        items.add((net.version, int(net.network_address), net.prefixlen))
-    out = []
-    for version, value, plen in sorted(items):
-        bits = 32 if version == 4 else 128
-        mask = ((1 << bits) - 1) ^ ((1 << (bits - plen)) - 1)
-        out.append(_addr_match(field if version == 4 else V6_FIELD[field], value, None if plen == bits else mask))
+        (four if net.version == 4 else six).add((int(net.network_address), net.prefixlen))
+    out = [_addr_match(field, value, None if plen == 32 else (0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF)
+           for value, plen in sorted(four)]
+    if six:
+        full6 = (1 << 128) - 1
+        field6 = V6_FIELD[field]
+        out += [_addr_match(field6, value, None if plen == 128 else (full6 << (128 - plen)) & full6)
+                for value, plen in sorted(six)]
     return Clause(out)
 
 
