@@ -39,11 +39,13 @@ def one_node(tmp_path, prefix: str, pod_cidr: str, ready: bool = True) -> Iterat
     require_ovs()
     teardown_prefix(f"{prefix}-n1")
     n = LocalNode("n1", pod_cidr, tmp_path, prefix=prefix)
-    n.start()
-    if ready:
-        n.wait_ready()
-    yield n
-    n.teardown()
+    try:
+        n.start()
+        if ready:
+            n.wait_ready()
+        yield n
+    finally:  # also when it never became ready: no agent or OVS outlives the test
+        n.teardown()
 
 
 @pytest.fixture

@@ -41,6 +41,10 @@ FLOWS = [
     ir.Flow(2, 8, ir.match(proto="icmp", icmp_type=8), (ir.MeterAction(1), ir.Output(ir.CONTROLLER, 128))),
     ir.Flow(3, 1, ir.match(proto="arp"), (ir.Output(ir.NORMAL),)),
     ir.Flow(3, 2, ir.match(proto="tcp6", ipv6_dst="fd00:10:96::/112", tp_dst=443), (ir.Output(3),)),
+    ir.Flow(3, 4, ir.match(proto="tcp6", ipv6_dst="fd00:10:96::1", tp_dst=80),
+            (ir.CT(commit=True, zone=5, table=4, nat=ir.Nat("dst", 0xFD000010024400010000000000000005,
+                                                            0xFD000010024400010000000000000005, 8080, 8080,
+                                                            v6=True)),)),
     ir.Flow(3, 3, ir.match(proto="icmp6", icmpv6_type=136, nd_target="fd00::1", nd_tll="0a:58:00:00:00:01"), ()),
 ]
 GROUP = ir.Group(1, "select", (ir.Bucket((ir.Output(1),), 10), ir.Bucket((ir.Output(2),), 20)))

@@ -79,7 +79,7 @@ NA_REPLY = ("move:NXM_OF_ETH_SRC[]->NXM_OF_ETH_DST[],set_field:0a:58:0a:f4:00:01
 def test_dual_stack_pod_flows_golden():
     """What a dual-stack pod adds to its IPv4 flows: its IPv6 source (and, for ICMPv6 only, its
     link-local one and DAD's ::), solicitations for its address answered, delivery with the hop limit
-    decremented."""
+    decremented, its direct requests to service target ports tracked."""
     extra = set(texts(pods.pod_flows(NODE6, POD6))) - set(texts(pods.pod_flows(NODE, POD)))
     assert sorted(extra) == sorted([
         "table=1,priority=200,ipv6,in_port=3,dl_src=0a:58:0a:f4:01:0a,ipv6_src=fd00:10:244:1::a actions=goto_table:2",
@@ -92,6 +92,11 @@ def test_dual_stack_pod_flows_golden():
         "table=17,priority=200,ipv6,dl_dst=0a:58:0a:f4:00:01,ipv6_dst=fd00:10:244:1::a actions=set_field:"
         "0a:58:0a:f4:00:01->dl_src,set_field:0a:58:0a:f4:01:0a->dl_dst,dec_ttl,load:0x3->NXM_NX_REG1[],"
         "goto_table:18",
+        # its direct requests to service target ports, as for IPv4 (dual-stack Services)
+        "table=6,priority=4,ipv6,reg0=0x40/0x40,ct_state=+new+trk,ipv6_src=fd00:10:244:1::a actions=ct(commit,"
+        "zone=65523,table=11,exec(load:0x1->NXM_NX_CT_MARK[1]))",
+        "table=6,priority=5,tcp6,reg0=0x40/0x40,ct_state=+new+trk,ipv6_src=fd00:10:244:1::a,tcp_flags=-syn "
+        "actions=ct(commit,zone=65523,table=11)",
     ])
     static = set(texts(pods.static_flows(NODE6))) - set(texts(pods.static_flows(NODE)))
     assert "table=2,priority=200,icmp6,icmpv6_type=135,icmpv6_code=0,nd_target=fd00:10:244:1::1 actions=" \

@@ -78,3 +78,33 @@ def test_node_pod_cidr_allocation(plane):
     assert cidrs == ["10.244.0.0/24", "10.244.1.0/24"]
     cp._allocate_pod_cidr(store.get(NODES, "", "n1"))  # already has one: unchanged
     assert store.get(NODES, "", "n1")["spec"]["podCIDR"] == "10.244.0.0/24"
+
+
+def test_a_dual_stack_service_gets_an_ipv6_cluster_ip_and_ipv6_slices():
+    import ipaddress
+
+    from sanderling.lab.apiserver.admission import ServiceAllocator
+    from sanderling.lab.apiserver.store import ApiError
+
+    dual = ServiceAllocator(cidr6=ipaddress.IPv6Network("fd00:10:96::/112"))
+    svc = {"metadata": {"name": "web"}, "spec": {"ipFamilyPolicy": "PreferDualStack", "ports": [{"port": 80}]}}
+    dual.admit("web", svc, None, [])
+    assert svc["spec"]["clusterIPs"] == ["10.96.0.2", "fd00:10:96::2"]
+    assert svc["spec"]["ipFamilies"] == ["IPv4", "IPv6"]
+    again = {"metadata": {"name": "web"}, "spec": {"ipFamilyPolicy": "PreferDualStack", "ports": [{"port": 80}]}}
+    dual.admit("web", again, svc, [])  # re-applied: keeps both addresses
+    assert again["spec"]["clusterIPs"] == ["10.96.0.2", "fd00:10:96::2"]
+    single = {"metadata": {"name": "one"}, "spec": {"ports": [{"port": 80}]}}
+    dual.admit("one", single, None, [svc])
+    assert single["spec"]["clusterIPs"] == ["10.96.0.3"] and single["spec"]["ipFamilies"] == ["IPv4"]
+    with pytest.raises(ApiError) as refused:  # an IPv4-only cluster cannot honour RequireDualStack
+        ServiceAllocator().admit("x", {"metadata": {"name": "x"}, "spec": {"ipFamilyPolicy": "RequireDualStack",
+                                                                           "ports": [{"port": 80}]}}, None, [])
+    assert "not configured for dual-stack" in str(refused.value)
+    pods = [pod("a", "10.0.0.1", {"app": "web"}, ports=[("http", 8080, "TCP")])]
+    pods[0]["status"]["podIPs"] = [{"ip": "10.0.0.1"}, {"ip": "fd00::1"}]
+    slices = desired_slices({**SVC, "spec": {**SVC["spec"], "ipFamilies": ["IPv4", "IPv6"]}}, pods)
+    assert slices is not None
+    assert sorted((s["addressType"], s["endpoints"][0]["addresses"][0]) for s in slices if s["endpoints"]) == [
+        ("IPv4", "10.0.0.1"), ("IPv6", "fd00::1")]
+    assert len({s["metadata"]["name"] for s in slices}) == len(slices)

@@ -157,3 +157,34 @@ def test_lb_source_ranges_let_the_lb_address_itself_in():
     assert any("nw_src=198.51.100.0/24" in t for t in accepted)
     assert any("nw_src=203.0.113.10," in t for t in accepted), accepted
     assert any(f"priority={compiler.PRIO_RANGE_DROP}," in t for t in to_lb)  # everyone else
+
+
+def test_reject_answers_ipv6_with_a_reset_or_a_port_unreachable():
+    """The agent's refusal of an IPv6 connection: a TCP RST (ACK of the SYN) or ICMPv6 destination
+    unreachable / port unreachable quoting the packet, checksums right (summing to zero)."""
+    import socket
+    import struct
+
+    from sanderling.agent.reject import _checksum, reject_reply
+
+    src, dst = socket.inet_pton(socket.AF_INET6, "fd00::5"), socket.inet_pton(socket.AF_INET6, "fd00:96::a")
+
+    def frame(proto: int, l4: bytes) -> bytes:
+        return (b"\x02" * 6 + b"\x04" * 6 + b"\x86\xdd" + struct.pack("!IHBB", 6 << 28, len(l4), proto, 64) + src
+                + dst + l4)
+
+    syn = struct.pack("!HHIIBBHHH", 40000, 80, 1000, 0, 5 << 4, 0x02, 65535, 0, 0)
+    rst = reject_reply(frame(6, syn))
+    assert rst is not None and rst[:12] == b"\x04" * 6 + b"\x02" * 6
+    ip, tcp = rst[14:54], rst[54:]
+    assert ip[6] == 6 and ip[8:24] == dst and ip[24:40] == src
+    sport, dport, _seq, ack, _off, flags = struct.unpack("!HHIIBB", tcp[:14])
+    assert (sport, dport, ack, flags) == (80, 40000, 1001, 0x14)  # RST+ACK of the SYN
+    assert _checksum(dst + src + struct.pack("!IxxxB", len(tcp), 6) + tcp) == 0
+    udp = struct.pack("!HHHH", 40000, 53, 12, 0) + b"abcd"
+    unreachable = reject_reply(frame(17, udp))
+    assert unreachable is not None
+    icmp = unreachable[54:]
+    assert unreachable[14 + 6] == 58 and icmp[:2] == b"\x01\x04" and icmp[8:] == frame(17, udp)[14:]
+    assert _checksum(dst + src + struct.pack("!IxxxB", len(icmp), 58) + icmp) == 0
+    assert reject_reply(frame(58, b"\x80\x00\x00\x00")) is None  # no ICMPv6 error about ICMPv6

@@ -77,6 +77,11 @@ class AgentConfig:
     service_cidr: str = _opt("10.96.0.0/16", "the cluster's Service CIDR", "cidr")
     cluster_cidr: str = _opt("10.244.0.0/16", "pod addresses of the whole cluster: sources outside it are "
                                               "masqueraded to ClusterIPs", "cidr")
+    service_cidr6: str = _opt("", "dual-stack: the cluster's IPv6 Service CIDR (IPv6 ClusterIPs are served on a node "
+                                  "with an IPv6 pod subnet; this range is tracked and its unused addresses dropped)",
+                              "cidr6")
+    cluster_cidr6: str = _opt("", "dual-stack: IPv6 pod addresses of the whole cluster (sources outside it are "
+                                  "masqueraded to IPv6 ClusterIPs; default: this node's IPv6 pod subnet)", "cidr6")
     node_port_addresses: str = _opt("", "comma-separated CIDRs: NodePorts answer on the node addresses inside "
                                         "them (default: all)", "cidrs")
     masquerade_all: bool = _opt(False, "SNAT every service connection", "bool")
@@ -180,6 +185,11 @@ def _check(key: str, meta: dict[str, Any], value: Any) -> Any:
         except ValueError as exc:
             raise ConfigError(f"{key}: {text!r}: {exc} (e.g. 10.244.1.0/24 or 10.244.1.0/24,fd00:10:244:1::/64)") \
                 from None
+    if kind == "cidr6" and text:
+        try:
+            ipaddress.IPv6Network(text, strict=True)
+        except ValueError:
+            raise ConfigError(f"{key}: {text!r} is not an IPv6 CIDR (e.g. fd00:10:96::/112)") from None
     if kind in ("cidr", "cidrs"):
         for part in ([text] if kind == "cidr" else [c for c in text.split(",") if c.strip()]):
             try:

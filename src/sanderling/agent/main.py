@@ -146,6 +146,12 @@ def masquerade_ip(node: NodeNetwork) -> ipaddress.IPv4Address:
     return node.pod_cidr.broadcast_address - 1
 
 
+def masquerade_ip6(node: NodeNetwork) -> ipaddress.IPv6Address | None:
+    """A dual-stack node's IPv6 masquerade address: the last but one of its IPv6 pod subnet (far
+    above the addresses IPAM hands out, and reserved anyway)."""
+    return node.pod_cidr6.broadcast_address - 1 if node.pod_cidr6 is not None else None
+
+
 def proxy_config(args: AgentConfig, node: NodeNetwork, node_ips: list[str]) -> Any:
     from sanderling.compiler.services import ProxyConfig
 
@@ -158,7 +164,9 @@ def proxy_config(args: AgentConfig, node: NodeNetwork, node_ips: list[str]) -> A
         service_cidr=ipaddress.IPv4Network(args.service_cidr), masquerade_all=args.masquerade_all,
         external_ip_cidrs=tuple(ipaddress.IPv4Network(c.strip(), strict=False)
                                 for c in args.external_ip_cidrs.split(",") if c.strip()),
-        answer_masq_arp=True, gateway_mac=node.gateway_mac)
+        answer_masq_arp=True, gateway_mac=node.gateway_mac, masq_ip6=masquerade_ip6(node),
+        local_cidr6=ipaddress.IPv6Network(args.cluster_cidr6) if args.cluster_cidr6 else node.pod_cidr6,
+        service_cidr6=ipaddress.IPv6Network(args.service_cidr6) if args.service_cidr6 else None)
 
 
 def start_proxy(client: Any, api: Any, cfg: Any, sync: SyncLoop, node_flows: NodeFlows,
@@ -566,6 +574,8 @@ async def serve(args: AgentConfig) -> int:
         # host -> ClusterIP: the service CIDR is routed into br-int via the masquerade address
         extra_routes = ({args.service_cidr: str(proxy_cfg.masq_ip)} if proxy_cfg is not None and args.gateway
                         else {})
+        if proxy_cfg is not None and extra_routes and proxy_cfg.masq_ip6 is not None and args.service_cidr6:
+            extra_routes[args.service_cidr6] = str(proxy_cfg.masq_ip6)  # on br-int's IPv6 subnet
         routes = RouteKeeper(args.node_netns, extra_routes) if args.gateway else None
         if routes is not None:
             routes.update(None)
@@ -653,8 +663,8 @@ async def serve(args: AgentConfig) -> int:
         masquerading = (_kube_enabled(args) and not args.no_proxy) or \
             bool(args.external_bridge and args.external_masquerade)
         reserved = {node.gateway_ip} | ({masquerade_ip(node)} if masquerading else set())
-        pool6 = Pool("node6", node.pod_cidr6, frozenset({node.gateway_ip6} if node.gateway_ip6 else set())) \
-            if node.pod_cidr6 is not None else None
+        reserved6 = {a for a in (node.gateway_ip6, masquerade_ip6(node)) if a is not None}
+        pool6 = Pool("node6", node.pod_cidr6, frozenset(reserved6)) if node.pod_cidr6 is not None else None
         allocator = Allocator(store, [Pool("node", node.pod_cidr, frozenset(reserved))], pool6)
         cluster = None
         if _kube_enabled(args):

@@ -176,6 +176,9 @@ class ServiceProxy:
             return
         slices = list(self.slices.get(key, {}).values())
         endpoints = endpoints_by_port(slices, svc.ports)
+        if svc.cluster_ips6 and self.cfg.masq_ip6 is not None:  # dual-stack: the IPv6 endpoints too
+            for port, eps in endpoints_by_port(slices, svc.ports, family=6).items():
+                endpoints[port] += eps
         used: set[str] = set()
 
         def group_id(gkey: str) -> int:

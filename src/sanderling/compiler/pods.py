@@ -62,11 +62,12 @@ def na_reply_actions(gateway_mac: str, answer_ip: int, pipeline: Pipeline = PIPE
     )
 
 
-def ns_answer(node: NodeNetwork, target: int, cookie: int, pipeline: Pipeline = PIPELINE) -> ir.Flow:
-    """A solicitation for `target` (the gateway or a local pod) answered with the gateway MAC."""
+def ns_answer(gateway_mac: str, target: int, cookie: int, pipeline: Pipeline = PIPELINE) -> ir.Flow:
+    """A solicitation for `target` (the gateway, a local pod, the masquerade address) answered
+    with the gateway MAC."""
     return ir.Flow(pipeline["NeighborResponder"], PRIO_HIGH,
                    ir.match(proto="icmp6", icmpv6_type=ND_SOLICIT, icmpv6_code=0, nd_target=target),
-                   na_reply_actions(node.gateway_mac, target, pipeline), cookie)
+                   na_reply_actions(gateway_mac, target, pipeline), cookie)
 
 
 def static_flows(node: NodeNetwork, pipeline: Pipeline = PIPELINE) -> list[ir.Flow]:
@@ -80,7 +81,7 @@ def static_flows(node: NodeNetwork, pipeline: Pipeline = PIPELINE) -> list[ir.Fl
                          arp_reply_actions(node.gateway_mac, gw), cookie))
     flows.append(ir.Flow(arp, PRIO_ARP_DROP, ir.match(proto="arp"), (), cookie))
     if node.gateway_ip6 is not None:
-        flows.append(ns_answer(node, int(node.gateway_ip6), cookie, pipeline))
+        flows.append(ns_answer(node.gateway_mac, int(node.gateway_ip6), cookie, pipeline))
         flows.append(ir.Flow(pipeline["NeighborAdvert"], PRIO_HIGH, ir.match(proto="icmp6", icmpv6_type=ND_ADVERT),
                              (ir.set_field("nd_tll", node.gateway_mac), ir.Output(ir.IN_PORT)), cookie))
         # duplicate address detection probes (from ::) are never answered; the rest of neighbour
@@ -140,10 +141,11 @@ def pod_flows6(node: NodeNetwork, pod: PodPort, cookie: int, pipeline: Pipeline 
                                            ipv6_src=int(link_local(pod.mac))), on, cookie),
         ir.Flow(guard, PRIO_HIGH, ir.match(proto="icmp6", in_port=port, dl_src=pod.mac, ipv6_src="::",
                                            icmpv6_type=ND_SOLICIT), on, cookie),
-        ns_answer(node, ip6, cookie, pipeline),
+        ns_answer(node.gateway_mac, ip6, cookie, pipeline),
         ir.Flow(pipeline["L3Forwarding"], PRIO_HIGH, ir.match(proto="ipv6", dl_dst=node.gateway_mac, ipv6_dst=ip6),
                 (ir.set_field("dl_src", node.gateway_mac), ir.set_field("dl_dst", pod.mac), ir.DecTTL(),
                  TARGET_OFPORT.load(port), ir.Goto(pipeline["Output"])), cookie),
+        *_direct_commit("ipv6", "ipv6_src", ip6, cookie, pipeline),
     ]
 
 
@@ -161,13 +163,17 @@ def direct_commit_flows(pod: PodPort, cookie: int, pipeline: Pipeline = PIPELINE
     SNAT in the DNAT zone did the same and crashed OVS 3.1's userspace conntrack
     (`conn_update_state` assertion) after a few thousand connections.
     """
-    ip = int(pod.ip)
+    return _direct_commit("ip", "nw_src", int(pod.ip), cookie, pipeline)
+
+
+def _direct_commit(proto: str, src: str, ip: int, cookie: int, pipeline: Pipeline) -> tuple[ir.Flow, ir.Flow]:
+    """`direct_commit_flows` for one address of the pod (`proto` ip or ipv6)."""
     bit = CT_MARK_DIRECT.bit_length() - 1
     mark = ir.CT(commit=True, zone=ORIGIN_ZONE, table=pipeline["PolicyConntrack"],
                  exec_=(ir.Load(ir.FieldRef("ct_mark", bit, bit), 1),))
     track = ir.CT(commit=True, zone=ORIGIN_ZONE, table=pipeline["PolicyConntrack"])
     return (ir.Flow(pipeline["ServiceLB"], PRIO_DIRECT_COMMIT,
-                    ir.match(TO_TARGET_PORT, proto="ip", ct_state="+new+trk", nw_src=ip), (mark,), cookie),
+                    ir.match(TO_TARGET_PORT, proto=proto, ct_state="+new+trk", **{src: ip}), (mark,), cookie),
             ir.Flow(pipeline["ServiceLB"], PRIO_DIRECT_COMMIT + 1,
-                    ir.match(TO_TARGET_PORT, proto="tcp", ct_state="+new+trk", nw_src=ip, tcp_flags="-syn"),
-                    (track,), cookie))
+                    ir.match(TO_TARGET_PORT, proto="tcp" if proto == "ip" else "tcp6", ct_state="+new+trk",
+                             tcp_flags="-syn", **{src: ip}), (track,), cookie))

@@ -78,6 +78,11 @@ class ProxyConfig:
     # externalIPs are honoured only inside these (none by default: anyone who may create a Service
     # could otherwise capture traffic for any address, CVE-2020-8554)
     external_ip_cidrs: tuple[ipaddress.IPv4Network, ...] = ()
+    # dual-stack: IPv6 ClusterIPs are served too (NodePorts, externalIPs, LoadBalancer IPs and
+    # session affinity are IPv4 only so far)
+    masq_ip6: ipaddress.IPv6Address | None = None
+    local_cidr6: ipaddress.IPv6Network | None = None
+    service_cidr6: ipaddress.IPv6Network | None = None
 
     def external_ip_allowed(self, ip: ipaddress.IPv4Address) -> bool:
         return any(ip in net for net in self.external_ip_cidrs)
@@ -89,55 +94,70 @@ GroupIds = Callable[[str], int]
 def static_flows(cfg: ProxyConfig, pipeline: Pipeline = PIPELINE) -> list[ir.Flow]:
     cookie = cookies.cookie(cookies.Category.SERVICE, "static")
     masq = int(cfg.masq_ip)
-    to_snat = ir.CT(commit=True, zone=SNAT_ZONE, table=pipeline["L3Forwarding"], nat=ir.Nat("src", masq, masq))
     flows = [
-        ir.Flow(pipeline["UnSNAT"], 200, ir.match(proto="ip", nw_dst=masq),
-                (ir.CT(zone=SNAT_ZONE, table=pipeline["Conntrack"], nat=ir.Nat()),), cookie),
-        ir.Flow(pipeline["ServiceMasq"], 200, ir.match(MASQUERADE, proto="ip", ct_state="+trk"), (to_snat,), cookie),
-        ir.Flow(pipeline["ServiceMasq"], 190,
-                ir.match(proto="ip", ct_state="+trk-rpl", ct_mark=(CT_MARK_MASQ, CT_MARK_MASQ)), (to_snat,), cookie),
+        *_family_flows("ip", "nw_dst", masq, False, cookie, pipeline),
         ir.Flow(pipeline["Reject"], 10, ir.Match(),
                 (ir.Controller(max_len=256, reason=REJECT_REASON_ACTION, meter_id=REJECT_METER),), cookie),
         ir.Flow(pipeline["AffinitySelect"], PRIO_ANY, ir.match(REMEMBERED), (ir.Goto(pipeline["EndpointDNAT"]),),
                 cookie),
-        # a reply from a target port whose tuple was last used by a local pod's direct connection
-        # (see pods.direct_commit_flow) is pod-to-pod traffic: through policy like any other
-        ir.Flow(pipeline["ReplyOrigin"], PRIO_ANY, ir.match(proto="ip", ct_state="+trk+rpl",
-                                                            ct_mark=(CT_MARK_DIRECT, CT_MARK_DIRECT)),
-                (ir.Goto(pipeline["PolicyConntrack"]),), cookie),
-        ir.Flow(pipeline["ReplyOrigin"], 1, ir.match(proto="ip"), _TRACK(pipeline), cookie),
-        # a local pod's new service connection, translated: the last connection started with its
-        # endpoint tuple is a service's. Later packets are tracked there without touching the mark:
-        # a late FIN of an earlier service connection, reordered behind a direct SYN with the same
-        # tuple (OVS batches packets per flow), must not take the tuple back from the direct one
-        ir.Flow(pipeline["RequestOrigin"], PRIO_ANY, ir.match(FROM_POD, proto="ip", ct_state="+new+trk+dnat-rpl"),
-                (ir.CT(commit=True, zone=ORIGIN_ZONE, table=pipeline["PolicyConntrack"],
-                       exec_=(ir.Load(ir.FieldRef("ct_mark", _DIRECT_BIT, _DIRECT_BIT), 0),)),), cookie),
-        ir.Flow(pipeline["RequestOrigin"], PRIO_ANY - 1, ir.match(FROM_POD, proto="ip", ct_state="+trk+dnat-rpl"),
-                (ir.CT(commit=True, zone=ORIGIN_ZONE, table=pipeline["PolicyConntrack"]),), cookie),
-        # replies of service connections: their request passed policy (checked after DNAT, on the
-        # translated tuple, which the reply no longer has here): past policy, straight to ServiceMasq
-        ir.Flow(pipeline["ServiceLB"], 6, ir.match(proto="ip", ct_state="+trk+rpl"),
-                (ir.Goto(pipeline["ServiceMasq"]),), cookie),
-        # later request packets of a masqueraded connection: carry its mark past the policy zone
-        ir.Flow(pipeline["ServiceLB"], 5, ir.match(proto="ip", ct_state="-new+trk-rpl",
-                                                   ct_mark=(CT_MARK_MASQ, CT_MARK_MASQ)),
-                (MASQUERADE.load(), ir.Goto(pipeline["RequestOrigin"])), cookie),
     ]
     flows += [ir.Flow(pipeline["Conntrack"], PRIO_ANY, ir.match(proto="ip", nw_dst=int(ip)), _TRACK(pipeline), cookie)
               for ip in cfg.node_port_ips]
-    if cfg.service_cidr is not None:
-        flows.append(ir.Flow(pipeline["Conntrack"], PRIO_ANY, ir.match(proto="ip", nw_dst=str(cfg.service_cidr)),
-                             _TRACK(pipeline), cookie))
-        flows.append(ir.Flow(pipeline["ServiceLB"], PRIO_SERVICE_CIDR,
-                             ir.match(proto="ip", ct_state="+new+trk", nw_dst=str(cfg.service_cidr)), (), cookie))
+    families: list[tuple[str, str, ipaddress.IPv4Network | ipaddress.IPv6Network | None]] = [
+        ("ip", "nw_dst", cfg.service_cidr)]
+    if cfg.masq_ip6 is not None:  # dual-stack: IPv6 ClusterIPs too
+        flows += _family_flows("ipv6", "ipv6_dst", int(cfg.masq_ip6), True, cookie, pipeline)
+        families.append(("ipv6", "ipv6_dst", cfg.service_cidr6))
+    for proto, dst, cidr in families:
+        if cidr is not None:
+            flows.append(ir.Flow(pipeline["Conntrack"], PRIO_ANY, ir.match(proto=proto, **{dst: str(cidr)}),
+                                 _TRACK(pipeline), cookie))
+            flows.append(ir.Flow(pipeline["ServiceLB"], PRIO_SERVICE_CIDR,
+                                 ir.match(proto=proto, ct_state="+new+trk", **{dst: str(cidr)}), (), cookie))
     if cfg.answer_masq_arp:
-        from sanderling.compiler.pods import ARP_REQUEST, PRIO_HIGH, arp_reply_actions
+        from sanderling.compiler.pods import ARP_REQUEST, PRIO_HIGH, arp_reply_actions, ns_answer
 
         flows.append(ir.Flow(pipeline["NeighborResponder"], PRIO_HIGH,
                              ir.match(proto="arp", arp_op=ARP_REQUEST, arp_tpa=masq),
                              arp_reply_actions(cfg.gateway_mac, masq), cookie))
+        if cfg.masq_ip6 is not None:
+            flows.append(ns_answer(cfg.gateway_mac, int(cfg.masq_ip6), cookie, pipeline))
     return flows
+
+
+def _family_flows(proto: str, dst: str, masq: int, v6: bool, cookie: int, pipeline: Pipeline) -> list[ir.Flow]:
+    """The static flows that recognize service traffic of one family (`proto` ip or ipv6)."""
+    to_snat = ir.CT(commit=True, zone=SNAT_ZONE, table=pipeline["L3Forwarding"], nat=ir.Nat("src", masq, masq, v6=v6))
+    return [
+        ir.Flow(pipeline["UnSNAT"], 200, ir.match(proto=proto, **{dst: masq}),
+                (ir.CT(zone=SNAT_ZONE, table=pipeline["Conntrack"], nat=ir.Nat()),), cookie),
+        ir.Flow(pipeline["ServiceMasq"], 200, ir.match(MASQUERADE, proto=proto, ct_state="+trk"), (to_snat,), cookie),
+        ir.Flow(pipeline["ServiceMasq"], 190,
+                ir.match(proto=proto, ct_state="+trk-rpl", ct_mark=(CT_MARK_MASQ, CT_MARK_MASQ)), (to_snat,), cookie),
+        # a reply from a target port whose tuple was last used by a local pod's direct connection
+        # (see pods.direct_commit_flow) is pod-to-pod traffic: through policy like any other
+        ir.Flow(pipeline["ReplyOrigin"], PRIO_ANY, ir.match(proto=proto, ct_state="+trk+rpl",
+                                                            ct_mark=(CT_MARK_DIRECT, CT_MARK_DIRECT)),
+                (ir.Goto(pipeline["PolicyConntrack"]),), cookie),
+        ir.Flow(pipeline["ReplyOrigin"], 1, ir.match(proto=proto), _TRACK(pipeline), cookie),
+        # a local pod's new service connection, translated: the last connection started with its
+        # endpoint tuple is a service's. Later packets are tracked there without touching the mark:
+        # a late FIN of an earlier service connection, reordered behind a direct SYN with the same
+        # tuple (OVS batches packets per flow), must not take the tuple back from the direct one
+        ir.Flow(pipeline["RequestOrigin"], PRIO_ANY, ir.match(FROM_POD, proto=proto, ct_state="+new+trk+dnat-rpl"),
+                (ir.CT(commit=True, zone=ORIGIN_ZONE, table=pipeline["PolicyConntrack"],
+                       exec_=(ir.Load(ir.FieldRef("ct_mark", _DIRECT_BIT, _DIRECT_BIT), 0),)),), cookie),
+        ir.Flow(pipeline["RequestOrigin"], PRIO_ANY - 1, ir.match(FROM_POD, proto=proto, ct_state="+trk+dnat-rpl"),
+                (ir.CT(commit=True, zone=ORIGIN_ZONE, table=pipeline["PolicyConntrack"]),), cookie),
+        # replies of service connections: their request passed policy (checked after DNAT, on the
+        # translated tuple, which the reply no longer has here): past policy, straight to ServiceMasq
+        ir.Flow(pipeline["ServiceLB"], 6, ir.match(proto=proto, ct_state="+trk+rpl"),
+                (ir.Goto(pipeline["ServiceMasq"]),), cookie),
+        # later request packets of a masqueraded connection: carry its mark past the policy zone
+        ir.Flow(pipeline["ServiceLB"], 5, ir.match(proto=proto, ct_state="-new+trk-rpl",
+                                                   ct_mark=(CT_MARK_MASQ, CT_MARK_MASQ)),
+                (MASQUERADE.load(), ir.Goto(pipeline["RequestOrigin"])), cookie),
+    ]
 
 
 _NEW_TRK = F.parse_ct_state("+new+trk")
@@ -162,8 +182,8 @@ def _fast_match(*contributors: ir.MatchContributor, proto: str | None = None, **
             name = F.TRANSPORT_FIELDS[nw_proto][0 if name == "tp_src" else 1]
         if isinstance(raw, tuple):
             items.append((name, raw[0], raw[1]))
-        elif isinstance(raw, ipaddress.IPv4Network):
-            full = raw.prefixlen == 32
+        elif isinstance(raw, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+            full = raw.prefixlen == raw.max_prefixlen
             items.append((name, int(raw.network_address), None if full else int(raw.netmask)))
         else:
             items.append((name, int(raw), None))  # type: ignore[call-overload]
@@ -194,9 +214,10 @@ def shared_keys(cfg: ProxyConfig, svc: Service, endpoints: Mapping[ServicePort, 
     keys: set[str] = set()
     for port in svc.ports:
         for e in usable(endpoints.get(port, ())):
-            keys.add(f"service-reply/{port.protocol.lower()}/{e.port}")
+            six = "6" if e.ip.version == 6 else ""  # tcp6, ...: an IPv6 endpoint's replies
+            keys.add(f"service-reply/{port.protocol.lower()}{six}/{e.port}")
             if e.node in (cfg.node_name, ""):  # only a pod on this node can be its own client (unknown: maybe)
-                keys.add(f"service-hairpin/{int(e.ip):08x}")
+                keys.add(f"service-hairpin/{int(e.ip):08x}")  # (32 hex digits: an IPv6 endpoint)
     return keys
 
 
@@ -213,6 +234,15 @@ def shared_flows(cfg: ProxyConfig, key: str, pipeline: Pipeline = PIPELINE) -> l
                         (TO_TARGET_PORT.load(), *_TRACK(pipeline)), cookie)]
     if kind == "service-hairpin":
         ip = int(rest, 16)
+        if len(rest) > 8:  # an IPv6 endpoint
+            if cfg.masq_ip6 is None:
+                return []
+            masq6 = int(cfg.masq_ip6)
+            to_snat6 = ir.CT(commit=True, zone=SNAT_ZONE, table=pipeline["L3Forwarding"],
+                             nat=ir.Nat("src", masq6, masq6, v6=True))
+            return [ir.Flow(pipeline["ServiceMasq"], PRIO_POD, _fast_match(proto="ipv6", ct_state=_TRK_NOT_REPLY,
+                                                                            ipv6_src=ip, ipv6_dst=ip),
+                            (to_snat6,), cookie)]
         masq = int(cfg.masq_ip)
         to_snat = ir.CT(commit=True, zone=SNAT_ZONE, table=pipeline["L3Forwarding"], nat=ir.Nat("src", masq, masq))
         return [ir.Flow(pipeline["ServiceMasq"], PRIO_POD, _fast_match(proto="ip", ct_state=_TRK_NOT_REPLY,
@@ -237,7 +267,8 @@ def _group(gid: int, endpoints: tuple[Endpoint, ...], pipeline: Pipeline, direct
     after = pipeline["RequestOrigin"]  # policy is enforced after service translation
     return ir.Group(gid, "select", tuple(
         ir.Bucket((ir.CT(commit=True, zone=DNAT_ZONE, table=after, exec_=_MARK_MASQ,
-                         nat=ir.Nat("dst", int(e.ip), int(e.ip), e.port, e.port)),), weight=100) for e in endpoints))
+                         nat=ir.Nat("dst", int(e.ip), int(e.ip), e.port, e.port, v6=e.ip.version == 6)),),
+                  weight=100) for e in endpoints))
 
 
 def bucket_endpoints(group: ir.Group) -> list[str | None]:
@@ -256,7 +287,12 @@ def bucket_endpoints(group: ir.Group) -> list[str | None]:
                     port = action.value
             elif isinstance(action, ir.CT) and action.nat is not None and action.nat.ip_min is not None:
                 ip, port = action.nat.ip_min, action.nat.port_min
-        out.append(None if ip is None else f"{ip >> 24}.{ip >> 16 & 255}.{ip >> 8 & 255}.{ip & 255}:{port}")
+                if action.nat.v6:
+                    ip = None
+                    out.append(f"[{ipaddress.IPv6Address(action.nat.ip_min)}]:{port}")
+                    break
+        else:
+            out.append(None if ip is None else f"{ip >> 24}.{ip >> 16 & 255}.{ip >> 8 & 255}.{ip & 255}:{port}")
     return out
 
 
@@ -348,6 +384,10 @@ def service_flows(cfg: ProxyConfig, svc: Service, endpoints: Mapping[ServicePort
     reject = (ir.Goto(pipeline["Reject"]),)
     flows: list[ir.Flow] = []
     groups: list[ir.Group] = []
+    if svc.cluster_ips6 and cfg.masq_ip6 is not None:
+        flows6, groups = _cluster_ip_flows6(cfg, svc, endpoints, group_ids, pipeline, cookie)
+        flows += flows6
+    endpoints = {p: tuple(e for e in eps if e.ip.version == 4) for p, eps in endpoints.items()}
     for port in svc.ports:
         proto = port.protocol.lower()
         everyone = usable(endpoints.get(port, ()))
@@ -414,5 +454,51 @@ def service_flows(cfg: ProxyConfig, svc: Service, endpoints: Mapping[ServicePort
                                  _TRACK(pipeline), cookie))
     for vip in svc.cluster_ips:  # a port the service does not serve
         flows.append(ir.Flow(lb, PRIO_UNKNOWN_PORT, _fast_match(proto="ip", ct_state=_NEW_TRK, nw_dst=vip),
+                             reject, cookie))
+    return flows, groups
+
+
+def _cluster_ip_flows6(cfg: ProxyConfig, svc: Service, endpoints: Mapping[ServicePort, tuple[Endpoint, ...]],
+                       group_ids: GroupIds, pipeline: Pipeline, cookie: int) -> tuple[list[ir.Flow], list[ir.Group]]:
+    """A dual-stack Service's IPv6 ClusterIPs, to its IPv6 endpoints, with kube-proxy's choices as
+    for IPv4 (internalTrafficPolicy, masquerading sources outside the cluster's IPv6 pod CIDR and
+    the host, hairpin, reject without endpoints). Session affinity is not applied to IPv6 yet (its
+    registers hold an IPv4 endpoint): connections are balanced per connection."""
+    lb = pipeline["ServiceLB"]
+    reject = (ir.Goto(pipeline["Reject"]),)
+    flows: list[ir.Flow] = []
+    groups: list[ir.Group] = []
+    for port in svc.ports:
+        six = "tcp6" if port.protocol == "TCP" else f"{port.protocol.lower()}6"
+        eps = tuple(e for e in endpoints.get(port, ()) if e.ip.version == 6)
+        everyone = usable(eps)
+        local = usable(e for e in eps if e.node == cfg.node_name)
+        ids: dict[str, int] = {}
+        for name, chosen in (("cluster", everyone), ("local", local)):
+            if not chosen:
+                continue
+            if name == "local" and chosen == everyone:
+                ids[name] = ids["cluster"]
+                continue
+            base = f"{svc.key}/{port.protocol}/{port.port}/{name}/ipv6"
+            ids[name] = group_ids(base)
+            groups += _groups(ids[name], chosen, pipeline, True, partial(_sub_group_id, group_ids, base))
+        to = partial(_target, ids, bool(everyone), reject, False, pipeline)
+        internal = "local" if svc.internal_local else "cluster"
+        for vip in svc.cluster_ips6:
+            m: dict[str, Any] = dict(proto=six, ct_state=_NEW_TRK, ipv6_dst=vip, tp_dst=port.port)
+            if cfg.masquerade_all or cfg.local_cidr6 is None:
+                flows.append(ir.Flow(lb, PRIO_ANY, _fast_match(**m), to(internal, True), cookie))
+            else:
+                flows += [
+                    ir.Flow(lb, PRIO_HOST, _fast_match(FROM_GATEWAY, **m), to(internal, True), cookie),
+                    ir.Flow(lb, PRIO_POD, _fast_match(**m, ipv6_src=cfg.local_cidr6), to(internal, False), cookie),
+                    ir.Flow(lb, PRIO_ANY, _fast_match(**m), to(internal, True), cookie),
+                ]
+    for vip in svc.cluster_ips6:
+        if cfg.service_cidr6 is None or vip not in cfg.service_cidr6:
+            flows.append(ir.Flow(pipeline["Conntrack"], PRIO_ANY, _fast_match(proto="ipv6", ipv6_dst=vip),
+                                 _TRACK(pipeline), cookie))
+        flows.append(ir.Flow(lb, PRIO_UNKNOWN_PORT, _fast_match(proto="ipv6", ct_state=_NEW_TRK, ipv6_dst=vip),
                              reject, cookie))
     return flows, groups

@@ -37,6 +37,7 @@ from sanderling.ovs.runtime import OvsRuntime
 
 UPLINK_OFPORT = 65001
 GROUP_RE = re.compile(r"group:(\d+)")
+NAT_DST = re.compile(r"nat\(dst=([0-9.]+:\d+|\[[0-9a-f:]+\]:\d+)\)")  # IPv4 a.b.c.d:port, IPv6 [addr]:port
 TABLE_LINE = re.compile(r"^\s*(\d+)\. .*?cookie (0x[0-9a-f]+)")
 
 
@@ -117,7 +118,7 @@ def compile_case(case: Case, nut: NodeUnderTest) -> tuple[dict[str, tuple[list[A
     return objects, errors
 
 
-async def _install(target: str, objects: dict[str, tuple[list[Any], list[Any]]]) -> None:
+async def install_objects(target: str, objects: dict[str, tuple[list[Any], list[Any]]]) -> None:
     conn = await Connection.open(target)
     try:
         realizer = Realizer(1)
@@ -185,7 +186,7 @@ def group_endpoints(runtime: OvsRuntime, bridge: str) -> dict[int, set[str]]:
         for bucket in line.split("bucket=")[1:]:
             ip = re.search(r"(?:load:|set_field:)(0x[0-9a-f]+)->NXM_NX_REG2\[\]", bucket)
             port = re.search(r"(?:load:|set_field:)(0x[0-9a-f]+)->NXM_NX_REG3\[0\.\.15\]", bucket)
-            nat = re.search(r"nat\(dst=([0-9.]+:\d+)\)", bucket)
+            nat = re.search(NAT_DST, bucket)
             if nat:
                 eps.add(nat.group(1))
             elif ip and port:
@@ -223,7 +224,7 @@ def run_case(runtime: OvsRuntime, db: Ovsdb, case: Case, index: int) -> tuple[in
         objects, errors = compile_case(case, nut)
         for err in errors:
             print(f"note {case.id}: {err}")
-        asyncio.run(_install(runtime.mgmt_target(bridge), objects))
+        asyncio.run(install_objects(runtime.mgmt_target(bridge), objects))
         groups = group_endpoints(runtime, bridge)
         passed = failed = 0
         for flow in case.flows:
@@ -236,7 +237,7 @@ def run_case(runtime: OvsRuntime, db: Ovsdb, case: Case, index: int) -> tuple[in
                 trace = runtime.appctl("ofproto/trace", *(["--ct-next", "trk,new"] * 4), bridge,
                                        trace_packet(nut, flow, random.randint(1024, 65000), attempt + 1))
                 got = read_verdict(trace, groups)
-                seen |= set(re.findall(r"nat\(dst=([0-9.]+:\d+)\)", trace))
+                seen |= set(re.findall(NAT_DST, trace))
                 if got.verdict != "DNAT":
                     break
             assert got is not None

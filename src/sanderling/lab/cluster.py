@@ -277,12 +277,12 @@ class Lab:
         allow = ["--allow-workload-commands"] if self.allow_workload_commands \
             or self.state().get("allow_workload_commands") else []
         dual = self.ip_family == "dual" or self.state().get("ip_family") == "dual"
-        from sanderling.lab.kubernetes import CLUSTER_CIDR6
+        from sanderling.lab.kubernetes import CLUSTER_CIDR6, SERVICE_CIDR6
         cp = subprocess.Popen([sys.executable, "-m", "sanderling.lab.controlplane", "--state", str(self.state_dir),
                                "--listen", f"127.0.0.1:{port}", "--netns", self.controlplane_netns,
                                "--netns-listen", f"{API_UNDERLAY_IP}:{API_PORT}", "--tls-cert", str(pki.server_cert),
                                "--tls-key", str(pki.server_key), "--token-file", str(pki.token_file), *allow,
-                               *(["--cluster-cidr6", CLUSTER_CIDR6] if dual else [])],
+                               *(["--cluster-cidr6", CLUSTER_CIDR6, "--service-cidr6", SERVICE_CIDR6] if dual else [])],
                               stdout=subprocess.PIPE, stderr=cp_log, start_new_session=True)
         assert cp.stdout is not None
         if cp.stdout.readline().strip() != b"ready":
@@ -300,7 +300,15 @@ class Lab:
                                      # delegates: the node's own plugin directory first, then Debian's
                                      "--cni-path", f"{self.state_dir / rec['name'] / 'cni' / 'bin'}:{DELEGATE_PLUGINS}",
                                      *(["--multus"] if self.multus or self.state().get("multus") else []),
-                                     *self._external_flags()))
+                                     *self._external_flags(), *self._dual_stack_flags()))
+
+    def _dual_stack_flags(self) -> list[str]:
+        """`lab up --ip-family dual`: the agents serve IPv6 ClusterIPs of the IPv6 Service CIDR."""
+        if self.ip_family != "dual" and self.state().get("ip_family") != "dual":
+            return []
+        from sanderling.lab.kubernetes import CLUSTER_CIDR6, SERVICE_CIDR6
+
+        return ["--service-cidr6", SERVICE_CIDR6, "--cluster-cidr6", CLUSTER_CIDR6]
 
     def _external_flags(self) -> list[str]:
         """`lab up --br-ext [masquerade]`: every node's br-ext, its uplink and controller."""

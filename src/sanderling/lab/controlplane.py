@@ -259,7 +259,10 @@ async def main_async(args: argparse.Namespace) -> int:
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls.load_cert_chain(args.tls_cert, args.tls_key)
     token = args.token_file.read_text().strip() if args.token_file else None
-    runner = await serve(store, sockets, token=token, ssl_context=tls)
+    from sanderling.lab.apiserver.admission import ServiceAllocator
+
+    allocator = ServiceAllocator(cidr6=ipaddress.IPv6Network(args.service_cidr6)) if args.service_cidr6 else None
+    runner = await serve(store, sockets, token=token, ssl_context=tls, allocator=allocator)
     plane = ControlPlane(store, ipaddress.IPv4Network(args.cluster_cidr), args.allow_workload_commands,
                          ipaddress.IPv6Network(args.cluster_cidr6) if args.cluster_cidr6 else None)
     plane.start()
@@ -279,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--netns-listen", action="append", default=[], help="HOST:PORT inside --netns")
     p.add_argument("--cluster-cidr", default=str(CLUSTER_CIDR))
     p.add_argument("--cluster-cidr6", default="", help="dual-stack: the cluster's IPv6 pod CIDR (a /64 per node)")
+    p.add_argument("--service-cidr6", default="", help="dual-stack: the IPv6 Service CIDR")
     p.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (and --tls-key)")
     p.add_argument("--tls-key", type=Path)
     p.add_argument("--token-file", type=Path, help="every client must send this bearer token")

@@ -40,18 +40,35 @@ def _resolve(target: Any, protocol: str, pod: dict[str, Any]) -> int | None:
 
 
 def desired_slices(service: dict[str, Any], pods: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
-    """The slices the Service should have; None when the controller does not manage it."""
+    """The slices the Service should have (per family of its ipFamilies, as the upstream
+    controller: an IPv6 slice holds the pods' IPv6 addresses); None when the controller does not
+    manage it."""
     spec = service.get("spec") or {}
-    selector = spec.get("selector")
-    if not selector or spec.get("type") == "ExternalName":
+    if not spec.get("selector") or spec.get("type") == "ExternalName":
         return None
+    out: list[dict[str, Any]] = []
+    for family in spec.get("ipFamilies") or ["IPv4"]:
+        if family in ("IPv4", "IPv6"):
+            out += _family_slices(service, pods, family)
+    return out
+
+
+def _pod_address(status: dict[str, Any], family: str) -> str:
+    ips = [e.get("ip") or "" for e in status.get("podIPs") or []] or [status.get("podIP") or ""]
+    return next((ip for ip in ips if ip and (":" in ip) == (family == "IPv6")), "")
+
+
+def _family_slices(service: dict[str, Any], pods: list[dict[str, Any]], family: str) -> list[dict[str, Any]]:
+    spec = service.get("spec") or {}
+    selector = spec["selector"]
     meta = service["metadata"]
     groups: dict[tuple[tuple[str, int, str], ...], list[dict[str, Any]]] = {}
     address: dict[int, str] = {}
     for pod in pods:
         status = pod.get("status") or {}
         pmeta = pod["metadata"]
-        if not status.get("podIP") or status.get("phase") in ("Succeeded", "Failed"):
+        pod_ip = _pod_address(status, family)
+        if not pod_ip or status.get("phase") in ("Succeeded", "Failed"):
             continue
         if not selects(selector, pmeta.get("labels") or {}):
             continue
@@ -64,18 +81,18 @@ def desired_slices(service: dict[str, Any], pods: list[dict[str, Any]]) -> list[
         terminating = bool(pmeta.get("deletionTimestamp"))
         ready = _condition(pod, "Ready")
         endpoint: dict[str, Any] = {
-            "addresses": [status["podIP"]],
+            "addresses": [pod_ip],
             "conditions": {"ready": ready and not terminating, "serving": ready, "terminating": terminating},
             "nodeName": (pod.get("spec") or {}).get("nodeName", ""),
             "targetRef": {"kind": "Pod", "namespace": pmeta["namespace"], "name": pmeta["name"],
                           "uid": pmeta.get("uid", "")}}
-        address[id(endpoint)] = status["podIP"]
+        address[id(endpoint)] = pod_ip
         groups.setdefault(tuple(resolved), []).append(endpoint)
     if not groups:
         groups[()] = []
     slices = []
     for ports, endpoints in sorted(groups.items(), key=lambda item: item[0]):
-        digest = hashlib.sha256(json.dumps(ports).encode()).hexdigest()[:5]
+        digest = hashlib.sha256(json.dumps(ports).encode() + (b"/6" if family == "IPv6" else b"")).hexdigest()[:5]
         slice_meta: dict[str, Any] = {
             "name": f"{meta['name']}-{digest}", "namespace": meta["namespace"],
             "labels": {SERVICE_NAME: meta["name"], MANAGED_BY: CONTROLLER},
@@ -84,7 +101,7 @@ def desired_slices(service: dict[str, Any], pods: list[dict[str, Any]]) -> list[
         slices.append({
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": slice_meta,
-            "addressType": "IPv4",
+            "addressType": family,
             "endpoints": sorted(endpoints, key=lambda e: address[id(e)]),
             "ports": [{"name": n, "port": p, "protocol": proto} for n, p, proto in ports]})
     return slices

@@ -40,19 +40,23 @@ def routed_nodes(prefix: str, base: Path, pod_cidrs: list[str], underlay: str) -
     """Nodes in routed mode on a fresh fabric `<prefix>-fabric`, each routing to the others' pod subnets."""
     net = ipaddress.IPv4Network(underlay)
     make_fabric(f"{prefix}-fabric")
-    nodes = []
-    for i, cidr in enumerate(pod_cidrs, start=1):
-        teardown_prefix(f"{prefix}-n{i}")
-        node = LocalNode(f"n{i}", cidr, base, prefix=prefix, gateway=True)
-        node.start()
-        node.attach_underlay(f"{prefix}-fabric", BRIDGE, f"{net.network_address + 10 + i}/{net.prefixlen}")
-        nodes.append(node)
-    for node in nodes:
-        for other in nodes:
-            if other is not node:
-                node.route(str(other.network.pod_cidr), other.underlay_ip)
-                if other.network.pod_cidr6 is not None:  # via the uplink's link-local address
-                    node.route(str(other.network.pod_cidr6), other.uplink_link_local(), dev="uplink")
+    nodes: list[LocalNode] = []
+    try:
+        for i, cidr in enumerate(pod_cidrs, start=1):
+            teardown_prefix(f"{prefix}-n{i}")
+            node = LocalNode(f"n{i}", cidr, base, prefix=prefix, gateway=True)
+            nodes.append(node)  # before it starts: a failure half-way must still stop its agent and OVS
+            node.start()
+            node.attach_underlay(f"{prefix}-fabric", BRIDGE, f"{net.network_address + 10 + i}/{net.prefixlen}")
+        for node in nodes:
+            for other in nodes:
+                if other is not node:
+                    node.route(str(other.network.pod_cidr), other.underlay_ip)
+                    if other.network.pod_cidr6 is not None:  # via the uplink's link-local address
+                        node.route(str(other.network.pod_cidr6), other.uplink_link_local(), dev="uplink")
+    except BaseException:
+        teardown(prefix, nodes)
+        raise
     return nodes
 
 

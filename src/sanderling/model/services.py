@@ -28,9 +28,9 @@ class ServicePort:
     node_port: int = 0
 
 
-@dataclass(frozen=True, slots=True, order=True)
+@dataclass(frozen=True, slots=True)
 class Endpoint:
-    ip: ipaddress.IPv4Address
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address
     port: int
     node: str = ""
     ready: bool = True
@@ -52,6 +52,7 @@ class Service:
     internal_local: bool = False
     affinity_timeout: int = 0  # seconds; 0 = no session affinity
     health_check_node_port: int = 0
+    cluster_ips6: tuple[ipaddress.IPv6Address, ...] = ()  # a dual-stack Service's IPv6 ClusterIP
 
     @property
     def key(self) -> str:
@@ -59,7 +60,7 @@ class Service:
 
     @property
     def headless(self) -> bool:
-        return not self.cluster_ips
+        return not self.cluster_ips and not self.cluster_ips6
 
 
 # a hard cap where one is the honest answer: a Service's ports compile linearly (about 0.3 s for 1,000
@@ -83,9 +84,15 @@ def service_from(raw: dict[str, Any]) -> Service | None:
     if kind == "ExternalName":
         return None
     cluster_ips: list[ipaddress.IPv4Address] = []
+    cluster_ips6: list[ipaddress.IPv6Address] = []
     for ip in spec.get("clusterIPs") or ([spec["clusterIP"]] if spec.get("clusterIP") else []):
         if ip and ip != "None" and ":" not in ip:
             cluster_ips.append(_ip(obj, "spec.clusterIPs", ip))
+        elif ip and ip != "None":
+            try:
+                cluster_ips6.append(ipaddress.IPv6Address(ip))
+            except (ValueError, TypeError):
+                raise ModelError(obj, "spec.clusterIPs", f"{ip!r} is not an IP address") from None
     ports = []
     listed = spec.get("ports") or []
     if isinstance(listed, list) and len(listed) > MAX_SERVICE_PORTS:
@@ -120,7 +127,8 @@ def service_from(raw: dict[str, Any]) -> Service | None:
         tuple(lb_ips) if kind == "LoadBalancer" else (), tuple(ranges) if kind == "LoadBalancer" else (),
         spec.get("externalTrafficPolicy") == "Local" and kind in ("NodePort", "LoadBalancer")
         or (spec.get("externalTrafficPolicy") == "Local" and bool(spec.get("externalIPs"))),
-        spec.get("internalTrafficPolicy") == "Local", timeout, int(spec.get("healthCheckNodePort") or 0))
+        spec.get("internalTrafficPolicy") == "Local", timeout, int(spec.get("healthCheckNodePort") or 0),
+        tuple(cluster_ips6))
 
 
 def endpoints_from(slices: Iterable[dict[str, Any]], port: ServicePort) -> tuple[Endpoint, ...]:
@@ -128,15 +136,16 @@ def endpoints_from(slices: Iterable[dict[str, Any]], port: ServicePort) -> tuple
     return endpoints_by_port(slices, (port,))[port]
 
 
-def endpoints_by_port(slices: Iterable[dict[str, Any]], ports: Iterable[ServicePort]
+def endpoints_by_port(slices: Iterable[dict[str, Any]], ports: Iterable[ServicePort], family: int = 4
                       ) -> dict[ServicePort, tuple[Endpoint, ...]]:
-    """endpoints_from for every port of a Service at once: each slice's ports are indexed and its
-    endpoints parsed once, so a Service with thousands of ports costs ports x endpoints, not
-    ports x (slice ports + endpoints)."""
+    """endpoints_from for every port of a Service at once (the endpoints of slices of `family`'s
+    addressType): each slice's ports are indexed and its endpoints parsed once, so a Service with
+    thousands of ports costs ports x endpoints, not ports x (slice ports + endpoints)."""
     wanted = tuple(ports)
     out: dict[ServicePort, set[Endpoint]] = {p: set() for p in wanted}
+    parse = _parse_ipv4 if family == 4 else _parse_ipv6
     for sl in slices:
-        if sl.get("addressType", "IPv4") != "IPv4":
+        if sl.get("addressType", "IPv4") != f"IPv{family}":
             continue
         numbers: dict[tuple[str, str], Any] = {}
         for sp in sl.get("ports") or []:  # the last of a (name, protocol) wins, as before
@@ -147,7 +156,7 @@ def endpoints_by_port(slices: Iterable[dict[str, Any]], ports: Iterable[ServiceP
             ready = cond.get("ready") is not False  # unset means ready
             serving = cond.get("serving") if cond.get("serving") is not None else ready
             for addr in (ep.get("addresses") or [])[:1]:
-                ip = _parse_ipv4(addr)
+                ip = parse(addr)
                 if ip is not None:
                     parsed.append((ip, ep.get("nodeName") or "", ready, bool(serving), bool(cond.get("terminating"))))
         for port in wanted:
@@ -167,6 +176,15 @@ def _parse_ipv4(text: Any) -> ipaddress.IPv4Address | None:
     except OSError:
         return None
     return ipaddress.IPv4Address(int.from_bytes(packed, "big"))
+
+
+def _parse_ipv6(text: Any) -> ipaddress.IPv6Address | None:
+    if not isinstance(text, str) or ":" not in text:
+        return None
+    try:
+        return ipaddress.IPv6Address(text)
+    except ValueError:
+        return None
 
 
 def usable(endpoints: Iterable[Endpoint]) -> tuple[Endpoint, ...]:

@@ -39,9 +39,10 @@ def sync_routes(netns: str | None, wanted: dict[str, str], prune: bool = True) -
                 if not oif:
                     log.error("route to %s via %s: no interface reaches %s; not set", dst, gateway, reach)
                     continue
-            if current.get(dst) != (gateway, oif):
+            have = current.get(dst)
+            if have is None or have[0] != gateway or (oif and have[1] != oif):
                 h.route("replace", dst=dst, gateway=gateway, proto=RTPROT_SANDERLING, table=MAIN_TABLE,
-                        **({"oif": oif, "family": 10} if oif else {}))
+                        **({"family": 10} if ":" in dst else {}), **({"oif": oif} if oif else {}))
                 changed += 1
         for dst in current.keys() - wanted.keys() if prune else ():
             h.route("del", dst=dst, proto=RTPROT_SANDERLING, table=MAIN_TABLE, **({"family": 10} if ":" in dst else {}))

@@ -150,11 +150,12 @@ def _encode_nat(nat: ir.Nat) -> bytes:
     present = 0
     ranges = b""
     if nat.ip_min is not None:
-        present |= 1
-        ranges += nat.ip_min.to_bytes(4, "big")
+        width = 16 if nat.v6 else 4
+        present |= 4 if nat.v6 else 1  # NX_NAT_RANGE_IPV6_MIN / IPV4_MIN
+        ranges += nat.ip_min.to_bytes(width, "big")
         if nat.ip_max is not None:
-            present |= 2
-            ranges += nat.ip_max.to_bytes(4, "big")
+            present |= 8 if nat.v6 else 2
+            ranges += nat.ip_max.to_bytes(width, "big")
     if nat.port_min is not None:
         present |= 16
         ranges += nat.port_min.to_bytes(2, "big")

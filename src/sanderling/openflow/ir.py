@@ -302,15 +302,22 @@ class Nat:
     port_max: int | None = None
     persistent: bool = False
     random: bool = False
+    v6: bool = False  # the addresses are IPv6 (written [addr] in text)
 
     def text(self) -> str:
         if not self.kind:
             return "nat"
         inner = self.kind
         if self.ip_min is not None:
-            inner += "=" + F.format_value(F.FIELDS["nw_src"], self.ip_min)
+            field = F.FIELDS["ipv6_src" if self.v6 else "nw_src"]
+
+            def addr(value: int) -> str:
+                text = F.format_value(field, value)
+                return f"[{text}]" if self.v6 else text
+
+            inner += "=" + addr(self.ip_min)
             if self.ip_max is not None and self.ip_max != self.ip_min:
-                inner += "-" + F.format_value(F.FIELDS["nw_src"], self.ip_max)
+                inner += "-" + addr(self.ip_max)
             if self.port_min is not None:
                 inner += f":{self.port_min}"
                 if self.port_max is not None and self.port_max != self.port_min:

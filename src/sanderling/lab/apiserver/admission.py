@@ -18,9 +18,16 @@ NODE_PORTS = range(30000, 32768)
 NEEDS_CLUSTER_IP = ("ClusterIP", "NodePort", "LoadBalancer")
 
 
+DUAL_STACK_POLICIES = ("PreferDualStack", "RequireDualStack")
+
+
 class ServiceAllocator:
-    def __init__(self, cidr: ipaddress.IPv4Network = SERVICE_CIDR) -> None:
+    """`cidr6`: a dual-stack cluster's IPv6 Service CIDR; a Service asking for dual-stack
+    (ipFamilyPolicy PreferDualStack or RequireDualStack) gets an IPv6 ClusterIP from it too."""
+
+    def __init__(self, cidr: ipaddress.IPv4Network = SERVICE_CIDR, cidr6: ipaddress.IPv6Network | None = None) -> None:
         self.cidr = cidr
+        self.cidr6 = cidr6
 
     def admit(self, name: str, new: dict[str, Any], current: dict[str, Any] | None,
               others: list[dict[str, Any]]) -> None:
@@ -31,7 +38,8 @@ class ServiceAllocator:
         spec["type"] = kind
         if kind not in NEEDS_CLUSTER_IP:
             return
-        taken_ips = {(s.get("spec") or {}).get("clusterIP") for s in others}
+        taken_ips = {ip for s in others for ip in (s.get("spec") or {}).get("clusterIPs") or
+                     [(s.get("spec") or {}).get("clusterIP")]}
         taken_ports = {p.get("nodePort") for s in others for p in (s.get("spec") or {}).get("ports") or []}
         taken_ports |= {(s.get("spec") or {}).get("healthCheckNodePort") for s in others}
         self._cluster_ip(name, spec, old_spec, taken_ips)
@@ -63,14 +71,27 @@ class ServiceAllocator:
         else:
             wanted = self._free_ip(name, taken)
         spec["clusterIP"], spec["clusterIPs"] = wanted, [wanted]
+        policy = spec.get("ipFamilyPolicy") or old.get("ipFamilyPolicy") or "SingleStack"
+        spec["ipFamilyPolicy"] = policy
+        if policy in DUAL_STACK_POLICIES and self.cidr6 is not None:
+            had = [ip for ip in old.get("clusterIPs") or [] if ":" in ip]
+            spec["clusterIPs"] = [wanted, had[0] if had else self._free_ip(name, taken, self.cidr6)]
+            spec["ipFamilies"] = ["IPv4", "IPv6"]
+        elif policy == "RequireDualStack":
+            raise ApiError(422, "Invalid", f'Service "{name}" is invalid: spec.ipFamilyPolicy: Invalid value: '
+                                           '"RequireDualStack": this cluster is not configured for dual-stack')
+        else:
+            spec["ipFamilies"] = ["IPv4"]
 
-    def _free_ip(self, name: str, taken: set[Any]) -> str:
-        for addr in self.cidr.hosts():
-            if addr == self.cidr.network_address + 1:
+    def _free_ip(self, name: str, taken: set[Any],
+                 cidr: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None) -> str:
+        cidr = cidr or self.cidr
+        for addr in cidr.hosts():
+            if addr == cidr.network_address + 1:
                 continue  # the first address is kept for the `kubernetes` Service
             if str(addr) not in taken:
                 return str(addr)
-        raise ApiError(500, "InternalError", f'Service "{name}": no free ClusterIP in {self.cidr}')
+        raise ApiError(500, "InternalError", f'Service "{name}": no free ClusterIP in {cidr}')
 
     def _node_ports(self, name: str, spec: dict[str, Any], old: dict[str, Any], taken: set[Any]) -> None:
         previous = {(p.get("port"), p.get("protocol", "TCP")): p.get("nodePort") for p in old.get("ports") or []}

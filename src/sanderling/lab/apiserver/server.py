@@ -363,9 +363,10 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 async def serve(store: Store, sockets: list[socket.socket], bookmark_interval: float = 5.0,
-                token: str | None = None, ssl_context: ssl.SSLContext | None = None) -> web.AppRunner:
+                token: str | None = None, ssl_context: ssl.SSLContext | None = None,
+                allocator: ServiceAllocator | None = None) -> web.AppRunner:
     """Serve on already bound sockets (they may belong to different network namespaces)."""
-    server = ApiServer(store, bookmark_interval, token=token)
+    server = ApiServer(store, bookmark_interval, allocator, token=token)
     runner = web.AppRunner(server.app, access_log=None, shutdown_timeout=2.0)
     await runner.setup()
     scheme = "https" if ssl_context else "http"
