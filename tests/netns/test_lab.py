@@ -121,6 +121,30 @@ def test_lab_both_modes_matrix_capture_kubectl_and_down(running_lab):
     assert ping.returncode == 0, ping.stdout + ping.stderr
     check = lab("check")
     assert check.returncode == 0 and "succeeded" in check.stdout, check.stdout
+    # a dual-stack Service: its IPv6 ClusterIP balances over the pods' IPv6 addresses, for pods and
+    # (routed) the node itself, masqueraded; a port it does not serve is refused at once (TCP RST over IPv6)
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "demo"},
+               "spec": {"ipFamilyPolicy": "PreferDualStack", "selector": {"app": "web"},
+                        "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}}
+    created = subprocess.run([kubectl, "--kubeconfig", kubeconfig, "create", "-f", "-"], input=json.dumps(service),
+                             capture_output=True, text=True, timeout=60)
+    assert created.returncode == 0, created.stderr
+    svc = json.loads(lab("get", "services", "-n", "demo", "-o", "json").stdout)[0]
+    assert svc["spec"]["ipFamilies"] == ["IPv4", "IPv6"], svc["spec"]
+    vip6 = svc["spec"]["clusterIPs"][1]
+    connect = [sys.executable, "-m", "sanderling.probe", "connect", "tcp", vip6]
+    deadline = time.monotonic() + 30
+    answered: set[str] = set()
+    while time.monotonic() < deadline and len(answered) < 2:  # (until the agents have the Service)
+        got = lab("exec", "demo/web-0", "--", *connect, "80", "--timeout", "1")
+        answered |= {got.stdout.strip()} if got.returncode == 0 else set()
+    assert len(answered) >= 2 and answered <= {f"web-{i}" for i in range(6)}, answered
+    if mode == "routed":  # (in overlay mode a node has no routes to other nodes' pods, IPv4 or IPv6)
+        from_node = subprocess.run(["ip", "netns", "exec", f"{NAME}-node1", *connect, "80", "--timeout", "2"],
+                                   capture_output=True, text=True, timeout=30)
+        assert from_node.returncode == 0 and from_node.stdout.strip().startswith("web-"), from_node.stderr
+    refused = lab("exec", "demo/web-0", "--", *connect, "81", "--timeout", "2")
+    assert refused.returncode != 0 and "refused" in (refused.stdout + refused.stderr), refused
 
 
 def _netns_names() -> set[str]:
