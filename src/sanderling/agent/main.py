@@ -165,6 +165,9 @@ def proxy_config(args: AgentConfig, node: NodeNetwork, node_ips: list[str]) -> A
         external_ip_cidrs=tuple(ipaddress.IPv4Network(c.strip(), strict=False)
                                 for c in args.external_ip_cidrs.split(",") if c.strip()),
         answer_masq_arp=True, gateway_mac=node.gateway_mac, masq_ip6=masquerade_ip6(node),
+        # NodePorts on the node's IPv6 addresses (a dual-stack node; nodePortAddresses are IPv4 CIDRs)
+        node_port_ips6=tuple(ipaddress.IPv6Address(ip) for ip in node_ips if ":" in ip)
+        if node.pod_cidr6 is not None else (),
         local_cidr6=ipaddress.IPv6Network(args.cluster_cidr6) if args.cluster_cidr6 else node.pod_cidr6,
         service_cidr6=ipaddress.IPv6Network(args.service_cidr6) if args.service_cidr6 else None)
 

@@ -58,7 +58,7 @@ def _conformance(args: argparse.Namespace) -> int:
     if args.suite == "proxy":
         from sanderling.conformance import proxy
 
-        return proxy.run(args.files)
+        return proxy.run(args.files, args.ip_family)
     if args.suite == "netpol":
         from sanderling.conformance import netpol
 
@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--network", metavar="NS/NAD", default=None,
                    help="netpol: run the files over this secondary network (created by the run) as "
                         "MultiNetworkPolicies, instead of the pod network")
+    p.add_argument("--ip-family", choices=["ipv4", "ipv6"], default="ipv4",
+                   help="proxy: ipv6 runs each case's IPv6 derivation (addresses mapped into fd00::/96, the node "
+                        "and its Services dual-stack, the flows sent over IPv6)")
     p.add_argument("--cni-front", choices=["compiled", "python"], default="compiled",
                    help="cni: the plugin binary run, the compiled front (built by setup) or the Python shim")
     p.add_argument("--network-topology", choices=["layer2", "vlan"], default="layer2",

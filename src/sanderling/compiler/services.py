@@ -77,15 +77,15 @@ class ProxyConfig:
     gateway_mac: str = "0a:58:0a:f4:00:01"
     # externalIPs are honoured only inside these (none by default: anyone who may create a Service
     # could otherwise capture traffic for any address, CVE-2020-8554)
-    external_ip_cidrs: tuple[ipaddress.IPv4Network, ...] = ()
-    # dual-stack: IPv6 ClusterIPs are served too (NodePorts, externalIPs, LoadBalancer IPs and
-    # session affinity are IPv4 only so far)
+    external_ip_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    # dual-stack: a Service's IPv6 addresses are served too (session affinity is IPv4 only so far)
     masq_ip6: ipaddress.IPv6Address | None = None
     local_cidr6: ipaddress.IPv6Network | None = None
     service_cidr6: ipaddress.IPv6Network | None = None
+    node_port_ips6: tuple[ipaddress.IPv6Address, ...] = ()  # the node's IPv6 addresses for NodePorts
 
-    def external_ip_allowed(self, ip: ipaddress.IPv4Address) -> bool:
-        return any(ip in net for net in self.external_ip_cidrs)
+    def external_ip_allowed(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        return any(ip.version == net.version and ip in net for net in self.external_ip_cidrs)
 
 
 GroupIds = Callable[[str], int]
@@ -105,9 +105,11 @@ def static_flows(cfg: ProxyConfig, pipeline: Pipeline = PIPELINE) -> list[ir.Flo
               for ip in cfg.node_port_ips]
     families: list[tuple[str, str, ipaddress.IPv4Network | ipaddress.IPv6Network | None]] = [
         ("ip", "nw_dst", cfg.service_cidr)]
-    if cfg.masq_ip6 is not None:  # dual-stack: IPv6 ClusterIPs too
+    if cfg.masq_ip6 is not None:  # dual-stack: a Service's IPv6 addresses too
         flows += _family_flows("ipv6", "ipv6_dst", int(cfg.masq_ip6), True, cookie, pipeline)
         families.append(("ipv6", "ipv6_dst", cfg.service_cidr6))
+        flows += [ir.Flow(pipeline["Conntrack"], PRIO_ANY, ir.match(proto="ipv6", ipv6_dst=int(ip)),
+                          _TRACK(pipeline), cookie) for ip in cfg.node_port_ips6]
     for proto, dst, cidr in families:
         if cidr is not None:
             flows.append(ir.Flow(pipeline["Conntrack"], PRIO_ANY, ir.match(proto=proto, **{dst: str(cidr)}),
@@ -374,22 +376,81 @@ def _target(ids: dict[str, int], any_endpoint: bool, reject: tuple[ir.Action, ..
     return (*((MASQUERADE.load(),) if masq else ()), *pick)
 
 
+@dataclass(frozen=True, slots=True)
+class _Family:
+    """What one address family of a Service compiles from: its addresses, the node's, the config's."""
+
+    v6: bool
+    vips: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]
+    node_port_ips: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]
+    external_ips: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]
+    lb_ips: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]
+    lb_source_ranges: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    local_cidr: ipaddress.IPv4Network | ipaddress.IPv6Network | None
+    service_cidr: ipaddress.IPv4Network | ipaddress.IPv6Network | None
+    affinity: int  # seconds; IPv6 has none yet (the affinity registers hold an IPv4 endpoint)
+
+    @property
+    def ip(self) -> str:
+        return "ipv6" if self.v6 else "ip"
+
+    @property
+    def src(self) -> str:
+        return "ipv6_src" if self.v6 else "nw_src"
+
+    @property
+    def dst(self) -> str:
+        return "ipv6_dst" if self.v6 else "nw_dst"
+
+    def proto(self, protocol: str) -> str:
+        return protocol.lower() + ("6" if self.v6 else "")
+
+    def group_key(self, base: str) -> str:
+        return base + ("/ipv6" if self.v6 else "")
+
+
+def _families(cfg: ProxyConfig, svc: Service) -> list[_Family]:
+    out = [_Family(False, svc.cluster_ips, cfg.node_port_ips, svc.external_ips, svc.lb_ips, svc.lb_source_ranges,
+                   cfg.local_cidr, cfg.service_cidr, svc.affinity_timeout)]
+    if cfg.masq_ip6 is not None and (svc.cluster_ips6 or svc.external_ips6 or svc.lb_ips6):
+        out.append(_Family(True, svc.cluster_ips6, cfg.node_port_ips6, svc.external_ips6, svc.lb_ips6,
+                           svc.lb_source_ranges6, cfg.local_cidr6, cfg.service_cidr6, 0))
+    return out
+
+
 def service_flows(cfg: ProxyConfig, svc: Service, endpoints: Mapping[ServicePort, tuple[Endpoint, ...]],
                   group_ids: GroupIds, pipeline: Pipeline = PIPELINE) -> tuple[list[ir.Flow], list[ir.Group]]:
-    """Every flow and group one Service needs on this node."""
+    """Every flow and group one Service needs on this node: per address family (a dual-stack
+    Service's IPv6 addresses go to its IPv6 endpoints, its IPv4 ones to its IPv4 endpoints)."""
     if svc.headless:
         return [], []
     cookie = cookies.cookie(cookies.Category.SERVICE, svc.key)
+    flows: list[ir.Flow] = []
+    groups: list[ir.Group] = []
+    for fam in _families(cfg, svc):
+        version = 6 if fam.v6 else 4
+        mine = {p: tuple(e for e in eps if e.ip.version == version) for p, eps in endpoints.items()}
+        f, g = _family_service_flows(cfg, svc, fam, mine, group_ids, pipeline, cookie)
+        flows += f
+        groups += g
+    return flows, groups
+
+
+def _kw(field: str, value: Any) -> dict[str, Any]:
+    """One keyword argument of a match, named at run time (the family's address field)."""
+    return {field: value}
+
+
+def _family_service_flows(cfg: ProxyConfig, svc: Service, fam: _Family,
+                          endpoints: Mapping[ServicePort, tuple[Endpoint, ...]], group_ids: GroupIds,
+                          pipeline: Pipeline, cookie: int) -> tuple[list[ir.Flow], list[ir.Group]]:
     lb = pipeline["ServiceLB"]
     reject = (ir.Goto(pipeline["Reject"]),)
     flows: list[ir.Flow] = []
     groups: list[ir.Group] = []
-    if svc.cluster_ips6 and cfg.masq_ip6 is not None:
-        flows6, groups = _cluster_ip_flows6(cfg, svc, endpoints, group_ids, pipeline, cookie)
-        flows += flows6
-    endpoints = {p: tuple(e for e in eps if e.ip.version == 4) for p, eps in endpoints.items()}
+    src, dst = fam.src, fam.dst
     for port in svc.ports:
-        proto = port.protocol.lower()
+        proto = fam.proto(port.protocol)
         everyone = usable(endpoints.get(port, ()))
         local = usable(e for e in endpoints.get(port, ()) if e.node == cfg.node_name)
         ids: dict[str, int] = {}
@@ -399,106 +460,60 @@ def service_flows(cfg: ProxyConfig, svc: Service, endpoints: Mapping[ServicePort
             if name == "local" and eps == everyone:
                 ids[name] = ids["cluster"]  # every endpoint is here: one group serves both
                 continue
-            gid = group_ids(f"{svc.key}/{port.protocol}/{port.port}/{name}")
+            base = fam.group_key(f"{svc.key}/{port.protocol}/{port.port}/{name}")
+            gid = group_ids(base)
             ids[name] = gid
-            base = f"{svc.key}/{port.protocol}/{port.port}/{name}"
-            groups += _groups(gid, eps, pipeline, not svc.affinity_timeout, partial(_sub_group_id, group_ids, base))
-            if svc.affinity_timeout:
-                flows += _dnat_flows(gid, proto, eps, cookie, pipeline, cfg.node_name, svc.affinity_timeout)
+            groups += _groups(gid, eps, pipeline, not fam.affinity, partial(_sub_group_id, group_ids, base))
+            if fam.affinity:
+                flows += _dnat_flows(gid, proto, eps, cookie, pipeline, cfg.node_name, fam.affinity)
                 flows.append(ir.Flow(pipeline["AffinitySelect"], PRIO_UNKNOWN_PORT, ir.match(SERVICE_GROUP.equals(gid)),
                                      (ir.GroupAction(gid),), cookie))
 
-        to = partial(_target, ids, bool(everyone), reject, bool(svc.affinity_timeout), pipeline)
+        to = partial(_target, ids, bool(everyone), reject, bool(fam.affinity), pipeline)
 
         internal = "local" if svc.internal_local else "cluster"
-        for vip in svc.cluster_ips:
-            m: dict[str, Any] = dict(proto=proto, ct_state=_NEW_TRK, nw_dst=vip, tp_dst=port.port)
-            if cfg.masquerade_all:
+        for vip in fam.vips:
+            m: dict[str, Any] = {"proto": proto, "ct_state": _NEW_TRK, dst: vip, "tp_dst": port.port}
+            if cfg.masquerade_all or fam.local_cidr is None:
                 flows.append(ir.Flow(lb, PRIO_ANY, _fast_match(**m), to(internal, True), cookie))
             else:
                 flows += [
                     ir.Flow(lb, PRIO_HOST, _fast_match(FROM_GATEWAY, **m), to(internal, True), cookie),
-                    ir.Flow(lb, PRIO_POD, _fast_match(**m, nw_src=cfg.local_cidr), to(internal, False), cookie),
+                    ir.Flow(lb, PRIO_POD, _fast_match(**m, **_kw(src, fam.local_cidr)), to(internal, False), cookie),
                     ir.Flow(lb, PRIO_ANY, _fast_match(**m), to(internal, True), cookie),
                 ]
-        externals: list[tuple[ipaddress.IPv4Address, int, bool]] = []
+        externals: list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int, bool]] = []
         if port.node_port:
-            externals += [(ip, port.node_port, False) for ip in cfg.node_port_ips]
-        externals += [(ip, port.port, False) for ip in svc.external_ips if cfg.external_ip_allowed(ip)]
-        externals += [(ip, port.port, True) for ip in svc.lb_ips]
+            externals += [(ip, port.node_port, False) for ip in fam.node_port_ips]
+        externals += [(ip, port.port, False) for ip in fam.external_ips if cfg.external_ip_allowed(ip)]
+        externals += [(ip, port.port, True) for ip in fam.lb_ips]
         for ip, number, is_lb in externals:
-            if ip not in cfg.node_port_ips:  # node addresses are tracked by a static flow
+            if ip not in fam.node_port_ips:  # node addresses are tracked by a static flow
                 flows.append(ir.Flow(pipeline["Conntrack"], PRIO_ANY,
-                                     _fast_match(proto=proto, nw_dst=ip, tp_dst=number), _TRACK(pipeline), cookie))
-            m = dict(proto=proto, ct_state=_NEW_TRK, nw_dst=ip, tp_dst=number)
+                                     _fast_match(proto=proto, tp_dst=number, **{dst: ip}), _TRACK(pipeline), cookie))
+            m = {"proto": proto, "ct_state": _NEW_TRK, dst: ip, "tp_dst": number}
             if svc.external_local:
                 outside = to("local", False)
-                flows += [
-                    ir.Flow(lb, PRIO_HOST, _fast_match(FROM_GATEWAY, **m), to("cluster", True), cookie),
-                    ir.Flow(lb, PRIO_POD, _fast_match(**m, nw_src=cfg.local_cidr), to("cluster", False), cookie),
-                ]
+                flows.append(ir.Flow(lb, PRIO_HOST, _fast_match(FROM_GATEWAY, **m), to("cluster", True), cookie))
+                if fam.local_cidr is not None:
+                    flows.append(ir.Flow(lb, PRIO_POD, _fast_match(**m, **_kw(src, fam.local_cidr)),
+                                         to("cluster", False), cookie))
             else:
                 outside = to("cluster", True)
-            if is_lb and svc.lb_source_ranges:
+            if is_lb and fam.lb_source_ranges:
                 # as kube-proxy: a node that holds the LB address reaches it with that address as
                 # source (the request loops back), whatever the source ranges say
-                allowed = [*svc.lb_source_ranges, *(ipaddress.IPv4Network(lb_ip) for lb_ip in svc.lb_ips)]
-                flows += [ir.Flow(lb, PRIO_RANGE, _fast_match(**m, nw_src=r), outside, cookie)
+                allowed = [*fam.lb_source_ranges, *(ipaddress.ip_network(lb_ip) for lb_ip in fam.lb_ips)]
+                flows += [ir.Flow(lb, PRIO_RANGE, _fast_match(**m, **_kw(src, r)), outside, cookie)
                           for r in dict.fromkeys(allowed)]
                 flows.append(ir.Flow(lb, PRIO_RANGE_DROP, _fast_match(**m), (), cookie))
             else:
                 flows.append(ir.Flow(lb, PRIO_ANY, _fast_match(**m), outside, cookie))
-    for vip in svc.cluster_ips:
-        if cfg.service_cidr is None or vip not in cfg.service_cidr:
-            flows.append(ir.Flow(pipeline["Conntrack"], PRIO_ANY, _fast_match(proto="ip", nw_dst=vip),
+    for vip in fam.vips:
+        if fam.service_cidr is None or vip not in fam.service_cidr:
+            flows.append(ir.Flow(pipeline["Conntrack"], PRIO_ANY, _fast_match(proto=fam.ip, **{dst: vip}),
                                  _TRACK(pipeline), cookie))
-    for vip in svc.cluster_ips:  # a port the service does not serve
-        flows.append(ir.Flow(lb, PRIO_UNKNOWN_PORT, _fast_match(proto="ip", ct_state=_NEW_TRK, nw_dst=vip),
-                             reject, cookie))
-    return flows, groups
-
-
-def _cluster_ip_flows6(cfg: ProxyConfig, svc: Service, endpoints: Mapping[ServicePort, tuple[Endpoint, ...]],
-                       group_ids: GroupIds, pipeline: Pipeline, cookie: int) -> tuple[list[ir.Flow], list[ir.Group]]:
-    """A dual-stack Service's IPv6 ClusterIPs, to its IPv6 endpoints, with kube-proxy's choices as
-    for IPv4 (internalTrafficPolicy, masquerading sources outside the cluster's IPv6 pod CIDR and
-    the host, hairpin, reject without endpoints). Session affinity is not applied to IPv6 yet (its
-    registers hold an IPv4 endpoint): connections are balanced per connection."""
-    lb = pipeline["ServiceLB"]
-    reject = (ir.Goto(pipeline["Reject"]),)
-    flows: list[ir.Flow] = []
-    groups: list[ir.Group] = []
-    for port in svc.ports:
-        six = "tcp6" if port.protocol == "TCP" else f"{port.protocol.lower()}6"
-        eps = tuple(e for e in endpoints.get(port, ()) if e.ip.version == 6)
-        everyone = usable(eps)
-        local = usable(e for e in eps if e.node == cfg.node_name)
-        ids: dict[str, int] = {}
-        for name, chosen in (("cluster", everyone), ("local", local)):
-            if not chosen:
-                continue
-            if name == "local" and chosen == everyone:
-                ids[name] = ids["cluster"]
-                continue
-            base = f"{svc.key}/{port.protocol}/{port.port}/{name}/ipv6"
-            ids[name] = group_ids(base)
-            groups += _groups(ids[name], chosen, pipeline, True, partial(_sub_group_id, group_ids, base))
-        to = partial(_target, ids, bool(everyone), reject, False, pipeline)
-        internal = "local" if svc.internal_local else "cluster"
-        for vip in svc.cluster_ips6:
-            m: dict[str, Any] = dict(proto=six, ct_state=_NEW_TRK, ipv6_dst=vip, tp_dst=port.port)
-            if cfg.masquerade_all or cfg.local_cidr6 is None:
-                flows.append(ir.Flow(lb, PRIO_ANY, _fast_match(**m), to(internal, True), cookie))
-            else:
-                flows += [
-                    ir.Flow(lb, PRIO_HOST, _fast_match(FROM_GATEWAY, **m), to(internal, True), cookie),
-                    ir.Flow(lb, PRIO_POD, _fast_match(**m, ipv6_src=cfg.local_cidr6), to(internal, False), cookie),
-                    ir.Flow(lb, PRIO_ANY, _fast_match(**m), to(internal, True), cookie),
-                ]
-    for vip in svc.cluster_ips6:
-        if cfg.service_cidr6 is None or vip not in cfg.service_cidr6:
-            flows.append(ir.Flow(pipeline["Conntrack"], PRIO_ANY, _fast_match(proto="ipv6", ipv6_dst=vip),
-                                 _TRACK(pipeline), cookie))
-        flows.append(ir.Flow(lb, PRIO_UNKNOWN_PORT, _fast_match(proto="ipv6", ct_state=_NEW_TRK, ipv6_dst=vip),
+    for vip in fam.vips:  # a port the service does not serve
+        flows.append(ir.Flow(lb, PRIO_UNKNOWN_PORT, _fast_match(proto=fam.ip, ct_state=_NEW_TRK, **{dst: vip}),
                              reject, cookie))
     return flows, groups

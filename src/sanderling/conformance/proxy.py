@@ -26,6 +26,7 @@ import yaml
 
 from sanderling.compiler import node_objects
 from sanderling.compiler import services as svc_compiler
+from sanderling.conformance import proxy_ipv6
 from sanderling.model.network import NodeNetwork, PodPort, mac_for_ip
 from sanderling.model.services import SERVICE_NAME_LABEL, endpoints_by_port, service_from
 from sanderling.openflow import cookies
@@ -61,32 +62,48 @@ class NodeUnderTest:
         return self.groups.setdefault(key, len(self.groups) + 1)
 
 
-def _load(path: Path) -> Case:
+def _load(path: Path, ip_family: str = "ipv4") -> Case:
     raw = yaml.safe_load(path.read_text())
+    if ip_family == "ipv6":
+        raw = proxy_ipv6.derive(raw)
     return Case(str(raw.get("id", path.stem)), raw["node"], raw.get("options") or {}, raw.get("objects") or [],
                 raw.get("flows") or [])
 
 
+def _per_family(ips: tuple[Any, ...], ranges: list[Any]) -> tuple[Any, ...]:
+    """The node addresses NodePorts answer on: inside nodePortAddresses of their family (all of
+    them when none of their family is given)."""
+    mine = [r for r in ranges if ips and r.version == ips[0].version]
+    return tuple(ip for ip in ips if not mine or any(ip in r for r in mine))
+
+
 def build_node(case: Case) -> NodeUnderTest:
+    """The node a case describes; with `ips6` and `podCIDR6` (an IPv6 derivation) dual-stack."""
     node = case.node
     ips = tuple(ipaddress.IPv4Address(ip) for ip in node.get("ips") or [])
-    ranges = [ipaddress.IPv4Network(c, strict=False) for c in node.get("nodePortAddresses") or []]
-    node_port_ips = tuple(ip for ip in ips if not ranges or any(ip in r for r in ranges))
+    ips6 = tuple(ipaddress.IPv6Address(ip) for ip in node.get("ips6") or [])
+    ranges = [ipaddress.ip_network(c, strict=False) for c in node.get("nodePortAddresses") or []]
     pod_cidr = ipaddress.IPv4Network(node["podCIDR"], strict=False)
-    network = NodeNetwork.build(node["name"], str(pod_cidr))
+    pod_cidr6 = ipaddress.IPv6Network(node["podCIDR6"], strict=False) if node.get("podCIDR6") else None
+    network = NodeNetwork.build(node["name"], f"{pod_cidr},{pod_cidr6}" if pod_cidr6 else str(pod_cidr))
     cfg = svc_compiler.ProxyConfig(
-        node_name=node["name"], node_ips=ips, node_port_ips=node_port_ips, local_cidr=pod_cidr,
+        node_name=node["name"], node_ips=ips, node_port_ips=_per_family(ips, ranges), local_cidr=pod_cidr,
         masq_ip=ips[0], service_cidr=ipaddress.IPv4Network(node["serviceCIDR"], strict=False)
         if node.get("serviceCIDR") else None, masquerade_all=bool(case.options.get("masqueradeAll")),
         gateway_mac=network.gateway_mac,
         # kube-proxy honours every externalIP (limiting them is an admission matter there)
-        external_ip_cidrs=(ipaddress.IPv4Network("0.0.0.0/0"),))
+        external_ip_cidrs=(ipaddress.IPv4Network("0.0.0.0/0"), ipaddress.IPv6Network("::/0")),
+        masq_ip6=ips6[0] if ips6 and pod_cidr6 else None, local_cidr6=pod_cidr6,
+        service_cidr6=ipaddress.IPv6Network(node["serviceCIDR6"]) if node.get("serviceCIDR6") else None,
+        node_port_ips6=_per_family(ips6, ranges))
     nut = NodeUnderTest(network, cfg)
     for flow in case.flows:
-        src = ipaddress.IPv4Address(flow["src"])
-        if src in pod_cidr and src not in ips and str(src) not in nut.pods:
-            ofport = len(nut.pods) + 1
-            nut.pods[str(src)] = PodPort.build("conformance", f"pod-{src}", ofport, mac_for_ip(src), str(src))
+        src = ipaddress.ip_address(flow["src"])
+        src4 = ipaddress.IPv4Address(int(src) & 0xFFFFFFFF) if src.version == 6 else src  # (derived: fd00::a.b.c.d)
+        if src4 in pod_cidr and src4 not in ips and src not in ips6 and str(src) not in nut.pods:
+            pod = PodPort.build("conformance", f"pod-{src4}", len({id(p) for p in nut.pods.values()}) + 1,
+                                mac_for_ip(src4), f"{src4},{src}" if src.version == 6 else str(src4))
+            nut.pods[str(src4)] = nut.pods[str(src)] = pod
     return nut
 
 
@@ -111,6 +128,9 @@ def compile_case(case: Case, nut: NodeUnderTest) -> tuple[dict[str, tuple[list[A
         mine = [s for s in slices if (s.get("metadata") or {}).get("namespace") == svc.namespace
                 and ((s.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL) == svc.name]
         endpoints = endpoints_by_port(mine, svc.ports)
+        if nut.cfg.masq_ip6 is not None:  # dual-stack: the IPv6 endpoints too
+            for port, eps in endpoints_by_port(mine, svc.ports, family=6).items():
+                endpoints[port] += eps
         flows, groups = svc_compiler.service_flows(nut.cfg, svc, endpoints, nut.group_id)
         objects[f"service/{svc.key}"] = (flows, groups)
         for shared in svc_compiler.shared_keys(nut.cfg, svc, endpoints):
@@ -133,16 +153,18 @@ def trace_packet(nut: NodeUnderTest, flow: dict[str, Any], sport: int, dp_hash: 
     """The packet as ofproto/trace takes it. OVS's select groups pick a bucket by the datapath's
     dp_hash (computed in the datapath, then recirculated); the trace gets one up front instead."""
     proto = str(flow.get("protocol", "TCP")).lower()
-    src = ipaddress.IPv4Address(flow["src"])
+    src = ipaddress.ip_address(flow["src"])
     gw = nut.network.gateway_mac
     if str(src) in nut.pods:
         pod = nut.pods[str(src)]
         head = f"in_port={pod.ofport},dl_src={pod.mac},dl_dst={gw}"
-    elif src in nut.cfg.node_ips:
+    elif src in nut.cfg.node_ips or src in nut.cfg.node_port_ips6 or src == nut.cfg.masq_ip6:
         head = f"in_port=LOCAL,dl_src={gw},dl_dst={gw}"
     else:
         head = f"in_port={UPLINK_OFPORT},dl_src=02:00:00:00:00:01,dl_dst={gw}"
-    return (f"{head},dp_hash={dp_hash:#x},{proto},nw_src={src},nw_dst={flow['dst']},nw_ttl=64,"
+    addresses = (f"{proto}6,ipv6_src={src},ipv6_dst={flow['dst']}" if src.version == 6
+                 else f"{proto},nw_src={src},nw_dst={flow['dst']}")
+    return (f"{head},dp_hash={dp_hash:#x},{addresses},nw_ttl=64,"
             f"{proto}_src={sport},{proto}_dst={flow['dport']}")
 
 
@@ -218,7 +240,7 @@ def run_case(runtime: OvsRuntime, db: Ovsdb, case: Case, index: int) -> tuple[in
     bridge = f"px{index}"
     db.ensure_bridge(bridge, "dummy")
     try:
-        for pod in nut.pods.values():
+        for pod in {p.ofport: p for p in nut.pods.values()}.values():  # (a dual-stack pod: under both addresses)
             db.add_port(bridge, f"{bridge}p{pod.ofport}", ofport_request=pod.ofport, iface_type="dummy")
         db.add_port(bridge, f"{bridge}up", ofport_request=UPLINK_OFPORT, iface_type="dummy")
         objects, errors = compile_case(case, nut)
@@ -257,7 +279,8 @@ def run_case(runtime: OvsRuntime, db: Ovsdb, case: Case, index: int) -> tuple[in
         db.delete_bridge(bridge)
 
 
-def run(paths: list[Path]) -> int:
+def run(paths: list[Path], ip_family: str = "ipv4") -> int:
+    """`ip_family` ipv6: every case's IPv6 derivation (conformance/proxy_ipv6.py) instead."""
     run_dir = Path(tempfile.mkdtemp(prefix="sanderling-proxy-conformance-"))
     runtime = OvsRuntime(run_dir, datapath="dummy")
     runtime.start()
@@ -265,7 +288,7 @@ def run(paths: list[Path]) -> int:
     passed = failed = 0
     try:
         for index, path in enumerate(paths):
-            p, f = run_case(runtime, db, _load(path), index)
+            p, f = run_case(runtime, db, _load(path, ip_family), index)
             passed += p
             failed += f
     finally:

@@ -53,6 +53,9 @@ class Service:
     affinity_timeout: int = 0  # seconds; 0 = no session affinity
     health_check_node_port: int = 0
     cluster_ips6: tuple[ipaddress.IPv6Address, ...] = ()  # a dual-stack Service's IPv6 ClusterIP
+    external_ips6: tuple[ipaddress.IPv6Address, ...] = ()  # its IPv6 externalIPs, LoadBalancer ingress
+    lb_ips6: tuple[ipaddress.IPv6Address, ...] = ()  # addresses and loadBalancerSourceRanges
+    lb_source_ranges6: tuple[ipaddress.IPv6Network, ...] = ()
 
     @property
     def key(self) -> str:
@@ -75,6 +78,13 @@ def _ip(obj: str, field: str, value: Any) -> ipaddress.IPv4Address:
         raise ModelError(obj, field, f"{value!r} is not an IPv4 address") from None
 
 
+def _ip6(obj: str, field: str, value: Any) -> ipaddress.IPv6Address:
+    try:
+        return ipaddress.IPv6Address(value)
+    except (ValueError, TypeError):
+        raise ModelError(obj, field, f"{value!r} is not an IP address") from None
+
+
 def service_from(raw: dict[str, Any]) -> Service | None:
     """The proxy's view of a Service; None for what the proxy ignores (ExternalName)."""
     meta = raw.get("metadata") or {}
@@ -89,10 +99,7 @@ def service_from(raw: dict[str, Any]) -> Service | None:
         if ip and ip != "None" and ":" not in ip:
             cluster_ips.append(_ip(obj, "spec.clusterIPs", ip))
         elif ip and ip != "None":
-            try:
-                cluster_ips6.append(ipaddress.IPv6Address(ip))
-            except (ValueError, TypeError):
-                raise ModelError(obj, "spec.clusterIPs", f"{ip!r} is not an IP address") from None
+            cluster_ips6.append(_ip6(obj, "spec.clusterIPs", ip))
     ports = []
     listed = spec.get("ports") or []
     if isinstance(listed, list) and len(listed) > MAX_SERVICE_PORTS:
@@ -108,15 +115,23 @@ def service_from(raw: dict[str, Any]) -> Service | None:
         ports.append(ServicePort(p.get("name") or "", proto, port, int(p.get("nodePort") or 0)
                                  if kind in ("NodePort", "LoadBalancer") else 0))
     lb_ips = []
+    lb_ips6 = []
     for ing in ((raw.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []:
         if ing.get("ip") and ing.get("ipMode", "VIP") == "VIP" and ":" not in ing["ip"]:
             lb_ips.append(_ip(obj, "status.loadBalancer.ingress", ing["ip"]))
-    ranges = []
+        elif ing.get("ip") and ing.get("ipMode", "VIP") == "VIP":
+            lb_ips6.append(_ip6(obj, "status.loadBalancer.ingress", ing["ip"]))
+    ranges: list[ipaddress.IPv4Network] = []
+    ranges6: list[ipaddress.IPv6Network] = []
     for r in spec.get("loadBalancerSourceRanges") or []:
         try:
-            ranges.append(ipaddress.IPv4Network(r.strip(), strict=False))
+            net = ipaddress.ip_network(str(r).strip(), strict=False)
         except ValueError:
-            raise ModelError(obj, "spec.loadBalancerSourceRanges", f"{r!r} is not an IPv4 CIDR") from None
+            raise ModelError(obj, "spec.loadBalancerSourceRanges", f"{r!r} is not a CIDR") from None
+        if isinstance(net, ipaddress.IPv4Network):
+            ranges.append(net)
+        else:
+            ranges6.append(net)
     timeout = 0
     if spec.get("sessionAffinity") == "ClientIP":
         timeout = int(((spec.get("sessionAffinityConfig") or {}).get("clientIP") or {}).get("timeoutSeconds")
@@ -128,7 +143,9 @@ def service_from(raw: dict[str, Any]) -> Service | None:
         spec.get("externalTrafficPolicy") == "Local" and kind in ("NodePort", "LoadBalancer")
         or (spec.get("externalTrafficPolicy") == "Local" and bool(spec.get("externalIPs"))),
         spec.get("internalTrafficPolicy") == "Local", timeout, int(spec.get("healthCheckNodePort") or 0),
-        tuple(cluster_ips6))
+        tuple(cluster_ips6),
+        tuple(_ip6(obj, "spec.externalIPs", ip) for ip in spec.get("externalIPs") or [] if ":" in ip),
+        tuple(lb_ips6) if kind == "LoadBalancer" else (), tuple(ranges6) if kind == "LoadBalancer" else ())
 
 
 def endpoints_from(slices: Iterable[dict[str, Any]], port: ServicePort) -> tuple[Endpoint, ...]:
