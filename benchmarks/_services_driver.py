@@ -49,12 +49,18 @@ PERIOD = 0.5  # a read of the counters starts every PERIOD seconds (a scrape, or
 CLUSTER_CIDR = ipaddress.IPv4Network("10.200.0.0/14")  # room for 100k+ endpoint addresses
 
 
+CLUSTER_CIDR6 = ipaddress.IPv6Network("fd00:10:200::/56")
+FAMILY = [4]  # --ip-family ipv6: the same Services with IPv6 addresses only (ClusterIP and endpoints)
+
+
 def vip(i: int) -> str:
+    if FAMILY[0] == 6:
+        return str(ipaddress.IPv6Address("fd00:10:96::") + 10 + i)
     return str(ipaddress.IPv4Address("10.96.0.0") + 10 + i)
 
 
 def endpoint_ip(i: int) -> str:
-    return str(CLUSTER_CIDR.network_address + 2 + i)
+    return str((CLUSTER_CIDR6 if FAMILY[0] == 6 else CLUSTER_CIDR).network_address + 2 + i)
 
 
 def objects(count: int, endpoints: int, first: int = 0) -> list[tuple[str, str, dict[str, Any]]]:
@@ -63,11 +69,12 @@ def objects(count: int, endpoints: int, first: int = 0) -> list[tuple[str, str, 
         name = f"svc-{i}"
         out.append(("service", f"bench/{name}", {
             "metadata": {"namespace": "bench", "name": name},
-            "spec": {"type": "ClusterIP", "clusterIP": vip(i), "ports": [{"name": "http", "port": 80,
-                                                                          "targetPort": 8080}]}}))
+            "spec": {"type": "ClusterIP", "clusterIP": vip(i), "clusterIPs": [vip(i)],
+                     "ipFamilies": [f"IPv{FAMILY[0]}"],
+                     "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}))
         out.append(("slice", f"bench/{name}-x", {
             "metadata": {"namespace": "bench", "name": f"{name}-x", "labels": {"kubernetes.io/service-name": name}},
-            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "addressType": f"IPv{FAMILY[0]}", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
             "endpoints": [{"addresses": [endpoint_ip(i * endpoints + e)], "conditions": {"ready": True},
                            "nodeName": f"node{e % 3 + 2}"} for e in range(endpoints)]}))
     return out
@@ -81,7 +88,10 @@ def feed(proxy: ServiceProxy, objs: list[tuple[str, str, dict[str, Any]]]) -> No
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     cfg = ProxyConfig("node1", (ipaddress.IPv4Address("172.30.0.11"),), (ipaddress.IPv4Address("172.30.0.11"),),
                       ipaddress.IPv4Network("10.244.0.0/16"), ipaddress.IPv4Address("10.244.0.254"),
-                      ipaddress.IPv4Network("10.96.0.0/12"))
+                      ipaddress.IPv4Network("10.96.0.0/12"),
+                      masq_ip6=ipaddress.IPv6Address("fd00:10:244::fffe"),
+                      local_cidr6=ipaddress.IPv6Network("fd00:10:244::/56"),
+                      service_cidr6=ipaddress.IPv6Network("fd00:10:96::/108"))
     objs = objects(args.services, args.endpoints)
     conn = await Connection.open(args.target, timeout=10)
     realizer = Realizer(1)
@@ -132,6 +142,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
     changes = await change_some(args.changes)
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # what holding these Services takes
+    if args.sync_only:  # the IPv6 comparison: the full sync and the changes, nothing else
+        conn.close()
+        return {"flows": len(flows), "groups": len(groups), "compile_s": round(compiled - started, 3),
+                "full_sync_s": round(synced - started, 3), "changes": len(changes),
+                "change_p50_ms": round(statistics.median(changes), 2),
+                "change_p99_ms": round(changes[int(len(changes) * 0.99) - 1], 2), "rss_mb": round(rss_kb / 1024, 1)}
     # /metrics at this size: the agent's scrape (OVS port and table stats read and labelled, the
     # group stats by its scrape worker), alone and while changes keep coming (their p99 must not move)
     metrics = AgentMetrics(Sources(_BenchSync(conn, realizer, args.target), lambda: [], _NoPods(), proxy=proxy))
@@ -237,7 +253,10 @@ def main() -> int:
     p.add_argument("--endpoints", type=int, default=10)
     p.add_argument("--changes", type=int, default=1000)
     p.add_argument("--dump", default="")
+    p.add_argument("--ip-family", choices=["ipv4", "ipv6"], default="ipv4")
+    p.add_argument("--sync-only", action="store_true", help="the full sync and the changes only (no scrapes)")
     args = p.parse_args()
+    FAMILY[0] = 6 if args.ip_family == "ipv6" else 4
     tune_gc()  # as the agent does
     print(json.dumps(asyncio.run(main_async(args))))
     return 0
