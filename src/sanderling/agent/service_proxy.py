@@ -176,8 +176,8 @@ class ServiceProxy:
             return
         slices = list(self.slices.get(key, {}).values())
         endpoints = endpoints_by_port(slices, svc.ports)
-        if svc.cluster_ips6 and self.cfg.masq_ip6 is not None:  # dual-stack: the IPv6 endpoints too
-            for port, eps in endpoints_by_port(slices, svc.ports, family=6).items():
+        if self.cfg.masq_ip6 is not None and (svc.cluster_ips6 or svc.external_ips6 or svc.lb_ips6):
+            for port, eps in endpoints_by_port(slices, svc.ports, family=6).items():  # dual-stack: IPv6 too
                 endpoints[port] += eps
         used: set[str] = set()
 

@@ -410,9 +410,14 @@ class _Family:
 
 
 def _families(cfg: ProxyConfig, svc: Service) -> list[_Family]:
-    out = [_Family(False, svc.cluster_ips, cfg.node_port_ips, svc.external_ips, svc.lb_ips, svc.lb_source_ranges,
-                   cfg.local_cidr, cfg.service_cidr, svc.affinity_timeout)]
-    if cfg.masq_ip6 is not None and (svc.cluster_ips6 or svc.external_ips6 or svc.lb_ips6):
+    """The Service's families on this node: IPv4 unless it is an IPv6 single-stack Service (IPv6
+    ClusterIPs and no IPv4 one), IPv6 when it has IPv6 addresses and the node is dual-stack."""
+    six = cfg.masq_ip6 is not None and bool(svc.cluster_ips6 or svc.external_ips6 or svc.lb_ips6)
+    out = []
+    if svc.cluster_ips or svc.external_ips or svc.lb_ips or not svc.cluster_ips6:
+        out.append(_Family(False, svc.cluster_ips, cfg.node_port_ips, svc.external_ips, svc.lb_ips,
+                           svc.lb_source_ranges, cfg.local_cidr, cfg.service_cidr, svc.affinity_timeout))
+    if six:
         out.append(_Family(True, svc.cluster_ips6, cfg.node_port_ips6, svc.external_ips6, svc.lb_ips6,
                            svc.lb_source_ranges6, cfg.local_cidr6, cfg.service_cidr6, 0))
     return out
@@ -427,9 +432,12 @@ def service_flows(cfg: ProxyConfig, svc: Service, endpoints: Mapping[ServicePort
     cookie = cookies.cookie(cookies.Category.SERVICE, svc.key)
     flows: list[ir.Flow] = []
     groups: list[ir.Group] = []
-    for fam in _families(cfg, svc):
-        version = 6 if fam.v6 else 4
-        mine = {p: tuple(e for e in eps if e.ip.version == version) for p, eps in endpoints.items()}
+    families = _families(cfg, svc)
+    for fam in families:
+        mine = endpoints
+        if cfg.masq_ip6 is not None:  # a dual-stack node: each family its own endpoints
+            version = 6 if fam.v6 else 4
+            mine = {p: tuple(e for e in eps if e.ip.version == version) for p, eps in endpoints.items()}
         f, g = _family_service_flows(cfg, svc, fam, mine, group_ids, pipeline, cookie)
         flows += f
         groups += g

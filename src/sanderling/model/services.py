@@ -196,12 +196,15 @@ def _parse_ipv4(text: Any) -> ipaddress.IPv4Address | None:
 
 
 def _parse_ipv6(text: Any) -> ipaddress.IPv6Address | None:
-    if not isinstance(text, str) or ":" not in text:
+    """As _parse_ipv4: the C parser, then an address from the number (IPv6Address(str) parses in
+    Python, hextet by hextet: a third of a 100k-endpoint compile)."""
+    if not isinstance(text, str) or ":" not in text or "%" in text:
         return None
     try:
-        return ipaddress.IPv6Address(text)
-    except ValueError:
+        packed = socket.inet_pton(socket.AF_INET6, text)
+    except OSError:
         return None
+    return ipaddress.IPv6Address(int.from_bytes(packed, "big"))
 
 
 def usable(endpoints: Iterable[Endpoint]) -> tuple[Endpoint, ...]:
