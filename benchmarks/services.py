@@ -35,7 +35,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,29 +73,41 @@ def _ofctl_reference(runtime: Any, db: Any, flows_file: Path) -> float:
     return elapsed
 
 
-def _sync_only(family: str, services: int, endpoints: int, changes: int) -> dict[str, Any]:
-    """One full sync and the changes, on a fresh bridge of a fresh ovs-vswitchd."""
+@contextmanager
+def _private_bridge(name: str) -> Iterator[tuple[Any, Any, str, Path]]:
+    """A fresh ovs-vswitchd (dummy datapath) with one empty bridge: (runtime, db, target, run dir),
+    everything removed afterwards."""
     from sanderling.ovs.ovsdb import Ovsdb
     from sanderling.ovs.runtime import OvsRuntime
 
-    run_dir = Path(tempfile.mkdtemp(prefix="sanderling-bench-svc-family-"))
+    run_dir = Path(tempfile.mkdtemp(prefix=f"sanderling-bench-{name}-"))
     runtime = OvsRuntime(run_dir, datapath="dummy")
     runtime.start()
     db = Ovsdb(runtime.db_endpoint)
     try:
-        db.ensure_bridge("svcf", "dummy")
-        proc = subprocess.run([sys.executable, str(HERE / "_services_driver.py"), "--target",
-                               runtime.mgmt_target("svcf"), "--services", str(services), "--endpoints", str(endpoints),
-                               "--changes", str(changes), "--ip-family", family, "--sync-only"],
-                              capture_output=True, text=True, timeout=1200)
-        if proc.returncode != 0:
-            raise RuntimeError(f"services driver ({family}) failed: {proc.stderr[-2000:]}")
-        result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-        return result
+        db.ensure_bridge(name, "dummy")
+        yield runtime, db, runtime.mgmt_target(name), run_dir
     finally:
         db.close()
         runtime.stop()
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _driver(target: str, services: int, endpoints: int, changes: int, *extra: str) -> dict[str, Any]:
+    """The agent's service path in its own process (_services_driver.py): its JSON result."""
+    proc = subprocess.run([sys.executable, str(HERE / "_services_driver.py"), "--target", target,
+                           "--services", str(services), "--endpoints", str(endpoints), "--changes", str(changes),
+                           *extra], capture_output=True, text=True, timeout=1200)
+    if proc.returncode != 0:
+        raise RuntimeError(f"services driver {' '.join(extra)} failed: {proc.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _sync_only(family: str, services: int, endpoints: int, changes: int) -> dict[str, Any]:
+    """One full sync and the changes, on a fresh bridge of a fresh ovs-vswitchd."""
+    with _private_bridge("svcf") as (_runtime, _db, target, _dir):
+        return _driver(target, services, endpoints, changes, "--ip-family", family, "--sync-only")
 
 
 def _ipv6_compared(services: int, endpoints: int, changes: int, progress: Callable[[str], None],
@@ -121,33 +134,15 @@ def _ipv6_compared(services: int, endpoints: int, changes: int, progress: Callab
 
 
 def _sync_and_changes(services: int, endpoints: int, changes: int, progress: Callable[[str], None]) -> dict[str, Any]:
-    from sanderling.ovs.ovsdb import Ovsdb
-    from sanderling.ovs.runtime import OvsRuntime
-
-    run_dir = Path(tempfile.mkdtemp(prefix="sanderling-bench-svc-"))
-    runtime = OvsRuntime(run_dir, datapath="dummy")
-    runtime.start()
-    db = Ovsdb(runtime.db_endpoint)
-    try:
-        db.ensure_bridge("svc", "dummy")
+    with _private_bridge("svc") as (runtime, db, target, run_dir):
         dump = run_dir / "flows.txt"
         progress(f"{services} services x {endpoints} endpoints: full sync from an empty bridge, then {changes} "
                  "single-endpoint changes")
-        target = runtime.mgmt_target("svc")
-        proc = subprocess.run([sys.executable, str(HERE / "_services_driver.py"), "--target", target,
-                               "--services", str(services), "--endpoints", str(endpoints), "--changes", str(changes),
-                               "--dump", str(dump)], capture_output=True, text=True, timeout=1200)
-        if proc.returncode != 0:
-            raise RuntimeError(f"services driver failed: {proc.stderr[-2000:]}")
-        result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+        result = _driver(target, services, endpoints, changes, "--dump", str(dump))
         progress("reference: the same flows and groups with ovs-ofctl --bundle")
         result["ovs_ofctl_s"] = round(_ofctl_reference(runtime, db, dump), 3)
         result["ratio"] = round(result["full_sync_s"] / result["ovs_ofctl_s"], 3)
         return result
-    finally:
-        db.close()
-        runtime.stop()
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _first_packet(services: int, endpoints: int, progress: Callable[[str], None], samples: int = 300,
