@@ -140,14 +140,15 @@ def _check_permissions(args: AgentConfig) -> None:
         log.warning("node %s: permissions not checked, the API did not answer (%s)", args.node, exc)
 
 
-def masquerade_ip(node: NodeNetwork) -> ipaddress.IPv4Address:
+def masquerade_ip(node: NodeNetwork) -> ipaddress.IPv4Address | None:
     """The node's masquerade address for services: the last usable one of its pod subnet (kept out
-    of IPAM), so replies to it route into br-int on every node like any pod address."""
-    return node.pod_cidr.broadcast_address - 1
+    of IPAM), so replies to it route into br-int on every node like any pod address. None on an
+    IPv6-only node."""
+    return node.pod_cidr.broadcast_address - 1 if node.pod_cidr is not None else None
 
 
 def masquerade_ip6(node: NodeNetwork) -> ipaddress.IPv6Address | None:
-    """A dual-stack node's IPv6 masquerade address: the last but one of its IPv6 pod subnet (far
+    """A dual-stack or IPv6-only node's IPv6 masquerade address: the last but one of its IPv6 pod subnet (far
     above the addresses IPAM hands out, and reserved anyway)."""
     return node.pod_cidr6.broadcast_address - 1 if node.pod_cidr6 is not None else None
 
@@ -165,7 +166,7 @@ def proxy_config(args: AgentConfig, node: NodeNetwork, node_ips: list[str]) -> A
         external_ip_cidrs=tuple(ipaddress.IPv4Network(c.strip(), strict=False)
                                 for c in args.external_ip_cidrs.split(",") if c.strip()),
         answer_masq_arp=True, gateway_mac=node.gateway_mac, masq_ip6=masquerade_ip6(node),
-        # NodePorts on the node's IPv6 addresses (a dual-stack node; nodePortAddresses are IPv4 CIDRs)
+        # NodePorts on the node's IPv6 addresses (nodePortAddresses are IPv4 CIDRs)
         node_port_ips6=tuple(ipaddress.IPv6Address(ip) for ip in node_ips if ":" in ip)
         if node.pod_cidr6 is not None else (),
         local_cidr6=ipaddress.IPv6Network(args.cluster_cidr6) if args.cluster_cidr6 else node.pod_cidr6,
@@ -528,7 +529,8 @@ async def serve(args: AgentConfig) -> int:
     if args.gateway:
         db.set_bridge_hwaddr(args.bridge, node.gateway_mac)
         # pyroute2's sync API runs its own event loop: keep it off this one
-        await asyncio.to_thread(ensure_gateway, args.bridge, f"{node.gateway_ip}/{node.pod_cidr.prefixlen}",
+        await asyncio.to_thread(ensure_gateway, args.bridge,
+                                f"{node.gateway_ip}/{node.pod_cidr.prefixlen}" if node.pod_cidr else "",
                                 node.gateway_mac, args.node_netns,
                                 f"{node.gateway_ip6}/{node.pod_cidr6.prefixlen}" if node.pod_cidr6 else "")
     previous = int(db.bridge_external_ids(args.bridge).get(GENERATION_KEY, "0") or 0)
@@ -543,14 +545,15 @@ async def serve(args: AgentConfig) -> int:
         ExternalBridge(args.external_bridge, args.bridge, tuple(args.external_uplink), tuple(args.external_controller),
                        args.external_fail_mode, tuple(v.strip() for v in args.external_protocols.split(",")),
                        tuple(args.external_ssl), args.datapath).setup(db, runtime)
-    log.info("node %s: bridge %s, pod CIDR %s, %s mode, generation %d (previous %d), %d tables",
-             node.name, args.bridge, node.pod_cidr, args.mode, generation, previous, len(PIPELINE.tables))
+    log.info("node %s: bridge %s, pod CIDRs %s (%s), %s mode, generation %d (previous %d), %d tables",
+             node.name, args.bridge, ", ".join(map(str, node.pod_cidrs)), node.families, args.mode, generation,
+             previous, len(PIPELINE.tables))
     port_errors: dict[str, str] = {}
     sync = SyncLoop(node.name, runtime.mgmt_target(args.bridge), Realizer(generation))
     node_flows = NodeFlows(node, sync, gateway=args.gateway, mode=args.mode)
     if args.external_bridge:
         node_flows.set_external(tuple(c.strip() for c in args.external_cidrs.split(",") if c.strip()),
-                                (args.cluster_cidr, args.service_cidr, str(node.pod_cidr),
+                                (args.cluster_cidr, args.service_cidr, *map(str, node.pod_cidrs),
                                  *(f"{ip}/32" for ip in node_ips)),
                                 masquerade_ip(node) if args.external_masquerade else None)
     pod_flows = PodFlows(node, sync, lambda: pods_from_ports(db.ports(args.bridge), port_errors))
@@ -575,9 +578,9 @@ async def serve(args: AgentConfig) -> int:
 
         proxy_cfg = None if args.no_proxy else proxy_config(args, node, node_ips)
         # host -> ClusterIP: the service CIDR is routed into br-int via the masquerade address
-        extra_routes = ({args.service_cidr: str(proxy_cfg.masq_ip)} if proxy_cfg is not None and args.gateway
-                        else {})
-        if proxy_cfg is not None and extra_routes and proxy_cfg.masq_ip6 is not None and args.service_cidr6:
+        extra_routes = ({args.service_cidr: str(proxy_cfg.masq_ip)}
+                        if proxy_cfg is not None and proxy_cfg.masq_ip is not None and args.gateway else {})
+        if proxy_cfg is not None and args.gateway and proxy_cfg.masq_ip6 is not None and args.service_cidr6:
             extra_routes[args.service_cidr6] = str(proxy_cfg.masq_ip6)  # on br-int's IPv6 subnet
         routes = RouteKeeper(args.node_netns, extra_routes) if args.gateway else None
         if routes is not None:
@@ -665,10 +668,14 @@ async def serve(args: AgentConfig) -> int:
         # the masquerade address is the proxy's and br-ext's (reserved when either uses it)
         masquerading = (_kube_enabled(args) and not args.no_proxy) or \
             bool(args.external_bridge and args.external_masquerade)
-        reserved = {node.gateway_ip} | ({masquerade_ip(node)} if masquerading else set())
+        reserved = {a for a in (node.gateway_ip, masquerade_ip(node) if masquerading else None) if a is not None}
         reserved6 = {a for a in (node.gateway_ip6, masquerade_ip6(node)) if a is not None}
         pool6 = Pool("node6", node.pod_cidr6, frozenset(reserved6)) if node.pod_cidr6 is not None else None
-        allocator = Allocator(store, [Pool("node", node.pod_cidr, frozenset(reserved))], pool6)
+        if node.pod_cidr is None:  # an IPv6-only node: its IPv6 subnet is the primary pool
+            assert pool6 is not None
+            allocator = Allocator(store, [Pool("node", pool6.cidr, pool6.reserved)])
+        else:
+            allocator = Allocator(store, [Pool("node", node.pod_cidr, frozenset(reserved))], pool6)
         cluster = None
         if _kube_enabled(args):
             from sanderling.ipam.cluster import ClusterIpam

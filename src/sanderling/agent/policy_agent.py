@@ -255,7 +255,7 @@ class PolicyAgent:
         full, dirty, changed_pods = self._full, self._dirty, self._pods_before
         self._full, self._dirty, self._pods_before = False, set(), {}
         touched: set[str] = set()
-        pods = tuple(p for p in self.pods.values() if p.ip is not None)
+        pods = tuple(p for p in self.pods.values() if p.addressed)
         if full or self._cluster is None or changed_pods:
             self._cluster = compiler.ClusterPods(pods, dict(self.namespace_labels))
             self._local = {}
@@ -368,11 +368,11 @@ class PolicyAgent:
         if not self.logged_namespaces:  # the usual case: nothing to scan on every flush
             self.realizer.remove_object("policy/logged-namespace-peers")
             return
-        logged = [p.ip for p in self.pods.values() if p.ip is not None and p.namespace in self.logged_namespaces]
-        isolated = [(local[k].ip, i, e) for k, (i, e) in self._isolated.items() if k in local]
+        logged = [ip for p in self.pods.values() if p.namespace in self.logged_namespaces for ip in p.ips]
+        isolated = [(local[k].ips, i, e) for k, (i, e) in self._isolated.items() if k in local]
         self.realizer.set_object("policy/logged-namespace-peers", compiler.logged_peer_flows(
-            [ip for ip, i, _e in isolated if i and ip is not None],
-            [ip for ip, _i, e in isolated if e and ip is not None], logged, self.pipeline))
+            [ip for ips, i, _e in isolated if i for ip in ips],
+            [ip for ips, _i, e in isolated if e for ip in ips], logged, self.pipeline))
 
     # ---- logging -------------------------------------------------------------------------
 
@@ -385,7 +385,7 @@ class PolicyAgent:
             return
         src, dst, proto, sport, dport = fields
         rule = self.rules_by_cookie.get(cookies.with_generation(cookie, 0))
-        by_ip = {str(p.ip): p.key for p in self.pods.values() if p.ip is not None}
+        by_ip = {str(ip): p.key for p in self.pods.values() for ip in p.ips}
         verdict = "allow" if rule else "deny"
         policy, _, rule_text = (rule or "").partition("/")
         if rule:
@@ -406,12 +406,23 @@ def _recording(ids: RuleIds | NetworkRuleIds, used: set[str]) -> Callable[[str],
 
 
 def parse_l3l4(frame: bytes) -> tuple[str, str, str, int, int] | None:
-    """(source, destination, protocol, source port, destination port) of an Ethernet/IPv4 frame."""
+    """(source, destination, protocol, source port, destination port) of an Ethernet frame
+    carrying IPv4 or IPv6 (addresses as text, IPv6 in its compressed form)."""
+    import ipaddress
     import socket
     import struct
 
     if frame[12:14] == b"\x81\x00":  # 802.1Q (from a provider network's uplink): skip the tag
         frame = frame[:12] + frame[16:]
+    if len(frame) >= 54 and frame[12:14] == b"\x86\xdd":
+        ip6 = frame[14:]
+        # the next header as sent (pods send no extension headers through policy's rules)
+        proto6 = {6: "TCP", 17: "UDP", 132: "SCTP", 58: "ICMPv6"}.get(ip6[6], str(ip6[6]))
+        sport = dport = 0
+        if proto6 in ("TCP", "UDP", "SCTP") and len(ip6) >= 44:
+            sport, dport = struct.unpack("!HH", ip6[40:44])
+        return (str(ipaddress.IPv6Address(ip6[8:24])), str(ipaddress.IPv6Address(ip6[24:40])), proto6,
+                sport, dport)
     if len(frame) < 34 or frame[12:14] != b"\x08\x00":
         return None
     ip = frame[14:]

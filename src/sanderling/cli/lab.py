@@ -36,8 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     up = cmds.add_parser("up", parents=[common], help="build the lab and start everything")
     up.add_argument("--nodes", type=int, default=3)
     up.add_argument("--mode", choices=["routed", "overlay"], default="routed")
-    up.add_argument("--ip-family", choices=["ipv4", "dual"], default="ipv4",
-                    help="dual: every node gets an IPv6 pod subnet too, every pod an IPv6 address")
+    up.add_argument("--ip-family", choices=["ipv4", "dual", "ipv6"], default="ipv4",
+                    help="dual: every node gets an IPv6 pod subnet too, every pod an IPv6 address; ipv6: pods and "
+                         "Services are IPv6 only (over the IPv4 underlay)")
     up.add_argument("--demo", action="store_true", help="also deploy the demo workload and run lab check")
     up.add_argument("--multus", action="store_true",
                     help="Multus (built from its Go module by setup) in front of Sanderling on every node")
@@ -464,9 +465,10 @@ def check(lab: Lab) -> int:
     pods = [p.to_dict() for p in _api(lab).list(Pod, namespace="*")]
     node_netns = {n["name"]: n["netns"] for n in lab.state()["nodes"]}
     targets = probe.targets(pods, node_netns)
-    count = sum(len(d.probes) * (1 + bool(s.ip6 and d.ip6)) for s in targets for d in targets if s is not d)
-    dual = " over IPv4 and IPv6" if any(t.ip6 for t in targets) else ""
-    progress(f"probing {len(targets)} pods ({count} probes{dual})")
+    count = sum(len(d.probes) * len(s.families(d)) for s in targets for d in targets if s is not d)
+    over = " and ".join(f for f, seen in (("IPv4", any(t.ip for t in targets)), ("IPv6", any(t.ip6 for t in targets)))
+                        if seen)
+    progress(f"probing {len(targets)} pods ({count} probes over {over or 'no address'})")
     results = probe.matrix(targets)
     names = [t.key for t in targets]
     rows = []

@@ -161,7 +161,7 @@ class CniHandler:
         who = PodIdentity.from_args(req.get("args") or {}, cid)
         runtime = conf.get("runtimeConfig") or {}
         requested_ips = runtime.get("ips") or []
-        requested, requested6 = _requested_ips(requested_ips, self.node.pod_cidr6 is not None)
+        requested, requested6 = _requested_ips(requested_ips, self.node)
         if not self.dataplane.connected():
             raise CniFailure(E.E_TRY_LATER, f"agent of node {self.node.name} is not connected to OVS yet")
         if await asyncio.to_thread(veth.interface_exists, netns, ifname):
@@ -176,8 +176,8 @@ class CniHandler:
         ipam_started = time.perf_counter()
         try:
             if self.cluster is not None and k8s_pod:
-                requested, mac, pool = await asyncio.to_thread(self.cluster.decide, who.namespace, who.name,
-                                                                requested, mac, self.node.pod_cidr)
+                requested, requested6, mac, pool = await asyncio.to_thread(
+                    self.cluster.decide, who.namespace, who.name, requested, requested6, mac, self.node.pod_cidrs)
             request = Request(cid, ifname, who.namespace, who.name, requested, mac, requested6)
             if pool is None:
                 alloc = await self.allocations.submit(request)
@@ -258,9 +258,13 @@ class CniHandler:
                      host_if: str, ipam_seconds: float = 0.0) -> dict[str, Any]:
         conf = req.get("config") or {}
         cid, ifname, netns = req["containerID"], req["ifname"], req["netns"]
-        prefix = self.node.pod_cidr.prefixlen if alloc.pool == "node" else 32  # pool addresses: /32, on-link gw
-        address = f"{alloc.ip}/{prefix}"
-        address6 = f"{alloc.ip6}/{self.node.pod_cidr6.prefixlen}" if alloc.ip6 and self.node.pod_cidr6 else ""
+        address = address6 = gateway = gateway6 = ""
+        if alloc.v4:
+            # pool addresses: /32 with the gateway on-link
+            prefix = self.node.pod_cidr.prefixlen if alloc.pool == "node" and self.node.pod_cidr else 32
+            address, gateway = f"{alloc.v4}/{prefix}", str(self.node.gateway_ip)
+        if alloc.v6 and self.node.pod_cidr6:
+            address6, gateway6 = f"{alloc.v6}/{self.node.pod_cidr6.prefixlen}", str(self.node.gateway_ip6)
         ips = ",".join(alloc.ips)
         try:
             self.node.check_pod(PodPort.build(who.namespace, who.name, 1, mac, ips, ifname))
@@ -279,9 +283,8 @@ class CniHandler:
             flows = asyncio.ensure_future(self.dataplane.converge())
             try:
                 t0 = time.perf_counter()
-                iface = veth.PodInterface(netns, host_if, address, mac, str(self.node.gateway_ip), ifname, mtu,
-                                          ip6_cidr=address6,
-                                          gateway6=str(self.node.gateway_ip6) if address6 else "")
+                iface = veth.PodInterface(netns, host_if, address, mac, gateway, ifname, mtu,
+                                          ip6_cidr=address6, gateway6=gateway6)
                 host_mac, t1 = await self._plumb_and_open(iface, ofport, {
                     ovsdb.EXT_POD_NAMESPACE: who.namespace, ovsdb.EXT_POD_NAME: who.name,
                     ovsdb.EXT_CONTAINER_ID: cid, ovsdb.EXT_INTERFACE: ifname, ovsdb.EXT_IP: ips,
@@ -308,8 +311,7 @@ class CniHandler:
                  host_if, ofport, cid[:12],
                  (t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000)
         return add_result(conf.get("cniVersion", "1.1.0"), host_if, host_mac, ifname, mac, netns, address,
-                          str(self.node.gateway_ip), conf.get("prevResult"),
-                          (address6, str(self.node.gateway_ip6)) if address6 else None)
+                          gateway, conf.get("prevResult"), (address6, gateway6) if address6 else None)
 
     async def _plumb_and_open(self, iface: veth.PodInterface, ofport: int,
                               external_ids: dict[str, str]) -> tuple[str, float]:
@@ -411,9 +413,9 @@ class CniHandler:
         for ip in alloc.ips:
             if not any(a.split("/")[0] == ip for a in inside.addresses):
                 raise CniFailure(E.E_CHECK_FAILED, f"{ifname} in {netns} does not carry {ip}")
-        if inside.gateway != str(self.node.gateway_ip):
+        if alloc.v4 and inside.gateway != str(self.node.gateway_ip):
             raise CniFailure(E.E_CHECK_FAILED, f"default route via {self.node.gateway_ip} missing in {netns}")
-        if alloc.ip6 and inside.gateway6 != str(self.node.gateway_ip6):
+        if alloc.v6 and inside.gateway6 != str(self.node.gateway_ip6):
             raise CniFailure(E.E_CHECK_FAILED, f"IPv6 default route via {self.node.gateway_ip6} missing in {netns}")
         host_if = veth.host_veth_name(cid, ifname)
         ports = {r.name: r for r in await asyncio.to_thread(self.db.ports, self.bridge)}
@@ -506,12 +508,14 @@ class CniHandler:
                 continue
             try:
                 ip, ip6 = split_cidrs(ips)
-                addr = ipaddress.IPv4Address(ip)
+                addr = ipaddress.IPv4Address(ip) if ip else ipaddress.IPv6Address(ip6)
             except ValueError:
                 log.error("restore: port %s carries %r, not a pod's addresses; not restored", rec.name, ips)
                 continue
-            pool = "node" if addr in self.node.pod_cidr else next(
-                (POOL_PREFIX + p.name for p in pools if p.contains(addr)), "")
+            if not ip:  # an IPv6-only node's pod: its address is the row's primary one
+                ip, ip6 = ip6, ""
+            pool = "node" if any(addr in c for c in self.node.pod_cidrs if c.version == addr.version) else next(
+                (POOL_PREFIX + p.name for p in pools if addr.version == 4 and p.contains(addr)), "")
             if not pool:
                 log.error("restore: %s of %s is in no pool of this node; not restored", ip, rec.name)
                 continue
@@ -580,8 +584,8 @@ def _check_request(request: dict[str, Any]) -> None:
             raise CniFailure(E.E_DECODE, f"request field {key!r} must be an object")
 
 
-def _requested_ips(raw: object, dual_stack: bool) -> tuple[str | None, str | None]:
-    """runtimeConfig.ips: at most one address per family (IPv6 only on a dual-stack node)."""
+def _requested_ips(raw: object, node: NodeNetwork) -> tuple[str | None, str | None]:
+    """runtimeConfig.ips: at most one address per family, of the families the node has."""
     if not isinstance(raw, list) or not all(isinstance(i, str) for i in raw):
         raise CniFailure(E.E_BAD_CONFIG, "runtimeConfig.ips must be a list of addresses")
     v4: str | None = None
@@ -592,11 +596,14 @@ def _requested_ips(raw: object, dual_stack: bool) -> tuple[str | None, str | Non
         except ValueError:
             raise CniFailure(E.E_BAD_CONFIG, f"runtimeConfig.ips: {text!r} is not an IP address") from None
         if addr.version == 4:
+            if node.pod_cidr is None:
+                raise CniFailure(E.E_BAD_CONFIG, f"runtimeConfig.ips: {text} is IPv4 but node {node.name} is "
+                                                 "IPv6-only (no IPv4 pod subnet)")
             if v4 is not None:
                 raise CniFailure(E.E_BAD_CONFIG, "runtimeConfig.ips names two IPv4 addresses; a pod has one per family")
             v4 = text
         else:
-            if not dual_stack:
+            if node.pod_cidr6 is None:
                 raise CniFailure(E.E_BAD_CONFIG, f"runtimeConfig.ips: {text} is IPv6 but this node has no IPv6 "
                                                  "pod subnet (give the Node an IPv6 podCIDR)")
             if v6 is not None:

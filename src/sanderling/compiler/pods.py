@@ -76,10 +76,11 @@ def static_flows(node: NodeNetwork, pipeline: Pipeline = PIPELINE) -> list[ir.Fl
     cookie = cookies.cookie(cookies.Category.PIPELINE, f"node/{node.name}")
     flows = pipeline.miss_flows(cookie)
     arp = pipeline["NeighborResponder"]
-    gw = int(node.gateway_ip)
-    flows.append(ir.Flow(arp, PRIO_HIGH, ir.match(proto="arp", arp_op=ARP_REQUEST, arp_tpa=gw),
-                         arp_reply_actions(node.gateway_mac, gw), cookie))
-    flows.append(ir.Flow(arp, PRIO_ARP_DROP, ir.match(proto="arp"), (), cookie))
+    if node.gateway_ip is not None:
+        gw = int(node.gateway_ip)
+        flows.append(ir.Flow(arp, PRIO_HIGH, ir.match(proto="arp", arp_op=ARP_REQUEST, arp_tpa=gw),
+                             arp_reply_actions(node.gateway_mac, gw), cookie))
+    flows.append(ir.Flow(arp, PRIO_ARP_DROP, ir.match(proto="arp"), (), cookie))  # an IPv6-only node: all
     if node.gateway_ip6 is not None:
         flows.append(ns_answer(node.gateway_mac, int(node.gateway_ip6), cookie, pipeline))
         flows.append(ir.Flow(pipeline["NeighborAdvert"], PRIO_HIGH, ir.match(proto="icmp6", icmpv6_type=ND_ADVERT),
@@ -101,11 +102,27 @@ def static_flows(node: NodeNetwork, pipeline: Pipeline = PIPELINE) -> list[ir.Fl
 def pod_flows(node: NodeNetwork, pod: PodPort, pipeline: Pipeline = PIPELINE) -> list[ir.Flow]:
     """Every flow one local pod port needs."""
     cookie = cookies.cookie(cookies.Category.POD, pod.key)
-    ip = int(pod.ip)
     port = pod.ofport
     return [
         ir.Flow(pipeline["Classifier"], PRIO_HIGH, ir.match(in_port=port),
                 (FROM_POD.load(), ir.Goto(pipeline["SpoofGuard"])), cookie),
+        # hairpin (a pod reaching itself through a service): OpenFlow never outputs to the ingress
+        # port unless told to with IN_PORT
+        ir.Flow(pipeline["Output"], PRIO_HIGH + 10, ir.match(TARGET_OFPORT.equals(port), in_port=port),
+                (ir.Output(ir.IN_PORT),), cookie),
+        *pod_flows4(node, pod, cookie, pipeline),
+        *pod_flows6(node, pod, cookie, pipeline),
+    ]
+
+
+def pod_flows4(node: NodeNetwork, pod: PodPort, cookie: int, pipeline: Pipeline = PIPELINE) -> list[ir.Flow]:
+    """A pod's IPv4 (none for an IPv6-only pod): its address from its MAC, ARP for it answered,
+    delivery by address with the TTL decremented."""
+    if pod.ip is None:
+        return []
+    ip = int(pod.ip)
+    port = pod.ofport
+    return [
         ir.Flow(pipeline["SpoofGuard"], PRIO_HIGH, ir.match(proto="ip", in_port=port, dl_src=pod.mac, nw_src=ip),
                 (ir.Goto(pipeline.next_of("SpoofGuard")),), cookie),
         ir.Flow(pipeline["SpoofGuard"], PRIO_HIGH,
@@ -116,17 +133,12 @@ def pod_flows(node: NodeNetwork, pod: PodPort, pipeline: Pipeline = PIPELINE) ->
         ir.Flow(pipeline["L3Forwarding"], PRIO_HIGH, ir.match(proto="ip", dl_dst=node.gateway_mac, nw_dst=ip),
                 (ir.set_field("dl_src", node.gateway_mac), ir.set_field("dl_dst", pod.mac), ir.DecTTL(),
                  TARGET_OFPORT.load(port), ir.Goto(pipeline["Output"])), cookie),
-        # hairpin (a pod reaching itself through a service): OpenFlow never outputs to the ingress
-        # port unless told to with IN_PORT
-        ir.Flow(pipeline["Output"], PRIO_HIGH + 10, ir.match(TARGET_OFPORT.equals(port), in_port=port),
-                (ir.Output(ir.IN_PORT),), cookie),
-        *direct_commit_flows(pod, cookie, pipeline),
-        *pod_flows6(node, pod, cookie, pipeline),
+        *_direct_commit("ip", "nw_src", ip, cookie, pipeline),
     ]
 
 
 def pod_flows6(node: NodeNetwork, pod: PodPort, cookie: int, pipeline: Pipeline = PIPELINE) -> list[ir.Flow]:
-    """A dual-stack pod's IPv6: its address from its MAC; ICMPv6 also from its link-local address
+    """A pod's IPv6 (dual-stack or IPv6-only): its address from its MAC; ICMPv6 also from its link-local address
     (the kernel solicits the gateway from it) and DAD probes from ::; solicitations for its
     address answered; delivery by address with the hop limit decremented."""
     if pod.ip6 is None:
@@ -149,9 +161,10 @@ def pod_flows6(node: NodeNetwork, pod: PodPort, cookie: int, pipeline: Pipeline 
     ]
 
 
-def direct_commit_flows(pod: PodPort, cookie: int, pipeline: Pipeline = PIPELINE) -> tuple[ir.Flow, ir.Flow]:
-    """Every request of this pod to a service target port that is not a service connection is
-    committed to the origin zone; a connection's first packet marks it direct.
+def _direct_commit(proto: str, src: str, ip: int, cookie: int, pipeline: Pipeline) -> tuple[ir.Flow, ir.Flow]:
+    """Every request of this pod (from `ip`, `proto` ip or ipv6) to a service target port that
+    is not a service connection is committed to the origin zone; a connection's first packet
+    marks it direct.
 
     Why: replies from target ports may belong to service connections, which are translated back
     in the DNAT zone. A direct connection reusing the tuple of a recent service connection to the
@@ -163,11 +176,6 @@ def direct_commit_flows(pod: PodPort, cookie: int, pipeline: Pipeline = PIPELINE
     SNAT in the DNAT zone did the same and crashed OVS 3.1's userspace conntrack
     (`conn_update_state` assertion) after a few thousand connections.
     """
-    return _direct_commit("ip", "nw_src", int(pod.ip), cookie, pipeline)
-
-
-def _direct_commit(proto: str, src: str, ip: int, cookie: int, pipeline: Pipeline) -> tuple[ir.Flow, ir.Flow]:
-    """`direct_commit_flows` for one address of the pod (`proto` ip or ipv6)."""
     bit = CT_MARK_DIRECT.bit_length() - 1
     mark = ir.CT(commit=True, zone=ORIGIN_ZONE, table=pipeline["PolicyConntrack"],
                  exec_=(ir.Load(ir.FieldRef("ct_mark", bit, bit), 1),))

@@ -56,10 +56,7 @@ V6_FIELD = {"nw_src": "ipv6_src", "nw_dst": "ipv6_dst"}  # an address clause's f
 def addresses(pods: Iterable[PodInfo]) -> Iterator[IP]:
     """Every address of the pods (a dual-stack pod's IPv4 and IPv6 ones): a peer is all of them."""
     for pod in pods:
-        if pod.ip is not None:
-            yield pod.ip
-        if pod.ip6 is not None:
-            yield pod.ip6
+        yield from pod.ips
 FlowKey = tuple[int, int, ir.Match]  # (table, priority, match): what OpenFlow calls the same flow
 
 
@@ -168,16 +165,15 @@ def isolation_flows(pod: PodInfo, ingress: bool, egress: bool, pipeline: Pipelin
                     log_denied: bool = False, zone: int = POLICY_ZONE) -> list[ir.Flow]:
     """A local pod some policy isolates: its traffic is tracked, and denied unless a rule allows it
     (logged when its namespace asks for it)."""
-    assert pod.ip is not None
+    assert pod.addressed
     cookie = cookies.cookie(cookies.Category.POLICY, f"isolated/{pod.key}")
     track = (ir.CT(zone=zone, table=pipeline["PolicyState"]),)
-    ip = pod.ip
     # both directions are tracked whatever the isolation: replies to the pod's own connections must
     # find them committed (an ingress-isolated pod's outgoing connection, an egress-isolated pod's
     # incoming one); a dual-stack pod's IPv6 traffic alike
     flows: list[ir.Flow] = []
     deny: tuple[ir.Action, ...] = (log_action(),) if log_denied else ()
-    for proto, src, dst, addr in (("ip", "nw_src", "nw_dst", ip), ("ipv6", "ipv6_src", "ipv6_dst", pod.ip6)):
+    for proto, src, dst, addr in (("ip", "nw_src", "nw_dst", pod.ip), ("ipv6", "ipv6_src", "ipv6_dst", pod.ip6)):
         if addr is None:
             continue
         value = int(addr)
@@ -371,7 +367,7 @@ def compile_policy(policy: Policy, local: list[PodInfo], cluster: ClusterPods, r
     """What one policy needs on this node (nothing if it selects no local pod); `rules_by_cookie` is
     filled with cookie -> rule key (what a log line names)."""
     out = CompiledPolicy()
-    targets = [p for p in local if p.ip is not None and selects(policy, p)]
+    targets = [p for p in local if p.addressed and selects(policy, p)]
     if not targets:
         return out
     for direction, rules in (("ingress", policy.ingress), ("egress", policy.egress)):
@@ -418,7 +414,7 @@ def merged(priority: int, shares: Iterable[Share]) -> tuple[tuple[ir.Action, ...
 
 def cross_product_size(policy: Policy, local: list[PodInfo], cluster: ClusterPods) -> int:
     """Flows a non-conjunctive encoding would need for this policy (targets x peers x ports)."""
-    targets = [p for p in local if p.ip is not None and selects(policy, p)]
+    targets = [p for p in local if p.addressed and selects(policy, p)]
     total = 0
     for rules in (policy.ingress or (), policy.egress or ()):
         for rule in rules:

@@ -70,7 +70,7 @@ class ProxyConfig:
     node_ips: tuple[ipaddress.IPv4Address, ...]
     node_port_ips: tuple[ipaddress.IPv4Address, ...]  # node addresses inside nodePortAddresses
     local_cidr: ipaddress.IPv4Network  # sources that are pods (kube-proxy's detect-local)
-    masq_ip: ipaddress.IPv4Address  # what masqueraded connections come from
+    masq_ip: ipaddress.IPv4Address | None  # what masqueraded connections come from (None: an IPv6-only node)
     service_cidr: ipaddress.IPv4Network | None = None
     masquerade_all: bool = False
     answer_masq_arp: bool = False  # the masquerade address lives on br-int: answer ARP for it
@@ -93,9 +93,9 @@ GroupIds = Callable[[str], int]
 
 def static_flows(cfg: ProxyConfig, pipeline: Pipeline = PIPELINE) -> list[ir.Flow]:
     cookie = cookies.cookie(cookies.Category.SERVICE, "static")
-    masq = int(cfg.masq_ip)
+    masq = int(cfg.masq_ip) if cfg.masq_ip is not None else None
     flows = [
-        *_family_flows("ip", "nw_dst", masq, False, cookie, pipeline),
+        *(_family_flows("ip", "nw_dst", masq, False, cookie, pipeline) if masq is not None else ()),
         ir.Flow(pipeline["Reject"], 10, ir.Match(),
                 (ir.Controller(max_len=256, reason=REJECT_REASON_ACTION, meter_id=REJECT_METER),), cookie),
         ir.Flow(pipeline["AffinitySelect"], PRIO_ANY, ir.match(REMEMBERED), (ir.Goto(pipeline["EndpointDNAT"]),),
@@ -104,8 +104,8 @@ def static_flows(cfg: ProxyConfig, pipeline: Pipeline = PIPELINE) -> list[ir.Flo
     flows += [ir.Flow(pipeline["Conntrack"], PRIO_ANY, ir.match(proto="ip", nw_dst=int(ip)), _TRACK(pipeline), cookie)
               for ip in cfg.node_port_ips]
     families: list[tuple[str, str, ipaddress.IPv4Network | ipaddress.IPv6Network | None]] = [
-        ("ip", "nw_dst", cfg.service_cidr)]
-    if cfg.masq_ip6 is not None:  # dual-stack: a Service's IPv6 addresses too
+        ("ip", "nw_dst", cfg.service_cidr)] if masq is not None else []
+    if cfg.masq_ip6 is not None:  # dual-stack or IPv6-only: a Service's IPv6 addresses
         flows += _family_flows("ipv6", "ipv6_dst", int(cfg.masq_ip6), True, cookie, pipeline)
         families.append(("ipv6", "ipv6_dst", cfg.service_cidr6))
         flows += [ir.Flow(pipeline["Conntrack"], PRIO_ANY, ir.match(proto="ipv6", ipv6_dst=int(ip)),
@@ -119,9 +119,10 @@ def static_flows(cfg: ProxyConfig, pipeline: Pipeline = PIPELINE) -> list[ir.Flo
     if cfg.answer_masq_arp:
         from sanderling.compiler.pods import ARP_REQUEST, PRIO_HIGH, arp_reply_actions, ns_answer
 
-        flows.append(ir.Flow(pipeline["NeighborResponder"], PRIO_HIGH,
-                             ir.match(proto="arp", arp_op=ARP_REQUEST, arp_tpa=masq),
-                             arp_reply_actions(cfg.gateway_mac, masq), cookie))
+        if masq is not None:
+            flows.append(ir.Flow(pipeline["NeighborResponder"], PRIO_HIGH,
+                                 ir.match(proto="arp", arp_op=ARP_REQUEST, arp_tpa=masq),
+                                 arp_reply_actions(cfg.gateway_mac, masq), cookie))
         if cfg.masq_ip6 is not None:
             flows.append(ns_answer(cfg.gateway_mac, int(cfg.masq_ip6), cookie, pipeline))
     return flows
@@ -245,6 +246,8 @@ def shared_flows(cfg: ProxyConfig, key: str, pipeline: Pipeline = PIPELINE) -> l
             return [ir.Flow(pipeline["ServiceMasq"], PRIO_POD, _fast_match(proto="ipv6", ct_state=_TRK_NOT_REPLY,
                                                                             ipv6_src=ip, ipv6_dst=ip),
                             (to_snat6,), cookie)]
+        if cfg.masq_ip is None:
+            return []
         masq = int(cfg.masq_ip)
         to_snat = ir.CT(commit=True, zone=SNAT_ZONE, table=pipeline["L3Forwarding"], nat=ir.Nat("src", masq, masq))
         return [ir.Flow(pipeline["ServiceMasq"], PRIO_POD, _fast_match(proto="ip", ct_state=_TRK_NOT_REPLY,
@@ -411,10 +414,11 @@ class _Family:
 
 def _families(cfg: ProxyConfig, svc: Service) -> list[_Family]:
     """The Service's families on this node: IPv4 unless it is an IPv6 single-stack Service (IPv6
-    ClusterIPs and no IPv4 one), IPv6 when it has IPv6 addresses and the node is dual-stack."""
+    ClusterIPs and no IPv4 one) or the node is IPv6-only, IPv6 when it has IPv6 addresses and the
+    node has IPv6 pods (dual-stack or IPv6-only)."""
     six = cfg.masq_ip6 is not None and bool(svc.cluster_ips6 or svc.external_ips6 or svc.lb_ips6)
     out = []
-    if svc.cluster_ips or svc.external_ips or svc.lb_ips or not svc.cluster_ips6:
+    if cfg.masq_ip is not None and (svc.cluster_ips or svc.external_ips or svc.lb_ips or not svc.cluster_ips6):
         out.append(_Family(False, svc.cluster_ips, cfg.node_port_ips, svc.external_ips, svc.lb_ips,
                            svc.lb_source_ranges, cfg.local_cidr, cfg.service_cidr, svc.affinity_timeout))
     if six:
@@ -435,7 +439,7 @@ def service_flows(cfg: ProxyConfig, svc: Service, endpoints: Mapping[ServicePort
     families = _families(cfg, svc)
     for fam in families:
         mine = endpoints
-        if cfg.masq_ip6 is not None:  # a dual-stack node: each family its own endpoints
+        if cfg.masq_ip6 is not None:  # a dual-stack or IPv6-only node: each family its own endpoints
             version = 6 if fam.v6 else 4
             mine = {p: tuple(e for e in eps if e.ip.version == version) for p, eps in endpoints.items()}
         f, g = _family_service_flows(cfg, svc, fam, mine, group_ids, pipeline, cookie)

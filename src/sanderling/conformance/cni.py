@@ -221,7 +221,7 @@ class CniRunner:
             self.node.start_agent()
 
     def exhaust_pool(self, ctx: Context) -> None:
-        for i in range(self.node.network.pod_cidr.num_addresses):
+        for i in range(min(self.node.network.first_cidr.num_addresses, 1 << 16)):
             ex = self.run_step({"env": {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": f"fill{i}"}}, ctx)
             ctx.executions.pop()
             self.all_executions.pop()

@@ -59,8 +59,9 @@ class Request:
 
 
 class Allocator:
-    """`pools`: IPv4 ranges, tried in order; `pool6`: the node's IPv6 pod subnet on a dual-stack
-    node, which gives every allocation of the node pool its IPv6 address too."""
+    """`pools`: ranges tried in order (IPv4; on an IPv6-only node the IPv6 pod subnet, whose
+    addresses then fill the allocation's `ip`); `pool6`: the node's IPv6 pod subnet on a
+    dual-stack node, which gives every allocation of the node pool its IPv6 address too."""
 
     def __init__(self, store: AllocationStore, pools: list[Pool], pool6: Pool | None = None) -> None:
         self.store = store
@@ -79,7 +80,7 @@ class Allocator:
             out.append((self.pool6.name, used6, max(0, self.pool6.size - used6)))
         return out
 
-    def _pool_for(self, ip: ipaddress.IPv4Address) -> Pool:
+    def _pool_for(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> Pool:
         for pool in self.pools:
             if pool.usable(ip):
                 return pool
@@ -108,6 +109,8 @@ class Allocator:
         return out
 
     def _allocate_in(self, txn: Txn, req: Request) -> Allocation:
+        if req.ip6 and self.pool6 is None and not req.ip and self.pools and self.pools[0].cidr.version == 6:
+            req = dataclasses.replace(req, ip=req.ip6, ip6=None)  # an IPv6-only node: its primary pool
         if req.ip6 and self.pool6 is None:
             raise IpamError(E_OUTSIDE_POOLS, f"requested IPv6 address {req.ip6} but this node has no IPv6 pod subnet")
         alloc = self._allocate_primary(txn, req)
@@ -147,9 +150,9 @@ class Allocator:
             return existing
         if req.ip:
             try:
-                ip = ipaddress.IPv4Address(req.ip.split("/")[0])
+                ip = ipaddress.ip_address(req.ip.split("/")[0])
             except ValueError:
-                raise IpamError(E_OUTSIDE_POOLS, f"requested address {req.ip!r} is not an IPv4 address") from None
+                raise IpamError(E_OUTSIDE_POOLS, f"requested address {req.ip!r} is not an IP address") from None
             pool = self._pool_for(ip)
             holder = txn.holder(str(ip))
             if holder is not None:

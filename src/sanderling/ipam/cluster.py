@@ -41,28 +41,44 @@ class ClusterIpam:
                 log.error("%s", exc)  # one bad pool does not hide the others
         return sorted(out, key=lambda p: p.name)
 
-    def decide(self, namespace: str, name: str, requested: str | None, mac: str,
-               node_cidr: ipaddress.IPv4Network) -> tuple[str | None, str, IPPool | None]:
-        """Address, MAC and pool for a Kubernetes pod: the runtime's request first, then the pod's
-        annotations (fixed address, MAC, named pool), then the namespace's named pool, then the
-        first IPPool whose selectors match. Pool None: the node's own subnet."""
+    def decide(self, namespace: str, name: str, requested: str | None, requested6: str | None, mac: str,
+               node_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+               ) -> tuple[str | None, str | None, str, IPPool | None]:
+        """Addresses (IPv4, IPv6), MAC and pool for a Kubernetes pod: the runtime's request
+        first, then the pod's annotations (fixed addresses, MAC, named pool), then the
+        namespace's named pool, then the first IPPool whose selectors match. Pool None: the
+        node's own subnets."""
         where = f"pod/{namespace}/{name}"
         pod = self.api.pod(namespace, name) or {}
         meta = pod.get("metadata") or {}
         annotations, labels = meta.get("annotations") or {}, meta.get("labels") or {}
-        if not requested and ANNOTATION_IPS in annotations:
-            requested = parse_ips_annotation(annotations[ANNOTATION_IPS], where)[0]
+        if not requested and not requested6 and ANNOTATION_IPS in annotations:
+            for text in parse_ips_annotation(annotations[ANNOTATION_IPS], where):
+                if ":" in text:
+                    requested6 = text
+                else:
+                    requested = text
         if not mac and ANNOTATION_MAC in annotations:
             mac = parse_mac(where, f"annotation {ANNOTATION_MAC}", annotations[ANNOTATION_MAC])
         pools = self.pools()
+        node_text = ", ".join(map(str, node_cidrs))
+        if requested6:
+            ip6 = ipaddress.IPv6Address(requested6.split("/")[0])
+            if not any(ip6 in c for c in node_cidrs if c.version == 6):
+                raise outside_error(str(ip6), node_text, [])  # IPPools hold IPv4 addresses
         if requested:
             ip = ipaddress.IPv4Address(requested.split("/")[0])
-            if ip in node_cidr:
-                return requested, mac, None
+            if any(ip in c for c in node_cidrs if c.version == 4):
+                return requested, requested6, mac, None
+            if requested6:
+                raise IpamError(E_OUTSIDE_POOLS, f"requested address {ip} is outside this node's pod subnets "
+                                                 f"({node_text}); an IPPool address has no IPv6 twin")
             pool = self.pool_containing(ip, pools)
             if pool is None:
-                raise outside_error(str(ip), str(node_cidr), pools)
-            return str(ip), mac, pool
+                raise outside_error(str(ip), node_text, pools)
+            return str(ip), None, mac, pool
+        if requested6:
+            return None, requested6, mac, None
         ns_labels, ns_annotations = self.api.namespace_labels(namespace)
         named = annotations.get(ANNOTATION_POOL) or ns_annotations.get(ANNOTATION_POOL)
         if named:
@@ -71,8 +87,8 @@ class ClusterIpam:
                 known = ", ".join(p.name for p in pools) or "none"
                 raise IpamError(E_OUTSIDE_POOLS, f"IPPool {named} (annotation {ANNOTATION_POOL}) does not exist; "
                                                  f"IPPools: {known}")
-            return None, mac, found
-        return None, mac, next((p for p in pools if p.selects(ns_labels, labels)), None)
+            return None, None, mac, found
+        return None, None, mac, next((p for p in pools if p.selects(ns_labels, labels)), None)
 
     def pool_containing(self, ip: ipaddress.IPv4Address, pools: list[IPPool]) -> IPPool | None:
         return next((p for p in pools if p.contains(ip)), None)

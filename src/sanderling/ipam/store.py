@@ -44,11 +44,21 @@ class Allocation:
     pod_namespace: str
     pod_name: str
     mac: str
-    ip6: str = ""  # the IPv6 address of a dual-stack pod
+    ip6: str = ""  # the IPv6 address of a dual-stack pod (an IPv6-only node's pods hold theirs in `ip`)
 
     @property
     def ips(self) -> tuple[str, ...]:
         return (self.ip, self.ip6) if self.ip6 else (self.ip,)
+
+    @property
+    def v4(self) -> str:
+        """The IPv4 address, or "" (a pod of an IPv6-only node)."""
+        return "" if ":" in self.ip else self.ip
+
+    @property
+    def v6(self) -> str:
+        """The IPv6 address (of a dual-stack or an IPv6-only pod), or ""."""
+        return self.ip6 or (self.ip if ":" in self.ip else "")
 
     @property
     def pod(self) -> str:

@@ -1,5 +1,5 @@
 """`sanderling lab check`: every pod probes every other pod (ICMP and each containerPort), over
-each family both pods have (IPv6 too on a dual-stack lab: `icmp6`, `tcp6/8080`)."""
+each family both pods have (IPv6 on a dual-stack or IPv6-only lab: `icmp6`, `tcp6/8080`)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,14 @@ from typing import Any
 @dataclass(frozen=True)
 class Target:
     key: str
-    ip: str
+    ip: str  # its IPv4 address ("" on an IPv6-only lab)
     sandbox: str
     probes: tuple[tuple[str, int], ...]  # ("icmp", 0), ("tcp", 8080), ...
-    ip6: str = ""  # a dual-stack pod's IPv6 address (status.podIPs)
+    ip6: str = ""  # its IPv6 address (status.podIPs), dual-stack or IPv6-only
+
+    def families(self, other: Target) -> list[str]:
+        """The addresses of `other` this pod probes: one per family both have."""
+        return [dst for mine, dst in ((self.ip, other.ip), (self.ip6, other.ip6)) if mine and dst]
 
 
 def targets(pods: list[dict[str, Any]], node_netns: dict[str, str]) -> list[Target]:
@@ -28,8 +32,9 @@ def targets(pods: list[dict[str, Any]], node_netns: dict[str, str]) -> list[Targ
         ports = [("tcp" if p.get("protocol", "TCP") == "TCP" else p["protocol"].lower(), int(p["containerPort"]))
                  for c in spec.get("containers") or [] for p in c.get("ports") or []]
         prefix = node_netns.get(spec.get("nodeName", ""), "")
-        ip6 = next((e.get("ip", "") for e in status.get("podIPs") or [] if ":" in (e.get("ip") or "")), "")
-        out.append(Target(f"{meta['namespace']}/{meta['name']}", status["podIP"],
+        ips = [e.get("ip") or "" for e in status.get("podIPs") or []] or [status["podIP"]]
+        ip6 = next((ip for ip in ips if ":" in ip), "")
+        out.append(Target(f"{meta['namespace']}/{meta['name']}", next((ip for ip in ips if ip and ":" not in ip), ""),
                           f"{prefix}-{meta['namespace']}-{meta['name']}"[:60], (("icmp", 0), *ports), ip6))
     return out
 
@@ -46,9 +51,8 @@ def probe(src: Target, dst_ip: str, proto: str, port: int) -> bool:
 
 
 def matrix(pods: list[Target]) -> dict[tuple[str, str], list[tuple[str, bool]]]:
-    jobs = [(s, d, d.ip, proto, port) for s in pods for d in pods if s is not d for proto, port in d.probes]
-    jobs += [(s, d, d.ip6, proto, port) for s in pods for d in pods if s is not d and s.ip6 and d.ip6
-             for proto, port in d.probes]
+    jobs = [(s, d, ip, proto, port) for s in pods for d in pods if s is not d for ip in s.families(d)
+            for proto, port in d.probes]
     icmp = [j for j in jobs if j[3] == "icmp"]
     ports = [j for j in jobs if j[3] != "icmp"]
     jobs = icmp + ports

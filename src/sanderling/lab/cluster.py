@@ -63,7 +63,7 @@ class Lab:
     multus: bool = False  # Multus in front of Sanderling on every node (`lab up --multus`)
     agents: str = "process"  # or "daemonset": installed by helm, run by the lab kubelets
     br_ext: str = ""  # "on" or "masquerade": every node has br-ext, its controller on the fabric (`lab up --br-ext`)
-    ip_family: str = "ipv4"  # or "dual": pods get an IPv6 address too (`lab up --ip-family dual`)
+    ip_family: str = "ipv4"  # "dual": pods get an IPv6 address too; "ipv6": only an IPv6 one (`lab up --ip-family`)
 
     @property
     def state_dir(self) -> Path:
@@ -97,9 +97,13 @@ class Lab:
            agents: str = "process", br_ext: str = "", ip_family: str = "ipv4") -> None:
         if mode not in ("routed", "overlay"):
             raise SystemExit(f"sanderling lab: --mode {mode}: choose routed or overlay")
-        if ip_family not in ("ipv4", "dual"):
-            raise SystemExit(f"sanderling lab: --ip-family {ip_family}: choose ipv4 or dual (IPv6-only nodes are "
-                             "not supported yet)")
+        if ip_family not in ("ipv4", "dual", "ipv6"):
+            raise SystemExit(f"sanderling lab: --ip-family {ip_family}: choose ipv4, dual or ipv6")
+        if ip_family == "ipv6" and control_plane == "kubernetes":
+            raise SystemExit("sanderling lab: --ip-family ipv6 runs on the embedded control plane only so far "
+                             "(kube-apiserver wants an IPv6 advertise address for an IPv6 Service range, and the "
+                             "lab's API listens on the IPv4 underlay); use --ip-family dual with --control-plane "
+                             "kubernetes")
         self.ip_family = ip_family
         if agents == "daemonset" and (control_plane != "kubernetes" or multus):
             raise SystemExit("sanderling lab: --agents daemonset needs --control-plane kubernetes (the DaemonSet "
@@ -276,13 +280,15 @@ class Lab:
         pki = self.pki
         allow = ["--allow-workload-commands"] if self.allow_workload_commands \
             or self.state().get("allow_workload_commands") else []
-        dual = self.ip_family == "dual" or self.state().get("ip_family") == "dual"
+        family = self.family
         from sanderling.lab.kubernetes import CLUSTER_CIDR6, SERVICE_CIDR6
         cp = subprocess.Popen([sys.executable, "-m", "sanderling.lab.controlplane", "--state", str(self.state_dir),
                                "--listen", f"127.0.0.1:{port}", "--netns", self.controlplane_netns,
                                "--netns-listen", f"{API_UNDERLAY_IP}:{API_PORT}", "--tls-cert", str(pki.server_cert),
                                "--tls-key", str(pki.server_key), "--token-file", str(pki.token_file), *allow,
-                               *(["--cluster-cidr6", CLUSTER_CIDR6, "--service-cidr6", SERVICE_CIDR6] if dual else [])],
+                               *(["--cluster-cidr6", CLUSTER_CIDR6, "--service-cidr6", SERVICE_CIDR6]
+                                 if family != "ipv4" else []),
+                               *(["--cluster-cidr", ""] if family == "ipv6" else [])],
                               stdout=subprocess.PIPE, stderr=cp_log, start_new_session=True)
         assert cp.stdout is not None
         if cp.stdout.readline().strip() != b"ready":
@@ -302,9 +308,16 @@ class Lab:
                                      *(["--multus"] if self.multus or self.state().get("multus") else []),
                                      *self._external_flags(), *self._dual_stack_flags()))
 
+    @property
+    def family(self) -> str:
+        """ipv4, dual or ipv6: what `lab up --ip-family` chose (this run's, else the saved state's)."""
+        if self.ip_family != "ipv4":
+            return self.ip_family
+        return str(self.state().get("ip_family") or "ipv4")
+
     def _dual_stack_flags(self) -> list[str]:
-        """`lab up --ip-family dual`: the agents serve IPv6 ClusterIPs of the IPv6 Service CIDR."""
-        if self.ip_family != "dual" and self.state().get("ip_family") != "dual":
+        """`lab up --ip-family dual|ipv6`: the agents serve IPv6 ClusterIPs of the IPv6 Service CIDR."""
+        if self.family == "ipv4":
             return []
         from sanderling.lab.kubernetes import CLUSTER_CIDR6, SERVICE_CIDR6
 

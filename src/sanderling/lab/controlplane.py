@@ -42,11 +42,11 @@ NODE_PREFIX6 = 64
 
 
 class ControlPlane:
-    def __init__(self, store: Store, cluster_cidr: ipaddress.IPv4Network = CLUSTER_CIDR,
+    def __init__(self, store: Store, cluster_cidr: ipaddress.IPv4Network | None = CLUSTER_CIDR,
                  allow_commands: bool = False, cluster_cidr6: ipaddress.IPv6Network | None = None) -> None:
         self.store = store
         self.allow_commands = allow_commands
-        self.cluster_cidr = cluster_cidr
+        self.cluster_cidr = cluster_cidr  # None: an IPv6-only cluster
         self.cluster_cidr6 = cluster_cidr6  # dual-stack: every node also gets a /64 of it
         self.kubelets: dict[str, Kubelet] = {}
         self.queue: asyncio.Queue[WatchEvent] = asyncio.Queue()
@@ -97,8 +97,9 @@ class ControlPlane:
             log.info("kubelet for node %s", name)
 
     def _allocate_pod_cidr(self, node: dict[str, Any]) -> None:
-        """Node IPAM: a node without spec.podCIDR gets the first free /24 of the cluster CIDR (and,
-        dual-stack, the first free /64 of the IPv6 one: spec.podCIDRs lists both, IPv4 first)."""
+        """Node IPAM: a node without spec.podCIDR gets the first free /24 of the cluster CIDR and,
+        dual-stack, the first free /64 of the IPv6 one (spec.podCIDRs lists both, IPv4 first);
+        on an IPv6-only cluster only the /64."""
         if (node.get("spec") or {}).get("podCIDR"):
             return
         name = node["metadata"]["name"]
@@ -261,9 +262,13 @@ async def main_async(args: argparse.Namespace) -> int:
     token = args.token_file.read_text().strip() if args.token_file else None
     from sanderling.lab.apiserver.admission import ServiceAllocator
 
-    allocator = ServiceAllocator(cidr6=ipaddress.IPv6Network(args.service_cidr6)) if args.service_cidr6 else None
+    cidr6 = ipaddress.IPv6Network(args.service_cidr6) if args.service_cidr6 else None
+    allocator = None
+    if cidr6 is not None:  # dual-stack, or IPv6-only (no IPv4 cluster CIDR: no IPv4 Service range either)
+        allocator = ServiceAllocator(cidr6=cidr6) if args.cluster_cidr else ServiceAllocator(None, cidr6)
     runner = await serve(store, sockets, token=token, ssl_context=tls, allocator=allocator)
-    plane = ControlPlane(store, ipaddress.IPv4Network(args.cluster_cidr), args.allow_workload_commands,
+    plane = ControlPlane(store, ipaddress.IPv4Network(args.cluster_cidr) if args.cluster_cidr else None,
+                         args.allow_workload_commands,
                          ipaddress.IPv6Network(args.cluster_cidr6) if args.cluster_cidr6 else None)
     plane.start()
     task = asyncio.create_task(plane.run())
@@ -280,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--listen", action="append", required=True, help="HOST:PORT in the starting namespace")
     p.add_argument("--netns", help="control-plane network namespace to run in")
     p.add_argument("--netns-listen", action="append", default=[], help="HOST:PORT inside --netns")
-    p.add_argument("--cluster-cidr", default=str(CLUSTER_CIDR))
+    p.add_argument("--cluster-cidr", default=str(CLUSTER_CIDR), help='"" on an IPv6-only cluster')
     p.add_argument("--cluster-cidr6", default="", help="dual-stack: the cluster's IPv6 pod CIDR (a /64 per node)")
     p.add_argument("--service-cidr6", default="", help="dual-stack: the IPv6 Service CIDR")
     p.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (and --tls-key)")

@@ -51,7 +51,8 @@ def routed_nodes(prefix: str, base: Path, pod_cidrs: list[str], underlay: str) -
         for node in nodes:
             for other in nodes:
                 if other is not node:
-                    node.route(str(other.network.pod_cidr), other.underlay_ip)
+                    if other.network.pod_cidr is not None:
+                        node.route(str(other.network.pod_cidr), other.underlay_ip)
                     if other.network.pod_cidr6 is not None:  # via the uplink's link-local address
                         node.route(str(other.network.pod_cidr6), other.uplink_link_local(), dev="uplink")
     except BaseException:

@@ -192,15 +192,14 @@ class LocalNode:
         raise RuntimeError(f"node {self.name}: its uplink has no usable IPv6 link-local address")
 
     def add_pod(self, namespace: str, name: str, ip: str, ip6: str = "") -> Pod:
-        """A pod plugged by hand (no CNI); `ip6`: its IPv6 address on a dual-stack node."""
+        """A pod plugged by hand (no CNI); `ip6`: its IPv6 address (`ip` "" on an IPv6-only node)."""
         assert self.db is not None
         index = len(self.pods) + 1
-        pod = Pod(namespace, name, ip, mac_for_ip(ip), f"{self.netns}-{namespace}-{name}"[:40],
+        pod = Pod(namespace, name, ip, mac_for_ip(ip or ip6), f"{self.netns}-{namespace}-{name}"[:40],
                   f"{self.prefix}{self.name[-4:]}p{index}"[:15], ip6)
-        prefix = self.network.pod_cidr.prefixlen
-        cidr6 = self.network.pod_cidr6
-        veth.plumb(veth.PodInterface(pod.netns, pod.host_ifname, f"{ip}/{prefix}", pod.mac,
-                                     str(self.network.gateway_ip),
+        cidr, cidr6 = self.network.pod_cidr, self.network.pod_cidr6
+        veth.plumb(veth.PodInterface(pod.netns, pod.host_ifname, f"{ip}/{cidr.prefixlen}" if ip and cidr else "",
+                                     pod.mac, str(self.network.gateway_ip) if ip else "",
                                      ip6_cidr=f"{ip6}/{cidr6.prefixlen}" if ip6 and cidr6 else "",
                                      gateway6=str(self.network.gateway_ip6) if ip6 else ""), node_netns=self.netns)
         self.db.add_port(self.bridge, pod.host_ifname, external_ids={

@@ -107,7 +107,8 @@ def _labels(selector: Any, where: str, field: str) -> tuple[tuple[str, str], ...
 
 
 def parse_ips_annotation(value: str, where: str) -> list[str]:
-    """'10.1.2.3', '10.1.2.3/24' or a JSON list of those."""
+    """'10.1.2.3', '10.1.2.3/24', 'fd00::5', '10.1.2.3,fd00::5' or a JSON list of those: at most
+    one address per family (a dual-stack pod asks for both)."""
     text = value.strip()
     items: list[Any]
     if text.startswith("["):
@@ -119,15 +120,17 @@ def parse_ips_annotation(value: str, where: str) -> list[str]:
             raise ModelError(where, f"annotation {ANNOTATION_IPS}", f"{value!r} is not a JSON list") from None
     else:
         items = [p for p in text.replace(" ", "").split(",") if p]
-    out = []
+    out: list[str] = []
     for item in items:
         try:
-            out.append(str(ipaddress.IPv4Interface(str(item)).ip))
+            addr = ipaddress.ip_interface(str(item)).ip
         except ValueError:
-            raise ModelError(where, f"annotation {ANNOTATION_IPS}", f"{item!r} is not an IPv4 address") from None
-    if len(out) > 1:
-        raise ModelError(where, f"annotation {ANNOTATION_IPS}", "one IPv4 address per pod interface (dual-stack later)")
+            raise ModelError(where, f"annotation {ANNOTATION_IPS}", f"{item!r} is not an IP address") from None
+        if any(ipaddress.ip_address(o).version == addr.version for o in out):
+            raise ModelError(where, f"annotation {ANNOTATION_IPS}",
+                             f"two IPv{addr.version} addresses; a pod interface has one address per family")
+        out.append(str(addr))
     if not out:
         raise ModelError(where, f"annotation {ANNOTATION_IPS}", f"{value!r} names no address; remove the annotation "
-                                                                "or give one IPv4 address")
+                                                                "or give one address per family")
     return out

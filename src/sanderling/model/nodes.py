@@ -51,38 +51,42 @@ class NodeInfo:
     pod_cidr: ipaddress.IPv4Network | None
     internal_ip: ipaddress.IPv4Address | None
     created: str = ""  # metadata.creationTimestamp (RFC 3339 sorts as text): the older of two overlaps wins
-    pod_cidr6: ipaddress.IPv6Network | None = None  # a dual-stack node's IPv6 podCIDR (spec.podCIDRs)
+    pod_cidr6: ipaddress.IPv6Network | None = None  # a dual-stack or IPv6-only node's IPv6 podCIDR
     next_hop6: str = ""  # its uplink's link-local address (annotation NEXT_HOP6, published by its agent)
 
 
 def node_info(obj: dict[str, Any]) -> NodeInfo:
-    """A Node object's podCIDR and InternalIP (either may be absent while the node registers)."""
+    """A Node object's podCIDRs and IPv4 InternalIP (any may be absent while the node registers)."""
     meta = obj.get("metadata") or {}
     name = str(meta.get("name") or "")
     spec, status = obj.get("spec") or {}, obj.get("status") or {}
-    cidr = None
-    if spec.get("podCIDR"):
+    cidr: ipaddress.IPv4Network | None = None
+    cidr6: ipaddress.IPv6Network | None = None
+    # spec.podCIDRs (one per family, podCIDR is its first); an IPv6-only node has only an IPv6 one
+    texts = spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
+    for text in texts if isinstance(texts, list) else []:
+        field = "spec.podCIDRs" if spec.get("podCIDRs") else "spec.podCIDR"
+        if not isinstance(text, str):
+            raise ModelError(f"node/{name}", field, f"{text!r} is not a CIDR")
         try:
-            cidr = ipaddress.IPv4Network(spec["podCIDR"], strict=True)
+            net = ipaddress.ip_network(text, strict=True)
         except ValueError as exc:
-            raise ModelError(f"node/{name}", "spec.podCIDR", str(exc)) from None
+            raise ModelError(f"node/{name}", field, str(exc)) from None
+        if isinstance(net, ipaddress.IPv4Network) and cidr is None:
+            cidr = net
+        elif isinstance(net, ipaddress.IPv6Network) and cidr6 is None:
+            cidr6 = net
     internal = None
     for addr in status.get("addresses") or []:
         if addr.get("type") == "InternalIP":
             try:
-                internal = ipaddress.IPv4Address(addr.get("address"))
+                found = ipaddress.ip_address(addr.get("address") or "")
             except ValueError:
                 raise ModelError(f"node/{name}", "status.addresses", f"InternalIP {addr.get('address')!r} is not "
-                                                                      "an IPv4 address") from None
-            break
-    cidr6 = None
-    for text in spec.get("podCIDRs") or []:
-        if isinstance(text, str) and ":" in text:
-            try:
-                cidr6 = ipaddress.IPv6Network(text, strict=True)
-            except ValueError as exc:
-                raise ModelError(f"node/{name}", "spec.podCIDRs", str(exc)) from None
-            break
+                                                                      "an IP address") from None
+            if isinstance(found, ipaddress.IPv4Address):  # the underlay is IPv4 (pods of both families over it)
+                internal = found
+                break
     hop = str((meta.get("annotations") or {}).get(NEXT_HOP6) or "")
     try:
         next_hop6 = hop if hop and ipaddress.IPv6Address(hop).is_link_local else ""
@@ -135,8 +139,9 @@ def remotes(self_name: str, nodes: Iterable[NodeInfo], pods: Iterable[tuple[str,
     for info in by_name.values():
         if info.name in refused:
             continue
-        if info.name != self_name and info.pod_cidr is not None and info.internal_ip is not None:
-            out.add(Remote(info.pod_cidr, info.internal_ip, info.name))
+        if info.name != self_name and info.internal_ip is not None:
+            if info.pod_cidr is not None:
+                out.add(Remote(info.pod_cidr, info.internal_ip, info.name))
             if info.pod_cidr6 is not None and not any(
                     o.pod_cidr6 is not None and o.name != info.name and o.pod_cidr6.overlaps(info.pod_cidr6)
                     and (o.created or "~", o.name) < (info.created or "~", info.name) for o in by_name.values()):
@@ -146,13 +151,14 @@ def remotes(self_name: str, nodes: Iterable[NodeInfo], pods: Iterable[tuple[str,
         if node_name == self_name or host is None or host.internal_ip is None or not ip_text:
             continue
         try:
-            ip = ipaddress.IPv4Address(ip_text)
+            ip = ipaddress.ip_address(ip_text)
         except ValueError:
             continue
-        if host.name not in refused and host.pod_cidr is not None and ip in host.pod_cidr:
+        if host.name not in refused and any(ip in c for c in (host.pod_cidr, host.pod_cidr6)
+                                            if c is not None and c.version == ip.version):
             continue  # inside its node's (routed) subnet
         if holders.get(str(ip)) == host.name:
-            out.add(Remote(ipaddress.IPv4Network(f"{ip}/32"), host.internal_ip, host.name))
+            out.add(Remote(ipaddress.ip_network(f"{ip}/{ip.max_prefixlen}"), host.internal_ip, host.name))
         elif untrusted is not None:
             untrusted.append(f"{ip} on node {host.name}")
     return sorted(out, key=Remote.sort_key)

@@ -90,11 +90,20 @@ class PodInfo:
     ip: ipaddress.IPv4Address | None
     node: str
     ports: tuple[tuple[str, int, str], ...] = ()  # (name, containerPort, protocol)
-    ip6: ipaddress.IPv6Address | None = None  # a dual-stack pod's IPv6 address (status.podIPs)
+    ip6: ipaddress.IPv6Address | None = None  # a dual-stack or IPv6-only pod's IPv6 address (status.podIPs)
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    @property
+    def addressed(self) -> bool:
+        """Whether the pod has an address yet (of either family): policy can name it."""
+        return self.ip is not None or self.ip6 is not None
+
+    @property
+    def ips(self) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
+        return tuple(a for a in (self.ip, self.ip6) if a is not None)
 
     def label_map(self) -> dict[str, str]:
         return dict(self.labels)

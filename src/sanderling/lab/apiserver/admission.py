@@ -23,11 +23,22 @@ DUAL_STACK_POLICIES = ("PreferDualStack", "RequireDualStack")
 
 class ServiceAllocator:
     """`cidr6`: a dual-stack cluster's IPv6 Service CIDR; a Service asking for dual-stack
-    (ipFamilyPolicy PreferDualStack or RequireDualStack) gets an IPv6 ClusterIP from it too."""
+    (ipFamilyPolicy PreferDualStack or RequireDualStack) gets an IPv6 ClusterIP from it too.
+    `cidr` None: an IPv6-only cluster, whose Services are IPv6 single-stack."""
 
-    def __init__(self, cidr: ipaddress.IPv4Network = SERVICE_CIDR, cidr6: ipaddress.IPv6Network | None = None) -> None:
+    def __init__(self, cidr: ipaddress.IPv4Network | None = SERVICE_CIDR,
+                 cidr6: ipaddress.IPv6Network | None = None) -> None:
+        if cidr is None and cidr6 is None:
+            raise ValueError("a Service CIDR of at least one family is needed")
         self.cidr = cidr
         self.cidr6 = cidr6
+
+    @property
+    def primary(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        """The cluster's first family's range (IPv4 unless the cluster is IPv6-only)."""
+        cidr = self.cidr or self.cidr6
+        assert cidr is not None
+        return cidr
 
     def admit(self, name: str, new: dict[str, Any], current: dict[str, Any] | None,
               others: list[dict[str, Any]]) -> None:
@@ -60,11 +71,15 @@ class ServiceAllocator:
             return
         if wanted:
             if wanted != old.get("clusterIP"):
-                addr = ipaddress.ip_address(wanted)
-                if addr not in self.cidr:
+                try:
+                    addr = ipaddress.ip_address(wanted)
+                except ValueError:
+                    raise ApiError(422, "Invalid", f'Service "{name}" is invalid: spec.clusterIP: Invalid value: '
+                                                   f'"{wanted}": must be a valid IP address') from None
+                if addr.version != self.primary.version or addr not in self.primary:
                     raise ApiError(422, "Invalid", f'Service "{name}" is invalid: spec.clusterIP: Invalid value: '
                                                    f'"{wanted}": provided IP is not in the valid range. The range of '
-                                                   f"valid IPs is {self.cidr}")
+                                                   f"valid IPs is {self.primary}")
                 if wanted in taken:
                     raise ApiError(422, "Invalid", f'Service "{name}" is invalid: spec.clusterIP: Invalid value: '
                                                    f'"{wanted}": provided IP is already allocated')
@@ -73,7 +88,12 @@ class ServiceAllocator:
         spec["clusterIP"], spec["clusterIPs"] = wanted, [wanted]
         policy = spec.get("ipFamilyPolicy") or old.get("ipFamilyPolicy") or "SingleStack"
         spec["ipFamilyPolicy"] = policy
-        if policy in DUAL_STACK_POLICIES and self.cidr6 is not None:
+        if self.cidr is None:  # IPv6-only: one family to give
+            if policy == "RequireDualStack":
+                raise ApiError(422, "Invalid", f'Service "{name}" is invalid: spec.ipFamilyPolicy: Invalid value: '
+                                               '"RequireDualStack": this cluster is IPv6-only')
+            spec["ipFamilies"] = ["IPv6"]
+        elif policy in DUAL_STACK_POLICIES and self.cidr6 is not None:
             had = [ip for ip in old.get("clusterIPs") or [] if ":" in ip]
             spec["clusterIPs"] = [wanted, had[0] if had else self._free_ip(name, taken, self.cidr6)]
             spec["ipFamilies"] = ["IPv4", "IPv6"]
@@ -85,7 +105,7 @@ class ServiceAllocator:
 
     def _free_ip(self, name: str, taken: set[Any],
                  cidr: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None) -> str:
-        cidr = cidr or self.cidr
+        cidr = cidr or self.primary
         for addr in cidr.hosts():
             if addr == cidr.network_address + 1:
                 continue  # the first address is kept for the `kubernetes` Service
