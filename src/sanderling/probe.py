@@ -133,12 +133,14 @@ def spread(proto: str, host: str, port: int, count: int, timeout: float) -> dict
 
 
 def multi(targets: list[str], timeout: float, source_ports: tuple[int, int] | None = None) -> dict[str, bool]:
-    """Every `proto:host:port` probed at once (threads): {target: answered}."""
+    """Every `proto:host:port` (host IPv4 or IPv6) probed at once (threads): {target: answered}."""
     from concurrent.futures import ThreadPoolExecutor
 
     def one(item: tuple[int, str]) -> bool:
         index, target = item
-        proto, host, port = target.split(":")
+        proto, _, rest = target.partition(":")
+        host, _, port = rest.rpartition(":")  # an IPv6 host holds colons itself
+        host = host.strip("[]")
         # with a range: target i uses source port FIRST+i (callers hand out fresh ranges, so a 5-tuple
         # never repeats while conntrack still remembers it)
         ports = (source_ports[0] + index, source_ports[0] + index) if source_ports else None

@@ -48,6 +48,18 @@ def one_node(tmp_path, prefix: str, pod_cidr: str, ready: bool = True) -> Iterat
         n.teardown()
 
 
+def lose_ipam_database(node: LocalNode) -> None:
+    """Kill the agent, turn its IPAM database into garbage, start it again until it serves (it
+    rebuilds the allocations of live pods from their OVS ports)."""
+    node.kill_agent()
+    db = node.dir / "state" / node.name / "ipam.db"
+    for part in db.parent.glob("ipam.db*"):
+        part.unlink()
+    db.write_bytes(b"this is not a database" * 100)
+    node.start_agent()
+    node.wait_ready()
+
+
 @pytest.fixture
 def node(tmp_path) -> Iterator[LocalNode]:
     yield from one_node(tmp_path, "sltest", "10.244.5.0/24", ready=False)

@@ -1,5 +1,5 @@
 """The lab end to end: 3 dual-stack nodes (routed, then overlay), the demo workload, the full probe
-matrix over both families, kubectl, down."""
+matrix over both families, kubectl, down; then IPv6-only nodes in both modes."""
 
 from __future__ import annotations
 
@@ -56,6 +56,24 @@ def capture(argv: list[str], seconds: float, *probes: list[str]) -> list[str]:
     time.sleep(seconds)
     proc.terminate()
     return (proc.communicate(timeout=10)[0] or "").splitlines()
+
+
+def assert_balanced_and_refused(connect: list[str], mode: str) -> None:
+    """The Service (`connect` ends with its address) answered by several pods from a pod and, in
+    routed mode, from the node (in overlay mode a node has no routes to other nodes' pods); a port
+    it does not serve refused at once."""
+    deadline = time.monotonic() + 30
+    answered: set[str] = set()
+    while time.monotonic() < deadline and len(answered) < 2:  # (until the agents have the Service)
+        got = lab("exec", "demo/web-0", "--", *connect, "80", "--timeout", "1")
+        answered |= {got.stdout.strip()} if got.returncode == 0 else set()
+    assert len(answered) >= 2 and answered <= {f"web-{i}" for i in range(6)}, answered
+    if mode == "routed":
+        from_node = subprocess.run(["ip", "netns", "exec", f"{NAME}-node1", *connect, "80", "--timeout", "2"],
+                                   capture_output=True, text=True, timeout=30)
+        assert from_node.returncode == 0 and from_node.stdout.strip().startswith("web-"), from_node.stderr
+    refused = lab("exec", "demo/web-0", "--", *connect, "81", "--timeout", "2")
+    assert refused.returncode != 0 and "refused" in (refused.stdout + refused.stderr), refused
 
 
 def test_lab_both_modes_matrix_capture_kubectl_and_down(running_lab):
@@ -133,18 +151,48 @@ def test_lab_both_modes_matrix_capture_kubectl_and_down(running_lab):
     assert svc["spec"]["ipFamilies"] == ["IPv4", "IPv6"], svc["spec"]
     vip6 = svc["spec"]["clusterIPs"][1]
     connect = [sys.executable, "-m", "sanderling.probe", "connect", "tcp", vip6]
-    deadline = time.monotonic() + 30
-    answered: set[str] = set()
-    while time.monotonic() < deadline and len(answered) < 2:  # (until the agents have the Service)
-        got = lab("exec", "demo/web-0", "--", *connect, "80", "--timeout", "1")
-        answered |= {got.stdout.strip()} if got.returncode == 0 else set()
-    assert len(answered) >= 2 and answered <= {f"web-{i}" for i in range(6)}, answered
-    if mode == "routed":  # (in overlay mode a node has no routes to other nodes' pods, IPv4 or IPv6)
-        from_node = subprocess.run(["ip", "netns", "exec", f"{NAME}-node1", *connect, "80", "--timeout", "2"],
-                                   capture_output=True, text=True, timeout=30)
-        assert from_node.returncode == 0 and from_node.stdout.strip().startswith("web-"), from_node.stderr
-    refused = lab("exec", "demo/web-0", "--", *connect, "81", "--timeout", "2")
-    assert refused.returncode != 0 and "refused" in (refused.stdout + refused.stderr), refused
+    assert_balanced_and_refused(connect, mode)
+
+
+@pytest.fixture(params=["routed", "overlay"])
+def ipv6_lab(request):
+    require_root()
+    require_ovs()
+    lab("down")
+    up = lab("up", "--nodes", "3", "--mode", request.param, "--ip-family", "ipv6", "--demo")
+    yield request.param, up
+    assert lab("down").returncode == 0
+
+
+def test_an_ipv6_only_lab_in_both_modes(ipv6_lab, tmp_path):
+    """IPv6-only nodes over the IPv4 underlay: every pod has one address, IPv6; the whole matrix over
+    it; an IPv6 single-stack Service answered by the pods (and, routed, the node), an unserved port
+    refused; on the wire the pods' own addresses (routed) or VXLAN (overlay)."""
+    mode, up = ipv6_lab
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert "(90 probes over IPv6)" in up.stderr, up.stderr
+    assert "90 of 90 probes succeeded" in up.stdout, up.stdout
+    pods = pods_by_name()
+    assert all([e["ip"] for e in p["status"]["podIPs"]] == [p["status"]["podIP"]] and ":" in p["status"]["podIP"]
+               for p in pods.values()), pods
+    a, b = pods["web-0"]["status"]["podIP"], pods["web-1"]["status"]["podIP"]
+    lines = capture(["not", "arp", "and", "not", "tcp", "port", "6443"], 0.5,
+                    ["demo/web-0", "--", sys.executable, "-m", "sanderling.probe", "connect", "tcp", b, "8080"])
+    if mode == "routed":
+        assert any(f"{a}." in line and f"> {b}.8080" in line for line in lines), lines
+        assert not any(".4789" in line for line in lines), lines
+    else:
+        assert any(".4789: VXLAN" in line for line in lines), lines
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "demo"},
+               "spec": {"selector": {"app": "web"},
+                        "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}}
+    manifest = tmp_path / "web-service.json"
+    manifest.write_text(json.dumps(service))
+    assert lab("apply", "-f", str(manifest)).returncode == 0
+    svc = json.loads(lab("get", "services", "-n", "demo", "-o", "json").stdout)[0]
+    assert svc["spec"]["ipFamilies"] == ["IPv6"] and ":" in svc["spec"]["clusterIP"], svc["spec"]
+    connect = [sys.executable, "-m", "sanderling.probe", "connect", "tcp", svc["spec"]["clusterIP"]]
+    assert_balanced_and_refused(connect, mode)
 
 
 def _netns_names() -> set[str]:

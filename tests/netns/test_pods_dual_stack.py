@@ -1,6 +1,6 @@
 """Dual-stack pods on one node (userspace datapath): IPv6 between pods is routed by the pipeline,
 neighbour discovery is answered in OVS and never forwarded, and a pod forging IPv6 addresses or
-neighbour advertisements reaches nobody and poisons no cache."""
+neighbour advertisements reaches nobody and poisons no cache; then an IPv6-only node through CNI."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from sanderling.lab.node import LocalNode, Pod
 from sanderling.netlink import veth
 
 from ..conftest import require_ovs
-from .conftest import one_node, require_root, wait_for
+from .conftest import lose_ipam_database, one_node, require_root, wait_for
 
 GW6 = "fd00:10:244:6::1"
 
@@ -127,7 +127,7 @@ def cni_node6(tmp_path) -> Iterator[LocalNode]:
 
 
 def _cni(node: LocalNode, command: str, cid: str, ips: list[str] | None = None) -> tuple[int, dict]:
-    ns = f"sl6c-n1-{cid}"
+    ns = f"{node.netns}-{cid}"
     veth.ensure_netns(ns)
     conf: dict = {"cniVersion": "1.1.0", "name": node.cni_network, "type": "sanderling-cni",
                   "agentSocket": str(node.cni_socket)}
@@ -142,8 +142,8 @@ def _cni(node: LocalNode, command: str, cid: str, ips: list[str] | None = None) 
     return proc.returncode, json.loads(proc.stdout) if proc.stdout.strip() else {}
 
 
-def _in(cid: str, *argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", "netns", "exec", f"sl6c-n1-{cid}", *argv], capture_output=True, text=True,
+def _in(cid: str, *argv: str, node: str = "sl6c-n1") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", "netns", "exec", f"{node}-{cid}", *argv], capture_output=True, text=True,
                           timeout=30)
 
 
@@ -220,3 +220,38 @@ def test_ipv6_pods_on_two_routed_nodes_over_the_underlay_link(tmp_path):
         assert re.search(r"(ttl|hlim)=61", out), out
     finally:
         fabric.teardown("sl6r", nodes)
+
+
+@pytest.fixture
+def node6only(tmp_path) -> Iterator[LocalNode]:
+    yield from one_node(tmp_path, "slv6", "fd00:10:244:7::/64")
+
+
+def test_ipv6_only_pods_through_cni(node6only):
+    """An IPv6-only node through the CNI plugin: pods get one address, IPv6 (the IPv6 subnet is the
+    node's primary pool), talk to each other, pass CHECK, survive an IPAM database rebuilt from
+    OVSDB, and an IPv4 request is refused naming why."""
+    node6 = node6only
+    code, a = _cni(node6, "ADD", "a")
+    assert code == 0, a
+    assert [(ip["address"], ip["gateway"]) for ip in a["ips"]] == [("fd00:10:244:7::2/64", "fd00:10:244:7::1")]
+    assert a["routes"] == [{"dst": "::/0", "gw": "fd00:10:244:7::1"}]
+    code, b = _cni(node6, "ADD", "b", ["fd00:10:244:7::50/64"])
+    assert code == 0 and b["ips"][0]["address"] == "fd00:10:244:7::50/64", b
+    # nothing IPv4 inside the pod
+    assert "inet " not in _in("a", "ip", "-4", "addr", "show", "dev", "eth0", node=node6.netns).stdout
+    ping = _in("a", "ping", "-6", "-c", "1", "-W", "2", "fd00:10:244:7::50", node=node6.netns)
+    assert ping.returncode == 0, ping.stdout + ping.stderr
+    assert _cni(node6, "CHECK", "a")[0] == 0
+    code, refused = _cni(node6, "ADD", "c", ["10.244.7.5/24"])
+    assert code == 1 and refused["code"] == 7 and "IPv6-only" in refused["msg"], refused
+    # the database lost: rebuilt from the ports' external_ids, IPv6 addresses as the primary ones
+    lose_ipam_database(node6)
+    assert sorted((x.container_id, x.v6, x.v4) for x in node6.allocations()) == [
+        ("a", "fd00:10:244:7::2", ""), ("b", "fd00:10:244:7::50", "")]
+    code, d = _cni(node6, "ADD", "d")
+    assert code == 0 and d["ips"][0]["address"] not in (a["ips"][0]["address"], b["ips"][0]["address"]), d
+    assert _cni(node6, "DEL", "a")[0] == 0
+    assert "a" not in {x.container_id for x in node6.allocations()}
+    for cid in ("a", "b", "c", "d"):
+        veth.delete_netns(f"{node6.netns}-{cid}")

@@ -185,3 +185,26 @@ def test_an_isolated_dual_stack_pods_ipv6_is_isolated_like_its_ipv4():
     assert "table=13,priority=10,ipv6,ipv6_src=fd00:10:244:1::a actions=drop" in both, both
     assert [m.text() for m in _addr_matches("nw_src", addresses([pod]), [ipaddress.ip_network("fd00:99::/48")])] \
         == ["ip,nw_src=10.244.1.10", "ipv6,ipv6_src=fd00:10:244:1::a", "ipv6,ipv6_src=fd00:99::/48"]
+
+
+def test_an_ipv6_only_node_and_pod_compile_no_ipv4_flow():
+    """An IPv6-only node: no IPv4 subnet, no gateway ARP answer (every ARP packet dropped); its pod's
+    flows are exactly the IPv6 ones a dual-stack pod has, plus its port's classifier and hairpin."""
+    node = NodeNetwork.build("node-1", "fd00:10:244:1::/64")
+    pod = PodPort.build("default", "web", 3, "0a:58:0a:f4:01:0a", "fd00:10:244:1::a")
+    assert (node.pod_cidr, node.gateway_ip, node.families) == (None, None, "ipv6")
+    assert (pod.ip, pod.ips) == (None, (pod.ip6,))
+    node.check_pod(pod)
+    flows = texts(pods.pod_flows(node, pod))
+    assert not [f for f in flows if "arp" in f or ",ip," in f or "nw_" in f], flows
+    dual = set(texts(pods.pod_flows(NODE6, POD6))) - set(texts(pods.pod_flows(NODE, POD)))
+    assert dual < set(flows) and len(set(flows) - dual) == 2  # classifier, hairpin
+    static = texts(pods.static_flows(node))
+    assert "table=2,priority=190,arp actions=drop" in static
+    assert not [f for f in static if "arp_op" in f], static
+    with pytest.raises(ModelError, match="IPv4 but node node-1 has no IPv4 pod subnet"):
+        node.check_pod(POD)
+    with pytest.raises(ModelError, match="names no pod CIDR"):
+        NodeNetwork.build("node-1", " , ")
+    with pytest.raises(ModelError, match="not an IPv4 address, an IPv6 one or one of each"):
+        PodPort.build("default", "web", 3, "0a:58:0a:f4:01:0a", "")

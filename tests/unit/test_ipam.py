@@ -190,3 +190,35 @@ CREATE TABLE allocations (ip TEXT PRIMARY KEY, pool TEXT NOT NULL, container_id 
     mac TEXT NOT NULL DEFAULT '', created REAL NOT NULL, UNIQUE (container_id, ifname));
 CREATE TABLE cursors (pool TEXT PRIMARY KEY, last INTEGER NOT NULL);
 """
+
+
+def test_an_ipv6_only_node_allocates_from_its_ipv6_subnet_as_the_primary_pool(tmp_path):
+    """No IPv4 pool: the IPv6 subnet is the node pool, its address the allocation's primary one
+    (a fixed IPv6 request lands there too); an IPv4 request is outside every pool."""
+    store = AllocationStore(tmp_path / "ipam.db")
+    alloc = Allocator(store, [Pool("node", ipaddress.IPv6Network("fd00:10:244:1::/64"),
+                                   frozenset({ipaddress.IPv6Address("fd00:10:244:1::1")}))])
+    first = alloc.allocate(Request("c1", "eth0", "prod", "a"))
+    assert (first.ip, first.ip6, first.v4, first.v6) == ("fd00:10:244:1::2", "", "", "fd00:10:244:1::2")
+    fixed = alloc.allocate(Request("c2", "eth0", "prod", "b", ip6="fd00:10:244:1::50"))
+    assert (fixed.v4, fixed.v6, fixed.ips) == ("", "fd00:10:244:1::50", ("fd00:10:244:1::50",))
+    with pytest.raises(IpamError) as taken:
+        alloc.allocate(Request("c3", "eth0", "prod", "c", ip="fd00:10:244:1::50"))
+    assert taken.value.code == E_IP_IN_USE and "prod/b" in taken.value.msg
+    with pytest.raises(IpamError) as outside:
+        alloc.allocate(Request("c4", "eth0", ip="10.244.1.5"))
+    assert outside.value.code == E_OUTSIDE_POOLS and "fd00:10:244:1::/64" in outside.value.msg
+    assert store.find("c2", "eth0").v6 == "fd00:10:244:1::50"
+
+
+def test_the_fixed_ip_annotation_takes_one_address_per_family():
+    from sanderling.model.errors import ModelError
+    from sanderling.model.ippool import parse_ips_annotation
+
+    assert parse_ips_annotation("10.244.1.5", "pod/a/b") == ["10.244.1.5"]
+    assert parse_ips_annotation("fd00::5/64", "pod/a/b") == ["fd00::5"]
+    assert parse_ips_annotation('["10.244.1.5", "fd00::5"]', "pod/a/b") == ["10.244.1.5", "fd00::5"]
+    for bad, why in (("10.0.0.1,10.0.0.2", "two IPv4 addresses"), ("fd00::1,fd00::2", "two IPv6 addresses"),
+                     ("nonsense", "'nonsense' is not an IP address"), ("[]", "names no address")):
+        with pytest.raises(ModelError, match=why):
+            parse_ips_annotation(bad, "pod/a/b")

@@ -108,3 +108,27 @@ def test_a_dual_stack_service_gets_an_ipv6_cluster_ip_and_ipv6_slices():
     assert sorted((s["addressType"], s["endpoints"][0]["addresses"][0]) for s in slices if s["endpoints"]) == [
         ("IPv4", "10.0.0.1"), ("IPv6", "fd00::1")]
     assert len({s["metadata"]["name"] for s in slices}) == len(slices)
+
+
+def test_an_ipv6_only_cluster_gives_nodes_a_64_and_services_an_ipv6_cluster_ip(tmp_path):
+    import ipaddress
+
+    from sanderling.lab.apiserver.admission import ServiceAllocator
+    from sanderling.lab.apiserver.store import ApiError
+
+    store = Store(tmp_path / "api.db")
+    cp = ControlPlane(store, None, cluster_cidr6=ipaddress.IPv6Network("fd00:10:244::/56"))
+    store.create(NODES, "", {"metadata": {"name": "n1"}})
+    cp._allocate_pod_cidr(store.get(NODES, "", "n1"))
+    spec = store.get(NODES, "", "n1")["spec"]
+    assert (spec["podCIDR"], spec["podCIDRs"]) == ("fd00:10:244::/64", ["fd00:10:244::/64"])
+    six = ServiceAllocator(None, ipaddress.IPv6Network("fd00:10:96::/112"))
+    for policy in ("SingleStack", "PreferDualStack"):
+        svc = {"metadata": {"name": "web"}, "spec": {"ipFamilyPolicy": policy, "ports": [{"port": 80}]}}
+        six.admit("web", svc, None, [])
+        assert (svc["spec"]["clusterIPs"], svc["spec"]["ipFamilies"]) == (["fd00:10:96::2"], ["IPv6"])
+    for spec, why in (({"ipFamilyPolicy": "RequireDualStack"}, "IPv6-only"),
+                      ({"clusterIP": "10.96.0.9"}, "not in the valid range"),
+                      ({"clusterIP": "nonsense"}, "must be a valid IP address")):
+        with pytest.raises(ApiError, match=why):
+            six.admit("x", {"metadata": {"name": "x"}, "spec": {**spec, "ports": [{"port": 80}]}}, None, [])

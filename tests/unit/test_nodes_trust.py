@@ -64,3 +64,29 @@ def test_a_dual_stack_node_is_an_ipv6_destination_too_with_its_published_next_ho
     assert [f.text(cookie=0) for f in remote_flows(local, got[2], "overlay")] == [
         "table=17,priority=100,ipv6,ipv6_dst=fd00:10:244:2::/64 actions=set_field:0a:58:0a:f4:00:01->dl_dst,"
         "set_field:172.30.0.12->tun_dst,load:0xfde8->NXM_NX_REG1[],goto_table:18"]
+
+
+def test_an_ipv6_only_node_is_an_ipv6_destination_over_its_ipv4_underlay():
+    """spec.podCIDR is IPv6 on an IPv6-only node (it is podCIDRs[0]); the node's IPv4 InternalIP is
+    still the underlay (an IPv6 InternalIP is not one); a pod inside its subnet needs no route."""
+    from sanderling.model.nodes import node_info
+
+    def v6(name: str, cidr: str, *ips: str) -> dict:
+        return {"metadata": {"name": name}, "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
+                "status": {"addresses": [{"type": "InternalIP", "address": ip} for ip in ips]}}
+
+    nodes = [node_info(v6("n1", "fd00:10:244::/64", "172.30.0.11")),
+             node_info(v6("n2", "fd00:10:244:1::/64", "2001:db8::12", "172.30.0.12"))]
+    assert (nodes[1].pod_cidr, str(nodes[1].pod_cidr6), str(nodes[1].internal_ip)) == \
+        (None, "fd00:10:244:1::/64", "172.30.0.12")
+    got = remotes("n1", nodes, [("n2", "fd00:10:244:1::5")])
+    assert [(str(r.dst), str(r.via)) for r in got] == [("fd00:10:244:1::/64", "172.30.0.12")]
+    untrusted: list[str] = []
+    remotes("n1", nodes, [("n2", "fd00:99::5")], untrusted=untrusted)
+    assert untrusted == ["fd00:99::5 on node n2"]
+    import pytest
+
+    from sanderling.model.errors import ModelError
+
+    with pytest.raises(ModelError, match="spec.podCIDRs"):
+        node_info(v6("n3", "fd00:10:244:1::5/64", "172.30.0.13"))  # host bits set

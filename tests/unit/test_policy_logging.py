@@ -92,3 +92,38 @@ def test_updates_that_change_no_flow_recompile_nothing():
     agent.pod_changed("a/p", {**pod, "metadata": {**pod["metadata"], "labels": {"app": "y"}}})
     agent.namespace_changed("a", {"metadata": {**ns["metadata"], "annotations": {"policy.sanderling.io/log": "true"}}})
     assert len(flushes) == before + 2
+
+
+def frame6(src: str, dst: str, sport: int, dport: int) -> bytes:
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, 2, 1000, 0, 0)
+    ip6 = struct.pack("!IHBB16s16s", 6 << 28, len(tcp), 6, 64, socket.inet_pton(socket.AF_INET6, src),
+                      socket.inet_pton(socket.AF_INET6, dst))
+    return b"\x0a" * 6 + b"\x0b" * 6 + b"\x86\xdd" + ip6 + tcp
+
+
+def test_ipv6_only_pods_are_policed_and_their_packets_logged(caplog):
+    """Pods whose only address is IPv6 (an IPv6-only node): isolated and allowed by their IPv6
+    addresses, and a logged packet of theirs names both pods."""
+    realizer = Realizer(1)
+    agent = PolicyAgent("n1", realizer, lambda: None)
+    agent.start()
+    agent.namespace_changed("x", {"metadata": {"name": "x", "labels": {}}})
+    for name, ip, app in (("server", "fd00:10:244::a", "server"), ("client", "fd00:10:244::b", "client")):
+        agent.pod_changed(f"x/{name}", {"metadata": {"namespace": "x", "name": name, "labels": {"app": app}},
+                                        "spec": {"nodeName": "n1"},
+                                        "status": {"podIP": ip, "podIPs": [{"ip": ip}]}})
+    agent.policy_changed("x/allow-client", {
+        "metadata": {"namespace": "x", "name": "allow-client", "annotations": {"policy.sanderling.io/log": "true"}},
+        "spec": {"podSelector": {"matchLabels": {"app": "server"}},
+                 "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}]}]}})
+    state = realizer.desired_state()
+    isolation = [f.text(cookie=0) for f in state["policy-pod/x/server"].flows.values()]
+    assert any("ipv6,ipv6_dst=fd00:10:244::a actions=drop" in t for t in isolation), isolation
+    allow = logged(state["policy/x/allow-client"].flows.values())
+    assert allow
+    with caplog.at_level(logging.INFO, logger="sanderling.agent.policy_agent"):
+        agent.packet_in(PIPELINE["IngressRule"], cookies.with_generation(allow[0].cookie, 3),
+                        frame6("fd00:10:244::b", "fd00:10:244::a", 40000, 80))
+    lines = [r.getMessage() for r in caplog.records if "policy-log" in r.getMessage()]
+    assert lines == ["policy-log verdict=allow policy=x/allow-client rule=ingress/0/all "
+                     "src=x/client(fd00:10:244::b) dst=x/server(fd00:10:244::a) proto=TCP port=80"]

@@ -44,9 +44,9 @@ def _opt(default: Any, help: str, kind: str = "str", choices: tuple[str, ...] = 
 @dataclass
 class AgentConfig:
     node: str = _opt("", "this node's name (required)")
-    pod_cidr: str | None = _opt(None, "this node's pod subnet, e.g. 10.244.1.0/24, or its IPv4 and IPv6 subnets "
-                                      "joined by a comma (dual-stack; default: spec.podCIDRs of this node's Node "
-                                      "object)", "podcidrs")
+    pod_cidr: str | None = _opt(None, "this node's pod subnet, e.g. 10.244.1.0/24, its IPv4 and IPv6 subnets "
+                                      "joined by a comma (dual-stack) or an IPv6 one alone (IPv6-only; default: "
+                                      "spec.podCIDRs of this node's Node object)", "podcidrs")
     mode: str = _opt("routed", "across nodes: routed (pod addresses on the underlay, no NAT) or overlay (VXLAN)",
                      "choice", ("routed", "overlay"))
     gateway_mac: str = _opt("0a:58:0a:f4:00:01", "MAC pods see for their gateway", "mac")
@@ -177,13 +177,15 @@ def _check(key: str, meta: dict[str, Any], value: Any) -> Any:
     if kind == "podcidrs":
         try:
             v4, v6 = split_cidrs(text)
-            if not v4:
-                raise ValueError("an IPv4 subnet is required (IPv6-only nodes are not supported yet)")
-            ipaddress.IPv4Network(v4)
+            if not v4 and not v6:
+                raise ValueError("no subnet named")
+            if v4:
+                ipaddress.IPv4Network(v4)
             if v6:
                 ipaddress.IPv6Network(v6)
         except ValueError as exc:
-            raise ConfigError(f"{key}: {text!r}: {exc} (e.g. 10.244.1.0/24 or 10.244.1.0/24,fd00:10:244:1::/64)") \
+            raise ConfigError(f"{key}: {text!r}: {exc} (e.g. 10.244.1.0/24, 10.244.1.0/24,fd00:10:244:1::/64 or, "
+                              "IPv6-only, fd00:10:244:1::/64)") \
                 from None
     if kind == "cidr6" and text:
         try:

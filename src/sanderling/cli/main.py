@@ -68,8 +68,12 @@ def _conformance(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"sanderling conformance netpol: {exc}", file=sys.stderr)
             return 2
+        if args.ip_family == "ipv6" and args.network:
+            print("sanderling conformance netpol: --ip-family ipv6 runs on the pod network (secondary networks "
+                  "are IPv4)", file=sys.stderr)
+            return 2
         return netpol.run(args.files, repeat=args.repeat, control_plane=args.control_plane, network=args.network,
-                          network_topology=args.network_topology)
+                          network_topology=args.network_topology, ip_family=args.ip_family)
     from sanderling.conformance import cni
 
     return cni.run(args.files, args.only, front=args.cni_front)
@@ -119,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "MultiNetworkPolicies, instead of the pod network")
     p.add_argument("--ip-family", choices=["ipv4", "ipv6"], default="ipv4",
                    help="proxy: ipv6 runs each case's IPv6 derivation (addresses mapped into fd00::/96, the node "
-                        "and its Services dual-stack, the flows sent over IPv6)")
+                        "and its Services dual-stack, the flows sent over IPv6); netpol: ipv6 runs the files on an "
+                        "IPv6-only lab (ipBlocks derived as the module's docstring says)")
     p.add_argument("--cni-front", choices=["compiled", "python"], default="compiled",
                    help="cni: the plugin binary run, the compiled front (built by setup) or the Python shim")
     p.add_argument("--network-topology", choices=["layer2", "vlan"], default="layer2",

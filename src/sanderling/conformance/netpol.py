@@ -15,6 +15,13 @@ rewritten as a MultiNetworkPolicy for that network (`policy-for`), pods probe ea
 addresses on it (the traffic crosses the nodes over the layer2 tunnel or the VLAN), and SCTP is
 traced through the secondary bridges. The pod network must stay unrestricted meanwhile: each step
 also probes the pod IPs for its first TCP or UDP expectation, where every pair must connect.
+
+With `--ip-family ipv6` the lab is IPv6-only (pods, Services) and each file runs as its IPv6
+derivation: `${IP:ns/pod}` is the pod's IPv6 address and a prefix length written after it grows
+by 96 (`/32`, one host in IPv4, becomes `/128`), as the proxy suite maps its IPv4 CIDRs;
+`${CIDR4:ns/pod}` (in IPv4 a /4 around the pod, so a block holding every pod of the lab) becomes
+the /8 around the pod's address (fd00::/8 holds every pod of the lab's fd00:10:244::/56 the same
+way); SCTP is traced as IPv6 packets.
 """
 
 from __future__ import annotations
@@ -40,7 +47,9 @@ from sanderling.ovs.runtime import OvsRuntime
 
 NAME = "slnetpol"
 SETTLE_S = 1.5  # agents apply a change in milliseconds; leave room for the watch round trip
-PLACEHOLDER = re.compile(r"\$\{(IP|CIDR4):([a-z0-9-]+/[a-z0-9-]+)\}")
+PLACEHOLDER = re.compile(r"\$\{(IP|CIDR4):([a-z0-9-]+/[a-z0-9-]+)\}(/[0-9]+)?")
+IPV6_PREFIX_SHIFT = 96  # an IPv4 prefix length written after an IPv6 address: this much longer
+IPV6_CIDR4_PREFIX = 8  # ${CIDR4:...} on IPv6: the block that holds every pod, as the IPv4 /4 does
 
 
 # probes bind their source ports explicitly, and nothing else in a pod's namespace opens connections,
@@ -257,7 +266,13 @@ class Runner:
 
         def value(m: re.Match[str]) -> str:
             ip = self.pods[m.group(2)]["net_ip" if self.network is not None else "ip"]
-            return ip if m.group(1) == "IP" else str(ipaddress.ip_network(f"{ip}/4", strict=False))
+            six = ":" in ip
+            if m.group(1) == "CIDR4":
+                block = str(ipaddress.ip_network(f"{ip}/{IPV6_CIDR4_PREFIX if six else 4}", strict=False))
+                return block + (m.group(3) or "")
+            if m.group(3) and six:
+                return f"{ip}/{min(128, int(m.group(3)[1:]) + IPV6_PREFIX_SHIFT)}"
+            return ip + (m.group(3) or "")
         return json.loads(PLACEHOLDER.sub(value, text))
 
     def act(self, action: dict[str, Any]) -> None:
@@ -336,15 +351,19 @@ class Runner:
         if self.network is not None:
             return self._sctp_allowed_on_network(src, dst, port)
         s, d = self.pods[src], self.pods[dst]
+        if ":" in s["ip"]:
+            packet = f"sctp6,ipv6_src={s['ip']},ipv6_dst={d['ip']}"
+        else:
+            packet = f"sctp,nw_src={s['ip']},nw_dst={d['ip']}"
         first = self._trace(s["node"], f"in_port={self._ofport(s['node'], src)},dl_src={mac_for_ip(s['ip'])},"
-                                       f"dl_dst=0a:58:0a:f4:00:01,sctp,nw_src={s['ip']},nw_dst={d['ip']},nw_ttl=64,"
+                                       f"dl_dst=0a:58:0a:f4:00:01,{packet},nw_ttl=64,"
                                        f"sctp_src=40000,sctp_dst={port}")
         if first.endswith("drop"):
             return False
         if s["node"] == d["node"]:
             return True
-        second = self._trace(d["node"], f"in_port=LOCAL,dl_src=0a:58:0a:f4:00:01,dl_dst=0a:58:0a:f4:00:01,sctp,"
-                                        f"nw_src={s['ip']},nw_dst={d['ip']},nw_ttl=63,sctp_src=40000,sctp_dst={port}")
+        second = self._trace(d["node"], f"in_port=LOCAL,dl_src=0a:58:0a:f4:00:01,dl_dst=0a:58:0a:f4:00:01,"
+                                        f"{packet},nw_ttl=63,sctp_src=40000,sctp_dst={port}")
         return not second.endswith("drop")
 
     def _sctp_allowed_on_network(self, src: str, dst: str, port: int) -> bool:
@@ -470,7 +489,7 @@ def run_case(runner: Runner, path: Path) -> tuple[int, list[str]]:
 
 
 def run(paths: list[Path], keep: bool = False, repeat: int = 1, control_plane: str = "sanderling",
-        network: str | None = None, network_topology: str = "layer2") -> int:
+        network: str | None = None, network_topology: str = "layer2", ip_family: str = "ipv4") -> int:
     """Every file's steps on one 3-node lab; with repeat > 1 (soak), all files again, `repeat` times
     on the same lab, and every failed matrix reported with its round at the end."""
     if repeat < 1:
@@ -479,7 +498,7 @@ def run(paths: list[Path], keep: bool = False, repeat: int = 1, control_plane: s
     lab.down(quiet=True)
     rounds: list[tuple[int, list[str]]] = []
     try:
-        lab.up(3, "routed", control_plane=control_plane)
+        lab.up(3, "routed", control_plane=control_plane, ip_family=ip_family)
         runner = Runner(lab, SecondaryNetwork(network, network_topology) if network else None)
         for round_no in range(1, repeat + 1):
             if repeat > 1:
