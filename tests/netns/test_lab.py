@@ -167,7 +167,7 @@ def ipv6_lab(request):
 def test_an_ipv6_only_lab_in_both_modes(ipv6_lab, tmp_path):
     """IPv6-only nodes over the IPv4 underlay: every pod has one address, IPv6; the whole matrix over
     it; an IPv6 single-stack Service answered by the pods (and, routed, the node), an unserved port
-    refused; on the wire the pods' own addresses (routed) or VXLAN (overlay)."""
+    refused, then ClientIP affinity; on the wire the pods' own addresses (routed) or VXLAN (overlay)."""
     mode, up = ipv6_lab
     assert up.returncode == 0, up.stdout + up.stderr
     assert "(90 probes over IPv6)" in up.stderr, up.stderr
@@ -193,6 +193,20 @@ def test_an_ipv6_only_lab_in_both_modes(ipv6_lab, tmp_path):
     assert svc["spec"]["ipFamilies"] == ["IPv6"] and ":" in svc["spec"]["clusterIP"], svc["spec"]
     connect = [sys.executable, "-m", "sanderling.probe", "connect", "tcp", svc["spec"]["clusterIP"]]
     assert_balanced_and_refused(connect, mode)
+    # ClientIP affinity over IPv6: once the agents have it, every connection of the client goes to one pod
+    svc["spec"]["sessionAffinity"] = "ClientIP"
+    manifest.write_text(json.dumps(svc))
+    assert lab("apply", "-f", str(manifest)).returncode == 0
+    spread = [sys.executable, "-m", "sanderling.probe", "spread", "tcp", svc["spec"]["clusterIP"], "80"]
+    deadline = time.monotonic() + 30
+    counts: dict[str, int] = {}
+    while time.monotonic() < deadline:
+        got = lab("exec", "demo/web-0", "--", *spread, "--count", "40")
+        counts = {k: v for k, v in json.loads(got.stdout).items() if not k.startswith("_")} \
+            if got.returncode == 0 else {}
+        if list(counts.values()) == [40]:
+            break
+    assert len(counts) == 1 and next(iter(counts)).startswith("web-"), counts
 
 
 def _netns_names() -> set[str]:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 
 from sanderling.compiler import pods
+from sanderling.compiler import services as svc_compiler
 from sanderling.model.network import NodeNetwork, PodPort
 from sanderling.openflow import encoder as E
 from sanderling.openflow import ir
 from sanderling.openflow.connection import Connection
+from sanderling.openflow.pipeline import PIPELINE
 
 NODE = NodeNetwork.build("n", "10.244.7.0/24,fd00:10:244:7::/64")  # dual-stack: NDP and IPv6 fields too
 POD = PodPort.build("ns", "p", 2, "0a:58:0a:f4:07:02", "10.244.7.2,fd00:10:244:7::2")
@@ -46,6 +48,9 @@ FLOWS = [
                                                             0xFD000010024400010000000000000005, 8080, 8080,
                                                             v6=True)),)),
     ir.Flow(3, 3, ir.match(proto="icmp6", icmpv6_type=136, nd_target="fd00::1", nd_tll="0a:58:00:00:00:01"), ()),
+    # IPv6 session affinity: the client and service addresses learned, the endpoint over four registers
+    ir.Flow(3, 5, ir.match(proto="tcp6", reg8=1, reg9=2, reg10=3, reg11=4),
+            (svc_compiler._learn_affinity("tcp6", 10800, 9, PIPELINE), ir.Goto(4))),
 ]
 GROUP = ir.Group(1, "select", (ir.Bucket((ir.Output(1),), 10), ir.Bucket((ir.Output(2),), 20)))
 METER = ir.Meter(1, 100)

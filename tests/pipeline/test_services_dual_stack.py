@@ -42,16 +42,19 @@ def endpoint_slice(name: str, family: str, addresses: list[str]) -> dict:
 
 WEB = service("web", "10.96.0.10", "fd00:10:96::a")
 EMPTY = service("empty", "10.96.0.11", "fd00:10:96::b")
+STICKY = service("sticky", "10.96.0.12", "fd00:10:96::c")
+STICKY["spec"]["sessionAffinity"] = "ClientIP"
 SLICES = {"web": [endpoint_slice("web", "IPv4", ["10.244.2.10", "10.244.2.11"]),
                   endpoint_slice("web", "IPv6", ["fd00:10:244:2::10", "fd00:10:244:2::11"])],
-          "empty": [endpoint_slice("empty", "IPv4", ["10.244.2.12"])]}
+          "empty": [endpoint_slice("empty", "IPv4", ["10.244.2.12"])],
+          "sticky": [endpoint_slice("sticky", "IPv6", ["fd00:10:244:2::20", "fd00:10:244:2::21"])]}
 
 
 def _objects() -> dict[str, tuple[list, list]]:
     objects = {key: (flows, []) for key, flows in node_objects.node_objects(NODE, [CLIENT], gateway=True).items()}
     objects["service/static"] = (svc_compiler.static_flows(CFG), [])
     groups: dict[str, int] = {}
-    for raw in (WEB, EMPTY):
+    for raw in (WEB, EMPTY, STICKY):
         svc = service_from(raw)
         assert svc is not None
         slices = SLICES[svc.name]
@@ -87,6 +90,7 @@ def test_a_dual_stack_service_over_both_families(dummy_ovs, dummy_db):
         no_endpoints = verdict(pod, "tcp6,ipv6_src=fd00:10:244:1::5,ipv6_dst=fd00:10:96::b")
         unused = verdict(pod, "tcp6,ipv6_src=fd00:10:244:1::5,ipv6_dst=fd00:10:96::99")
         ipv4 = verdict(pod, "tcp,nw_src=10.244.1.5,nw_dst=10.96.0.10")
+        sticky = verdict(pod, "tcp6,ipv6_src=fd00:10:244:1::5,ipv6_dst=fd00:10:96::c")
         picked = {e for i in range(1, 9) for e in verdict(pod, "tcp6,ipv6_src=fd00:10:244:1::5,ipv6_dst=fd00:10:96::a",
                                                            sport=40000 + i, dp_hash=i).path.split()
                   if e.startswith("nat(dst=")}
@@ -100,3 +104,10 @@ def test_a_dual_stack_service_over_both_families(dummy_ovs, dummy_db):
     assert unused.verdict == "DROP", unused.path  # an address of the IPv6 service CIDR no Service holds
     assert (ipv4.verdict, ipv4.endpoints) == ("DNAT", {"10.244.2.10:8080", "10.244.2.11:8080"}), ipv4.path
     assert picked and all("fd00:10:244:2::1" in p for p in picked), picked
+    # ClientIP affinity over IPv6: the group names the endpoint in the affinity registers, the
+    # choice is learned from the client's and the Service's IPv6 addresses, then translated
+    assert (sticky.verdict, sticky.endpoints) == ("DNAT", {"[fd00:10:244:2::20]:8080", "[fd00:10:244:2::21]:8080"}), \
+        sticky.path
+    learned = next(line for line in sticky.path.splitlines() if "learn(" in line)
+    assert "NXM_NX_IPV6_SRC[]" in learned and "NXM_NX_IPV6_DST[]" in learned and "NXM_NX_REG11[]" in learned, learned
+    assert "nat(dst=[fd00:10:244:2::2" in sticky.path or "nat(dst=fd00:10:244:2::2" in sticky.path, sticky.path

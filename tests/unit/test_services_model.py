@@ -8,7 +8,7 @@ import pytest
 
 from sanderling.compiler import services as compiler
 from sanderling.model.errors import ModelError
-from sanderling.model.services import ServicePort, endpoints_from, service_from, usable
+from sanderling.model.services import ServicePort, endpoints_by_port, endpoints_from, service_from, usable
 
 SLICE = {"addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
          "endpoints": [
@@ -188,3 +188,33 @@ def test_reject_answers_ipv6_with_a_reset_or_a_port_unreachable():
     assert unreachable[14 + 6] == 58 and icmp[:2] == b"\x01\x04" and icmp[8:] == frame(17, udp)[14:]
     assert _checksum(dst + src + struct.pack("!IxxxB", len(icmp), 58) + icmp) == 0
     assert reject_reply(frame(58, b"\x80\x00\x00\x00")) is None  # no ICMPv6 error about ICMPv6
+
+
+def test_an_ipv6_only_node_serves_ipv6_services_with_affinity_and_nothing_ipv4():
+    """No IPv4 masquerade address (an IPv6-only node): no IPv4 static flow, a single-stack IPv4
+    Service compiles to nothing, an IPv6 one with ClientIP affinity names its endpoints in the
+    four ENDPOINT_IP6 registers (what the metrics read back as "[addr]:port")."""
+    cfg = compiler.ProxyConfig("n1", (), (), ipaddress.IPv4Network("10.0.0.0/8"), None,
+                               masq_ip6=ipaddress.IPv6Address("fd00:10:244::fffe"),
+                               local_cidr6=ipaddress.IPv6Network("fd00:10:244::/56"))
+    static = [f.text(cookie=0) for f in compiler.static_flows(cfg)]
+    assert not [t for t in static if "nw_" in t or "arp" in t], static
+    ids: dict[str, int] = {}
+    v4 = service_from({"metadata": {"namespace": "a", "name": "v4"},
+                       "spec": {"clusterIP": "10.96.0.5", "ports": [{"name": "http", "port": 80}]}})
+    assert v4 is not None
+    assert compiler.service_flows(cfg, v4, {HTTP: endpoints_from([SLICE], HTTP)},
+                                  lambda k: ids.setdefault(k, len(ids) + 1)) == ([], [])
+    v6 = service_from({"metadata": {"namespace": "a", "name": "v6"},
+                       "spec": {"clusterIP": "fd00:10:96::5", "clusterIPs": ["fd00:10:96::5"], "ipFamilies": ["IPv6"],
+                                "sessionAffinity": "ClientIP", "ports": [{"name": "http", "port": 80}]}})
+    assert v6 is not None
+    slice6 = {"addressType": "IPv6", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+              "endpoints": [{"addresses": [f"fd00:10:244:1::{i}"], "conditions": {"ready": True}, "nodeName": "n2"}
+                            for i in (5, 6)]}
+    flows, groups = compiler.service_flows(cfg, v6, endpoints_by_port([slice6], [HTTP], family=6),
+                                           lambda k: ids.setdefault(k, len(ids) + 1))
+    assert [compiler.bucket_endpoints(g) for g in groups] == [["[fd00:10:244:1::5]:8080", "[fd00:10:244:1::6]:8080"]]
+    texts = [f.text(cookie=0) for f in flows]
+    assert any("learn(" in t and "NXM_NX_IPV6_SRC[]" in t and "reg8=0xfd000010,reg9=0x2440001,reg10=0x0,reg11=0x5" in t
+               for t in texts), texts

@@ -177,7 +177,8 @@ class ServiceProxy:
         slices = list(self.slices.get(key, {}).values())
         endpoints = endpoints_by_port(slices, svc.ports)
         if self.cfg.masq_ip6 is not None and (svc.cluster_ips6 or svc.external_ips6 or svc.lb_ips6):
-            for port, eps in endpoints_by_port(slices, svc.ports, family=6).items():  # dual-stack: IPv6 too
+            # dual-stack or IPv6-only: its IPv6 endpoints
+            for port, eps in endpoints_by_port(slices, svc.ports, family=6).items():
                 endpoints[port] += eps
         used: set[str] = set()
 

@@ -37,6 +37,7 @@ from sanderling.openflow.registers import (
     CT_MARK_MASQ,
     DNAT_ZONE,
     ENDPOINT_IP,
+    ENDPOINT_IP6,
     ENDPOINT_PORT,
     FROM_GATEWAY,
     FROM_POD,
@@ -78,7 +79,7 @@ class ProxyConfig:
     # externalIPs are honoured only inside these (none by default: anyone who may create a Service
     # could otherwise capture traffic for any address, CVE-2020-8554)
     external_ip_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    # dual-stack: a Service's IPv6 addresses are served too (session affinity is IPv4 only so far)
+    # dual-stack or IPv6-only: a Service's IPv6 addresses are served too
     masq_ip6: ipaddress.IPv6Address | None = None
     local_cidr6: ipaddress.IPv6Network | None = None
     service_cidr6: ipaddress.IPv6Network | None = None
@@ -267,13 +268,31 @@ def _group(gid: int, endpoints: tuple[Endpoint, ...], pipeline: Pipeline, direct
     if not direct:
         tail = (ir.Load(_SVC_GROUP, gid), ir.Resubmit(pipeline["EndpointDNAT"]))
         return ir.Group(gid, "select", tuple(
-            ir.Bucket((ir.Load(_EP_IP, int(e.ip)), ir.Load(_EP_PORT, e.port), *tail), weight=100)
+            ir.Bucket((*_endpoint_loads(e.ip), ir.Load(_EP_PORT, e.port), *tail), weight=100)
             for e in endpoints))
     after = pipeline["RequestOrigin"]  # policy is enforced after service translation
     return ir.Group(gid, "select", tuple(
         ir.Bucket((ir.CT(commit=True, zone=DNAT_ZONE, table=after, exec_=_MARK_MASQ,
                          nat=ir.Nat("dst", int(e.ip), int(e.ip), e.port, e.port, v6=e.ip.version == 6)),),
                   weight=100) for e in endpoints))
+
+
+def _endpoint_loads(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> tuple[ir.Load, ...]:
+    """The endpoint into the affinity registers: ENDPOINT_IP, or an IPv6 one over ENDPOINT_IP6."""
+    if ip.version == 4:
+        return (ir.Load(_EP_IP, int(ip)),)
+    value = int(ip)
+    return tuple(reg.load(value >> (96 - 32 * i) & 0xFFFFFFFF) for i, reg in enumerate(ENDPOINT_IP6))
+
+
+def _endpoint_matches(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> tuple[Any, ...]:
+    if ip.version == 4:
+        return (ENDPOINT_IP.equals(int(ip)),)
+    value = int(ip)
+    return tuple(reg.equals(value >> (96 - 32 * i) & 0xFFFFFFFF) for i, reg in enumerate(ENDPOINT_IP6))
+
+
+_EP_IP6 = {reg.ref: 96 - 32 * i for i, reg in enumerate(ENDPOINT_IP6)}  # register -> its shift in the address
 
 
 def bucket_endpoints(group: ir.Group) -> list[str | None]:
@@ -284,12 +303,15 @@ def bucket_endpoints(group: ir.Group) -> list[str | None]:
     out: list[str | None] = []
     for bucket in group.buckets:
         ip = port = None
+        ip6: int | None = None
         for action in bucket.actions:
             if isinstance(action, ir.Load):
                 if action.dst == _EP_IP:
                     ip = action.value
                 elif action.dst == _EP_PORT:
                     port = action.value
+                elif action.dst in _EP_IP6:
+                    ip6 = (ip6 or 0) | action.value << _EP_IP6[action.dst]
             elif isinstance(action, ir.CT) and action.nat is not None and action.nat.ip_min is not None:
                 ip, port = action.nat.ip_min, action.nat.port_min
                 if action.nat.v6:
@@ -297,6 +319,9 @@ def bucket_endpoints(group: ir.Group) -> list[str | None]:
                     out.append(f"[{ipaddress.IPv6Address(action.nat.ip_min)}]:{port}")
                     break
         else:
+            if ip6 is not None:
+                out.append(f"[{ipaddress.IPv6Address(ip6)}]:{port}")
+                continue
             out.append(None if ip is None else f"{ip >> 24}.{ip >> 16 & 255}.{ip >> 8 & 255}.{ip & 255}:{port}")
     return out
 
@@ -330,17 +355,20 @@ def _learn_affinity(proto: str, timeout: int, cookie: int, pipeline: Pipeline) -
     Kubernetes allows timeoutSeconds up to 86400; OpenFlow's idle timeout holds at most 65535, so a
     longer affinity is remembered for 65535 idle seconds (a client idle for 18.2 hours may move)."""
     timeout = min(timeout, MAX_AFFINITY_TIMEOUT)
-    nw_proto = F.PROTOCOLS[proto][1]
+    dl_type, nw_proto = F.PROTOCOLS[proto]
     assert nw_proto is not None
     tp_dst = F.TRANSPORT_FIELDS[nw_proto][1]
+    v6 = dl_type == 0x86DD
+    src, dst = ("ipv6_src", "ipv6_dst") if v6 else ("nw_src", "nw_dst")
+    endpoint = tuple(reg.ref for reg in ENDPOINT_IP6) if v6 else (ENDPOINT_IP.ref,)
     return ir.Learn(pipeline["SessionAffinity"], (
-        ir.LearnMatch(ir.FieldRef("dl_type"), value=0x0800),
+        ir.LearnMatch(ir.FieldRef("dl_type"), value=dl_type),
         ir.LearnMatch(ir.FieldRef("nw_proto"), value=nw_proto),
-        ir.LearnMatch(ir.FieldRef("nw_src")),
-        ir.LearnMatch(ir.FieldRef("nw_dst")),
+        ir.LearnMatch(ir.FieldRef(src)),
+        ir.LearnMatch(ir.FieldRef(dst)),
         ir.LearnMatch(ir.FieldRef(tp_dst)),
         ir.LearnMatch(SERVICE_GROUP.ref),
-        ir.LearnLoad(ENDPOINT_IP.ref, src=ENDPOINT_IP.ref),
+        *(ir.LearnLoad(ref, src=ref) for ref in endpoint),
         ir.LearnLoad(ENDPOINT_PORT.ref, src=ENDPOINT_PORT.ref),
         ir.LearnLoad(AFFINITY_HIT.ref, value=1),
     ), priority=PRIO_ANY, idle_timeout=timeout, cookie=cookie, delete_learned=True)
@@ -356,12 +384,14 @@ def _dnat_flows(gid: int, proto: str, endpoints: tuple[Endpoint, ...], cookie: i
     bump = 1 if affinity else 0
     for e in endpoints:
         ip = int(e.ip)
-        nat = ir.Nat("dst", ip, ip, e.port, e.port)
+        v6 = e.ip.version == 6
+        nat = ir.Nat("dst", ip, ip, e.port, e.port, v6=v6)
         commit = ir.CT(commit=True, zone=DNAT_ZONE, table=pipeline["RequestOrigin"], nat=nat, exec_=_MARK_MASQ)
-        base = (SERVICE_GROUP.equals(gid), ENDPOINT_IP.equals(ip), ENDPOINT_PORT.equals(e.port))
+        base = (SERVICE_GROUP.equals(gid), *_endpoint_matches(e.ip), ENDPOINT_PORT.equals(e.port))
         if e.node in (node_name, ""):  # only a pod on this node can be its own client (unknown: maybe)
             # hairpin: the endpoint is the client; without SNAT its reply would skip the translation
-            flows.append(ir.Flow(table, PRIO_HOST + bump, _fast_match(*base, proto=proto, nw_src=ip),
+            flows.append(ir.Flow(table, PRIO_HOST + bump, _fast_match(*base, proto=proto,
+                                                                      **{"ipv6_src" if v6 else "nw_src": ip}),
                                  (*learn, MASQUERADE.load(), commit), cookie))
         flows.append(ir.Flow(table, PRIO_ANY + bump, _fast_match(*base, proto=proto), (*learn, commit), cookie))
     return flows
@@ -391,7 +421,7 @@ class _Family:
     lb_source_ranges: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     local_cidr: ipaddress.IPv4Network | ipaddress.IPv6Network | None
     service_cidr: ipaddress.IPv4Network | ipaddress.IPv6Network | None
-    affinity: int  # seconds; IPv6 has none yet (the affinity registers hold an IPv4 endpoint)
+    affinity: int  # seconds (0: none)
 
     @property
     def ip(self) -> str:
@@ -423,7 +453,7 @@ def _families(cfg: ProxyConfig, svc: Service) -> list[_Family]:
                            svc.lb_source_ranges, cfg.local_cidr, cfg.service_cidr, svc.affinity_timeout))
     if six:
         out.append(_Family(True, svc.cluster_ips6, cfg.node_port_ips6, svc.external_ips6, svc.lb_ips6,
-                           svc.lb_source_ranges6, cfg.local_cidr6, cfg.service_cidr6, 0))
+                           svc.lb_source_ranges6, cfg.local_cidr6, cfg.service_cidr6, svc.affinity_timeout))
     return out
 
 

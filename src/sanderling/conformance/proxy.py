@@ -196,7 +196,7 @@ def read_verdict(trace: str, groups: dict[int, set[str]]) -> Verdict:
 
 def group_endpoints(runtime: OvsRuntime, bridge: str) -> dict[int, set[str]]:
     """Endpoints per group as OVS holds them: each bucket's DNAT target, or (affinity groups) its
-    ENDPOINT_IP and ENDPOINT_PORT loads."""
+    ENDPOINT_IP (IPv6: ENDPOINT_IP6) and ENDPOINT_PORT loads."""
     out: dict[int, set[str]] = {}
     chained: dict[int, set[int]] = {}
     text = runtime.ofctl(bridge, "dump-groups")
@@ -208,9 +208,15 @@ def group_endpoints(runtime: OvsRuntime, bridge: str) -> dict[int, set[str]]:
         for bucket in line.split("bucket=")[1:]:
             ip = re.search(r"(?:load:|set_field:)(0x[0-9a-f]+)->NXM_NX_REG2\[\]", bucket)
             port = re.search(r"(?:load:|set_field:)(0x[0-9a-f]+)->NXM_NX_REG3\[0\.\.15\]", bucket)
+            # an IPv6 endpoint: reg8 (most significant) to reg11
+            ip6 = {int(r): int(v, 0) for v, r in re.findall(
+                r"(?:load:|set_field:)(0x[0-9a-f]+|0)->NXM_NX_REG(8|9|10|11)\[\]", bucket)}
             nat = re.search(NAT_DST, bucket)
             if nat:
                 eps.add(nat.group(1))
+            elif len(ip6) == 4 and port:
+                value = sum(ip6[r] << (96 - 32 * (r - 8)) for r in ip6)
+                eps.add(f"[{ipaddress.IPv6Address(value)}]:{int(port.group(1), 16)}")
             elif ip and port:
                 eps.add(f"{ipaddress.IPv4Address(int(ip.group(1), 16))}:{int(port.group(1), 16)}")
         out[int(m.group(1))] = eps

@@ -88,6 +88,11 @@ ENDPOINT_IP = RegField("ENDPOINT_IP", 2, 0, 31, "the endpoint a service's group 
 ENDPOINT_PORT = RegField("ENDPOINT_PORT", 3, 0, 15, "the chosen endpoint's port")
 SERVICE_GROUP = RegField("SERVICE_GROUP", 4, 0, 31, "the service port (its group id) the endpoint was chosen for")
 
+# an IPv6 endpoint chosen under session affinity: its 128 bits in four registers, most significant first
+ENDPOINT_IP6 = tuple(RegField(f"ENDPOINT_IP6_{i}", 8 + i, 0, 31,
+                              f"bits {127 - 32 * i}..{96 - 32 * i} of the IPv6 endpoint a group bucket chose")
+                     for i in range(4))
+
 SECONDARY_NETWORK = RegField("SECONDARY_NETWORK", 5, 0, 15,
                              "secondary-network bridges only: the network of the packet (every policy flow of a "
                              "network matches it; it is also the network's conntrack zone)")
@@ -101,7 +106,8 @@ SECONDARY_REMOTE_ENDPOINT = RegField("SECONDARY_REMOTE_ENDPOINT", 5, 18, 18,
                                      "secondary-network bridges only: 1: the chosen endpoint is on another node")
 
 REG_FIELDS: tuple[RegField, ...] = (PORT_CLASS, TARGET_OFPORT, SERVICE_MASQ, AFFINITY_HIT, DIRECT_TARGET, ENDPOINT_IP,
-                                    ENDPOINT_PORT, SERVICE_GROUP, SECONDARY_NETWORK, SECONDARY_FROM_UPLINK,
+                                    ENDPOINT_PORT, SERVICE_GROUP, *ENDPOINT_IP6,
+                                    SECONDARY_NETWORK, SECONDARY_FROM_UPLINK,
                                     SECONDARY_AFFINITY_HIT, SECONDARY_REMOTE_ENDPOINT)
 
 FROM_POD = RegMark("FROM_POD", PORT_CLASS, 1, "the packet came from a local pod's port")
