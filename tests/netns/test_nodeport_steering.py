@@ -64,3 +64,43 @@ def test_kept_ports_change_in_place_and_redirects_keep_counting():
     finally:
         for ns in (NODE, PEER):
             veth.delete_netns(ns)
+
+
+def test_an_ipv6_node_address_is_steered_beside_the_ipv4_one():
+    """The node's IPv6 address gets its own redirects (u32 ip6 matches, their own priorities) on
+    the same interface; steering either family leaves the other's filters alone."""
+    require_root()
+    require_ovs()
+    teardown_prefix("sltc-")
+    try:
+        for ns in (NODE, PEER):
+            veth.ensure_netns(ns)
+        with ipr(NODE) as h:
+            h.link("add", ifname="up0", kind="veth", peer={"ifname": "up1", "net_ns_fd": PEER})
+            h.link("add", ifname="brx", kind="veth", peer={"ifname": "brx-peer"})
+            for name in ("up0", "brx", "brx-peer", "lo"):
+                h.link("set", index=h.link_lookup(ifname=name)[0], state="up")
+            up0 = h.link_lookup(ifname="up0")[0]
+            h.addr("add", index=up0, address="10.55.0.2", prefixlen=24)
+            h.addr("add", index=up0, address="fd00:55::2", prefixlen=64, flags=0x02)  # IFA_F_NODAD
+        with ipr(PEER) as h:
+            up1 = h.link_lookup(ifname="up1")[0]
+            h.addr("add", index=up1, address="fd00:55::1", prefixlen=64, flags=0x02)
+            h.link("set", index=up1, state="up")
+            h.neigh("add", dst="fd00:55::2", lladdr="02:00:00:00:00:02", ifindex=up1, state=0x80, family=10)
+        assert nodeport.interface_of(NODE, "fd00:55::2")[0] == "up0"
+        assert nodeport.steer(NODE, "up0", "10.55.0.2", "brx") is True
+        assert nodeport.steer(NODE, "up0", "fd00:55::2", "brx", keep=(31001,)) is True
+        assert nodeport.steer(NODE, "up0", "10.55.0.2", "brx") is False  # the IPv4 redirects stayed
+        assert nodeport.steer(NODE, "up0", "fd00:55::2", "brx", keep=(31001,)) is False
+        code = ("import socket; s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
+                "for _ in range(5): s.sendto(b'x', ('fd00:55::2', 30080))")
+        subprocess.run(["ip", "netns", "exec", PEER, sys.executable, "-c", code], check=True, timeout=30)
+        shown = nodeport._tc(NODE, "-s", "filter", "show", "dev", "up0", "ingress",
+                             "pref", nodeport.REDIRECT_PREF6).stdout
+        assert sum(int(n) for n in re.findall(r"Sent \d+ bytes (\d+) pkt", shown)) >= 5, shown
+        kept = nodeport._tc(NODE, "filter", "show", "dev", "up0", "ingress").stdout
+        assert re.search(r"match 00007919/0000ffff at 40", kept), kept  # port 31001 kept local (IPv6 header: 40)
+    finally:
+        for ns in (NODE, PEER):
+            veth.delete_netns(ns)

@@ -1,7 +1,7 @@
 """NodePorts on the node's own addresses reach br-int from outside (see netlink/nodeport.py).
 
 A producer of the sync loop owning the `steered/` namespace: for each node address NodePorts
-answer on, a tc filter on the interface holding it steers NodePort traffic into br-int, and a
+answer on (IPv4 and IPv6), a tc filter on the interface holding it steers NodePort traffic into br-int, and a
 flow on br-int takes it from that interface's uplink port. Health-check ports of Services with
 externalTrafficPolicy Local are answered by the node itself, so they are kept out of the filter;
 they change at any time, so updates are serialized and only a changed set re-steers.
@@ -37,7 +37,7 @@ class NodePortSteering:
             if keep == self._kept:
                 return
             self._kept = keep
-            for ip in self.cfg.node_port_ips:
+            for ip in (*self.cfg.node_port_ips, *self.cfg.node_port_ips6):
                 try:
                     ifname, mac = await asyncio.to_thread(nodeport.interface_of, self.netns, str(ip))
                     await asyncio.to_thread(nodeport.steer, self.netns, ifname, str(ip), self.bridge, keep=keep)
