@@ -31,23 +31,31 @@ def _send_udp(port: int, count: int) -> None:
     subprocess.run(["ip", "netns", "exec", PEER, sys.executable, "-c", code], check=True, timeout=30)
 
 
-def test_kept_ports_change_in_place_and_redirects_keep_counting():
+def _node_and_peer() -> None:
+    """The node's namespace with its uplink `up0` (to `up1` in the peer's) and `brx`, which stands
+    for br-int's LOCAL port; all up, no addresses yet."""
     require_root()
     require_ovs()
     teardown_prefix("sltc-")
+    for ns in (NODE, PEER):
+        veth.ensure_netns(ns)
+    with ipr(NODE) as h:
+        h.link("add", ifname="up0", kind="veth", peer={"ifname": "up1", "net_ns_fd": PEER})
+        h.link("add", ifname="brx", kind="veth", peer={"ifname": "brx-peer"})
+        for name in ("up0", "brx", "brx-peer", "lo"):
+            h.link("set", index=h.link_lookup(ifname=name)[0], state="up")
+    with ipr(PEER) as h:
+        for name in ("up1", "lo"):
+            h.link("set", index=h.link_lookup(ifname=name)[0], state="up")
+
+
+def test_kept_ports_change_in_place_and_redirects_keep_counting():
+    _node_and_peer()
     try:
-        for ns in (NODE, PEER):
-            veth.ensure_netns(ns)
         with ipr(NODE) as h:
-            h.link("add", ifname="up0", kind="veth", peer={"ifname": "up1", "net_ns_fd": PEER})
-            h.link("add", ifname="brx", kind="veth", peer={"ifname": "brx-peer"})  # stands for br-int's LOCAL
-            for name in ("up0", "brx", "brx-peer", "lo"):
-                h.link("set", index=h.link_lookup(ifname=name)[0], state="up")
             h.addr("add", index=h.link_lookup(ifname="up0")[0], address="10.55.0.2", prefixlen=24)
         with ipr(PEER) as h:
             h.addr("add", index=h.link_lookup(ifname="up1")[0], address="10.55.0.1", prefixlen=24)
-            h.link("set", index=h.link_lookup(ifname="up1")[0], state="up")
-            h.link("set", index=h.link_lookup(ifname="lo")[0], state="up")
             h.neigh("add", dst="10.55.0.2", lladdr="02:00:00:00:00:02", ifindex=h.link_lookup(ifname="up1")[0],
                     state=0x80)  # permanent: no ARP needed
         assert nodeport.steer(NODE, "up0", "10.55.0.2", "brx") is True
@@ -69,24 +77,15 @@ def test_kept_ports_change_in_place_and_redirects_keep_counting():
 def test_an_ipv6_node_address_is_steered_beside_the_ipv4_one():
     """The node's IPv6 address gets its own redirects (u32 ip6 matches, their own priorities) on
     the same interface; steering either family leaves the other's filters alone."""
-    require_root()
-    require_ovs()
-    teardown_prefix("sltc-")
+    _node_and_peer()
     try:
-        for ns in (NODE, PEER):
-            veth.ensure_netns(ns)
         with ipr(NODE) as h:
-            h.link("add", ifname="up0", kind="veth", peer={"ifname": "up1", "net_ns_fd": PEER})
-            h.link("add", ifname="brx", kind="veth", peer={"ifname": "brx-peer"})
-            for name in ("up0", "brx", "brx-peer", "lo"):
-                h.link("set", index=h.link_lookup(ifname=name)[0], state="up")
             up0 = h.link_lookup(ifname="up0")[0]
             h.addr("add", index=up0, address="10.55.0.2", prefixlen=24)
             h.addr("add", index=up0, address="fd00:55::2", prefixlen=64, flags=0x02)  # IFA_F_NODAD
         with ipr(PEER) as h:
             up1 = h.link_lookup(ifname="up1")[0]
             h.addr("add", index=up1, address="fd00:55::1", prefixlen=64, flags=0x02)
-            h.link("set", index=up1, state="up")
             h.neigh("add", dst="fd00:55::2", lladdr="02:00:00:00:00:02", ifindex=up1, state=0x80, family=10)
         assert nodeport.interface_of(NODE, "fd00:55::2")[0] == "up0"
         assert nodeport.steer(NODE, "up0", "10.55.0.2", "brx") is True
