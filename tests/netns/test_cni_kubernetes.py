@@ -239,3 +239,52 @@ def test_proxy_and_policy_are_switched_separately(api, tmp_path, flags):
                 time.sleep(0.1)
     finally:
         node.teardown()
+
+
+def test_an_ippool_of_both_families_gives_a_dual_stack_pod_one_address_of_each(api, tmp_path):
+    """IPPools hold IPv6 CIDRs too: a dual-stack node's pod gets a /32 and a /128 from a pool of both
+    families (a fixed IPv6 one by annotation), both recorded in the pool and released by DEL; a
+    pool of a family the node has no pods of is refused naming both."""
+    require_root()
+    require_ovs()
+    client, kubeconfig = api
+    teardown_prefix("slk9-n1")
+    node = LocalNode("n1", "10.244.31.0/24,fd00:10:244:31::/64", tmp_path / "lab9", prefix="slk9",
+                     kubeconfig=kubeconfig)
+    try:
+        node.start()
+        node.wait_ready()
+        ippool(client, "both", ["10.62.0.0/28", "fd00:62::/120"], excludes=["fd00:62::1"],
+               podSelector={"matchLabels": {"net": "both"}})
+        ippool(client, "six", ["fd00:63::/120"], podSelector={"matchLabels": {"net": "six"}})
+        pod(client, "default", "a", "n1", labels={"net": "both"})
+        pod(client, "default", "b", "n1", {"ipam.sanderling.io/ips": "fd00:62::99"}, labels={"net": "both"})
+        code, a = add(node, "default", "a", "d1")
+        assert code == 0, a
+        assert [ip["address"] for ip in a["ips"]] == ["10.62.0.1/32", "fd00:62::2/128"], a
+        code, b = add(node, "default", "b", "d2")
+        assert code == 0, b
+        assert [ip["address"] for ip in b["ips"]] == ["10.62.0.2/32", "fd00:62::99/128"], b
+        held = client.pool("both")["status"]["allocations"]
+        assert {ip: o["pod"] for ip, o in held.items()} == {"10.62.0.1": "default/a", "fd00:62::2": "default/a",
+                                                           "10.62.0.2": "default/b", "fd00:62::99": "default/b"}
+        # a's pool addresses answer from b over both families (the gateway on-link for a /128 too)
+        for dst in ("10.62.0.1", "fd00:62::2"):
+            ping = subprocess.run(["ip", "netns", "exec", f"{node.netns}-d2", "ping", "-c", "1", "-W", "2", dst],
+                                  capture_output=True, text=True, timeout=30)
+            assert ping.returncode == 0, ping.stdout + ping.stderr
+        assert delete(node, "d1") == 0
+        assert set(client.pool("both")["status"]["allocations"]) == {"10.62.0.2", "fd00:62::99"}
+    finally:
+        node.teardown()
+    teardown_prefix("slk8-n1")
+    v4 = LocalNode("n1", "10.244.32.0/24", tmp_path / "lab8", prefix="slk8", kubeconfig=kubeconfig)
+    try:
+        v4.start()
+        v4.wait_ready()
+        pod(client, "default", "c", "n1", labels={"net": "six"})
+        code, out = add(v4, "default", "c", "d3")
+        assert code == 1 and out["code"] == 101, out
+        assert "IPPool six holds IPv6 addresses only" in out["msg"] and "IPv4" in out["msg"], out
+    finally:
+        v4.teardown()

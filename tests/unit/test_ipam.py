@@ -222,3 +222,19 @@ def test_the_fixed_ip_annotation_takes_one_address_per_family():
                      ("nonsense", "'nonsense' is not an IP address"), ("[]", "names no address")):
         with pytest.raises(ModelError, match=why):
             parse_ips_annotation(bad, "pod/a/b")
+
+
+def test_an_ippool_of_both_families_is_computed_per_family():
+    from sanderling.model.ippool import IPPool
+
+    pool = IPPool.from_object({"metadata": {"name": "both"}, "spec": {
+        "cidrs": ["10.62.0.0/30", "fd00:62::/126"], "excludes": ["fd00:62::1", "10.62.0.2"]}})
+    assert pool.versions == (4, 6)
+    assert [str(ip) for ip in pool.usable(4)] == ["10.62.0.1"]
+    assert [str(ip) for ip in pool.usable(6)] == ["fd00:62::2", "fd00:62::3"]  # not the subnet's anycast ::0
+    assert (pool.usable_count(4), pool.usable_count(6), pool.usable_count()) == (1, 2, 3)
+    assert pool.contains(ipaddress.ip_address("fd00:62::3")) and not pool.contains(ipaddress.ip_address("fd00:62::1"))
+    assert not pool.contains(ipaddress.ip_address("10.62.0.2"))
+    six = IPPool.from_object({"metadata": {"name": "six"}, "spec": {"cidrs": ["fd00:63::/64"]}})
+    assert six.versions == (6,) and six.usable_count(4) == 0
+    assert six.usable_count(6) == 2 ** 64 - 1  # computed, never enumerated

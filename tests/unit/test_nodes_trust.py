@@ -90,3 +90,14 @@ def test_an_ipv6_only_node_is_an_ipv6_destination_over_its_ipv4_underlay():
 
     with pytest.raises(ModelError, match="spec.podCIDRs"):
         node_info(v6("n3", "fd00:10:244:1::5/64", "172.30.0.13"))  # host bits set
+
+
+def test_an_ipv6_pool_address_is_routed_via_its_nodes_next_hop():
+    from sanderling.model.nodes import NEXT_HOP6, node_info
+
+    n2 = node_info({"metadata": {"name": "n2", "annotations": {NEXT_HOP6: "fe80::2"}},
+                    "spec": {"podCIDRs": ["10.244.2.0/24", "fd00:10:244:2::/64"]},
+                    "status": {"addresses": [{"type": "InternalIP", "address": "172.30.0.12"}]}})
+    got = remotes("n1", [n2], [("n2", "fd00:62::7")], {"fd00:62::7": "n2"})
+    assert [(str(r.dst), str(r.via), r.via6) for r in got if r.dst.prefixlen == 128] == \
+        [("fd00:62::7/128", "172.30.0.12", "fe80::2")]

@@ -36,7 +36,7 @@ class ClusterView:
         self.service_cidr = service_cidr
         self.report = report
         self.nodes: dict[str, NodeInfo] = {}
-        self.pod_hosts: dict[str, tuple[str, str]] = {}
+        self.pod_hosts: dict[str, tuple[tuple[str, str], ...]] = {}  # pod -> (its node, one of its addresses)
         self.pool_holders: dict[str, dict[str, str]] = {}  # pool -> address -> node holding it
         self.node_errors: dict[str, str] = {}
         self.refused: dict[str, str] = {}
@@ -78,10 +78,14 @@ class ClusterView:
         host = None
         if obj is not None:
             node = (obj.get("spec") or {}).get("nodeName") or ""
-            ip = (obj.get("status") or {}).get("podIP") or ""
+            status = obj.get("status") or {}
+            # every address of the pod (a dual-stack pod from an IPPool has a pool address per family)
+            ips = tuple(str(e.get("ip") or "") for e in status.get("podIPs") or [] if isinstance(e, dict)) \
+                or ((status.get("podIP") or ""),)
             # a host-network pod's address is its node's (the agent's own pod among them): not a pod route
             on_host = bool((obj.get("spec") or {}).get("hostNetwork"))
-            host = (node, ip) if node and ip and not on_host else None
+            host = tuple((node, ip) for ip in ips if ip) if node and not on_host else None
+            host = host or None
         if host is None:
             if self.pod_hosts.pop(key, None) is None:
                 return
@@ -115,7 +119,8 @@ class ClusterView:
         self.refused = refused
         holders = {ip: node for pool in self.pool_holders.values() for ip, node in pool.items()}
         untrusted: list[str] = []
-        current = remotes(self.node_name, self.nodes.values(), self.pod_hosts.values(), holders, refused, untrusted)
+        current = remotes(self.node_name, self.nodes.values(), [p for pod in self.pod_hosts.values() for p in pod],
+                          holders, refused, untrusted)
         for item in sorted(set(untrusted) - set(self.untrusted)):
             log.error("pod address %s: outside that node's podCIDR and not an IPPool allocation of that node: "
                       "not routed", item)

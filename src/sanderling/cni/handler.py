@@ -183,7 +183,8 @@ class CniHandler:
                 alloc = await self.allocations.submit(request)
             else:
                 assert self.cluster is not None
-                alloc = await asyncio.to_thread(self.cluster.allocate, pool, request)
+                alloc = await asyncio.to_thread(self.cluster.allocate, pool, request,
+                                                tuple(c.version for c in self.node.pod_cidrs))
         except (IpamError, ModelError) as exc:
             code = exc.code if isinstance(exc, IpamError) else E.E_BAD_CONFIG
             message = exc.msg if isinstance(exc, IpamError) else str(exc)
@@ -264,7 +265,8 @@ class CniHandler:
             prefix = self.node.pod_cidr.prefixlen if alloc.pool == "node" and self.node.pod_cidr else 32
             address, gateway = f"{alloc.v4}/{prefix}", str(self.node.gateway_ip)
         if alloc.v6 and self.node.pod_cidr6:
-            address6, gateway6 = f"{alloc.v6}/{self.node.pod_cidr6.prefixlen}", str(self.node.gateway_ip6)
+            prefix6 = self.node.pod_cidr6.prefixlen if alloc.pool == "node" else 128
+            address6, gateway6 = f"{alloc.v6}/{prefix6}", str(self.node.gateway_ip6)
         ips = ",".join(alloc.ips)
         try:
             self.node.check_pod(PodPort.build(who.namespace, who.name, 1, mac, ips, ifname))
@@ -515,7 +517,7 @@ class CniHandler:
             if not ip:  # an IPv6-only node's pod: its address is the row's primary one
                 ip, ip6 = ip6, ""
             pool = "node" if any(addr in c for c in self.node.pod_cidrs if c.version == addr.version) else next(
-                (POOL_PREFIX + p.name for p in pools if addr.version == 4 and p.contains(addr)), "")
+                (POOL_PREFIX + p.name for p in pools if p.contains(addr)), "")
             if not pool:
                 log.error("restore: %s of %s is in no pool of this node; not restored", ip, rec.name)
                 continue

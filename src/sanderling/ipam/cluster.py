@@ -62,23 +62,25 @@ class ClusterIpam:
             mac = parse_mac(where, f"annotation {ANNOTATION_MAC}", annotations[ANNOTATION_MAC])
         pools = self.pools()
         node_text = ", ".join(map(str, node_cidrs))
-        if requested6:
-            ip6 = ipaddress.IPv6Address(requested6.split("/")[0])
-            if not any(ip6 in c for c in node_cidrs if c.version == 6):
-                raise outside_error(str(ip6), node_text, [])  # IPPools hold IPv4 addresses
-        if requested:
-            ip = ipaddress.IPv4Address(requested.split("/")[0])
-            if any(ip in c for c in node_cidrs if c.version == 4):
-                return requested, requested6, mac, None
-            if requested6:
-                raise IpamError(E_OUTSIDE_POOLS, f"requested address {ip} is outside this node's pod subnets "
-                                                 f"({node_text}); an IPPool address has no IPv6 twin")
+        # each requested address is in one of the node's subnets or in an IPPool; both in one place
+        homes: list[IPPool | None] = []
+        for asked in (requested, requested6):
+            if not asked:
+                continue
+            ip = ipaddress.ip_address(asked.split("/")[0])
+            if any(ip in c for c in node_cidrs if c.version == ip.version):
+                homes.append(None)
+                continue
             pool = self.pool_containing(ip, pools)
             if pool is None:
                 raise outside_error(str(ip), node_text, pools)
-            return str(ip), None, mac, pool
-        if requested6:
-            return None, requested6, mac, None
+            homes.append(pool)
+        if homes:
+            if len(homes) == 2 and homes[0] is not homes[1]:
+                where_from = ", ".join("the node's subnets" if h is None else f"IPPool {h.name}" for h in homes)
+                raise IpamError(E_OUTSIDE_POOLS, f"requested addresses {requested} and {requested6} come from "
+                                                 f"different places ({where_from}); ask for both from one")
+            return requested, requested6, mac, homes[0]
         ns_labels, ns_annotations = self.api.namespace_labels(namespace)
         named = annotations.get(ANNOTATION_POOL) or ns_annotations.get(ANNOTATION_POOL)
         if named:
@@ -90,35 +92,50 @@ class ClusterIpam:
             return None, None, mac, found
         return None, None, mac, next((p for p in pools if p.selects(ns_labels, labels)), None)
 
-    def pool_containing(self, ip: ipaddress.IPv4Address, pools: list[IPPool]) -> IPPool | None:
+    def pool_containing(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+                        pools: list[IPPool]) -> IPPool | None:
         return next((p for p in pools if p.contains(ip)), None)
 
-    def allocate(self, pool: IPPool, req: Request) -> Allocation:
+    def allocate(self, pool: IPPool, req: Request, versions: tuple[int, ...] = (4,)) -> Allocation:
+        """One address of each family in both `versions` (the node's) and the pool (IPv4 first:
+        the allocation's `ip`, then its `ip6`), each an entry of the pool's allocations."""
         owner = {"pod": f"{req.pod_namespace}/{req.pod_name}", "node": self.node, "containerID": req.container_id,
                  "ifname": req.ifname}
+        families = [v for v in pool.versions if v in versions]
+        if not families:
+            have = " and ".join(f"IPv{v}" for v in pool.versions)
+            raise IpamError(E_OUTSIDE_POOLS, f"IPPool {pool.name} holds {have} addresses only; this node's pods are "
+                                             + " and ".join(f"IPv{v}" for v in versions))
+        wanted = {4: req.ip, 6: req.ip6}
 
-        def change(_obj: Any, allocations: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+        def change(_obj: Any, allocations: dict[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
             mine = [ip for ip, o in allocations.items()
                     if o.get("containerID") == req.container_id and o.get("ifname") == req.ifname]
             if mine:
-                return None, mine[0]
-            if req.ip:
-                holder = allocations.get(req.ip)
-                if holder is not None:
-                    raise IpamError(E_IP_IN_USE, f"requested address {req.ip} of pool {pool.name} is already in use "
-                                                 f"by {holder.get('pod')} on node {holder.get('node')}")
-                allocations[req.ip] = owner
-                return allocations, req.ip
-            for ip in pool.usable():
-                if str(ip) not in allocations:
-                    allocations[str(ip)] = owner
-                    return allocations, str(ip)
-            raise IpamError(E_EXHAUSTED, f"IPPool {pool.name} ({', '.join(map(str, pool.cidrs))}, "
-                                         f"{pool.usable_count()} addresses) is exhausted")
+                return None, sorted(mine, key=lambda ip: ":" in ip)
+            got: list[str] = []
+            for version in families:
+                fixed = (wanted[version] or "").split("/")[0]
+                if fixed:
+                    holder = allocations.get(fixed)
+                    if holder is not None:
+                        raise IpamError(E_IP_IN_USE, f"requested address {fixed} of pool {pool.name} is already in "
+                                                     f"use by {holder.get('pod')} on node {holder.get('node')}")
+                    allocations[fixed] = owner
+                    got.append(fixed)
+                    continue
+                free = next((str(ip) for ip in pool.usable(version) if str(ip) not in allocations), None)
+                if free is None:
+                    kind = f"IPv{version} " if len(pool.versions) > 1 else ""
+                    raise IpamError(E_EXHAUSTED, f"IPPool {pool.name} ({', '.join(map(str, pool.cidrs))}, "
+                                                 f"{pool.usable_count(version)} {kind}addresses) is exhausted")
+                allocations[free] = owner
+                got.append(free)
+            return allocations, got
 
-        ip = self.api.update_pool_allocations(pool.name, change)
-        alloc = Allocation(ip, PREFIX + pool.name, req.container_id, req.ifname, req.pod_namespace, req.pod_name,
-                           req.mac)
+        ips = self.api.update_pool_allocations(pool.name, change)
+        alloc = Allocation(ips[0], PREFIX + pool.name, req.container_id, req.ifname, req.pod_namespace, req.pod_name,
+                           req.mac, ips[1] if len(ips) > 1 else "")
         try:
             with self.store.transaction() as txn:
                 if txn.find(req.container_id, req.ifname) is None:
@@ -132,11 +149,11 @@ class ClusterIpam:
         pool = alloc.pool[len(PREFIX):]
 
         def change(_obj: Any, allocations: dict[str, Any]) -> tuple[dict[str, Any] | None, None]:
-            owner = allocations.get(alloc.ip)
-            if owner is None or owner.get("containerID") != alloc.container_id:
-                return None, None
-            del allocations[alloc.ip]
-            return allocations, None
+            gone = [ip for ip in alloc.ips
+                    if (allocations.get(ip) or {}).get("containerID") == alloc.container_id]
+            for ip in gone:
+                del allocations[ip]
+            return (allocations if gone else None), None
 
         try:
             self.api.update_pool_allocations(pool, change)

@@ -1,7 +1,7 @@
 """IPPool (ipam.sanderling.io/v1alpha1): cluster-wide address pools and who may use them.
 
 spec:
-  cidrs: ["10.50.0.0/24"]              # where addresses come from
+  cidrs: ["10.50.0.0/24", "fd00:50::/112"]   # where addresses come from (IPv4, IPv6 or both)
   excludes: ["10.50.0.1", "10.50.0.8/29"]
   namespaceSelector: {matchLabels: {tier: telco}}   # optional: which pods get it by default
   podSelector: {matchLabels: {app: upf}}
@@ -24,11 +24,17 @@ ANNOTATION_MAC = "ipam.sanderling.io/mac"
 ANNOTATION_POOL = "ipam.sanderling.io/pool"
 
 
+Net = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
 @dataclass(frozen=True)
 class IPPool:
+    """A pod drawing from a pool gets one address of each family both the pool and its node have."""
+
     name: str
-    cidrs: tuple[ipaddress.IPv4Network, ...]
-    excludes: tuple[ipaddress.IPv4Network, ...]
+    cidrs: tuple[Net, ...]
+    excludes: tuple[Net, ...]
     namespace_labels: tuple[tuple[str, str], ...] | None
     pod_labels: tuple[tuple[str, str], ...] | None
     network: str = ""  # "namespace/name" of the secondary network it serves; "" for the pod network
@@ -37,18 +43,30 @@ class IPPool:
     def size(self) -> int:
         return sum(n.num_addresses for n in self.cidrs)
 
-    def contains(self, ip: ipaddress.IPv4Address) -> bool:
-        return any(ip in n for n in self.cidrs) and not any(ip in e for e in self.excludes)
+    @property
+    def versions(self) -> tuple[int, ...]:
+        """The address families (4, 6) the pool has CIDRs of, in that order."""
+        return tuple(v for v in (4, 6) if any(n.version == v for n in self.cidrs))
 
-    def _host_ranges(self) -> Iterator[tuple[int, int]]:
-        """(first, last) integer ranges of the pool's usable addresses: its CIDRs' hosts minus the
-        excludes, computed, never enumerated (a /8 pool is 16 million addresses)."""
-        holes = [(int(e.network_address), int(e.broadcast_address))
-                 for e in ipaddress.collapse_addresses(self.excludes)]
+    def contains(self, ip: Address) -> bool:
+        return any(ip.version == n.version and ip in n for n in self.cidrs) and \
+            not any(ip.version == e.version and ip in e for e in self.excludes)
+
+    def _host_ranges(self, version: int | None = None) -> Iterator[tuple[int, int]]:
+        """(first, last) integer ranges of the pool's usable addresses (of one family): its CIDRs'
+        hosts minus the excludes, computed, never enumerated (a /8 pool is 16 million addresses).
+        IPv4 leaves out network and broadcast, IPv6 the subnet's first address (its anycast one)."""
         for net in self.cidrs:
+            if version is not None and net.version != version:
+                continue
+            holes = [(int(e.network_address), int(e.broadcast_address))
+                     for e in ipaddress.collapse_addresses(x for x in self.excludes  # type: ignore[type-var]
+                                                           if x.version == net.version)]
             lo, hi = int(net.network_address), int(net.broadcast_address)
-            if net.prefixlen < 31:
+            if net.version == 4 and net.prefixlen < 31:
                 lo, hi = lo + 1, hi - 1
+            elif net.version == 6 and net.prefixlen < 127:
+                lo += 1
             cur = lo
             for start, end in holes:
                 if end < cur or start > hi:
@@ -59,14 +77,15 @@ class IPPool:
             if cur <= hi:
                 yield cur, hi
 
-    def usable(self) -> Iterator[ipaddress.IPv4Address]:
-        """Usable addresses in order, lazily: allocation stops at the first free one."""
-        for first, last in self._host_ranges():
+    def usable(self, version: int = 4) -> Iterator[Address]:
+        """Usable addresses of a family in order, lazily: allocation stops at the first free one."""
+        kind = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
+        for first, last in self._host_ranges(version):
             for value in range(first, last + 1):
-                yield ipaddress.IPv4Address(value)
+                yield kind(value)
 
-    def usable_count(self) -> int:
-        return sum(last - first + 1 for first, last in self._host_ranges())
+    def usable_count(self, version: int | None = None) -> int:
+        return sum(last - first + 1 for first, last in self._host_ranges(version))
 
     def selects(self, namespace_labels: dict[str, str], pod_labels: dict[str, str]) -> bool:
         """A pool with no selector selects nobody by default (it is used by name only)."""
@@ -82,13 +101,13 @@ class IPPool:
         where = f"ippool/{name}"
         spec = obj.get("spec") or {}
         try:
-            cidrs = tuple(ipaddress.IPv4Network(c, strict=False) for c in spec.get("cidrs") or [])
+            cidrs = tuple(ipaddress.ip_network(c, strict=False) for c in spec.get("cidrs") or [])
         except (ValueError, TypeError) as exc:
             raise ModelError(where, "spec.cidrs", str(exc)) from None
         if not cidrs:
-            raise ModelError(where, "spec.cidrs", "at least one IPv4 CIDR is required")
+            raise ModelError(where, "spec.cidrs", "at least one CIDR is required")
         try:
-            excludes = tuple(ipaddress.IPv4Network(e, strict=False) for e in spec.get("excludes") or [])
+            excludes = tuple(ipaddress.ip_network(e, strict=False) for e in spec.get("excludes") or [])
         except (ValueError, TypeError) as exc:
             raise ModelError(where, "spec.excludes", str(exc)) from None
         network = spec.get("network") or ""

@@ -158,7 +158,8 @@ def remotes(self_name: str, nodes: Iterable[NodeInfo], pods: Iterable[tuple[str,
                                             if c is not None and c.version == ip.version):
             continue  # inside its node's (routed) subnet
         if holders.get(str(ip)) == host.name:
-            out.add(Remote(ipaddress.ip_network(f"{ip}/{ip.max_prefixlen}"), host.internal_ip, host.name))
+            out.add(Remote(ipaddress.ip_network(f"{ip}/{ip.max_prefixlen}"), host.internal_ip, host.name,
+                           host.next_hop6 if ip.version == 6 else ""))
         elif untrusted is not None:
             untrusted.append(f"{ip} on node {host.name}")
     return sorted(out, key=Remote.sort_key)

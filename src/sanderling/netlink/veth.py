@@ -180,6 +180,8 @@ def configure_inside(pod: PodInterface, tx_checksum_off: bool = False) -> None:
                     inner.replace_route(f"{pod.gateway}/32", idx)  # a pool address: the gateway is on-link
                 inner.replace_route("0.0.0.0/0", idx, pod.gateway)
             if pod.gateway6:
+                if ipaddress.IPv6Interface(pod.ip6_cidr).network.prefixlen == 128:
+                    inner.replace_route(f"{pod.gateway6}/128", idx)  # a pool address: the gateway is on-link
                 inner.replace_route("::/0", idx, pod.gateway6)
     except OSError as exc:
         raise PlumbingError(f"configuring {pod.ifname} in netns {pod.netns} failed: {exc}") from exc
@@ -225,6 +227,8 @@ def _plumb_converge(pod: PodInterface, node_netns: str | None) -> str:
                     inner.route("replace", dst=f"{pod.gateway}/32", oif=idx, scope=253)
                 inner.route("replace", dst="0.0.0.0/0", gateway=pod.gateway, oif=idx)
             if pod.gateway6:
+                if ipaddress.IPv6Interface(pod.ip6_cidr).network.prefixlen == 128:
+                    inner.route("replace", dst=f"{pod.gateway6}/128", oif=idx, family=10)
                 inner.route("replace", dst="::/0", gateway=pod.gateway6, oif=idx, family=10)
     except PlumbingError:
         raise
