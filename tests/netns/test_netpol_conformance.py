@@ -1,6 +1,6 @@
 """NetworkPolicy truth tables from ../shared with real traffic on a 3-node lab (two of the files:
 the whole set runs with `sanderling conformance netpol ../shared/conformance/netpol/*.yaml`), on
-the embedded API server and on the upstream control plane; and two on an IPv6-only lab."""
+the embedded API server and on the upstream control plane; and two on an IPv6-only lab (upstream)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ DIR = Path(__file__).resolve().parents[3] / "shared" / "conformance" / "netpol"
 @pytest.mark.parametrize("control_plane,ip_family,names", [
     ("sanderling", "ipv4", ("np01", "np14")),
     ("kubernetes", "ipv4", ("np01", "np14")),
-    # IPv6-only nodes: the ipBlock file derived to IPv6 (its /32 of a pod's address a /128)
-    ("sanderling", "ipv6", ("np14", "np34")),
+    # IPv6-only nodes on the upstream control plane: the ipBlock file derived to IPv6 (its /32 of a
+    # pod's address a /128); the IPv6-only lab on the embedded one runs in test_lab
+    ("kubernetes", "ipv6", ("np14", "np34")),
 ])
 def test_netpol_conformance_default_deny_ports_and_ipblock(control_plane, ip_family, names):
     require_root()

@@ -99,11 +99,10 @@ class Lab:
             raise SystemExit(f"sanderling lab: --mode {mode}: choose routed or overlay")
         if ip_family not in ("ipv4", "dual", "ipv6"):
             raise SystemExit(f"sanderling lab: --ip-family {ip_family}: choose ipv4, dual or ipv6")
-        if ip_family == "ipv6" and control_plane == "kubernetes":
-            raise SystemExit("sanderling lab: --ip-family ipv6 runs on the embedded control plane only so far "
-                             "(kube-apiserver wants an IPv6 advertise address for an IPv6 Service range, and the "
-                             "lab's API listens on the IPv4 underlay); use --ip-family dual with --control-plane "
-                             "kubernetes")
+        if ip_family == "ipv6" and agents == "daemonset":
+            raise SystemExit("sanderling lab: --ip-family ipv6 runs the agents as processes (in-cluster agents "
+                             "would reach the API through the `kubernetes` Service, which has no endpoints on an "
+                             "IPv6-only lab whose API listens on the IPv4 underlay)")
         self.ip_family = ip_family
         if agents == "daemonset" and (control_plane != "kubernetes" or multus):
             raise SystemExit("sanderling lab: --agents daemonset needs --control-plane kubernetes (the DaemonSet "
@@ -211,7 +210,7 @@ class Lab:
         self._save_partial(port, extra)
         pids["relay"] = self._start_relay(port)
         kcp = KubernetesControlPlane(self.state_dir, self.controlplane_netns, pki, str(API_UNDERLAY_IP), API_PORT,
-                                     port, self.ip_family == "dual")
+                                     port, self.family)
         try:
             pids.update(kcp.start(nodes))
         finally:
@@ -361,7 +360,7 @@ class Lab:
             if while_down is not None:
                 while_down()
             kcp = KubernetesControlPlane(self.state_dir, self.controlplane_netns, self.pki, str(API_UNDERLAY_IP),
-                                         API_PORT, state["api_port"], state.get("ip_family") == "dual")
+                                         API_PORT, state["api_port"], self.family)
             state["pids"]["kube-apiserver"] = kcp.start_apiserver()
             (self.state_dir / "state.json").write_text(json.dumps(state, indent=2))
             kcp.wait_ready(90)

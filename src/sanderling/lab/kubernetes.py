@@ -87,7 +87,7 @@ class KubernetesControlPlane:
     api_ip: str
     api_port: int
     host_port: int  # the lab's relay from the host's loopback to the API
-    dual_stack: bool = False  # pod and service CIDRs of both families (IPv4 first)
+    ip_family: str = "ipv4"  # "dual": pod and service CIDRs of both families (IPv4 first); "ipv6": IPv6 only
 
     @property
     def tokens(self) -> Tokens:
@@ -105,13 +105,17 @@ class KubernetesControlPlane:
         return key
 
     def _service_cidrs(self) -> str:
-        return f"{SERVICE_CIDR},{SERVICE_CIDR6}" if self.dual_stack else SERVICE_CIDR
+        return {"dual": f"{SERVICE_CIDR},{SERVICE_CIDR6}", "ipv6": SERVICE_CIDR6}.get(self.ip_family, SERVICE_CIDR)
 
     def _cidr_flags(self) -> list[str]:
-        """The controller manager's node IPAM: a /24 per node, and a /64 when dual-stack."""
-        if not self.dual_stack:
+        """The controller manager's node IPAM: a /24 per node, a /64 when dual-stack, only the /64
+        when IPv6-only."""
+        if self.ip_family == "ipv4":
             return ["--cluster-cidr", CLUSTER_CIDR, "--node-cidr-mask-size", "24",
                     "--service-cluster-ip-range", SERVICE_CIDR]
+        if self.ip_family == "ipv6":
+            return ["--cluster-cidr", CLUSTER_CIDR6, "--node-cidr-mask-size", "64",
+                    "--service-cluster-ip-range", SERVICE_CIDR6]
         return ["--cluster-cidr", f"{CLUSTER_CIDR},{CLUSTER_CIDR6}", "--node-cidr-mask-size-ipv4", "24",
                 "--node-cidr-mask-size-ipv6", "64", "--service-cluster-ip-range", self._service_cidrs()]
 
@@ -160,6 +164,9 @@ class KubernetesControlPlane:
             "--client-ca-file", str(self.pki.ca_cert), "--token-auth-file", str(self.tokens.path),
             "--authorization-mode", "Node,RBAC", "--enable-admission-plugins", "NodeRestriction",
             "--service-cluster-ip-range", self._service_cidrs(), "--service-node-port-range", NODE_PORT_RANGE,
+            # IPv6-only: the API listens on the IPv4 underlay, and the `kubernetes` Service (IPv6, from
+            # the primary range) may not have endpoints of the other family; clients use the kubeconfig
+            *(["--endpoint-reconciler-type", "none"] if self.ip_family == "ipv6" else []),
             "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
             "--service-account-key-file", str(sa_key), "--service-account-signing-key-file", str(sa_key),
             "--allow-privileged", "--profiling=false", "--v", "1"])
