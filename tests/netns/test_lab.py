@@ -58,20 +58,34 @@ def capture(argv: list[str], seconds: float, *probes: list[str]) -> list[str]:
     return (proc.communicate(timeout=10)[0] or "").splitlines()
 
 
-def assert_balanced_and_refused(connect: list[str], mode: str) -> None:
-    """The Service (`connect` ends with its address) answered by several pods from a pod and, in
-    routed mode, from the node (in overlay mode a node has no routes to other nodes' pods); a port
-    it does not serve refused at once."""
+def assert_node_reaches_every_pod() -> None:
+    """node1's own kernel reaches every pod over each of its addresses: on other nodes too (routed
+    via their underlay address; overlay into br-int, whose flows tunnel it)."""
+    targets = [e["ip"] for p in pods_by_name().values() for e in p["status"].get("podIPs") or []]
+    assert targets
+    for ip in targets:
+        ping = subprocess.run(["ip", "netns", "exec", f"{NAME}-node1", "ping", "-c", "1", "-W", "2", ip],
+                              capture_output=True, text=True, timeout=30)
+        assert ping.returncode == 0, f"node1 -> {ip}: {ping.stdout}{ping.stderr}"
+
+
+def assert_balanced_and_refused(connect: list[str]) -> None:
+    """The Service (`connect` ends with its address) answered by several pods from a pod and from
+    the node (whose kernel routes other nodes' pods via the underlay, or in overlay mode into
+    br-int's tunnel); a port it does not serve refused at once."""
     deadline = time.monotonic() + 30
     answered: set[str] = set()
     while time.monotonic() < deadline and len(answered) < 2:  # (until the agents have the Service)
         got = lab("exec", "demo/web-0", "--", *connect, "80", "--timeout", "1")
         answered |= {got.stdout.strip()} if got.returncode == 0 else set()
     assert len(answered) >= 2 and answered <= {f"web-{i}" for i in range(6)}, answered
-    if mode == "routed":
+    answered = set()
+    for _ in range(6):  # endpoints on other nodes among them
         from_node = subprocess.run(["ip", "netns", "exec", f"{NAME}-node1", *connect, "80", "--timeout", "2"],
                                    capture_output=True, text=True, timeout=30)
         assert from_node.returncode == 0 and from_node.stdout.strip().startswith("web-"), from_node.stderr
+        answered.add(from_node.stdout.strip())
+    assert len(answered) >= 2, answered
     refused = lab("exec", "demo/web-0", "--", *connect, "81", "--timeout", "2")
     assert refused.returncode != 0 and "refused" in (refused.stdout + refused.stderr), refused
 
@@ -151,7 +165,8 @@ def test_lab_both_modes_matrix_capture_kubectl_and_down(running_lab):
     assert svc["spec"]["ipFamilies"] == ["IPv4", "IPv6"], svc["spec"]
     vip6 = svc["spec"]["clusterIPs"][1]
     connect = [sys.executable, "-m", "sanderling.probe", "connect", "tcp", vip6]
-    assert_balanced_and_refused(connect, mode)
+    assert_balanced_and_refused(connect)
+    assert_node_reaches_every_pod()
 
 
 @pytest.fixture(params=["routed", "overlay"])
@@ -192,7 +207,8 @@ def test_an_ipv6_only_lab_in_both_modes(ipv6_lab, tmp_path):
     svc = json.loads(lab("get", "services", "-n", "demo", "-o", "json").stdout)[0]
     assert svc["spec"]["ipFamilies"] == ["IPv6"] and ":" in svc["spec"]["clusterIP"], svc["spec"]
     connect = [sys.executable, "-m", "sanderling.probe", "connect", "tcp", svc["spec"]["clusterIP"]]
-    assert_balanced_and_refused(connect, mode)
+    assert_balanced_and_refused(connect)
+    assert_node_reaches_every_pod()
     # ClientIP affinity over IPv6: once the agents have it, every connection of the client goes to one pod
     svc["spec"]["sessionAffinity"] = "ClientIP"
     manifest.write_text(json.dumps(svc))

@@ -105,7 +105,7 @@ def delete_netns(name: str) -> None:
         netns.remove(name)
 
 
-def _ethtool_tx_off(ifname: str, ns: str | None) -> None:
+def ethtool_tx_off(ifname: str, ns: str | None) -> None:
     """The userspace datapath does not fill in checksums a veth left to offload."""
     argv = ["ethtool", "-K", ifname, "tx", "off"]
     if ns:
@@ -134,8 +134,8 @@ def converge(pod: PodInterface, node_netns: str | None = None, tx_checksum_off: 
     """An existing (possibly half-made) pair brought to the pod's configuration."""
     host_mac = _plumb_converge(pod, node_netns)
     if tx_checksum_off:
-        _ethtool_tx_off(pod.host_ifname, node_netns)
-        _ethtool_tx_off(pod.ifname, pod.netns)
+        ethtool_tx_off(pod.host_ifname, node_netns)
+        ethtool_tx_off(pod.ifname, pod.netns)
     return host_mac
 
 
@@ -160,7 +160,7 @@ def create_pair(pod: PodInterface, node_netns: str | None = None, tx_checksum_of
     except OSError as exc:
         raise PlumbingError(f"plumbing {pod.host_ifname} into netns {pod.netns} failed: {exc}") from exc
     if tx_checksum_off:
-        _ethtool_tx_off(pod.host_ifname, node_netns)
+        ethtool_tx_off(pod.host_ifname, node_netns)
     return host_mac
 
 
@@ -186,7 +186,7 @@ def configure_inside(pod: PodInterface, tx_checksum_off: bool = False) -> None:
     except OSError as exc:
         raise PlumbingError(f"configuring {pod.ifname} in netns {pod.netns} failed: {exc}") from exc
     if tx_checksum_off:
-        _ethtool_tx_off(pod.ifname, pod.netns)
+        ethtool_tx_off(pod.ifname, pod.netns)
 
 
 def _plumb_converge(pod: PodInterface, node_netns: str | None) -> str:
