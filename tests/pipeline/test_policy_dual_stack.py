@@ -1,6 +1,7 @@
 """NetworkPolicy on dual-stack pods, verdicts by OVS itself (ofproto/trace on a dummy-datapath
 bridge): a pod peer allows all of its addresses, an IPv6 ipBlock (with an except) IPv6 sources
-only, an IPv4 one IPv4 sources only; the isolated pod's IPv6 is denied by default like its IPv4."""
+only, an IPv4 one IPv4 sources only; the isolated pod's IPv6 is denied by default like its IPv4;
+an ICMPv6 error related to its connection passes."""
 
 from __future__ import annotations
 
@@ -60,6 +61,14 @@ def test_policy_verdicts_over_both_families(dummy_ovs, dummy_db):
                     for s in (1, 2) for port in (80, 81, 82) for family in (4, 6)}
         # the policy selects p0 only: p0 -> p1 is open over both families
         open_ = {family: _allowed(bridge, PODS[0], PODS[1], 80, family) for family in (4, 6)}
+        # an ICMPv6 error to the isolated p0 (port unreachable about a connection of p0's) passes as
+        # related; the same packet of no connection is denied like any new one
+        p2, p0 = PODS[2], PODS[0]
+        error = (f"in_port={p2['ofport']},dl_src={p2['mac']},dl_dst={NODE.gateway_mac},icmp6,"
+                 f"ipv6_src={p2['ip6']},ipv6_dst={p0['ip6']},nw_ttl=64,icmpv6_type=1,icmpv6_code=4")
+        related = {state: bridge.runtime.appctl("ofproto/trace", *(["--ct-next", state] * 4), bridge.name, error)
+                   for state in ("trk,rel", "trk,new")}
+        to_p0 = bridge.dp_port(p0["ofport"])
     finally:
         bridge.delete()
     assert verdicts == {
@@ -71,3 +80,7 @@ def test_policy_verdicts_over_both_families(dummy_ovs, dummy_db):
         (2, 82, 4): True, (2, 82, 6): False,  # the IPv4 block: p2's IPv4 address only
     }, verdicts
     assert open_ == {4: True, 6: True}
+    last = {state: [ln for ln in trace.splitlines() if ln.startswith("Datapath actions:")][-1].split(":", 1)[1]
+            for state, trace in related.items()}
+    assert last["trk,rel"].strip().split(",")[-1] == to_p0, related["trk,rel"]  # delivered to p0
+    assert last["trk,new"].strip() == "drop", related["trk,new"]
