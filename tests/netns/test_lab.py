@@ -182,7 +182,8 @@ def ipv6_lab(request):
 def test_an_ipv6_only_lab_in_both_modes(ipv6_lab, tmp_path):
     """IPv6-only nodes over the IPv4 underlay: every pod has one address, IPv6; the whole matrix over
     it; an IPv6 single-stack Service answered by the pods (and, routed, the node), an unserved port
-    refused, then ClientIP affinity; on the wire the pods' own addresses (routed) or VXLAN (overlay)."""
+    refused, then ClientIP affinity, then a NodePort from outside to each node's IPv6 address; on the
+    wire the pods' own addresses (routed) or VXLAN (overlay)."""
     mode, up = ipv6_lab
     assert up.returncode == 0, up.stdout + up.stderr
     assert "(90 probes over IPv6)" in up.stderr, up.stderr
@@ -223,6 +224,24 @@ def test_an_ipv6_only_lab_in_both_modes(ipv6_lab, tmp_path):
         if list(counts.values()) == [40]:
             break
     assert len(counts) == 1 and next(iter(counts)).startswith("web-"), counts
+    # a NodePort from outside to each node's own IPv6 address (on the fabric), steered into br-int
+    nodeport = {**service, "metadata": {"name": "web-np", "namespace": "demo"},
+                "spec": {**service["spec"], "type": "NodePort"}}
+    manifest.write_text(json.dumps(nodeport))
+    assert lab("apply", "-f", str(manifest)).returncode == 0
+    port = next(s for s in json.loads(lab("get", "services", "-n", "demo", "-o", "json").stdout)
+                if s["metadata"]["name"] == "web-np")["spec"]["ports"][0]["nodePort"]
+    subprocess.run(["ip", "netns", "exec", f"{NAME}-fabric", "ip", "addr", "add", "fd00:172:30::1/64", "dev",
+                    "fabric0", "nodad"], check=True)
+    for node_ip in ("fd00:172:30::b", "fd00:172:30::c", "fd00:172:30::d"):  # node1..3 (10 + i)
+        deadline = time.monotonic() + 30
+        while True:  # (until that node's agent has the Service)
+            got = subprocess.run(["ip", "netns", "exec", f"{NAME}-fabric", sys.executable, "-m", "sanderling.probe",
+                                  "connect", "tcp", node_ip, str(port), "--timeout", "1"],
+                                 capture_output=True, text=True, timeout=30)
+            if got.returncode == 0 or time.monotonic() > deadline:
+                break
+        assert got.returncode == 0 and got.stdout.strip().startswith("web-"), (node_ip, got.stderr)
 
 
 def _netns_names() -> set[str]:

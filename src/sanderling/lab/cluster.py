@@ -50,6 +50,9 @@ EXTERNAL_NIC = "ext0"  # `lab up --br-ext`: the external bridge's uplink
 EXTERNAL_CONTROLLER_PORT = 6653  # where br-ext looks for its controller: the fabric's own address
 STATE_ROOT = Path("/run/sanderling-lab")
 UNDERLAY = ipaddress.IPv4Network("172.30.0.0/24")
+# dual-stack and IPv6-only labs: each node's IPv6 address on the same fabric (NodePorts over IPv6;
+# pod traffic between nodes stays on the IPv4 underlay)
+UNDERLAY6 = ipaddress.IPv6Network("fd00:172:30::/64")
 OUTSIDE_IP = UNDERLAY.network_address + 1  # the fabric namespace's own address: a client outside the cluster
 API_UNDERLAY_IP = UNDERLAY.network_address + 2
 API_PORT = 6443
@@ -163,7 +166,8 @@ class Lab:
                 install_multus(node.dir, self.node_kubeconfig,
                                conflist(node.cni_network, node.cni_socket, node.mtu, node.cni_conf_version))
             node.start(agent=False)  # the underlay first: the agents talk to the API and each other over it
-            node.attach_underlay(self.fabric, BRIDGE, f"{rec['underlay_ip']}/{UNDERLAY.prefixlen}")
+            node.attach_underlay(self.fabric, BRIDGE, f"{rec['underlay_ip']}/{UNDERLAY.prefixlen}",
+                                 f"{rec['underlay_ip6']}/{UNDERLAY6.prefixlen}" if rec.get("underlay_ip6") else "")
             for nic in (PROVIDER_NIC, DATA_NIC):  # secondary networks' cables: VLANs, and macvlan masters
                 node.attach_nic(self.fabric, BRIDGE, nic)
             if br_ext:  # the external bridge's uplink, on the fabric where the operator's network is
@@ -386,12 +390,15 @@ class Lab:
             plugin, conf = ("multus", MULTUS_CONF) if self.multus else ("sanderling-cni", CONFLIST_NAME)
             rec = {"name": name, "underlay_ip": str(UNDERLAY.network_address + 10 + i), "netns": f"{self.name}-{name}",
                    "dir": str(node_dir), "cni_bin": str(node_dir / "cni" / "bin" / plugin),
-                   "cni_conf": str(node_dir / "cni" / "net.d" / conf)}
+                   "cni_conf": str(node_dir / "cni" / "net.d" / conf),
+                   "underlay_ip6": str(UNDERLAY6.network_address + 10 + i) if self.family != "ipv4" else ""}
+            # the IPv4 address first: the underlay pods' traffic between nodes takes
+            addresses = [{"type": "InternalIP", "address": ip} for ip in (rec["underlay_ip"], rec["underlay_ip6"]) if ip]
             api.client.create(Node.from_dict({  # type: ignore[call-overload]
                 "metadata": {"name": name, "annotations": {
                     "lab.sanderling.io/cni-bin": rec["cni_bin"], "lab.sanderling.io/cni-conf": rec["cni_conf"],
                     "lab.sanderling.io/netns": rec["netns"]}},
-                "status": {"addresses": [{"type": "InternalIP", "address": rec["underlay_ip"]}]}}))
+                "status": {"addresses": addresses}}))
             records.append(rec)
         deadline = time.monotonic() + 30
         for rec in records:

@@ -149,8 +149,9 @@ class LocalNode:
             idx = h.link_lookup(ifname=ifname)[0]
             h.link("set", index=idx, state="up")
 
-    def attach_underlay(self, fabric_netns: str, fabric_bridge: str, ip_cidr: str) -> None:
-        """A veth from this node to the underlay bridge in the fabric namespace."""
+    def attach_underlay(self, fabric_netns: str, fabric_bridge: str, ip_cidr: str, ip6_cidr: str = "") -> None:
+        """A veth from this node to the underlay bridge in the fabric namespace (`ip6_cidr`: the
+        node's IPv6 address there too)."""
         self.attach_nic(fabric_netns, fabric_bridge, "uplink")
         iface = ipaddress.IPv4Interface(ip_cidr)
         address_on = "uplink"
@@ -168,6 +169,10 @@ class LocalNode:
             idx = h.link_lookup(ifname=address_on)[0]
             h.link("set", index=idx, state="up")
             h.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+            if ip6_cidr:
+                iface6 = ipaddress.IPv6Interface(ip6_cidr)
+                h.addr("add", index=idx, address=str(iface6.ip), prefixlen=iface6.network.prefixlen,
+                       flags=0x02)  # IFA_F_NODAD: the lab hands out distinct addresses
         self.underlay_ip = str(iface.ip)
 
     def route(self, cidr: str, via: str, dev: str | None = None) -> None:
