@@ -392,8 +392,9 @@ class Lab:
                    "dir": str(node_dir), "cni_bin": str(node_dir / "cni" / "bin" / plugin),
                    "cni_conf": str(node_dir / "cni" / "net.d" / conf),
                    "underlay_ip6": str(UNDERLAY6.network_address + 10 + i) if self.family != "ipv4" else ""}
-            # the IPv4 address first: the underlay pods' traffic between nodes takes
-            addresses = [{"type": "InternalIP", "address": ip} for ip in (rec["underlay_ip"], rec["underlay_ip6"]) if ip]
+            # the IPv4 address first: the underlay that pods' traffic between nodes takes
+            addresses = [{"type": "InternalIP", "address": ip}
+                         for ip in (rec["underlay_ip"], rec["underlay_ip6"]) if ip]
             api.client.create(Node.from_dict({  # type: ignore[call-overload]
                 "metadata": {"name": name, "annotations": {
                     "lab.sanderling.io/cni-bin": rec["cni_bin"], "lab.sanderling.io/cni-conf": rec["cni_conf"],
