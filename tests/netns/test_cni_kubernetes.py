@@ -286,5 +286,9 @@ def test_an_ippool_of_both_families_gives_a_dual_stack_pod_one_address_of_each(a
         code, out = add(v4, "default", "c", "d3")
         assert code == 1 and out["code"] == 101, out
         assert "IPPool six holds IPv6 addresses only" in out["msg"] and "IPv4" in out["msg"], out
+        # a fixed IPv6 address from a pool of both families, on this IPv4-only node: refused, not dropped
+        pod(client, "default", "e", "n1", {"ipam.sanderling.io/ips": "fd00:62::50"}, labels={"net": "both"})
+        code, out = add(v4, "default", "e", "d4")
+        assert code == 1 and out["code"] == 101 and "fd00:62::50 is IPv6" in out["msg"], out
     finally:
         v4.teardown()

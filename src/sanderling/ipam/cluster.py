@@ -107,6 +107,11 @@ class ClusterIpam:
             raise IpamError(E_OUTSIDE_POOLS, f"IPPool {pool.name} holds {have} addresses only; this node's pods are "
                                              + " and ".join(f"IPv{v}" for v in versions))
         wanted = {4: req.ip, 6: req.ip6}
+        for version, asked in wanted.items():
+            if asked and version not in families:  # never drop a fixed address silently
+                raise IpamError(E_OUTSIDE_POOLS, f"requested address {asked} is IPv{version}, and this node's pods "
+                                                 f"from IPPool {pool.name} get " + " and ".join(
+                                                     f"IPv{v}" for v in families) + " addresses only")
 
         def change(_obj: Any, allocations: dict[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
             mine = [ip for ip, o in allocations.items()
