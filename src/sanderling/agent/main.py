@@ -568,8 +568,10 @@ async def serve(args: AgentConfig) -> int:
     node_flows = NodeFlows(node, sync, gateway=args.gateway, mode=args.mode)
     if args.external_bridge:
         node_flows.set_external(tuple(c.strip() for c in args.external_cidrs.split(",") if c.strip()),
-                                (args.cluster_cidr, args.service_cidr, *map(str, node.pod_cidrs),
-                                 *(f"{ip}/32" for ip in node_ips)),
+                                # (br-ext's routing is IPv4: the node's IPv4 subnet and addresses)
+                                (args.cluster_cidr, args.service_cidr,
+                                 *(str(c) for c in node.pod_cidrs if c.version == 4),
+                                 *(f"{ip}/32" for ip in node_ips if ":" not in ip)),
                                 masquerade_ip(node) if args.external_masquerade else None)
     pod_flows = PodFlows(node, sync, lambda: pods_from_ports(db.ports(args.bridge), port_errors))
     from sanderling.agent.metrics import AgentMetrics, Sources
