@@ -103,8 +103,9 @@ def _pod_counter(name: str, pod: str) -> float:
 def test_pod_byte_counters_match_iperf3(node, rate):
     """The per-pod counters (`sanderling_pod_*_bytes_total`, OVS's port counters labelled with the
     pod) agree with what iperf3 itself counted: received within 5% (the frames' headers); sent
-    within 5% too when paced at 1 Gbit/s (few retransmissions), else at least that, more by what
-    TCP retransmitted (iperf3 counts a byte once, the interface sent it again)."""
+    at least that, and when paced at 1 Gbit/s within 5% of it plus what TCP retransmitted (iperf3
+    counts a byte once, the interface sent it again: a loaded machine retransmits thousands of
+    segments even paced, 20,544 in one CI run, 12% more bytes on the wire)."""
     import json
 
     a, b = _pods(node)
@@ -120,7 +121,9 @@ def test_pod_byte_counters_match_iperf3(node, rate):
         pace = [] if rate == "unpaced" else ["-b", rate]
         out = node.pod_exec(a, ["iperf3", "-c", b.ip, "-t", "2", "-J", *pace], timeout=60)
         assert out.returncode == 0, out.stdout[-500:] + out.stderr
-        report = json.loads(out.stdout)["end"]
+        result = json.loads(out.stdout)
+        report = result["end"]
+        mss = int(result["start"].get("tcp_mss_default") or 1448)
         iperf_bytes, received_bytes = report["sum_sent"]["bytes"], report["sum_received"]["bytes"]
         retransmits = report["sum_sent"].get("retransmits", 0)
         sent = _pod_counter("sanderling_pod_tx_bytes_total", "a") - sent_before
@@ -133,5 +136,5 @@ def test_pod_byte_counters_match_iperf3(node, rate):
           f"pod a sent {sent:.0f} ({sent / iperf_bytes - 1:+.2%}: retransmissions are sent twice)")
     assert abs(received / received_bytes - 1) <= 0.05
     assert sent >= iperf_bytes * 0.99 and (retransmits or sent <= iperf_bytes * 1.05)
-    if rate != "unpaced":  # paced below what the path carries: few retransmissions, both within 5%
-        assert sent <= iperf_bytes * 1.05, (retransmits, sent / iperf_bytes)
+    if rate != "unpaced":  # paced below what the path carries: what was sent, retransmissions included
+        assert sent <= (iperf_bytes + retransmits * mss) * 1.05, (retransmits, mss, sent / iperf_bytes)
