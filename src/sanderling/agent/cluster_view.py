@@ -84,8 +84,7 @@ class ClusterView:
                 or ((status.get("podIP") or ""),)
             # a host-network pod's address is its node's (the agent's own pod among them): not a pod route
             on_host = bool((obj.get("spec") or {}).get("hostNetwork"))
-            host = tuple((node, ip) for ip in ips if ip) if node and not on_host else None
-            host = host or None
+            host = (tuple((node, ip) for ip in ips if ip) if node and not on_host else ()) or None
         if host is None:
             if self.pod_hosts.pop(key, None) is None:
                 return

@@ -48,6 +48,7 @@ from sanderling.openflow.registers import (
     SERVICE_MASQ,
     SNAT_ZONE,
     TO_TARGET_PORT,
+    RegField,
 )
 
 PRIO_DIRECT_REQUEST = 215  # Conntrack: a local pod's request to a target port (above the replies from one)
@@ -277,19 +278,21 @@ def _group(gid: int, endpoints: tuple[Endpoint, ...], pipeline: Pipeline, direct
                   weight=100) for e in endpoints))
 
 
-def _endpoint_loads(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> tuple[ir.Load, ...]:
-    """The endpoint into the affinity registers: ENDPOINT_IP, or an IPv6 one over ENDPOINT_IP6."""
-    if ip.version == 4:
-        return (ir.Load(_EP_IP, int(ip)),)
+def _endpoint_words(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> tuple[tuple[RegField, int], ...]:
+    """Where the affinity registers hold the endpoint: ENDPOINT_IP, or an IPv6 one over the four
+    ENDPOINT_IP6 registers, most significant word first."""
     value = int(ip)
-    return tuple(reg.load(value >> (96 - 32 * i) & 0xFFFFFFFF) for i, reg in enumerate(ENDPOINT_IP6))
+    if ip.version == 4:
+        return ((ENDPOINT_IP, value),)
+    return tuple((reg, value >> (96 - 32 * i) & 0xFFFFFFFF) for i, reg in enumerate(ENDPOINT_IP6))
+
+
+def _endpoint_loads(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> tuple[ir.Load, ...]:
+    return tuple(reg.load(word) for reg, word in _endpoint_words(ip))
 
 
 def _endpoint_matches(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> tuple[Any, ...]:
-    if ip.version == 4:
-        return (ENDPOINT_IP.equals(int(ip)),)
-    value = int(ip)
-    return tuple(reg.equals(value >> (96 - 32 * i) & 0xFFFFFFFF) for i, reg in enumerate(ENDPOINT_IP6))
+    return tuple(reg.equals(word) for reg, word in _endpoint_words(ip))
 
 
 _EP_IP6 = {reg.ref: 96 - 32 * i for i, reg in enumerate(ENDPOINT_IP6)}  # register -> its shift in the address
