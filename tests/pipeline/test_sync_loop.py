@@ -163,3 +163,37 @@ def test_setting_an_unchanged_object_does_not_wake_the_loop():
     assert not sync._wake.is_set()
     pods.remove_object("pod/ns/a/eth0")
     assert sync._wake.is_set()
+
+
+def test_the_pod_flows_hear_each_port_open_from_the_switch(bridge):
+    """OpenFlow port-status messages, as ovs-vswitchd opens each port: a CNI ADD waiting for its
+    port at its ofport is told then (before OVSDB's configuration number for the whole batch);
+    a status for another ofport tells it nothing; a port deleted and added again is waited for
+    again once the ADD forgot it."""
+    from sanderling.agent.pod_flows import PodFlows
+    from sanderling.model.network import NodeNetwork
+
+    node = NodeNetwork.build("n", "10.244.1.0/24")
+    sync = SyncLoop("n", bridge.target, Realizer(1), poll_interval=30.0)
+    pods = PodFlows(node, sync, lambda: [])
+    name = f"{bridge.name}st"
+
+    async def body() -> None:
+        right = asyncio.ensure_future(pods.port_opened(name, 33))
+        wrong = asyncio.ensure_future(pods.port_opened(name, 34))
+        await asyncio.to_thread(bridge.runtime.vsctl, "add-port", bridge.name, name, "--", "set", "interface", name,
+                                "type=dummy", "ofport_request=33")
+        await asyncio.wait_for(right, 10)
+        assert not wrong.done()
+        wrong.cancel()
+        await pods.port_opened(name, 33)  # already reported: answered at once
+        await asyncio.to_thread(bridge.runtime.vsctl, "del-port", bridge.name, name)
+        pods.forget_port(name)
+        again = asyncio.ensure_future(pods.port_opened(name, 33))
+        await asyncio.sleep(0)
+        assert not again.done()
+        await asyncio.to_thread(bridge.runtime.vsctl, "add-port", bridge.name, name, "--", "set", "interface", name,
+                                "type=dummy", "ofport_request=33")
+        await asyncio.wait_for(again, 10)
+
+    asyncio.run(running(sync, body))

@@ -59,6 +59,11 @@ def packet_in() -> bytes:
     return _msg(E.OFPT_PACKET_IN, struct.pack("!IHBBQ", 0xFFFFFFFF, 60, 1, 17, 0xABC) + _MATCH + b"\0\0" + b"x" * 60)
 
 
+def port_status() -> bytes:
+    port = struct.pack("!I4x6s2x16sIIIIIIII", 7, b"\x0a\0\0\0\0\x07", b"sl0123456789ab", 0, 4, 0, 0, 0, 0, 0, 0)
+    return _msg(E.OFPT_PORT_STATUS, struct.pack("!B7x", D.OFPPR_ADD) + port)
+
+
 def error() -> bytes:
     return _msg(E.OFPT_ERROR, struct.pack("!HH", 5, 1) + b"\0" * 16)
 
@@ -71,6 +76,7 @@ VALID = {
     D.parse_meter_stats: meter_stats_reply(),
     D.parse_packet_in: packet_in(),
     D.parse_error: error(),
+    D.parse_port_status: port_status(),
     D.multipart_header: flow_stats_reply(),
     D.parse_features: _msg(E.OFPT_FEATURES_REPLY, struct.pack("!QIBB2xII", 1, 0, 254, 0, 0, 0)),
     D.parse_bundle_reply: _msg(E.OFPT_EXPERIMENTER, struct.pack("!IIIHH", E.ONF, E.ONFT_BUNDLE_CONTROL, 1, 1, 3)),
@@ -86,6 +92,7 @@ def test_valid_samples_parse():
     assert (meter.meter_id, meter.packet_in_count, meter.band_packets) == (2, 300, (120,))
     pin = D.parse_packet_in(VALID[D.parse_packet_in])
     assert pin.cookie == 0xABC and pin.data == b"x" * 60
+    assert D.parse_port_status(VALID[D.parse_port_status]) == D.PortStatus(D.OFPPR_ADD, 7, "sl0123456789ab")
 
 
 def _only_decode_errors(parse, data: bytes) -> None:

@@ -21,7 +21,7 @@ from sanderling.agent.config import load as load_config
 from sanderling.agent.node_flows import NodeFlows
 from sanderling.agent.nodeport_steering import NodePortSteering
 from sanderling.agent.pod_flows import PodFlows
-from sanderling.agent.pods_source import pods_from_ports
+from sanderling.agent.pods_source import PodsOfPorts
 from sanderling.agent.sync import SyncLoop
 from sanderling.cni.handler import CniHandler
 from sanderling.cni.install import compiled_shim, install_binary, write_conflist
@@ -573,7 +573,7 @@ async def serve(args: AgentConfig) -> int:
                                  *(str(c) for c in node.pod_cidrs if c.version == 4),
                                  *(f"{ip}/32" for ip in node_ips if ":" not in ip)),
                                 masquerade_ip(node) if args.external_masquerade else None)
-    pod_flows = PodFlows(node, sync, lambda: pods_from_ports(db.ports(args.bridge), port_errors))
+    pod_flows = PodFlows(node, sync, PodsOfPorts(lambda: db.ports(args.bridge), port_errors))
     from sanderling.agent.metrics import AgentMetrics, Sources
 
     listed: list[Any] = []  # every informer the node's flows depend on, for /readyz

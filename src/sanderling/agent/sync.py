@@ -123,6 +123,7 @@ class SyncLoop:
         self.gate: asyncio.Event | None = None  # set once the informers have listed (None: nothing to wait for)
         self.swept = False  # the previous generation is gone: the complete desired state is installed
         self.before_sync: list[Callable[[], None]] = []  # producers that poll (pods: the OVSDB replica)
+        self.on_connect: list[Callable[[Connection], None]] = []  # each new session, before its resync
         self.packet_in_hooks: list[Callable[[int, int, bytes], None]] = []
         self.meters: list[ir.Meter] = []  # installed after every (re)connect, before the flows
         self.conn: Connection | None = None
@@ -263,6 +264,8 @@ class SyncLoop:
             self.conn = conn
             stop_task = asyncio.ensure_future(self._stop.wait())
             conn.packet_in_handlers.append(self._packet_in)
+            for hook in self.on_connect:
+                hook(conn)
             log.info("connected to %s (datapath %016x)", self.target, conn.datapath_id)
             try:
                 async with self._lock:

@@ -35,6 +35,18 @@ class PodDataplane(Protocol):
         result (raises ConnectionLost when not connected)."""
         ...
 
+    def forget_port(self, name: str) -> None:
+        """Port `name` is about to be added: what the switch said of an earlier port of that name
+        no longer counts."""
+        ...
+
+    async def port_opened(self, name: str, ofport: int) -> None:
+        """Return once the switch reports port `name` added at `ofport` (OpenFlow port-status
+        messages, sent as ovs-vswitchd opens each port, well before it writes OVSDB for the whole
+        batch). Never returns while not connected, nor for a port opened elsewhere: callers race
+        it with OVSDB, which has the last word."""
+        ...
+
     def installed(self, key: str) -> bool:
         """The pod's flows are on the switch."""
         ...

@@ -356,11 +356,29 @@ class CniHandler:
         return ofport
 
     async def _open_port(self, host_if: str, ofport: int, external_ids: dict[str, str]) -> None:
-        """The port in OVSDB at `ofport`; returns once ovs-vswitchd has opened it there."""
+        """The port in OVSDB at `ofport`; returns once ovs-vswitchd has opened it there.
+
+        ovs-vswitchd opens the ports of a transaction one after another and writes OVSDB (the
+        configuration number) once for all of them; the OpenFlow port-status message it sends as
+        it opens each one tells this port's ADD up to the whole batch's time earlier. Whichever
+        comes first counts (the session may be down; a port opened at another ofport than asked
+        sends a status that matches nothing, and OVSDB then says what happened)."""
+        self.dataplane.forget_port(host_if)
         try:
             cfg = await self.ports.commit(PortChange(host_if, external_ids=tuple(sorted(external_ids.items())),
                                                      ofport_request=ofport))
-            await self.ports.applied(cfg)
+            opened = asyncio.ensure_future(self.dataplane.port_opened(host_if, ofport))
+            applied = asyncio.ensure_future(self.ports.applied(cfg))
+            try:
+                await asyncio.wait((opened, applied), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiting in (opened, applied):
+                    if not waiting.done():
+                        waiting.cancel()
+            if opened.done() and not opened.cancelled():
+                await self.ports.visible(host_if)  # the replica has the pod (its flows outlive this ADD)
+                return
+            applied.result()
         except OvsError as exc:
             raise CniFailure(E.E_PLUMBING, str(exc)) from None
         record = next((r for r in self.db.ports(self.bridge) if r.name == host_if), None)

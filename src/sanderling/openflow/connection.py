@@ -65,6 +65,7 @@ class Connection:
         self._bundles: list[_BundleWatch] = []
         self._bundle_ids = itertools.count(1)
         self.packet_in_handlers: list[Callable[[D.PacketIn], None]] = []
+        self.port_status_handlers: list[Callable[[D.PortStatus], None]] = []
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._reader_task: asyncio.Task[None] | None = None
         self._echo_task: asyncio.Task[None] | None = None
@@ -306,17 +307,21 @@ class Connection:
                 waiter = self._multipart_waiters.get(xid)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(parts)
+        elif mtype == E.OFPT_PORT_STATUS:
+            self._deliver("port-status", self.port_status_handlers, D.parse_port_status(msg))
         elif mtype == E.OFPT_PACKET_IN:
-            pin = D.parse_packet_in(msg)
-            for handler in self.packet_in_handlers:
-                try:
-                    handler(pin)
-                except Exception:  # a faulty handler must not end the session
-                    log.exception("openflow %s: packet-in handler failed", self.name)
+            self._deliver("packet-in", self.packet_in_handlers, D.parse_packet_in(msg))
         else:
             fut = self._pending.get(xid)
             if fut is not None and not fut.done():
                 fut.set_result(msg)
+
+    def _deliver(self, what: str, handlers: Sequence[Callable[[Any], None]], message: Any) -> None:
+        for handler in handlers:
+            try:
+                handler(message)
+            except Exception:  # a faulty handler must not end the session
+                log.exception("openflow %s: %s handler failed", self.name, what)
 
     async def _keepalive(self, interval: float) -> None:
         try:

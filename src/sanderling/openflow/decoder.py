@@ -178,6 +178,28 @@ def parse_packet_in(data: bytes) -> PacketIn:
     return PacketIn(buffer_id, total_len, reason, table_id, cookie, match, data[pos + 2:])
 
 
+OFPPR_ADD, OFPPR_DELETE, OFPPR_MODIFY = 0, 1, 2
+
+
+@dataclass(frozen=True, slots=True)
+class PortStatus:
+    """A port added, deleted or changed on the switch (sent as ovs-vswitchd opens each port)."""
+    reason: int
+    port_no: int
+    name: str
+
+
+@_decoder("PORT_STATUS")
+def parse_port_status(data: bytes) -> PortStatus:
+    # header (8), reason (1), pad (7), then ofp_port: port_no (4), pad (4), hw_addr (6), pad (2), name (16)
+    if _message_end(data) < 48:
+        raise DecodeError("PORT_STATUS shorter than its port description")
+    reason = data[8]
+    port_no = struct.unpack_from("!I", data, 16)[0]
+    name = data[32:48].split(b"\0", 1)[0].decode("utf-8", "replace")
+    return PortStatus(reason, port_no, name)
+
+
 @_decoder("FEATURES_REPLY")
 def parse_features(data: bytes) -> int:
     """datapath id."""

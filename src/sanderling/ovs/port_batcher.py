@@ -85,7 +85,12 @@ class PortBatcher:
         for done, waiter in self._waiters:
             if waiter.done():
                 continue
-            if done():
+            try:
+                ready = done()
+            except Exception as exc:  # that waiter learns why; the others are still checked
+                waiter.set_exception(exc)
+                continue
+            if ready:
                 waiter.set_result(None)
             else:
                 waiting.append((done, waiter))
