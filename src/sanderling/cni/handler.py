@@ -164,15 +164,57 @@ class CniHandler:
         requested, requested6 = _requested_ips(requested_ips, self.node)
         if not self.dataplane.connected():
             raise CniFailure(E.E_TRY_LATER, f"agent of node {self.node.name} is not connected to OVS yet")
-        if await asyncio.to_thread(veth.interface_exists, netns, ifname):
-            raise CniFailure(E.E_INTERFACE_EXISTS, f"interface {ifname} already exists in {netns}")
         try:
             mac = parse_mac(f"pod/{who.namespace}/{who.name}", "runtimeConfig.mac", runtime["mac"]) \
                 if runtime.get("mac") else ""
         except ModelError as exc:
             raise CniFailure(E.E_BAD_CONFIG, str(exc)) from None
+        try:
+            mtu = int(conf.get("mtu") or self.mtu)
+        except (TypeError, ValueError):
+            raise CniFailure(E.E_BAD_CONFIG, f"mtu must be a number, got {conf.get('mtu')!r}") from None
+        host_if = veth.host_veth_name(cid, ifname)
+        # an address this container already holds (a repeated ADD) stays when the ADD is refused
+        known = self.allocator.store.find(cid, ifname)
+        # the veth pair is made while the address is allocated (the pod's MAC is set with the rest),
+        # unless the pod's namespace already has the interface (then nothing may be touched)
+        pair = asyncio.ensure_future(asyncio.to_thread(
+            veth.create_pair_unless_present, veth.PodInterface(netns, host_if, "", "", "", ifname, mtu),
+            self.node_netns, self.tx_checksum_off))
+        try:
+            alloc, mac, ipam_seconds = await self._allocate(cid, ifname, who, requested, requested6, mac,
+                                                            k8s_pod="K8S_POD_NAME" in (req.get("args") or {}))
+        except BaseException:
+            await asyncio.wait([pair])
+            if not pair.cancelled() and pair.exception() is None and pair.result() is not None:
+                await asyncio.to_thread(veth.unplumb, host_if, self.node_netns)  # made for nothing
+            if not pair.cancelled() and isinstance(pair.exception(), veth.InterfacePresent):
+                raise CniFailure(E.E_INTERFACE_EXISTS, str(pair.exception())) from None
+            raise
+        await asyncio.wait([pair])
+        if not pair.cancelled() and isinstance(pair.exception(), veth.InterfacePresent):
+            if known is None:
+                await self._release(cid, ifname)
+            raise CniFailure(E.E_INTERFACE_EXISTS, str(pair.exception())) from None
+        try:
+            result = await self._plumb(req, who, alloc, mac or alloc.mac or mac_for_ip(alloc.ip), host_if,
+                                       ipam_seconds, mtu, pair)
+            if self.multinet is not None and "K8S_POD_NAME" in (req.get("args") or {}) and self.native_networks:
+                ips, pod_mac = from_result(result, ifname)
+                args = ";".join(f"{k}={v}" for k, v in (req.get("args") or {}).items())
+                await asyncio.to_thread(self.multinet.add, PodCall(who.namespace, who.name, cid, netns, args),
+                                        Primary(self.network_name, ifname, tuple(ips), pod_mac))
+            return result
+        except BaseException:
+            await asyncio.wait([pair])  # an undo must not race the pair's making
+            await self._undo(cid, ifname, host_if, release=True)
+            raise
+
+    async def _allocate(self, cid: str, ifname: str, who: PodIdentity, requested: str | None,
+                        requested6: str | None, mac: str, k8s_pod: bool) -> tuple[Allocation, str, float]:
+        """The pod's addresses (the node's pool, or an IPPool the API decides on): (allocation,
+        MAC, seconds taken)."""
         pool = None
-        k8s_pod = "K8S_POD_NAME" in (req.get("args") or {})
         ipam_started = time.perf_counter()
         try:
             if self.cluster is not None and k8s_pod:
@@ -194,20 +236,7 @@ class CniHandler:
             raise CniFailure(code, f"pod {who.namespace}/{who.name}: {message}") from None
         except (LookupError, OSError) as exc:
             raise CniFailure(E.E_TRY_LATER, f"pod {who.namespace}/{who.name}: Kubernetes API: {exc}") from None
-        ipam_seconds = time.perf_counter() - ipam_started
-        host_if = veth.host_veth_name(cid, ifname)
-        try:
-            result = await self._plumb(req, who, alloc, mac or alloc.mac or mac_for_ip(alloc.ip), host_if,
-                                       ipam_seconds)
-            if self.multinet is not None and k8s_pod and self.native_networks:
-                ips, pod_mac = from_result(result, ifname)
-                args = ";".join(f"{k}={v}" for k, v in (req.get("args") or {}).items())
-                await asyncio.to_thread(self.multinet.add, PodCall(who.namespace, who.name, cid, netns, args),
-                                        Primary(self.network_name, ifname, tuple(ips), pod_mac))
-            return result
-        except BaseException:
-            await self._undo(cid, ifname, host_if, release=True)
-            raise
+        return alloc, mac, time.perf_counter() - ipam_started
 
     async def _allocate_batch(self, requests: list[Request]) -> list[Allocation | IpamError]:
         """On the event loop itself: a handful of indexed statements (the agent is the database's
@@ -256,7 +285,8 @@ class CniHandler:
             raise CniFailure(E.E_PLUMBING, f"DEL of {call.container_id}/{req.get('ifname')}: " + "; ".join(problems))
 
     async def _plumb(self, req: dict[str, Any], who: PodIdentity, alloc: Allocation, mac: str,
-                     host_if: str, ipam_seconds: float = 0.0) -> dict[str, Any]:
+                     host_if: str, ipam_seconds: float, mtu: int,
+                     pair: asyncio.Future[str | None]) -> dict[str, Any]:
         conf = req.get("config") or {}
         cid, ifname, netns = req["containerID"], req["ifname"], req["netns"]
         address = address6 = gateway = gateway6 = ""
@@ -272,7 +302,6 @@ class CniHandler:
             self.node.check_pod(PodPort.build(who.namespace, who.name, 1, mac, ips, ifname))
         except ModelError as exc:
             raise CniFailure(E.E_BAD_CONFIG, str(exc)) from None
-        mtu = int(conf.get("mtu") or self.mtu)
         ofport = self._reserve_ofport(host_if)
         try:
             pod = PodPort.build(who.namespace, who.name, ofport, mac, ips, ifname)
@@ -290,7 +319,7 @@ class CniHandler:
                 host_mac, t1 = await self._plumb_and_open(iface, ofport, {
                     ovsdb.EXT_POD_NAMESPACE: who.namespace, ovsdb.EXT_POD_NAME: who.name,
                     ovsdb.EXT_CONTAINER_ID: cid, ovsdb.EXT_INTERFACE: ifname, ovsdb.EXT_IP: ips,
-                    ovsdb.EXT_MAC: mac})
+                    ovsdb.EXT_MAC: mac}, pair)
                 t2 = time.perf_counter()
             finally:
                 # never cancelled: a sync stopped half-way would leave the realizer unsure of the switch
@@ -315,13 +344,13 @@ class CniHandler:
         return add_result(conf.get("cniVersion", "1.1.0"), host_if, host_mac, ifname, mac, netns, address,
                           gateway, conf.get("prevResult"), (address6, gateway6) if address6 else None)
 
-    async def _plumb_and_open(self, iface: veth.PodInterface, ofport: int,
-                              external_ids: dict[str, str]) -> tuple[str, float]:
-        """The veth pair, then its host end's OVS port opened while the pod's end is configured:
-        (the host end's MAC, when the pair was made)."""
+    async def _plumb_and_open(self, iface: veth.PodInterface, ofport: int, external_ids: dict[str, str],
+                              pair: asyncio.Future[str | None]) -> tuple[str, float]:
+        """The veth pair (being made since the ADD began), then its host end's OVS port opened
+        while the pod's end is configured: (the host end's MAC, when the pair was there)."""
         inside: asyncio.Future[None] | None = None
         try:
-            created = await asyncio.to_thread(veth.create_pair, iface, self.node_netns, self.tx_checksum_off)
+            created = await pair
             if created is None:  # a repeated ADD: bring what is there to the pod's configuration
                 host_mac = await asyncio.to_thread(veth.converge, iface, self.node_netns, self.tx_checksum_off)
             else:
@@ -397,16 +426,20 @@ class CniHandler:
         except Exception as exc:
             log.warning("cleanup of veth %s for %s/%s: %s", host_if, cid, ifname, exc)
         if release:
-            released = await asyncio.to_thread(self.allocator.release, cid, ifname)
-            if released is not None and released.pool.startswith(POOL_PREFIX) and self.cluster is not None:
-                try:
-                    await asyncio.to_thread(self.cluster.release, released)
-                except Exception as exc:  # the start-up reconcile releases it later
-                    log.warning("IPPool release of %s for %s deferred: %s", released.ip, released.pod, exc)
+            await self._release(cid, ifname)
         try:
             await self.dataplane.converge()
         except Exception as exc:  # flows go when the agent next syncs
             log.warning("flow cleanup for %s/%s deferred: %s", cid, ifname, exc)
+
+    async def _release(self, cid: str, ifname: str) -> None:
+        """The container's addresses back to their pool (an IPPool's through the API)."""
+        released = await asyncio.to_thread(self.allocator.release, cid, ifname)
+        if released is not None and released.pool.startswith(POOL_PREFIX) and self.cluster is not None:
+            try:
+                await asyncio.to_thread(self.cluster.release, released)
+            except Exception as exc:  # the start-up reconcile releases it later
+                log.warning("IPPool release of %s for %s deferred: %s", released.ip, released.pod, exc)
 
     # ---- DEL, CHECK, GC, STATUS -----------------------------------------------------------
 

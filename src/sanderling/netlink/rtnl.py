@@ -119,8 +119,11 @@ class Rtnl:
                 return int(_IFINFO.unpack_from(payload)[2])
         return None
 
-    def set_up(self, ifname: str) -> None:
-        self.request(RTM_NEWLINK, 0, _IFINFO.pack(0, 0, 0, IFF_UP, IFF_UP) + _name(IFLA_IFNAME, ifname))
+    def set_up(self, ifname: str, mac: str = "") -> None:
+        """Bring the interface up, with this MAC first when given (one request: the kernel sets the
+        address before the flags, so an IPv6 link-local address comes from the new MAC)."""
+        self.request(RTM_NEWLINK, 0, _IFINFO.pack(0, 0, 0, IFF_UP, IFF_UP) + _name(IFLA_IFNAME, ifname)
+                     + (_mac(IFLA_ADDRESS, mac) if mac else b""))
 
     def add_veth(self, host: str, host_mac: str, peer: str, peer_mac: str, peer_netns_fd: int, mtu: int) -> None:
         """Both ends: `host` here, `peer` already in the pod's namespace (still down: the kernel
