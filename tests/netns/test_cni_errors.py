@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 
+from sanderling.cni import errors as E
 from sanderling.lab.node import LocalNode, teardown_prefix
 from sanderling.netlink import veth
 
@@ -124,3 +125,16 @@ def test_a_full_state_disk_is_code_11_with_the_reason_and_recovers(tmp_path):
     finally:
         node.teardown()
         subprocess.run(["umount", "-l", str(state)])
+
+
+def test_a_second_add_of_a_live_container_is_refused_and_leaves_it_as_it_was(cni_node):
+    code, out = add(cni_node, "c9", "web-9")
+    assert code == 0, out
+    ip = out["ips"][0]["address"]
+    code, again = add(cni_node, "c9", "web-9")
+    assert code != 0 and again["code"] == E.E_INTERFACE_EXISTS and "eth0 already exists" in again["msg"], again
+    assert [a.ip for a in cni_node.allocations() if a.container_id == "c9"] == [ip.split("/")[0]]
+    host_if = veth.host_veth_name("c9", "eth0")
+    assert host_if in cni_node.ovs.vsctl("list-ports", cni_node.bridge).split()
+    inside = veth.interface_in_netns("/var/run/netns/slerr-n1-c9", "eth0")
+    assert inside is not None and ip in inside.addresses and inside.mac == out["interfaces"][1]["mac"]

@@ -191,16 +191,9 @@ class CniHandler:
             if not pair.cancelled() and isinstance(pair.exception(), veth.InterfacePresent):
                 raise CniFailure(E.E_INTERFACE_EXISTS, str(pair.exception())) from None
             raise
-        pair_waited = time.perf_counter()
-        await asyncio.wait([pair])
-        waits = (ipam_s, time.perf_counter() - pair_waited)  # the allocation, then the rest of the pair
-        if not pair.cancelled() and isinstance(pair.exception(), veth.InterfacePresent):
-            if known is None:
-                await self._release(cid, ifname)
-            raise CniFailure(E.E_INTERFACE_EXISTS, str(pair.exception())) from None
         try:
             result = await self._plumb(req, who, alloc, mac or alloc.mac or mac_for_ip(alloc.ip), host_if,
-                                       waits, mtu, pair)
+                                       ipam_s, mtu, pair)
             if self.multinet is not None and "K8S_POD_NAME" in (req.get("args") or {}) and self.native_networks:
                 ips, pod_mac = from_result(result, ifname)
                 args = ";".join(f"{k}={v}" for k, v in (req.get("args") or {}).items())
@@ -209,6 +202,11 @@ class CniHandler:
             return result
         except BaseException:
             await asyncio.wait([pair])  # an undo must not race the pair's making
+            if not pair.cancelled() and isinstance(pair.exception(), veth.InterfacePresent):
+                # nothing was made (the pod's flows went with the ADD): only an address it took goes back
+                if known is None:
+                    await self._release(cid, ifname)
+                raise CniFailure(E.E_INTERFACE_EXISTS, str(pair.exception())) from None
             await self._undo(cid, ifname, host_if, release=True)
             raise
 
@@ -287,7 +285,7 @@ class CniHandler:
             raise CniFailure(E.E_PLUMBING, f"DEL of {call.container_id}/{req.get('ifname')}: " + "; ".join(problems))
 
     async def _plumb(self, req: dict[str, Any], who: PodIdentity, alloc: Allocation, mac: str,
-                     host_if: str, waits: tuple[float, float], mtu: int,
+                     host_if: str, ipam_seconds: float, mtu: int,
                      pair: asyncio.Future[str | None]) -> dict[str, Any]:
         conf = req.get("config") or {}
         cid, ifname, netns = req["containerID"], req["ifname"], req["netns"]
@@ -338,7 +336,7 @@ class CniHandler:
             raise CniFailure(E.E_TRY_LATER, f"flows for pod {who.namespace}/{who.name} not installed yet")
         # plumbing: the veth pair made; ovsdb: from there until the port is open and the pod's side
         # configured (meanwhile); flows: what the ADD still waited for them (they went in meanwhile)
-        self._steps(ipam=waits[0], plumbing=waits[1] + t1 - t0, ovsdb=t2 - t1, flows=t3 - t2)
+        self._steps(ipam=ipam_seconds, plumbing=t1 - t0, ovsdb=t2 - t1, flows=t3 - t2)
         log.info("pod %s/%s: %s %s on %s (ofport %d, container %s); veth %.1f ms, OVS port %.1f ms, "
                  "then flows %.1f ms", who.namespace, who.name, " ".join(filter(None, (address, address6))), mac,
                  host_if, ofport, cid[:12],
