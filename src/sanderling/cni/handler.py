@@ -5,10 +5,11 @@ end to br-int with the pod's external_ids and a chosen ofport, has the agent's d
 pod's flows, and only then answers. Any failure undoes every step already taken, so a failed ADD
 leaves nothing allocated or plumbed. DEL undoes all of it and is idempotent.
 
-Under concurrent ADDs the steps overlap rather than queue: allocations that arrive together share
-one transaction, the pod's flows go in while its veth and port are made, the pod's side of the
-veth is configured while ovs-vswitchd opens the host's, and new ports that arrive together are
-one OVSDB transaction.
+Under concurrent ADDs the steps overlap rather than queue: the veth pair is made while the
+address is allocated (allocations that arrive together share one transaction), the pod's flows
+go in while its veth and port are made, the pod's side of the veth is configured while
+ovs-vswitchd opens the host's, new ports that arrive together are one OVSDB transaction, and each
+ADD answers as soon as the switch reports its own port open (not when the whole batch is).
 """
 
 from __future__ import annotations
