@@ -235,14 +235,12 @@ class Ovsdb:
         """Interfaces of the bridge with their ofport (-1 while OVS has not opened them yet).
 
         Read straight from the IDL's in-memory replica: the agent reads ports on every CNI
-        request, and a queued read transaction costs milliseconds each under load. The
-        replica is updated by ovsdbapp's thread, so a read that races an update is retried.
-        Only rows that changed since the last read are read again (each IDL attribute read
-        converts the column: under twenty concurrent ADDs re-reading every port on every change
-        was 7% of the agent's time). The read holds the replica's lock, so it never finds it in
-        the middle of an update (a row the IDL's thread took out for a moment, one a reference
-        names but not inserted yet: a port missing from one read had its ofport handed to
-        another pod).
+        request, and a queued read transaction costs milliseconds each under load. Only rows
+        that changed since the last read are read again (each IDL attribute read converts the
+        column: under twenty concurrent ADDs re-reading every port on every change was 7% of the
+        agent's time). The read holds the replica's lock, so it never finds it in the middle of
+        an update (a row the IDL's thread took out for a moment, one a reference names but not
+        inserted yet: a port missing from one read had its ofport handed to another pod).
         """
         idl = self.api.idl
         tables = self.api.tables
@@ -262,18 +260,15 @@ class Ovsdb:
         tables = self.api.tables
         version = idl.table_version("Bridge")
         known = self._bridge_rows.get(bridge)
-        if known is None or known[0] != version:
+        # (found again when the Bridge table changed, or the row is not the replica's any more: a
+        # reconnect replaces every row)
+        if known is None or known[0] != version or (
+                known[1] is not None and tables["Bridge"].rows.get(known[1].uuid) is not known[1]):
             row = next((b for b in list(tables["Bridge"].rows.values()) if _committed(b, "name", "") == bridge), None)
             known = self._bridge_rows[bridge] = (version, row)
-        if known[1] is None:
-            return []
         bridge_row = known[1]
-        if tables["Bridge"].rows.get(bridge_row.uuid) is not bridge_row:  # deleted, or replaced (a reconnect)
-            known = self._bridge_rows[bridge] = (version, next(
-                (b for b in list(tables["Bridge"].rows.values()) if _committed(b, "name", "") == bridge), None))
-            if known[1] is None:
-                return []
-            bridge_row = known[1]
+        if bridge_row is None:
+            return []
         bridge_version = idl.row_version(bridge_row.uuid)
         ports = self._bridge_ports.get(bridge)
         if ports is None or ports[0] is not bridge_row or ports[1] != bridge_version:
@@ -354,10 +349,13 @@ def _idl_class(base: type) -> type:
             """No green threads here: the interpreter switches threads on its own."""
 
         def notify(self, event: Any, row: Any, updates: Any = None) -> None:
-            super().notify(event, row, updates)
             table = row._table.name
-            self._row_versions[row.uuid] = self._row_versions.get(row.uuid, 0) + 1
+            if event == "delete":  # (ovs.db.idl.ROW_DELETE) nothing reads a deleted row again
+                self._row_versions.pop(row.uuid, None)
+            else:
+                self._row_versions[row.uuid] = self._row_versions.get(row.uuid, 0) + 1
             self._table_versions[table] = self._table_versions.get(table, 0) + 1
+            super().notify(event, row, updates)
             if self.on_change is not None:
                 self.on_change()
     return Idl
