@@ -184,7 +184,7 @@ class CniHandler:
             self.node_netns, self.tx_checksum_off))
         try:
             alloc, mac, ipam_s = await self._allocate(cid, ifname, who, requested, requested6, mac,
-                                                            k8s_pod="K8S_POD_NAME" in (req.get("args") or {}))
+                                                      k8s_pod="K8S_POD_NAME" in (req.get("args") or {}))
         except BaseException:
             await asyncio.wait([pair])
             if not pair.cancelled() and pair.exception() is None and pair.result() is not None:
