@@ -57,6 +57,34 @@ for i in range({count}):
 print(len(failed), "failed", failed[:5])
 """
 
+# a direct connection a moment after a service connection from the same port: the endpoint's
+# TIME_WAIT socket of the service connection answers the direct SYN with a challenge ACK, the
+# client resets it and sends its SYN again at once; OVS's conntrack has sized the origin entry's
+# window from that challenge ACK, so it calls the real SYN-ACK invalid. That SYN-ACK must still
+# reach the client from the pod address (it was rewritten to the service address, and the
+# connection waited for a SYN retransmission a second later, or timed out after two). A
+# connection that needs a retransmission fails here (connect timeout below the 1 s SYN RTO).
+LATER = """
+import socket, time
+def one(host, port, source_port, timeout):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", source_port))
+    s.settimeout(timeout)
+    try:
+        s.connect((host, port))
+        return s.recv(64).decode().strip()
+    except OSError as e:
+        return "failed: " + str(e)
+    finally:
+        s.close()
+ports = range({base}, {base} + {count})
+failed = [(p, "service", a) for p in ports if (a := one("{vip}", 80, p, 3)) != "near"]
+time.sleep(1)  # the scenario: the direct connections come a second after the service ones
+failed += [(p, "direct", a) for p in ports if (a := one("{ip}", 8080, p, 0.9)) != "near"]
+print(len(failed), "failed", failed[:5])
+"""
+
 
 def _pod(name: str, node: str, ports: str) -> str:
     return (f"---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: reuse, labels: {{app: {name}}}}}\n"
@@ -122,6 +150,9 @@ def test_direct_connection_reusing_a_service_connections_ports(tmp_path):
         reuse = lab("exec", "reuse/client", "--", sys.executable, "-c",
                     REUSE.format(count=300, vip=vips["far"], ip=ips["far"], base=44000), timeout=300)
         assert reuse.returncode == 0 and reuse.stdout.startswith("0 failed"), reuse.stdout + reuse.stderr
+        later = lab("exec", "reuse/client", "--", sys.executable, "-c",
+                    LATER.format(count=60, vip=vips["near"], ip=ips["near"], base=45000), timeout=300)
+        assert later.returncode == 0 and later.stdout.startswith("0 failed"), later.stdout + later.stderr
         # sustained direct traffic to a target port: the null SNAT this used to be tracked with
         # crashed OVS 3.1's userspace conntrack (conn_update_state assertion) after ~3,000 of these
         burst = lab("exec", "reuse/client", "--", sys.executable, "-c", BURST.format(ip=ips["near"]), timeout=120)

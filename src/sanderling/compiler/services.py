@@ -144,6 +144,15 @@ def _family_flows(proto: str, dst: str, masq: int, v6: bool, cookie: int, pipeli
         ir.Flow(pipeline["ReplyOrigin"], PRIO_ANY, ir.match(proto=proto, ct_state="+trk+rpl",
                                                             ct_mark=(CT_MARK_DIRECT, CT_MARK_DIRECT)),
                 (ir.Goto(pipeline["PolicyConntrack"]),), cookie),
+        # the same when conntrack finds the segment out of its window (it then clears +rpl but
+        # still reports the entry's mark): a direct connection reusing the tuple of a recent
+        # service connection meets the endpoint's TIME_WAIT socket of that connection, whose
+        # challenge ACK OVS's conntrack takes as the first reply and sizes the window from; the
+        # real SYN-ACK that follows is "invalid" and must not fall through to the DNAT zone, where
+        # the old service connection's entry would rewrite it to the service address
+        ir.Flow(pipeline["ReplyOrigin"], PRIO_ANY, ir.match(proto=proto, ct_state="+trk+inv",
+                                                            ct_mark=(CT_MARK_DIRECT, CT_MARK_DIRECT)),
+                (ir.Goto(pipeline["PolicyConntrack"]),), cookie),
         ir.Flow(pipeline["ReplyOrigin"], 1, ir.match(proto=proto), _TRACK(pipeline), cookie),
         # a local pod's new service connection, translated: the last connection started with its
         # endpoint tuple is a service's. Later packets are tracked there without touching the mark:
