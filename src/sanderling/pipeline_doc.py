@@ -21,6 +21,7 @@ from sanderling.openflow import cookies, ir
 from sanderling.openflow.pipeline import PIPELINE, SECONDARY_PIPELINE
 from sanderling.openflow.realizer import Realizer
 from sanderling.openflow.registers import (
+    CT_MARK_ALLOWED,
     CT_MARK_DIRECT,
     CT_MARK_MASQ,
     DNAT_ZONE,
@@ -30,6 +31,7 @@ from sanderling.openflow.registers import (
     POLICY_ZONE,
     REG_FIELDS,
     REG_MARKS,
+    SERVICE_POLICY_ZONE,
     SNAT_ZONE,
 )
 
@@ -160,9 +162,14 @@ def render() -> str:
         f"| DNAT zone | {DNAT_ZONE} | service connections (DNAT to the endpoint) |",
         f"| SNAT zone | {SNAT_ZONE} | masqueraded service connections |",
         f"| policy zone | {POLICY_ZONE} | connections of pods a NetworkPolicy isolates |",
+        f"| service policy zone | {SERVICE_POLICY_ZONE} | the same, for requests of service connections this node "
+        "translated: their replies skip policy, so these entries see one side only and never a close; kept apart, "
+        "they cannot make a later direct connection with the same tuple look invalid |",
         f"| origin zone | {ORIGIN_ZONE} | local pods' connections to service target ports, by endpoint tuple: the "
         "latest one, direct or through a service, decides how replies from the target port are handled |",
         f"| ct_mark {CT_MARK_MASQ:#x} | bit | the connection is masqueraded: later request packets are SNATed too |",
+        f"| ct_mark {CT_MARK_ALLOWED:#x} | bit | in a policy zone: policy allowed the connection when it started; "
+        "segments conntrack calls invalid still pass |",
         f"| ct_mark {CT_MARK_DIRECT:#x} | bit | in the origin zone: the tuple's latest connection is direct, its "
         "replies are pod-to-pod traffic (through policy, no translation) |",
     ]

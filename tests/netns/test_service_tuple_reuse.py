@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from .conftest import LabCli
+from .conftest import LabCli, wait_for
 
 NAME = "sltestreuse"
 lab = LabCli(NAME)
@@ -31,23 +31,27 @@ for _ in range(6000):
 print(ok, "ok")
 """
 
-# one client port for a service connection and at once a direct one to the same endpoint, many
-# times: the direct SYN can overtake the service connection's last segments inside OVS (packets
-# are batched per flow), which once let that FIN take the tuple back in the origin zone
-REUSE = """
+# one connection from a chosen source port: what the server answered, or why it failed
+ONE = """
 import socket
-def one(host, port, source_port):
+def one(host, port, source_port, timeout=3):
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", source_port))
-    s.settimeout(3)
+    s.settimeout(timeout)
     try:
+        s.bind(("0.0.0.0", source_port))
         s.connect((host, port))
         return s.recv(64).decode().strip()
     except OSError as e:
         return "failed: " + str(e)
     finally:
         s.close()
+"""
+
+# one client port for a service connection and at once a direct one to the same endpoint, many
+# times: the direct SYN can overtake the service connection's last segments inside OVS (packets
+# are batched per flow), which once let that FIN take the tuple back in the origin zone
+REUSE = ONE + """
 failed = []
 for i in range({count}):
     for host, port in (("{vip}", 80), ("{ip}", 8080)):
@@ -64,20 +68,8 @@ print(len(failed), "failed", failed[:5])
 # reach the client from the pod address (it was rewritten to the service address, and the
 # connection waited for a SYN retransmission a second later, or timed out after two). A
 # connection that needs a retransmission fails here (connect timeout below the 1 s SYN RTO).
-LATER = """
-import socket, time
-def one(host, port, source_port, timeout):
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", source_port))
-    s.settimeout(timeout)
-    try:
-        s.connect((host, port))
-        return s.recv(64).decode().strip()
-    except OSError as e:
-        return "failed: " + str(e)
-    finally:
-        s.close()
+LATER = ONE + """
+import time
 ports = range({base}, {base} + {count})
 failed = [(p, "service", a) for p in ports if (a := one("{vip}", 80, p, 3)) != "near"]
 time.sleep(1)  # the scenario: the direct connections come a second after the service ones
@@ -97,6 +89,17 @@ def _service(name: str) -> str:
             f"{{name: u, port: 81, protocol: UDP, targetPort: 8081}}]}}\n")
 
 
+# near isolated for ingress: only the client may reach its TCP port
+POLICY = """apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: near-from-client, namespace: reuse}
+spec:
+  podSelector: {matchLabels: {app: near}}
+  policyTypes: [Ingress]
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: client}}}]
+    ports: [{port: 8080}]
+"""
 SERVER_PORTS = "[{containerPort: 8080}, {containerPort: 8081, protocol: UDP}]"
 OBJECTS = ("apiVersion: v1\nkind: Namespace\nmetadata: {name: reuse}\n"
            + _pod("client", "node1", "[]") + _pod("near", "node1", SERVER_PORTS) + _pod("far", "node2", SERVER_PORTS)
@@ -160,5 +163,20 @@ def test_direct_connection_reusing_a_service_connections_ports(tmp_path):
         log = (STATE / "node1" / "ovs" / "ovs-vswitchd.log").read_text()
         assert "EMER" not in log and "assertion" not in log
         assert _connect("tcp", ips["near"], 8080, 43999) == "near"
+        # the same with policy on the endpoint: the service connections' policy entries (only their
+        # requests pass policy) made the direct SYN invalid for about a minute, and an allowed
+        # connection's segments out of the window sized from the challenge ACK were dropped
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(POLICY)
+        applied = lab("apply", "-f", str(policy))
+        assert applied.returncode == 0, applied.stdout + applied.stderr
+        wait_for(lambda: lab.agent_objects("policy-pod/reuse/near").get("node1", {})
+                 .get("policy-pod/reuse/near", {}).get("installed"), 30, "near isolated on node1")
+        denied = lab("exec", "reuse/far", "--", sys.executable, "-m", "sanderling.probe", "connect", "tcp",
+                     ips["near"], "8080", "--timeout", "1")
+        assert denied.returncode != 0, f"the policy does not isolate near: {denied.stdout}"
+        later = lab("exec", "reuse/client", "--", sys.executable, "-c",
+                    LATER.format(count=60, vip=vips["near"], ip=ips["near"], base=46000), timeout=300)
+        assert later.returncode == 0 and later.stdout.startswith("0 failed"), later.stdout + later.stderr
     finally:
         lab("down")

@@ -179,7 +179,10 @@ def test_an_isolated_dual_stack_pods_ipv6_is_isolated_like_its_ipv4():
     ingress_only = texts(isolation_flows(pod, ingress=True, egress=False))
     assert [f for f in ingress_only if "ipv6" in f] == [
         "table=11,priority=190,ipv6,ipv6_dst=fd00:10:244:1::a actions=ct(zone=65522,table=12)",
+        # requests of service connections this node translated (TRANSLATED): their own zone
+        "table=11,priority=195,ipv6,reg0=0x80/0x80,ipv6_dst=fd00:10:244:1::a actions=ct(zone=65524,table=12)",
         "table=11,priority=200,ipv6,ipv6_src=fd00:10:244:1::a actions=ct(zone=65522,table=12)",
+        "table=11,priority=205,ipv6,reg0=0x80/0x80,ipv6_src=fd00:10:244:1::a actions=ct(zone=65524,table=12)",
         "table=14,priority=10,ipv6,ipv6_dst=fd00:10:244:1::a actions=drop"]
     both = texts(isolation_flows(pod, ingress=True, egress=True))
     assert "table=13,priority=10,ipv6,ipv6_src=fd00:10:244:1::a actions=drop" in both, both

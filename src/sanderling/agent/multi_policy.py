@@ -202,7 +202,7 @@ class MultiPolicyAgents:
         agent = PolicyAgent(self.node_name, flows, self.changed, self.schedule, self.report,
                             pipeline=SECONDARY_PIPELINE, zone=self.bridges.network_id(network),
                             pod_view=pod_view, parse=multi_policy_from,
-                            kind=KIND, rule_ids=NetworkRuleIds(self.rule_ids, network))
+                            kind=KIND, rule_ids=NetworkRuleIds(self.rule_ids, network), service_zone=None)
         agent.log_context = f" network={network}"
         agent.start()
         for ns_key, ns in self.raw_namespaces.items():

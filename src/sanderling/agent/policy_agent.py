@@ -24,7 +24,7 @@ from sanderling.compiler.shared_flows import SharedFlows
 from sanderling.model.policy import LOG_ANNOTATION, PodInfo, Policy, pod_info, policy_from
 from sanderling.openflow import cookies
 from sanderling.openflow.pipeline import PIPELINE, Pipeline
-from sanderling.openflow.registers import POLICY_ZONE
+from sanderling.openflow.registers import POLICY_ZONE, SERVICE_POLICY_ZONE
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +137,12 @@ class PolicyAgent:
                  report: Callable[[str, str, str], None] | None = None, *, pipeline: Pipeline = PIPELINE,
                  zone: int = POLICY_ZONE, pod_view: Callable[[dict[str, Any]], PodInfo] = pod_info,
                  parse: Callable[[dict[str, Any]], Policy] = policy_from, kind: str = "networkpolicy",
-                 logging: bool = True, rule_ids: RuleIds | NetworkRuleIds | None = None) -> None:
+                 logging: bool = True, rule_ids: RuleIds | NetworkRuleIds | None = None,
+                 service_zone: int | None = SERVICE_POLICY_ZONE) -> None:
         self.node_name = node_name
         self.pipeline = pipeline
         self.zone = zone
+        self.service_zone = service_zone  # None: no service translation before policy on this pipeline
         self.pod_view = pod_view
         self.parse = parse
         self.kind = kind
@@ -170,7 +172,7 @@ class PolicyAgent:
         self._pods_before: dict[str, PodInfo | None] = {}
 
     def start(self) -> None:
-        self.realizer.set_object("policy/static", compiler.static_flows(self.pipeline, self.zone))
+        self.realizer.set_object("policy/static", compiler.static_flows(self.pipeline, self.zone, self.service_zone))
 
     # ---- informer callbacks --------------------------------------------------------------
 
@@ -360,7 +362,7 @@ class PolicyAgent:
             self._isolated[key] = (ingress, egress)
             self.realizer.set_object(object_key, compiler.isolation_flows(
                 pod, ingress, egress, self.pipeline, log_denied=pod.namespace in self.logged_namespaces,
-                zone=self.zone))
+                zone=self.zone, service_zone=self.service_zone))
         self._update_logged_peers(local)
 
     def _update_logged_peers(self, local: dict[str, PodInfo]) -> None:

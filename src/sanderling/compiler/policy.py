@@ -31,7 +31,7 @@ from sanderling.model.policy import Peer, PodInfo, Policy, PolicyPort, Rule, sel
 from sanderling.openflow import cookies, ir
 from sanderling.openflow import fields as F
 from sanderling.openflow.pipeline import PIPELINE, Pipeline
-from sanderling.openflow.registers import POLICY_ZONE
+from sanderling.openflow.registers import CT_MARK_ALLOWED, POLICY_ZONE, SERVICE_POLICY_ZONE, TRANSLATED
 from sanderling.portrange import port_blocks
 
 LOG_METER = 1  # packet-ins for policy logging share one meter: rate-limited, never a flood
@@ -144,16 +144,36 @@ class ClusterPods:
         return clause
 
 
-def static_flows(pipeline: Pipeline = PIPELINE, zone: int = POLICY_ZONE) -> list[ir.Flow]:
+def static_flows(pipeline: Pipeline = PIPELINE, zone: int = POLICY_ZONE,
+                 service_zone: int | None = SERVICE_POLICY_ZONE) -> list[ir.Flow]:
+    """Policy verdicts by connection state, and the commit of allowed new connections (requests
+    of service connections this node translated in `service_zone`, see isolation_flows).
+
+    A segment conntrack calls invalid is dropped unless it belongs to a connection policy allowed
+    (marked when committed; conntrack reports an entry's mark with its verdict). Those pass: OVS's
+    conntrack sizes a connection's window from the first reply it sees, and when that is the
+    challenge ACK of the endpoint's TIME_WAIT socket (a client port reused after a connection
+    through a service), every later segment of the allowed connection is out of that window.
+    Dropping them lost the connection; the endpoints' own TCP checks them anyway."""
     cookie = cookies.cookie(cookies.Category.POLICY, "static")
     after = pipeline.after("PolicyConntrack")
     state = pipeline["PolicyState"]
-    return [flow for proto in ("ip", "ipv6") for flow in (
+    bit = CT_MARK_ALLOWED.bit_length() - 1
+    allowed = (ir.Load(ir.FieldRef("ct_mark", bit, bit), 1),)
+    flows = [flow for proto in ("ip", "ipv6") for flow in (
         ir.Flow(state, PRIO_STATE, ir.match(proto=proto, ct_state="-new+est+trk"), (ir.Goto(after),), cookie),
         ir.Flow(state, PRIO_STATE, ir.match(proto=proto, ct_state="+rel+trk"), (ir.Goto(after),), cookie),
+        ir.Flow(state, PRIO_STATE - 5, ir.match(proto=proto, ct_state="+inv+trk",
+                                                ct_mark=(CT_MARK_ALLOWED, CT_MARK_ALLOWED)), (ir.Goto(after),), cookie),
         ir.Flow(state, PRIO_STATE - 10, ir.match(proto=proto, ct_state="+inv+trk"), (), cookie),
         ir.Flow(pipeline["PolicyCommit"], PRIO_STATE, ir.match(proto=proto, ct_state="+new+trk"),
-                (ir.CT(commit=True, zone=zone, table=after),), cookie))]
+                (ir.CT(commit=True, zone=zone, table=after, exec_=allowed),), cookie))]
+    if service_zone is not None:
+        flows += [ir.Flow(pipeline["PolicyCommit"], PRIO_STATE + 1,
+                          ir.match(TRANSLATED, proto=proto, ct_state="+new+trk"),
+                          (ir.CT(commit=True, zone=service_zone, table=after, exec_=allowed),), cookie)
+                  for proto in ("ip", "ipv6")]
+    return flows
 
 
 def log_action() -> ir.Controller:
@@ -162,12 +182,20 @@ def log_action() -> ir.Controller:
 
 
 def isolation_flows(pod: PodInfo, ingress: bool, egress: bool, pipeline: Pipeline = PIPELINE,
-                    log_denied: bool = False, zone: int = POLICY_ZONE) -> list[ir.Flow]:
+                    log_denied: bool = False, zone: int = POLICY_ZONE,
+                    service_zone: int | None = SERVICE_POLICY_ZONE) -> list[ir.Flow]:
     """A local pod some policy isolates: its traffic is tracked, and denied unless a rule allows it
-    (logged when its namespace asks for it)."""
+    (logged when its namespace asks for it).
+
+    Requests of service connections this node translated are tracked in `service_zone`, apart:
+    their replies are translated back before policy and skip it, so their entries see only one
+    side and never a close. In the same zone, a direct connection from the client port of a
+    recent service connection to the same endpoint met that entry, its SYN was invalid, and the
+    pod-IP path was dropped until the entry expired (about a minute)."""
     assert pod.addressed
     cookie = cookies.cookie(cookies.Category.POLICY, f"isolated/{pod.key}")
     track = (ir.CT(zone=zone, table=pipeline["PolicyState"]),)
+    service_track = (ir.CT(zone=service_zone, table=pipeline["PolicyState"]),) if service_zone is not None else ()
     # both directions are tracked whatever the isolation: replies to the pod's own connections must
     # find them committed (an ingress-isolated pod's outgoing connection, an egress-isolated pod's
     # incoming one); a dual-stack pod's IPv6 traffic alike
@@ -179,6 +207,11 @@ def isolation_flows(pod: PodInfo, ingress: bool, egress: bool, pipeline: Pipelin
         value = int(addr)
         flows += [ir.Flow(pipeline["PolicyConntrack"], 200, ir.match(proto=proto, **{src: value}), track, cookie),
                   ir.Flow(pipeline["PolicyConntrack"], 190, ir.match(proto=proto, **{dst: value}), track, cookie)]
+        if service_track:
+            flows += [ir.Flow(pipeline["PolicyConntrack"], 205, ir.match(TRANSLATED, proto=proto, **{src: value}),
+                              service_track, cookie),
+                      ir.Flow(pipeline["PolicyConntrack"], 195, ir.match(TRANSLATED, proto=proto, **{dst: value}),
+                              service_track, cookie)]
         if egress:
             flows.append(ir.Flow(pipeline["EgressRule"], PRIO_DEFAULT_DENY, ir.match(proto=proto, **{src: value}),
                                  deny, cookie))

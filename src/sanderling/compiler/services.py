@@ -48,6 +48,7 @@ from sanderling.openflow.registers import (
     SERVICE_MASQ,
     SNAT_ZONE,
     TO_TARGET_PORT,
+    TRANSLATED,
     RegField,
 )
 
@@ -159,10 +160,15 @@ def _family_flows(proto: str, dst: str, masq: int, v6: bool, cookie: int, pipeli
         # a late FIN of an earlier service connection, reordered behind a direct SYN with the same
         # tuple (OVS batches packets per flow), must not take the tuple back from the direct one
         ir.Flow(pipeline["RequestOrigin"], PRIO_ANY, ir.match(FROM_POD, proto=proto, ct_state="+new+trk+dnat-rpl"),
-                (ir.CT(commit=True, zone=ORIGIN_ZONE, table=pipeline["PolicyConntrack"],
-                       exec_=(ir.Load(ir.FieldRef("ct_mark", _DIRECT_BIT, _DIRECT_BIT), 0),)),), cookie),
+                (TRANSLATED.load(), ir.CT(commit=True, zone=ORIGIN_ZONE, table=pipeline["PolicyConntrack"],
+                                          exec_=(ir.Load(ir.FieldRef("ct_mark", _DIRECT_BIT, _DIRECT_BIT), 0),))),
+                cookie),
         ir.Flow(pipeline["RequestOrigin"], PRIO_ANY - 1, ir.match(FROM_POD, proto=proto, ct_state="+trk+dnat-rpl"),
-                (ir.CT(commit=True, zone=ORIGIN_ZONE, table=pipeline["PolicyConntrack"]),), cookie),
+                (TRANSLATED.load(), ir.CT(commit=True, zone=ORIGIN_ZONE, table=pipeline["PolicyConntrack"])), cookie),
+        # every request this node translated, from a pod or not, is marked for policy: it is tracked
+        # in a zone of its own (its replies skip policy, so those entries never see a close)
+        ir.Flow(pipeline["RequestOrigin"], PRIO_ANY - 2, ir.match(proto=proto, ct_state="+trk+dnat-rpl"),
+                (TRANSLATED.load(), ir.Goto(pipeline["PolicyConntrack"])), cookie),
         # replies of service connections: their request passed policy (checked after DNAT, on the
         # translated tuple, which the reply no longer has here): past policy, straight to ServiceMasq
         ir.Flow(pipeline["ServiceLB"], 6, ir.match(proto=proto, ct_state="+trk+rpl"),

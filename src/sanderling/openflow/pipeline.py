@@ -32,7 +32,8 @@ class Table:
 
 # the policy stage's state check, the same on br-int and on the secondary-network bridges
 POLICY_STATE = Table("PolicyState", "policy", Miss.NEXT,
-                     "Established and related packets pass, invalid ones are dropped, new connections are checked.")
+                     "Established and related packets pass, invalid ones are dropped (unless of a connection "
+                     "policy allowed, see compiler.policy.static_flows), new connections are checked.")
 
 TABLES: tuple[Table, ...] = (
     Table("Classifier", "classification", Miss.DROP,
@@ -80,10 +81,11 @@ TABLES: tuple[Table, ...] = (
           "zone marked as a service connection: the origin zone holds one entry per endpoint tuple, so "
           "whichever connection started last with the tuple, direct or through a service, decides how its replies are "
           "handled (no address translation of direct connections, whatever OVS's conntrack does with a "
-          "null NAT)."),
+          "null NAT). Every request this node translated is marked TRANSLATED for policy."),
     Table("PolicyConntrack", "policy", Miss.NEXT,
           "Traffic of pods a NetworkPolicy isolates (from an egress-isolated, to an ingress-isolated pod) "
-          "goes through the policy conntrack zone; everything else skips policy.", miss_to="ServiceMasq"),
+          "goes through the policy conntrack zone (requests marked TRANSLATED through the service policy "
+          "zone); everything else skips policy.", miss_to="ServiceMasq"),
     POLICY_STATE,
     Table("EgressRule", "policy", Miss.NEXT,
           "Egress rules as conjunctions (source pod, destination peers, ports); an egress-isolated source "
@@ -92,7 +94,8 @@ TABLES: tuple[Table, ...] = (
           "Ingress rules as conjunctions (destination pod, source peers, ports); an ingress-isolated "
           "destination no rule allows is dropped."),
     Table("PolicyCommit", "policy", Miss.NEXT,
-          "Allowed new connections are committed to the policy zone, so their replies always pass."),
+          "Allowed new connections are committed to the policy zone (or the service policy zone), so "
+          "their replies always pass."),
     Table("ServiceMasq", "services", Miss.NEXT,
           "Masqueraded connections (new, or later request packets) are SNATed to the node's "
           "masquerade address in the SNAT zone."),

@@ -97,6 +97,9 @@ SECONDARY_NETWORK = RegField("SECONDARY_NETWORK", 5, 0, 15,
                              "secondary-network bridges only: the network of the packet (every policy flow of a "
                              "network matches it; it is also the network's conntrack zone)")
 
+SERVICE_REQUEST = RegField("SERVICE_REQUEST", 0, 7, 7,
+                           "1: a request of a service connection this node translated (DNAT zone)")
+
 SECONDARY_FROM_UPLINK = RegField("SECONDARY_FROM_UPLINK", 5, 16, 16,
                                  "secondary-network bridges only: 1: the packet came in from the uplink")
 SECONDARY_AFFINITY_HIT = RegField("SECONDARY_AFFINITY_HIT", 5, 17, 17,
@@ -105,7 +108,8 @@ SECONDARY_AFFINITY_HIT = RegField("SECONDARY_AFFINITY_HIT", 5, 17, 17,
 SECONDARY_REMOTE_ENDPOINT = RegField("SECONDARY_REMOTE_ENDPOINT", 5, 18, 18,
                                      "secondary-network bridges only: 1: the chosen endpoint is on another node")
 
-REG_FIELDS: tuple[RegField, ...] = (PORT_CLASS, TARGET_OFPORT, SERVICE_MASQ, AFFINITY_HIT, DIRECT_TARGET, ENDPOINT_IP,
+REG_FIELDS: tuple[RegField, ...] = (PORT_CLASS, TARGET_OFPORT, SERVICE_MASQ, AFFINITY_HIT, DIRECT_TARGET,
+                                    SERVICE_REQUEST, ENDPOINT_IP,
                                     ENDPOINT_PORT, SERVICE_GROUP, *ENDPOINT_IP6,
                                     SECONDARY_NETWORK, SECONDARY_FROM_UPLINK,
                                     SECONDARY_AFFINITY_HIT, SECONDARY_REMOTE_ENDPOINT)
@@ -120,17 +124,27 @@ TO_TARGET_PORT = RegMark("TO_TARGET_PORT", DIRECT_TARGET, 1,
                          "a local pod's request to a service target port (one that is not to a service address is "
                          "committed to the origin zone as direct)")
 
-REG_MARKS: tuple[RegMark, ...] = (FROM_POD, FROM_GATEWAY, FROM_UPLINK, MASQUERADE, REMEMBERED, TO_TARGET_PORT)
+TRANSLATED = RegMark("TRANSLATED", SERVICE_REQUEST, 1,
+                     "a service connection's request after DNAT on this node: policy tracks it in the service "
+                     "policy zone")
+
+REG_MARKS: tuple[RegMark, ...] = (FROM_POD, FROM_GATEWAY, FROM_UPLINK, MASQUERADE, REMEMBERED, TO_TARGET_PORT,
+                                  TRANSLATED)
 
 # conntrack: zones and ct_mark bits, named once
 DNAT_ZONE = 0xFFF0  # service DNAT (and, later, policy) connections
 SNAT_ZONE = 0xFFF1  # masqueraded service connections
 POLICY_ZONE = 0xFFF2  # connections of pods isolated by a NetworkPolicy
 CT_MARK_MASQ = 0x1  # ct_mark bit: the connection was masqueraded, re-SNAT its later packets
+# requests of service connections translated on this node, for policy: their replies skip policy
+# (they are translated back first), so these entries never see a close; in the policy zone they
+# made a direct connection reusing the tuple look invalid until they expired (about a minute)
+SERVICE_POLICY_ZONE = 0xFFF4
 ORIGIN_ZONE = 0xFFF3  # local pods' connections to target ports, by their endpoint tuple: direct or service?
 # a conntrack zone per secondary network for its policy, and one for its Services (+ NETWORK_SERVICE_ZONE_OFFSET)
 FIRST_NETWORK_ZONE, LAST_NETWORK_ZONE = 0x8000, 0xBFEF
 NETWORK_SERVICE_ZONE_OFFSET = 0x4000
+CT_MARK_ALLOWED = 0x4  # ct_mark bit in a policy zone: policy allowed the connection when it started
 CT_MARK_DIRECT = 0x2  # ct_mark bit in the origin zone: the tuple's latest connection was direct (not a service's)
 
 
