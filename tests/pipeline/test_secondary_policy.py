@@ -129,8 +129,9 @@ def test_multi_network_policy_isolates_on_its_network_only(bridges: SecondaryBri
     agents.policy_changed("ns1/server-from-clients", None)
     bridges.flush_policy()
     assert local(dummy_ovs, "other", "server", 80) == "pass"
-    # the network's static policy flows (conntrack state and commit, IPv4 and IPv6)
-    assert bridges.policy_flow_count(provider_bridge(PHYSNET)) == 8
+    # the network's static policy flows, IPv4 and IPv6: established, related, an invalid SYN,
+    # invalid of an allowed connection, other invalid, commit (tests/unit/test_policy_state.py)
+    assert bridges.policy_flow_count(provider_bridge(PHYSNET)) == 12
 
 
 def test_logged_multi_network_policy_reports_each_connection_with_its_network(
