@@ -163,8 +163,9 @@ def static_flows(pipeline: Pipeline = PIPELINE, zone: int = POLICY_ZONE,
     flows = [flow for proto in ("ip", "ipv6") for flow in (
         ir.Flow(state, PRIO_STATE, ir.match(proto=proto, ct_state="-new+est+trk"), (ir.Goto(after),), cookie),
         ir.Flow(state, PRIO_STATE, ir.match(proto=proto, ct_state="+rel+trk"), (ir.Goto(after),), cookie),
-        # but not a connection's start: a SYN conntrack will not take as new is never let through
-        # on an older connection's verdict (policy may have changed since)
+        # invalid: a pure SYN is dropped (a start is never let through on an older connection's
+        # verdict, policy may have changed since); other segments of a connection policy allowed
+        # pass (see above); anything else is dropped
         ir.Flow(state, PRIO_STATE - 4, ir.match(proto="tcp" if proto == "ip" else "tcp6", ct_state="+inv+trk",
                                                 tcp_flags="+syn-ack"), (), cookie),
         ir.Flow(state, PRIO_STATE - 5, ir.match(proto=proto, ct_state="+inv+trk",
